@@ -1,0 +1,3 @@
+"""merger: evolutionary model merging with mergekit, pycma and lm-eval."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""The `merger` command: argument parsing, exit codes, and user-facing errors."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from merger.errors import MergerError
+
+# One module per area under merger/commands/, each with `register(subparsers)`.
+COMMAND_MODULES: tuple[str, ...] = ("run",)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="merger", description="Evolutionary model merging: search, publish, route."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"merger.commands.{name}").register(subparsers)
+    return parser
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if not verbose:
+        for noisy in ("lm_eval", "lm-eval", "mergekit", "transformers", "datasets", "accelerate"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except MergerError as error:
+        print(f"merger: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("merger: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
