@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not verbose:  # library progress bars (lm-eval, datasets, transformers) drown ours; tqdm reads this at import
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if not verbose:
         for noisy in ("lm_eval", "lm-eval", "mergekit", "transformers", "datasets", "accelerate"):

@@ -62,3 +62,28 @@ def export_merge(
     """Write the merged checkpoint exactly as `mergekit-yaml` would (weights, config, tokenizer)."""
     options = _options(seed, trust_remote_code).model_copy(update={"copy_tokenizer": True})
     run_merge(config, str(out_dir), options=options)
+
+
+class MergekitEngine:
+    """The search loop's engine backed by mergekit's own executor: slow, but the reference.
+
+    Each candidate is merged by mergekit in memory and copied into one resident model.
+    """
+
+    def __init__(
+        self, sources: dict[str, Path], base: str | None, *, dtype: torch.dtype, device: str, seed: int
+    ):
+        from transformers import AutoModelForCausalLM
+
+        self.seed = seed
+        first = sources[base] if base else next(iter(sources.values()))
+        self.model = AutoModelForCausalLM.from_pretrained(first, dtype=dtype).to(device).eval()
+        self.num_layers = int(self.model.config.num_hidden_layers)
+        self.device = device
+
+    def apply_config(self, config: MergeConfiguration) -> None:
+        merged = merge_in_memory(config, seed=self.seed, device=self.device)
+        parameters = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, tensor in merged.items():
+                parameters[name].data.copy_(tensor)

@@ -1,0 +1,129 @@
+"""`merger run RECIPE` and `merger status RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from merger.errors import MergerError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser("run", help="run (or resume) the merge search a recipe describes")
+    run.add_argument("recipe", type=Path, help="recipe YAML")
+    run.add_argument("--run-dir", type=Path, help="run directory (default: the recipe's output.run_dir)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(handler=run_command)
+
+    status = subparsers.add_parser("status", help="the ledger of a run, also while it runs")
+    status.add_argument("run_dir", type=Path)
+    status.add_argument("--all", action="store_true", help="every evaluation, not only the last 20")
+    status.set_defaults(handler=status_command)
+
+
+class ProgressBar:
+    def __init__(self, total: int | None, enabled: bool, done: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="eval", disable=not enabled, dynamic_ncols=True)
+        self.best = float("-inf")
+        self.generation_scores: list[float] = []
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        record = info.get("record")
+        if record is not None:
+            self.bar.update(1)
+            self.generation_scores.append(record.score)
+            self.best = max(self.best, record.score)
+            mean = sum(self.generation_scores) / len(self.generation_scores)
+            self.bar.set_postfix(gen=info["generation"], best=f"{self.best:.3f}", mean=f"{mean:.3f}")
+        if info.get("closed"):
+            self.generation_scores = []
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from merger.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.run_dir is not None:
+        recipe = recipe.model_copy(
+            update={"output": recipe.output.model_copy(update={"run_dir": str(args.run_dir)})}
+        )
+    return execute(recipe, Path(recipe.output.run_dir), progress=not args.no_progress)
+
+
+def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
+    from merger.finish import finish_run, score_table
+    from merger.search import StopRequest, open_search
+
+    search, resuming = open_search(recipe, run_dir)
+    print(f"{'resuming' if resuming else 'starting'} run in {run_dir}: {search.genome.describe()}", file=sys.stderr)
+    bar = ProgressBar(recipe.optimizer.max_evaluations, progress, search.ledger.count())
+    search.on_progress = bar
+    try:
+        with StopRequest() as stop:
+            result = search.run(stop)
+    finally:
+        bar.close()
+    if result.stopped_early:
+        print(
+            f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
+            f"best so far {result.best.score:.4f}. Run the same command again to resume.",
+        )
+        return 0
+    summary = finish_run(search, result)
+    search.executor.close()
+    print(score_table(summary))
+    print(f"winner: {run_dir / 'final'}  config: {run_dir / 'best.yaml'}  summary: {run_dir / 'summary.json'}")
+    if recipe.output.publish:
+        from merger.registry import Registry
+
+        registry = Registry(Path(recipe.output.registry) if recipe.output.registry else None)
+        print(f"published {registry.publish(run_dir, recipe.output.publish)}")
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from merger.ledger import Ledger
+
+    ledger = Ledger.open_existing(args.run_dir)
+    if ledger is None:
+        raise MergerError(f"{args.run_dir} is not a run directory (no ledger.sqlite)")
+    print(status_text(ledger, show_all=args.all))
+    return 0
+
+
+def status_text(ledger: Any, show_all: bool = False) -> str:
+    from merger.search import load_state
+
+    records = ledger.evaluations()
+    generations = ledger.generations()
+    lines = [f"{'gen':>4} {'idx':>4} {'score':>7} {'merge_s':>8} {'eval_s':>7}  failure"]
+    for record in records if show_all else records[-20:]:
+        lines.append(
+            f"{record.generation:>4} {record.index:>4} {record.score:>7.4f} {record.merge_seconds:>8.2f} "
+            f"{record.eval_seconds:>7.2f}  {record.failure or ''}"
+        )
+    best = ledger.best()
+    lines.append(f"evaluations: {len(records)}  generations closed: {len(generations)}")
+    if generations:
+        per_generation = sum(g.seconds for g in generations) / len(generations)
+        lines.append(f"seconds per generation: {per_generation:.1f}")
+        meta = ledger.meta()
+        if meta.get("max_evaluations") and meta.get("popsize"):
+            left = max(0, meta["max_evaluations"] // meta["popsize"] - len(generations))
+            lines.append(f"estimated time left: {left * per_generation:.0f} s ({left} generations)")
+        last = generations[-1]
+        if last.validation:
+            lines.append(f"validation of generation {last.generation}'s best: {last.validation}")
+    if best is not None:
+        lines.append(f"best: {best.score:.4f} (generation {best.generation}, index {best.index})")
+    state = load_state(ledger.path.parent)
+    if state is not None and state.pending is not None:
+        lines.append(f"generation {state.generation} in progress")
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""The default executor: one resident worker in this process, candidates one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from merger.executors import CandidateTask
+from merger.executors.worker import CandidateWorker
+from merger.ledger import EvaluationRecord
+from merger.recipe import Recipe
+
+
+class InProcessExecutor:
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
+        self.worker = CandidateWorker(recipe, source_paths, num_layers)
+
+    def evaluate(
+        self,
+        tasks: Sequence[CandidateTask],
+        on_record: Callable[[EvaluationRecord], None],
+        should_stop: Callable[[], bool],
+    ) -> list[EvaluationRecord]:
+        records = []
+        for task in tasks:
+            if should_stop():
+                break
+            record = self.worker.evaluate(task.generation, task.index, task.genotype)
+            on_record(record)
+            records.append(record)
+        return records
+
+    def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
+        return self.worker.score_genotype(genotype, set_name)
+
+    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
+        return self.worker.score_checkpoint(path, set_name)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,124 @@
+"""Everything one process needs to evaluate candidates: sources resident once, a model, lm-eval.
+
+Executors (in-process, Ray actors) each hold one `CandidateWorker`; only genotypes go in and
+`EvaluationRecord`s come out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from merger.engine.plan import resolve_plan
+from merger.engine.weights import load_into
+from merger.fitness import Scorer, load_tokenizer
+from merger.genome import Genome
+from merger.ledger import EvaluationRecord
+from merger.recipe import Recipe
+
+WORST_OBJECTIVE = 1.0  # pycma minimises -score, so a failure ranks below every real score in [0, 1]
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class CandidateWorker:
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
+        self.recipe = recipe
+        self.source_paths = source_paths
+        self.genome = Genome(recipe, source_paths, num_layers)
+        self.device = pick_device(recipe.engine.device)
+        self.engine = self._build_engine()
+        self.model = self.engine.model
+        self.source_names = {str(path): name for name, path in source_paths.items()}
+        tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
+        self.tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
+        self.scorer = Scorer(recipe, self.model, self.tokenizer)
+
+    def _build_engine(self) -> Any:
+        dtype = getattr(torch, self.recipe.engine.dtype)
+        if self.recipe.engine.kind == "mergekit":
+            from merger.engine.reference import MergekitEngine
+
+            return MergekitEngine(
+                self.source_paths, self.recipe.base_model, dtype=dtype, device=self.device,
+                seed=self.recipe.optimizer.seed,
+            )
+        from merger.engine.resident import ResidentEngine
+
+        return ResidentEngine(
+            self.source_paths,
+            self.recipe.base_model,
+            self.recipe.genome.method,
+            dtype=dtype,
+            device=self.device,
+            seed=self.recipe.optimizer.seed,
+            fresh_randomness=self.recipe.engine.fresh_randomness,
+            streaming=self.recipe.engine.streaming,
+        )
+
+    def merge(self, genotype: np.ndarray) -> str:
+        """Write the candidate into the resident model; returns its mergekit YAML."""
+        config = self.genome.to_config(genotype)
+        if self.recipe.engine.kind == "mergekit":
+            self.engine.apply_config(config)
+        else:
+            plan = resolve_plan(config, self.engine.tensor_names, self.source_names, self.engine.num_layers)
+            self.engine.apply(plan)
+        return config.to_yaml()
+
+    def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:
+        """Merge and score one candidate; any failure is recorded, never raised."""
+        record = EvaluationRecord(generation, index, [float(v) for v in genotype], config="")
+        started = time.perf_counter()
+        try:
+            record.config = self.merge(genotype)
+            record.merge_seconds = time.perf_counter() - started
+            bad = self.nonfinite_tensor()
+            if bad is not None:
+                raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
+            started = time.perf_counter()
+            record.scores = self.scorer.score("fitness")
+            record.score = self.scorer.fitness(record.scores)
+            record.objective = -record.score
+            record.eval_seconds = time.perf_counter() - started
+        except Exception as error:  # a bad candidate must not stop the run
+            record.failure = _describe(error)
+            record.objective = WORST_OBJECTIVE
+            record.score = 0.0
+        if not math.isfinite(record.objective):
+            record.failure, record.objective, record.score = "non-finite fitness", WORST_OBJECTIVE, 0.0
+        return record
+
+    def nonfinite_tensor(self) -> str | None:
+        with torch.no_grad():
+            for name, parameter in self.model.named_parameters():
+                if not torch.isfinite(parameter).all():
+                    return name
+        return None
+
+    def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
+        self.merge(genotype)
+        return self.scorer.score(set_name)
+
+    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
+        """Scores of a checkpoint on disk (a source alone, or the exported winner)."""
+        load_into(self.model, path)
+        return self.scorer.score(set_name)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"out of memory: {error}".splitlines()[0]
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    suffix = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:500] + suffix

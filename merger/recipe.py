@@ -1,0 +1,298 @@
+"""The recipe: a typed, validated description of one merge search.
+
+Two stages of validation, both before any weights are loaded:
+1. `load_recipe` checks the YAML's shape (pydantic): fields, types, bounds against each method's range.
+2. `check_recipe` checks it against the world: sources exist and are mergeable, tasks exist, the
+   layer granularity fits the model.
+Every problem becomes one `MergerError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merger.errors import MergerError
+
+BUNDLED_EVALS = Path(__file__).resolve().parent.parent / "evals"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Per method: its float parameters that can be searched or fixed, with the range mergekit accepts.
+# "source" parameters take one value per source (per non-base source for base methods);
+# "shared" parameters take one value per tensor.
+PARAMETER_RANGES: dict[str, tuple[float, float]] = {
+    "weight": (-2.0, 2.0),
+    "density": (0.0, 1.0),
+    "epsilon": (0.0, 0.5),
+    "gamma": (0.0, 0.5),
+    "t": (0.0, 1.0),
+    "lambda": (0.0, 4.0),
+}
+TASK_VECTOR_OPTIONS = ("normalize", "rescale", "int8_mask")
+
+
+class MethodInfo(StrictModel):
+    source_parameters: tuple[str, ...]
+    shared_parameters: tuple[str, ...]
+    required: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    needs_base: bool = True
+    exact_sources: int | None = None
+
+
+_TASK_VECTOR = {"shared_parameters": ("lambda",), "required": ("weight",), "options": TASK_VECTOR_OPTIONS}
+METHODS: dict[str, MethodInfo] = {
+    "linear": MethodInfo(
+        source_parameters=("weight",), shared_parameters=(), required=("weight",),
+        options=("normalize",), needs_base=False,
+    ),
+    "task_arithmetic": MethodInfo(source_parameters=("weight",), **_TASK_VECTOR),
+    "ties": MethodInfo(source_parameters=("weight", "density"), **_TASK_VECTOR),
+    "dare_ties": MethodInfo(source_parameters=("weight", "density"), **_TASK_VECTOR),
+    "dare_linear": MethodInfo(source_parameters=("weight", "density"), **_TASK_VECTOR),
+    "della": MethodInfo(source_parameters=("weight", "density", "epsilon"), **_TASK_VECTOR),
+    "breadcrumbs_ties": MethodInfo(source_parameters=("weight", "density", "gamma"), **_TASK_VECTOR),
+    "slerp": MethodInfo(source_parameters=(), shared_parameters=("t",), required=("t",), exact_sources=2),
+}
+
+# Tensor classes a genome can give their own values, as mergekit filters (substring of the tensor
+# name, first match wins, so attention comes before norms to keep q_norm/k_norm with attention).
+TENSOR_CLASS_FILTERS: dict[str, tuple[str, ...]] = {
+    "attention": ("self_attn",),
+    "mlp": ("mlp",),
+    "embeddings": ("embed_tokens", "lm_head"),
+    "norms": ("norm",),
+}
+TensorClass = Literal["attention", "mlp", "embeddings", "norms"]
+
+
+class Source(StrictModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    path: str
+
+
+class SearchRange(StrictModel):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        return self
+
+
+ParameterSetting = float | SearchRange
+
+
+class Genome(StrictModel):
+    method: str
+    parameters: dict[str, ParameterSetting] = Field(default_factory=dict)
+    options: dict[str, bool] = Field(default_factory=dict)
+    layer_granularity: Annotated[int, Field(ge=1)] = 1
+    tensor_classes: list[TensorClass] = Field(default_factory=list)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+        return method
+
+    @model_validator(mode="after")
+    def _parameters_fit_method(self) -> Genome:
+        info = METHODS[self.method]
+        allowed = info.source_parameters + info.shared_parameters
+        for name, setting in self.parameters.items():
+            if name not in allowed:
+                raise ValueError(
+                    f"parameters.{name}: {self.method} has no parameter {name!r} (it takes {', '.join(allowed)})"
+                )
+            low, high = PARAMETER_RANGES[name]
+            values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
+            for value in values:
+                if not low <= value <= high:
+                    raise ValueError(f"parameters.{name}: {value} is outside {name}'s range [{low}, {high}]")
+        for name in info.required:
+            if name not in self.parameters:
+                raise ValueError(f"parameters.{name} is required for {self.method}")
+        for name in self.options:
+            if name not in info.options:
+                raise ValueError(f"options.{name}: {self.method} has no option {name!r}")
+        if len(set(self.tensor_classes)) != len(self.tensor_classes):
+            raise ValueError(f"tensor_classes has a duplicate: {self.tensor_classes}")
+        return self
+
+    @property
+    def searched(self) -> dict[str, SearchRange]:
+        return {name: s for name, s in self.parameters.items() if isinstance(s, SearchRange)}
+
+
+class Optimizer(StrictModel):
+    popsize: Annotated[int, Field(ge=2)] = 8
+    sigma0: Annotated[float, Field(gt=0, le=1)] = 0.25
+    seed: Annotated[int, Field(ge=1)] = 1
+    x0: Literal["center"] | dict[str, float | dict[str, float]] = "center"
+    max_evaluations: Annotated[int, Field(ge=1)] | None = 64
+    max_seconds: Annotated[float, Field(gt=0)] | None = None
+    diagonal: bool | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> Optimizer:
+        if self.max_evaluations is None and self.max_seconds is None:
+            raise ValueError("give a budget: max_evaluations and/or max_seconds")
+        return self
+
+
+class TaskSpec(StrictModel):
+    name: str
+    metric: str | None = None
+    weight: Annotated[float, Field(gt=0)] = 1.0
+
+
+class EvalSet(StrictModel):
+    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+    limit: Annotated[int, Field(ge=1)] | None = None
+    subsample_seed: int | None = None
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    apply_chat_template: bool = False
+    batch_size: Annotated[int, Field(ge=1)] = 16
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names_as_tasks(cls, tasks: Any) -> Any:
+        if isinstance(tasks, list):
+            return [{"name": t} if isinstance(t, str) else t for t in tasks]
+        return tasks
+
+
+class Engine(StrictModel):
+    kind: Literal["resident", "mergekit"] = "resident"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    fresh_randomness: bool = False
+    streaming: bool = False
+
+
+class Executor(StrictModel):
+    kind: Literal["in_process", "ray"] = "in_process"
+    address: str | None = None
+    num_workers: Annotated[int, Field(ge=1)] = 2
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+
+
+class Output(StrictModel):
+    run_dir: str = "runs/run"
+    publish: str | None = None
+    registry: str | None = None
+
+
+class Recipe(StrictModel):
+    sources: Annotated[list[Source], Field(min_length=2)]
+    base_model: str | None = None
+    tokenizer_source: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    genome: Genome
+    optimizer: Optimizer = Optimizer()
+    fitness: EvalSet
+    validation: EvalSet | None = None
+    test: EvalSet | None = None
+    task_paths: list[str] = Field(default_factory=list)
+    engine: Engine = Engine()
+    executor: Executor = Executor()
+    output: Output = Output()
+
+    @model_validator(mode="after")
+    def _sources_fit_method(self) -> Recipe:
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique, got {names}")
+        info = METHODS[self.genome.method]
+        for field in ("base_model", "tokenizer_source"):
+            value = getattr(self, field)
+            if value is not None and value not in names:
+                raise ValueError(f"{field}: {value!r} is not one of the sources ({', '.join(names)})")
+        if info.needs_base and self.base_model is None:
+            raise ValueError(f"base_model is required for {self.genome.method}")
+        if info.exact_sources is not None and len(self.sources) != info.exact_sources:
+            raise ValueError(
+                f"sources: {self.genome.method} merges exactly {info.exact_sources} models, got {len(names)}"
+            )
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        return [source.name for source in self.sources]
+
+    @property
+    def merged_sources(self) -> list[str]:
+        """The sources that carry their own searched values (all but the base for base methods)."""
+        if METHODS[self.genome.method].needs_base:
+            return [name for name in self.source_names if name != self.base_model]
+        return self.source_names
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    first = error.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    where = _location(first["loc"])
+    shown = first.get("input")
+    got = "" if first["type"] == "value_error" or isinstance(shown, dict) else f" (got {shown!r})"
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{origin}: {where + ': ' if where else ''}{message}{got}{extra}"
+
+
+def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise MergerError(format_validation_error(error, origin)) from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file.
+
+    Source and task paths are relative to the recipe file; the run directory to the working directory.
+    """
+    if not path.is_file():
+        raise MergerError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise MergerError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise MergerError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    recipe = parse_recipe(data, str(path))
+    return _absolute_paths(recipe, path.resolve().parent)
+
+
+def _absolute(path: str, root: Path) -> str:
+    if ":" in path.split("/")[0] or Path(path).is_absolute():
+        return path  # registry:NAME, zoo:NAME, or already absolute
+    candidate = root / path
+    return str(candidate.resolve()) if candidate.exists() or path.startswith(".") else path
+
+
+def _absolute_paths(recipe: Recipe, root: Path) -> Recipe:
+    sources = [source.model_copy(update={"path": _absolute(source.path, root)}) for source in recipe.sources]
+    task_paths = [str((root / p).resolve()) for p in recipe.task_paths]
+    return recipe.model_copy(update={"sources": sources, "task_paths": task_paths})
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)
