@@ -1,0 +1,70 @@
+"""`merger router train|eval POOL.yaml` and `merger serve POOL.yaml`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_PORT = 8321
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from merger.router.pool import load_pool
+    from merger.router.training import head_dir, train_router
+
+    pool = load_pool(args.pool)
+    head = train_router(pool, _progress)
+    print(
+        f"router head: {head.num_parameters} parameters, {head.meta['evaluations']} evaluations, "
+        f"trained on {head.meta['train_items']} items; saved to {head_dir(pool)}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from merger.router.evaluation import format_report
+    from merger.router.pool import load_pool
+    from merger.router.training import evaluate_router
+
+    pool = load_pool(args.pool)
+    report = evaluate_router(pool, _progress)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from merger.router.conductor import build_conductor, create_app
+    from merger.router.pool import load_pool
+
+    pool = load_pool(args.pool)
+    app = create_app(build_conductor(pool))
+    _progress(f"merger conductor on http://{args.host}:{args.port}/v1 ({len(pool.members)} members)")
+    # access_log off: request lines are not needed and headers never reach the logs this way
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    router = subparsers.add_parser("router", help="train and evaluate the router over a pool")
+    actions = router.add_subparsers(dest="router_command", required=True, metavar="ACTION")
+    train = actions.add_parser("train", help="build the outcome table (cached) and train the head")
+    train.add_argument("pool", type=Path, help="pool YAML")
+    train.set_defaults(handler=_train)
+    evaluate = actions.add_parser("eval", help="held-out accuracy of the router next to baselines")
+    evaluate.add_argument("pool", type=Path, help="pool YAML")
+    evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
+    evaluate.set_defaults(handler=_eval)
+
+    serve = subparsers.add_parser("serve", help="OpenAI-compatible conductor over a pool")
+    serve.add_argument("pool", type=Path, help="pool YAML")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.set_defaults(handler=_serve)

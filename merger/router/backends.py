@@ -1,0 +1,204 @@
+"""What actually produces text for a pool member: a local transformers model or a remote OpenAI endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from merger.errors import MergerError
+from merger.router.pool import Member
+from merger.router.sources import member_checkpoint
+
+Messages = list[dict[str, str]]
+
+
+class MemberFailure(Exception):
+    """A member could not answer (error, timeout, broken stream); the conductor falls back."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def complete(
+        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+    ) -> str: ...
+
+    def stream(
+        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+    ) -> AsyncIterator[str]: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBackend:
+    """A transformers causal LM in this process; one generation at a time per model."""
+
+    def __init__(self, name: str, checkpoint: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = name
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        self._lock = threading.Lock()
+        self._context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def _prompt_ids(self, messages: Messages, max_tokens: int) -> Any:
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        keep = max(1, self._context - max_tokens)
+        return ids[:, -keep:]  # the most recent context when the conversation outgrows the model
+
+    def _generate_kwargs(
+        self, messages: Messages, max_tokens: int, temperature: float | None
+    ) -> dict[str, Any]:
+        max_tokens = max(1, min(max_tokens, self._context - 1))
+        sampling = temperature is not None and temperature > 0
+        kwargs: dict[str, Any] = {
+            "input_ids": self._prompt_ids(messages, max_tokens),
+            "max_new_tokens": max_tokens,
+            "do_sample": sampling,
+            "pad_token_id": self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id,
+        }
+        kwargs["attention_mask"] = kwargs["input_ids"].new_ones(kwargs["input_ids"].shape)
+        if sampling:
+            kwargs["temperature"] = temperature
+        return kwargs
+
+    def _complete_blocking(self, messages: Messages, max_tokens: int, temperature: float | None) -> str:
+        import torch
+
+        kwargs = self._generate_kwargs(messages, max_tokens, temperature)
+        with self._lock, torch.no_grad():
+            output = self.model.generate(**kwargs)
+        new_tokens = output[0, kwargs["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    async def complete(
+        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+    ) -> str:
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self._complete_blocking, messages, max_tokens, temperature), timeout_s
+            )
+        except TimeoutError:
+            raise MemberFailure(f"timed out after {timeout_s:g}s") from None
+        except MemberFailure:
+            raise
+        except Exception as error:
+            raise MemberFailure(f"{type(error).__name__}: {error}") from error
+
+    async def stream(
+        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+    ) -> AsyncIterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s
+        )
+        kwargs = {**self._generate_kwargs(messages, max_tokens, temperature), "streamer": streamer}
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            import torch
+
+            try:
+                with self._lock, torch.no_grad():
+                    self.model.generate(**kwargs)
+            except BaseException as error:  # reported through the stream below
+                failure.append(error)
+                streamer.end()
+
+        threading.Thread(target=run, daemon=True, name=f"generate-{self.name}").start()
+        sentinel = object()
+        while True:
+            try:
+                piece = await asyncio.to_thread(next, streamer, sentinel)
+            except Exception as error:  # queue.Empty on timeout
+                raise MemberFailure(f"no token within {timeout_s:g}s ({type(error).__name__})") from None
+            if failure:
+                raise MemberFailure(f"{type(failure[0]).__name__}: {failure[0]}")
+            if piece is sentinel:
+                return
+            if piece:
+                yield str(piece)
+
+    async def close(self) -> None:
+        return None
+
+
+class RemoteBackend:
+    """An OpenAI-compatible endpoint through the official client; the key comes from the environment."""
+
+    def __init__(self, member: Member) -> None:
+        import openai
+
+        assert member.remote is not None
+        self.name = member.name
+        self._model = member.remote.model
+        key = os.environ.get(member.remote.api_key_env, "") if member.remote.api_key_env else ""
+        self._client = openai.AsyncOpenAI(
+            base_url=member.remote.base_url, api_key=key or "none", max_retries=0
+        )
+
+    def _arguments(self, messages: Messages, max_tokens: int, temperature: float | None) -> dict[str, Any]:
+        arguments: dict[str, Any] = {"model": self._model, "messages": messages, "max_tokens": max_tokens}
+        if temperature is not None:
+            arguments["temperature"] = temperature
+        return arguments
+
+    async def complete(
+        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+    ) -> str:
+        try:
+            response = await self._client.chat.completions.create(
+                **self._arguments(messages, max_tokens, temperature), timeout=timeout_s
+            )
+            content = response.choices[0].message.content
+        except Exception as error:
+            raise MemberFailure(f"{type(error).__name__}: {_safe_message(error)}") from None
+        if content is None:
+            raise MemberFailure("the endpoint returned no message content")
+        return content
+
+    async def stream(
+        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+    ) -> AsyncIterator[str]:
+        try:
+            chunks = await self._client.chat.completions.create(
+                **self._arguments(messages, max_tokens, temperature), stream=True, timeout=timeout_s
+            )
+            async for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        except MemberFailure:
+            raise
+        except Exception as error:
+            raise MemberFailure(f"{type(error).__name__}: {_safe_message(error)}") from None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _safe_message(error: Exception) -> str:
+    """The first line of an upstream error, short; the client never puts request headers in it."""
+    return str(error).splitlines()[0][:200] if str(error) else ""
+
+
+def build_backend(member: Member) -> Backend:
+    if member.remote is not None:
+        return RemoteBackend(member)
+    try:
+        return LocalBackend(member.name, member_checkpoint(member))
+    except MergerError:
+        raise
+    except Exception as error:
+        raise MergerError(f"member {member.name!r} could not be loaded: {error}") from error

