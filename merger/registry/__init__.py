@@ -1,0 +1,45 @@
+"""The local model registry: publishing run winners with lineage, hashes and atomic writes.
+
+Other modules call:
+    Registry(root=None).publish(run_dir, name) -> EntryRef
+    Registry(root=None).resolve("registry:NAME@VERSION") -> Path   (verified; MergerError otherwise)
+    resolve_source("registry:NAME[@VERSION]", root=None) -> Path
+    weights_digest(model_dir) -> str   (the "sha256" that a run's summary lineage records)
+"""
+
+from merger.registry.files import FileRecord, weights_digest
+from merger.registry.index import Parent
+from merger.registry.names import (
+    REFERENCE_PREFIX,
+    Reference,
+    is_registry_reference,
+    parse_reference,
+    validate_name,
+)
+from merger.registry.store import (
+    ENVIRONMENT_VARIABLE,
+    Entry,
+    EntryRef,
+    Registry,
+    Verification,
+    default_root,
+    resolve_source,
+)
+
+__all__ = [
+    "ENVIRONMENT_VARIABLE",
+    "REFERENCE_PREFIX",
+    "Entry",
+    "EntryRef",
+    "FileRecord",
+    "Parent",
+    "Reference",
+    "Registry",
+    "Verification",
+    "default_root",
+    "is_registry_reference",
+    "parse_reference",
+    "resolve_source",
+    "validate_name",
+    "weights_digest",
+]

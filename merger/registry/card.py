@@ -1,0 +1,118 @@
+"""The Hugging Face model card (README.md with YAML front matter) written into every entry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from merger.registry.index import Parent
+from merger.registry.rundir import RunDir
+
+TAGS = ["merge", "mergekit", "evolutionary-merge"]
+
+
+def _format_score(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
+def _scores_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per model, one validation and one test column per task."""
+    tasks = sorted(
+        {
+            task
+            for scores in rows.values()
+            for split in ("validation", "test")
+            for task in (scores.get(split) if isinstance(scores.get(split), dict) else {})
+        }
+    )
+    if not tasks:
+        return ["No scores were recorded."]
+    header = ["model", *(f"{task} ({split})" for task in tasks for split in ("validation", "test"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, scores in rows.items():
+        cells = [
+            _format_score((scores.get(split) if isinstance(scores.get(split), dict) else {}).get(task))
+            for task in tasks
+            for split in ("validation", "test")
+        ]
+        lines.append("| " + " | ".join([model, *cells]) + " |")
+    return lines
+
+
+def _base_models(run: RunDir, parents: list[Parent]) -> list[str]:
+    """Hub ids when the recipe gives them (`hub_id`), else registry references, else source names."""
+    by_source = {parent.source: parent for parent in parents}
+    identifiers = []
+    for source in run.sources or [{"name": parent.source} for parent in parents]:
+        parent = by_source.get(source["name"])
+        if source.get("hub_id"):
+            identifiers.append(str(source["hub_id"]))
+        elif parent is not None and parent.kind == "registry":
+            identifiers.append(parent.reference)
+        else:
+            identifiers.append(str(source["name"]))
+    return identifiers
+
+
+def _budget_lines(summary: dict[str, Any]) -> list[str]:
+    budget = summary.get("budget") or {}
+    lines = [f"- evaluations used: {summary.get('evaluations', 'unknown')}"]
+    lines += [f"- budget {key}: {value}" for key, value in sorted(budget.items())]
+    if "seed" in summary:
+        lines.append(f"- seed: {summary['seed']}")
+    return lines
+
+
+def render_card(name: str, version: int, run: RunDir, parents: list[Parent]) -> str:
+    """The full README.md text; its front matter parses with `huggingface_hub.ModelCard`."""
+    winner = run.winner
+    method = run.method or "unknown"
+    data = ModelCardData(
+        base_model=_base_models(run, parents),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[*TAGS, method],
+        merge_method=method,
+        merger_entry=f"{name}@{version}",
+    )
+    genotype = winner.get("genotype") or []
+    source_scores = run.summary.get("sources") or {}
+    body = [
+        f"# {name} (version {version})",
+        "",
+        f"An evolutionary merge made with `merger`: CMA-ES searched `{method}` merge parameters "
+        "with mergekit, scoring candidates with lm-eval.",
+        "",
+        "## Sources",
+        "",
+        "| source | kind | reference | weights sha256 |",
+        "|---|---|---|---|",
+        *(
+            f"| {parent.source} | {parent.kind} | `{parent.reference}` | `{parent.sha256 or 'unknown'}` |"
+            for parent in parents
+        ),
+        "",
+        "## Scores",
+        "",
+        *_scores_table({"**this merge**": winner, **source_scores}),
+        "",
+        f"Fitness of the winner: {_format_score(winner.get('fitness'))}",
+        "",
+        "## Best genotype",
+        "",
+        f"`{[round(float(value), 6) for value in genotype]}`",
+        "",
+        "## Budget spent",
+        "",
+        *_budget_lines(run.summary),
+        "",
+        "## Reproduce",
+        "",
+        "The weights are reproduced by `mergekit-yaml mergekit_config.yml OUT` (the source paths are "
+        "the ones of the original run); `recipe.yaml` is the recipe that ran the search and "
+        "`summary.json` its full summary.",
+        "",
+    ]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+    return str(card)

@@ -1,0 +1,87 @@
+"""File-level helpers: hashing, durable copies, and directory fsync."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK_BYTES = 8 * 1024 * 1024
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    size: int
+
+
+def sha256_file(path: Path) -> FileRecord:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileRecord(digest.hexdigest(), size)
+
+
+def copy_durably(source: Path, destination: Path) -> FileRecord:
+    """Copy one file, hashing what is read and fsyncing what is written (one pass over the bytes)."""
+    digest = hashlib.sha256()
+    size = 0
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with source.open("rb") as reader, destination.open("wb") as writer:
+        while chunk := reader.read(CHUNK_BYTES):
+            digest.update(chunk)
+            writer.write(chunk)
+            size += len(chunk)
+        writer.flush()
+        os.fsync(writer.fileno())
+    return FileRecord(digest.hexdigest(), size)
+
+
+def write_durably(destination: Path, content: bytes) -> FileRecord:
+    with destination.open("wb") as writer:
+        writer.write(content)
+        writer.flush()
+        os.fsync(writer.fileno())
+    return FileRecord(hashlib.sha256(content).hexdigest(), len(content))
+
+
+def fsync_directory(path: Path) -> None:
+    """Persist a directory's entries (new names, renames) on POSIX filesystems."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def relative_files(root: Path) -> list[str]:
+    """Every regular file under `root`, as sorted POSIX paths relative to it."""
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+
+
+def weights_digest(model_dir: Path) -> str:
+    """One sha256 over a checkpoint's weight files (their names and content hashes, sorted).
+
+    This is the "content hash" of a source model that lineage records: it ignores the config,
+    tokenizer and card, so re-saving those does not change a model's identity.
+    """
+    model_dir = Path(model_dir)
+    weight_files = [name for name in relative_files(model_dir) if name.endswith(WEIGHT_SUFFIXES)]
+    digest = hashlib.sha256()
+    for name in weight_files:
+        digest.update(f"{name}\0{sha256_file(model_dir / name).sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def weights_digest_from_records(records: dict[str, FileRecord]) -> str:
+    """`weights_digest` computed from already known per-file hashes (an entry's index rows)."""
+    digest = hashlib.sha256()
+    for name in sorted(records):
+        if name.endswith(WEIGHT_SUFFIXES):
+            digest.update(f"{name}\0{records[name].sha256}\n".encode())
+    return digest.hexdigest()
