@@ -1,0 +1,92 @@
+"""Pool YAML validation: every mistake is a MergerError naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from merger.cli import main
+from merger.errors import MergerError
+from merger.router.pool import Role, load_pool, parse_pool
+
+
+def _parse(data: object) -> object:
+    return parse_pool(data, Path("/pools"))
+
+
+def test_members_of_every_kind_parse_and_relative_paths_follow_the_yaml(tmp_path: Path) -> None:
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(
+        """
+members:
+  - {name: base, path: models/base, roles: [worker]}
+  - {name: winner, registry: winner@2}
+  - name: cloud
+    remote: {base_url: "http://127.0.0.1:9/v1/", model: m, api_key_env: CLOUD_KEY}
+    cost_per_call: 0.5
+tasks: {names: [tiny_mc], include_path: evals}
+server: {api_key_env: MERGER_KEY}
+"""
+    )
+    pool = load_pool(pool_file)
+    assert pool.names == ["base", "winner", "cloud"]
+    assert pool.members[0].path == tmp_path / "models/base"
+    assert pool.members[0].roles == [Role.WORKER]
+    assert pool.members[1].roles == [Role.THINKER, Role.WORKER, Role.VERIFIER]
+    assert pool.members[2].remote is not None and pool.members[2].remote.base_url == "http://127.0.0.1:9/v1"
+    assert pool.tasks is not None and pool.tasks.include_path == tmp_path / "evals"
+    assert pool.work_dir == tmp_path / ".merger-router"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"members": []}, "members: List should have at least 1 item"),
+        ({"members": [{"name": "a"}]}, "needs exactly one of registry, path, remote (got none)"),
+        ({"members": [{"name": "a", "path": "x", "registry": "y"}]}, "got ['registry', 'path']"),
+        ({"members": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "repeated: ['a']"),
+        ({"members": [{"name": "bad name", "path": "x"}]}, "members.0.name"),
+        (
+            {"members": [{"name": "a", "remote": {"base_url": "ftp://x", "model": "m"}}]},
+            "must start with http://",
+        ),
+        ({"members": [{"name": "a", "path": "x", "roles": ["boss"]}]}, "members.0.roles.0"),
+        ({"members": [{"name": "a", "path": "x"}], "router": {"hidden_size": -1}}, "router.hidden_size"),
+        (
+            {"members": [{"name": "a", "path": "x"}], "router": {"encoder": {"kind": "hidden_states"}}},
+            "needs `member`",
+        ),
+        (
+            {
+                "members": [{"name": "a", "remote": {"base_url": "http://h", "model": "m"}}],
+                "router": {"encoder": {"kind": "hidden_states", "member": "a"}},
+            },
+            "is not a local member",
+        ),
+        (
+            {"members": [{"name": "a", "path": "x"}], "surprise": 1},
+            "surprise: Extra inputs are not permitted",
+        ),
+        ({"members": [{"name": "merger", "path": "x"}]}, "collides with a member name"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
+def test_invalid_pools_name_the_problem(data: object, expected: str) -> None:
+    with pytest.raises(MergerError) as raised:
+        _parse(data)
+    assert expected in str(raised.value)
+
+
+def test_cli_reports_a_missing_pool_file_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["router", "train", str(tmp_path / "absent.yaml")]) == 2
+    assert "pool file not found" in capsys.readouterr().err
+
+
+def test_cli_reports_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "pool.yaml"
+    broken.write_text("members: [\n")
+    assert main(["router", "eval", str(broken)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
