@@ -173,13 +173,13 @@ def _anchor_paths(pool: Pool, base_dir: Path) -> Pool:
     """Relative paths in the YAML are relative to the YAML file, not to the shell's directory."""
 
     def anchored(path: Path | None) -> Path | None:
-        return None if path is None or path.is_absolute() else base_dir / path
+        return path if path is None or path.is_absolute() else base_dir / path
 
     members = [
         member.model_copy(update={"path": anchored(member.path)}) if member.path is not None else member
         for member in pool.members
     ]
-    update: dict[str, object] = {"members": members, "work_dir": anchored(pool.work_dir) or pool.work_dir}
+    update: dict[str, object] = {"members": members, "work_dir": anchored(pool.work_dir)}
     if pool.tasks is not None and pool.tasks.include_path is not None:
         update["tasks"] = pool.tasks.model_copy(update={"include_path": anchored(pool.tasks.include_path)})
     return pool.model_copy(update=update)
