@@ -705,3 +705,47 @@ def test_publish_without_a_name_is_a_clear_error(
     run = make_run(tmp_path / "run", tiny_sources["base"], {"base": str(tiny_sources["base"])}, publish=None)
     assert cli(["publish", str(run), "--registry", str(tmp_path / "r")], monkeypatch) == 2
     assert "pass --name NAME" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_recipe_with_a_registry_source_publishes_with_lineage(
+    registry: Registry,
+    run_dir: Path,
+    tiny_sources: dict[str, Path],
+    tiny_evals: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The real search loop: `registry:parent@1` as a source and `output.publish` at the end."""
+    from tests.recipes import tiny_recipe, write_recipe
+
+    parent = registry.publish(run_dir, "parent")
+    registry.publish(run_dir, "parent")  # the latest is @2; the recipe pins @1
+    sources = {
+        "base": tiny_sources["base"],
+        "merged": "registry:parent@1",
+        "specialist2": tiny_sources["specialist2"],
+    }
+    recipe = tiny_recipe(
+        sources,
+        tiny_evals,
+        tmp_path / "child-run",
+        optimizer={"popsize": 4, "max_evaluations": 4, "seed": 3},
+        output={"publish": "child", "registry": str(registry.root)},
+        validation=None,
+    )
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    monkeypatch.setattr(merger.cli, "COMMAND_MODULES", ("run", "registry"))
+    assert merger.cli.main(["run", str(recipe_path), "--no-progress"]) == 0
+
+    child = registry.show("child")
+    assert child.version == 1
+    assert [(parent.source, parent.kind, parent.reference) for parent in child.parents] == [
+        ("base", "path", str(tiny_sources["base"])),
+        ("merged", "registry", "parent@1"),
+        ("specialist2", "path", str(tiny_sources["specialist2"])),
+    ]
+    assert child.parents[1].sha256 == weights_digest(parent.path)
+    assert registry.show("parent@1").children == ["child@1"]
+    assert child.fitness is not None and set(child.scores["test"]) == {"tiny_mc"}
+    assert all(result.ok for result in registry.verify("child"))

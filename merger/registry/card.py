@@ -7,7 +7,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from merger.registry.index import Parent
-from merger.registry.rundir import RunDir
+from merger.registry.rundir import SCORE_SPLITS, RunDir, split_scores
 
 TAGS = ["merge", "mergekit", "evolutionary-merge"]
 
@@ -17,25 +17,23 @@ def _format_score(value: Any) -> str:
 
 
 def _scores_table(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """One row per model, one validation and one test column per task."""
-    tasks = sorted(
+    """One row per model, one column per (split, task) that any model has a score for."""
+    scores = {model: split_scores(block) for model, block in rows.items() if isinstance(block, dict)}
+    columns = sorted(
         {
-            task
-            for scores in rows.values()
-            for split in ("validation", "test")
-            for task in (scores.get(split) if isinstance(scores.get(split), dict) else {})
-        }
-    )
-    if not tasks:
-        return ["No scores were recorded."]
-    header = ["model", *(f"{task} ({split})" for task in tasks for split in ("validation", "test"))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, scores in rows.items():
-        cells = [
-            _format_score((scores.get(split) if isinstance(scores.get(split), dict) else {}).get(task))
+            (split, task)
+            for by_split in scores.values()
+            for split, tasks in by_split.items()
             for task in tasks
-            for split in ("validation", "test")
-        ]
+        },
+        key=lambda column: (SCORE_SPLITS.index(column[0]), column[1]),
+    )
+    if not columns:
+        return ["No scores were recorded."]
+    header = ["model", *(f"{task} ({split})" for split, task in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, by_split in scores.items():
+        cells = [_format_score(by_split.get(split, {}).get(task)) for split, task in columns]
         lines.append("| " + " | ".join([model, *cells]) + " |")
     return lines
 
@@ -97,7 +95,7 @@ def render_card(name: str, version: int, run: RunDir, parents: list[Parent]) -> 
         "",
         *_scores_table({"**this merge**": winner, **source_scores}),
         "",
-        f"Fitness of the winner: {_format_score(winner.get('fitness'))}",
+        f"Fitness of the winner: {_format_score(run.fitness)}",
         "",
         "## Best genotype",
         "",

@@ -38,6 +38,31 @@ class RunDir:
     def winner(self) -> dict[str, Any]:
         return self.summary.get("winner") or {}
 
+    @property
+    def fitness(self) -> float | None:
+        """The winner's scalar fitness (`fitness`, or `score` when `fitness` holds per-task scores)."""
+        for key in ("fitness", "score"):
+            value = self.winner.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return None
+
+
+SCORE_SPLITS = ("validation", "test", "fitness")
+
+
+def split_scores(scores: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """`{split: {task: score}}` for the splits of a summary's score block that hold per-task numbers."""
+    return {
+        split: {
+            str(task): float(value)
+            for task, value in scores[split].items()
+            if isinstance(value, (int, float))
+        }
+        for split in SCORE_SPLITS
+        if isinstance(scores.get(split), dict)
+    }
+
 
 def _read_text(path: Path) -> str:
     if not path.is_file():

@@ -40,7 +40,7 @@ from merger.registry.files import (
 )
 from merger.registry.index import EntryRow, Index, Parent
 from merger.registry.names import Reference, is_registry_reference, parse_reference, validate_name
-from merger.registry.rundir import RunDir, read_run
+from merger.registry.rundir import RunDir, read_run, split_scores
 from merger.registry.staging import clean_orphans, staging_directory
 
 ENVIRONMENT_VARIABLE = "MERGER_REGISTRY"
@@ -255,21 +255,16 @@ class Registry:
     def _row(
         name: str, version: int, run: RunDir, parents: list[Parent], files: dict[str, FileRecord]
     ) -> EntryRow:
-        winner = run.winner
-        scores = {
-            split: winner[split] for split in ("validation", "test") if isinstance(winner.get(split), dict)
-        }
-        fitness = winner.get("fitness")
         return EntryRow(
             name=name,
             version=version,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             method=run.method,
-            fitness=float(fitness) if isinstance(fitness, (int, float)) else None,
+            fitness=run.fitness,
             summary=run.summary,
             files=files,
             parents=parents,
-            scores=scores,
+            scores=split_scores(run.winner),
         )
 
     def _remove_unrecorded_versions(self, connection: sqlite3.Connection, name: str) -> list[Path]:
