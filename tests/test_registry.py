@@ -233,6 +233,22 @@ def test_default_root_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert (tmp_path / "from-env" / "index.sqlite").is_file()
 
 
+def test_unusable_roots_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(MergerError, match="cannot open the registry"):
+        Registry(tmp_path / "a-file")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "index.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(MergerError, match="cannot open the registry.*not a database"):
+        Registry(tmp_path / "broken")
+    newer = Registry(tmp_path / "newer")
+    connection = sqlite3.connect(newer.root / "index.sqlite")
+    connection.execute("PRAGMA user_version = 99")
+    connection.close()
+    with pytest.raises(MergerError, match="newer merger"):
+        Registry(tmp_path / "newer")
+
+
 # --------------------------------------------------------------------------- names
 
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merger.errors import MergerError
 from merger.registry.files import FileRecord
 
 BUSY_TIMEOUT_SECONDS = 300.0
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS names (
@@ -93,11 +95,25 @@ class Index:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        connection = self._connect()
+        try:
+            found = connection.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            connection.close()
+        if found > SCHEMA_VERSION:
+            raise MergerError(
+                f"{path} was written by a newer merger (index schema {found} > {SCHEMA_VERSION})"
+            )
+        if found < SCHEMA_VERSION:
+            self._create_schema()
+
+    def _create_schema(self) -> None:
         with self.transaction() as connection:
             # statement by statement: executescript() would commit the open transaction first
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
