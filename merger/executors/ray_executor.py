@@ -1,0 +1,231 @@
+"""Candidates evaluated in parallel on Ray: one actor per GPU or per `cpus_per_worker` cores.
+
+Each actor holds its own `CandidateWorker` (sources resident, one model, lm-eval tasks loaded), so
+only genotypes go out and `EvaluationRecord`s come back. An actor that dies is replaced and its
+candidate queued again; the search loop tells pycma in candidate order, so the results do not
+depend on which actor finished first.
+
+On a cluster (`executor.address`), every node needs `merger` installed and the sources, task files
+and run directory at the same paths as the driver (shared storage).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from merger.errors import MergerError
+from merger.executors import CandidateTask
+from merger.executors.worker import WORST_OBJECTIVE, CandidateWorker
+from merger.ledger import EvaluationRecord
+from merger.recipe import Recipe
+
+# A candidate whose worker dies this many times is recorded as failed rather than retried forever
+# (a merge that crashes its process, e.g. out of host memory, must not stall the run).
+MAX_ATTEMPTS = 3
+WAIT_SECONDS = 0.5  # how often the dispatch loop wakes up while waiting for results
+# Driver environment that workers need to behave as the driver does (offline, quiet).
+FORWARDED_ENV = (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "TOKENIZERS_PARALLELISM",
+    "TRANSFORMERS_VERBOSITY",
+    "TQDM_DISABLE",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "MERGER_HOME",
+)
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class WorkerActor:
+    """The body of one Ray actor: a `CandidateWorker` and the torch threads it may use."""
+
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.worker = CandidateWorker(recipe, source_paths, num_layers)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:
+        return self.worker.evaluate(generation, index, genotype)
+
+    def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
+        return self.worker.score_genotype(genotype, set_name)
+
+    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
+        return self.worker.score_checkpoint(path, set_name)
+
+
+@dataclass
+class InFlight:
+    slot: int
+    task: CandidateTask
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """Environment for the actors: the driver's offline/quiet settings and where `merger` lives."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    python_path = [PACKAGE_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
+    return {"env_vars": env}
+
+
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorUnavailableError)
+
+
+class RayExecutor:
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
+        import ray
+
+        self.ray = ray
+        self.settings = recipe.executor
+        self.started_ray = False
+        self.actors: list[Any] = []
+        self.lost_workers = 0
+        if not ray.is_initialized():
+            self._start_ray()
+        self._check_capacity()
+        self._actor_class = ray.remote(WorkerActor).options(
+            num_cpus=self.settings.cpus_per_worker,
+            num_gpus=self.settings.gpus_per_worker,
+            max_restarts=0,  # a dead actor is replaced here, so that its candidate can be re-queued
+            runtime_env=worker_runtime_env(),
+        )
+        self._worker_args = (recipe, source_paths, num_layers, max(1, round(self.settings.cpus_per_worker)))
+        self.actors = [self._actor_class.remote(*self._worker_args) for _ in range(self.settings.num_workers)]
+        self.worker_pids = self._wait_ready()
+
+    def _start_ray(self) -> None:
+        address = self.settings.address
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address is None:
+            options["num_cpus"] = os.cpu_count() or 1
+        try:
+            self.ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+            raise MergerError(f"executor.address: could not start or reach {where}: {error}") from None
+        self.started_ray = True
+
+    def _check_capacity(self) -> None:
+        """Fail now rather than wait forever for actors that can never be placed."""
+        total = self.ray.cluster_resources()
+        wanted = {
+            "CPU": self.settings.num_workers * self.settings.cpus_per_worker,
+            "GPU": self.settings.num_workers * self.settings.gpus_per_worker,
+        }
+        for resource, amount in wanted.items():
+            if amount > total.get(resource, 0) + 1e-9:
+                self.close()
+                raise MergerError(
+                    f"executor: {self.settings.num_workers} workers need {amount:g} {resource} in all but the "
+                    f"Ray cluster has {total.get(resource, 0):g}; lower executor.num_workers or "
+                    f"executor.{resource.lower()}s_per_worker"
+                )
+
+    def _wait_ready(self) -> list[int]:
+        try:
+            return self.ray.get([actor.pid.remote() for actor in self.actors])
+        except lost_worker_errors() as error:
+            self.close()
+            raise MergerError(
+                f"executor: a Ray worker could not load the sources and tasks: {error}"
+            ) from None
+
+    def _replace(self, slot: int) -> None:
+        self.ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._actor_class.remote(*self._worker_args)
+        self.worker_pids[slot] = -1  # unknown until the new actor answers
+        self.lost_workers += 1
+
+    def evaluate(
+        self,
+        tasks: Sequence[CandidateTask],
+        on_record: Callable[[EvaluationRecord], None],
+        should_stop: Callable[[], bool],
+    ) -> list[EvaluationRecord]:
+        queue = deque(tasks)
+        attempts = {(t.generation, t.index): 0 for t in tasks}
+        idle = deque(range(len(self.actors)))
+        in_flight: dict[Any, InFlight] = {}
+        records: dict[tuple[int, int], EvaluationRecord] = {}
+
+        def finish(record: EvaluationRecord) -> None:
+            records[(record.generation, record.index)] = record
+            on_record(record)
+
+        while queue or in_flight:
+            while queue and idle and not should_stop():
+                slot, task = idle.popleft(), queue.popleft()
+                reference = self.actors[slot].evaluate.remote(task.generation, task.index, task.genotype)
+                in_flight[reference] = InFlight(slot, task)
+            if not in_flight:
+                break  # a stop was requested: nothing running and nothing more to start
+            ready, _ = self.ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
+            for reference in ready:
+                running = in_flight.pop(reference)
+                try:
+                    finish(self.ray.get(reference))
+                except lost_worker_errors() as error:
+                    self._replace(running.slot)
+                    key = (running.task.generation, running.task.index)
+                    attempts[key] += 1
+                    if attempts[key] >= MAX_ATTEMPTS:
+                        finish(_worker_lost_record(running.task, error))
+                    else:
+                        queue.appendleft(running.task)
+                idle.append(running.slot)
+        return [records[key] for key in ((t.generation, t.index) for t in tasks) if key in records]
+
+    def _on_one_actor(self, method: str, *args: Any) -> Any:
+        """Run one call on the first actor, replacing the actor if it dies underneath."""
+        lost: BaseException | None = None
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                return self.ray.get(getattr(self.actors[0], method).remote(*args))
+            except lost_worker_errors() as error:
+                lost = error
+                self._replace(0)
+        raise MergerError(f"executor: the Ray worker died {MAX_ATTEMPTS} times running {method}: {lost}")
+
+    def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
+        return self._on_one_actor("score_genotype", genotype, set_name)
+
+    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
+        return self._on_one_actor("score_checkpoint", path, set_name)
+
+    def close(self) -> None:
+        if self.ray.is_initialized():
+            for actor in self.actors:
+                self.ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+        self.started_ray = False
+
+
+def _worker_lost_record(task: CandidateTask, error: BaseException) -> EvaluationRecord:
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return EvaluationRecord(
+        task.generation,
+        task.index,
+        [float(v) for v in task.genotype],
+        config="",
+        score=0.0,
+        objective=WORST_OBJECTIVE,
+        failure=f"worker died {MAX_ATTEMPTS} times evaluating this candidate ({reason})",
+    )

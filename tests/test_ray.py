@@ -1,0 +1,105 @@
+"""The Ray executor on a local Ray with 2 one-CPU workers: same results as in-process, dead workers replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from merger.errors import MergerError
+from merger.executors.ray_executor import RayExecutor
+from merger.recipe import parse_recipe
+from merger.search import open_search
+from tests.test_overnight import recipe_data
+
+ray = pytest.importorskip("ray")
+
+RAY = {"kind": "ray", "num_workers": 2, "cpus_per_worker": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module (start-up costs seconds); executors reuse it and leave it running."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search_data(tiny_sources, tiny_evals) -> dict[str, Any]:
+    return recipe_data(tiny_sources, tiny_evals)
+
+
+def run_search(data: dict[str, Any], run_dir: Path, on_record=None) -> tuple[Any, Any, list]:
+    """Run a search to its end; returns (result, ledger evaluations, the (generation, index) recorded)."""
+    recorded: list[tuple[int, int]] = []
+    search, _ = open_search(parse_recipe(data), run_dir)
+
+    def progress(info: dict) -> None:
+        if "record" in info:
+            recorded.append((info["generation"], info["record"].index))
+            if on_record is not None:
+                on_record(search.executor, info["record"])
+
+    search.on_progress = progress
+    try:
+        return search.run(), search.ledger.evaluations(), recorded
+    finally:
+        search.executor.close()
+        search.ledger.close()
+
+
+@pytest.fixture(scope="module")
+def in_process_run(search_data, tmp_path_factory):
+    return run_search(search_data, tmp_path_factory.mktemp("in_process"))
+
+
+def assert_same_search(ray_run: tuple, in_process: tuple) -> None:
+    (result, records, _), (reference, reference_records, _) = ray_run, in_process
+    assert result.best.genotype == pytest.approx(reference.best.genotype)
+    assert result.best.score == reference.best.score
+    assert (result.best.generation, result.best.index) == (reference.best.generation, reference.best.index)
+    assert [(r.generation, r.index, r.score) for r in records] == [
+        (r.generation, r.index, r.score) for r in reference_records
+    ]
+    for ours, theirs in zip(records, reference_records, strict=True):
+        assert ours.genotype == pytest.approx(theirs.genotype)
+
+
+def test_ray_gives_the_in_process_result(ray_session, search_data, in_process_run, tmp_path):
+    ray_run = run_search({**search_data, "executor": RAY}, tmp_path / "ray")
+    assert_same_search(ray_run, in_process_run)
+    assert ray.is_initialized()  # an executor leaves a Ray it did not start running
+
+
+def test_a_worker_killed_mid_generation_is_replaced(ray_session, search_data, in_process_run, tmp_path):
+    killed: list[int] = []
+
+    def kill_workers_once(executor: RayExecutor, record: Any) -> None:
+        if not killed:  # after generation 0's first record: the other worker is busy with candidate 1
+            killed.extend(executor.worker_pids)
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    lost_workers: list[int] = []
+
+    def note_losses(executor: RayExecutor, record: Any) -> None:
+        kill_workers_once(executor, record)
+        lost_workers.append(executor.lost_workers)
+
+    ray_run = run_search({**search_data, "executor": RAY}, tmp_path / "ray", note_losses)
+    result, records, recorded = ray_run
+    assert len(killed) == 2 and max(lost_workers) >= 1
+    assert len(recorded) == len(set(recorded)) == 8  # every candidate recorded once, none twice
+    assert [(r.generation, r.index) for r in records] == sorted(recorded)
+    assert not any(r.failed for r in records)
+    assert_same_search(ray_run, in_process_run)
+
+
+def test_workers_that_do_not_fit_the_cluster_are_refused(ray_session, search_data, tiny_sources):
+    recipe = parse_recipe({**search_data, "executor": {**RAY, "num_workers": 3}})
+    with pytest.raises(MergerError, match="3 workers need 3 CPU"):
+        RayExecutor(recipe, tiny_sources, 4)
