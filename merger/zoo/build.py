@@ -1,0 +1,236 @@
+"""Fine-tune the zoo's specialists from the SmolLM2 base on CPU, cached by recipe and resumable.
+
+The cache key hashes everything that decides the weights (the recipe's numbers, the training rows and
+the base checkpoint), so a changed recipe builds into a fresh directory and an unchanged one is reused.
+Training state is checkpointed every `save_every` steps, so a killed build resumes where it stopped; a
+finished specialist is never trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from merger.zoo.cache import publish_dir, zoo_cache_root
+from merger.zoo.data import SKILLS, completion_text, generate, prompt_text, rows_digest
+from merger.zoo.smollm2 import base_checkpoint
+
+RECIPE_VERSION = 1
+STATE_FILE = "train_state.pt"
+KEY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    """Everything that decides a specialist's weights, besides its training rows and the base."""
+
+    skills: tuple[str, ...] = SKILLS
+    steps: int = 60
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    seed: int = 0
+    save_every: int = 20
+
+    def as_json(self) -> dict[str, object]:
+        return {**asdict(self), "skills": list(self.skills), "version": RECIPE_VERSION}
+
+
+def training_rows(skill: str) -> list[dict[str, object]]:
+    return generate()[f"train_{skill}"]
+
+
+def checkpoint_digest(checkpoint: Path) -> str:
+    """A hash of a checkpoint's weights and config (the base's identity in the cache key)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with (checkpoint / name).open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def recipe_key(recipe: ZooRecipe, data_digests: dict[str, str], base_digest: str) -> str:
+    payload = {"recipe": recipe.as_json(), "data": data_digests, "base": base_digest}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def build_zoo(
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    recipe: ZooRecipe | None = None,
+    base_dir: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Path]:
+    """{"base": <dir>, "<skill>": <dir>, ...}: the base and one fine-tuned specialist per skill.
+
+    `base_dir` replaces the SmolLM2 base (tests use a tiny model); its training rows are the zoo's.
+    `threads` caps torch's CPU threads (default: all cores; 1 is faster on a crowded machine).
+    """
+    recipe = recipe or ZooRecipe()
+    base = Path(base_dir) if base_dir is not None else base_checkpoint(cache_dir)
+    rows = {skill: training_rows(skill) for skill in recipe.skills}
+    key = recipe_key(recipe, {s: rows_digest(r) for s, r in rows.items()}, checkpoint_digest(base))
+    zoo_dir = zoo_cache_root(cache_dir) / f"specialists-{key}"
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    (zoo_dir / "recipe.json").write_text(json.dumps(recipe.as_json(), indent=2, sort_keys=True))
+    paths = {"base": base}
+    for index, skill in enumerate(recipe.skills):
+        final = zoo_dir / skill
+        if not (final / "model.safetensors").is_file():
+            work_dir = zoo_dir / f".work-{skill}"
+            train_specialist(base, rows[skill], recipe, index, work_dir, final, progress, threads)
+        paths[skill] = final
+    return paths
+
+
+def train_specialist(
+    base: Path,
+    rows: list[dict[str, object]],
+    recipe: ZooRecipe,
+    skill_index: int,
+    work_dir: Path,
+    final: Path,
+    progress: bool,
+    threads: int | None = None,
+) -> Path:
+    """Full fine-tune of `base` on `rows`, the loss on the answer tokens only, then publish to `final`."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, recipe.warmup_steps))
+    )
+    examples = [encode(tokenizer, row) for row in rows]
+    start = resume(work_dir, model, optimizer, schedule)
+    name = final.name
+    bar = tqdm(total=recipe.steps, initial=start, desc=f"zoo: training {name}", disable=not progress)
+    for step in range(start, recipe.steps):
+        batch = collate(batch_examples(examples, recipe, skill_index, step), tokenizer.pad_token_id)
+        loss = answer_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+        done = step + 1
+        if done % recipe.save_every == 0 and done < recipe.steps:
+            save_state(work_dir, model, optimizer, schedule, done)
+    bar.close()
+    model.eval()
+    staging = work_dir / "final"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "README.md").write_text(specialist_card(base, name, recipe))
+    publish_dir(staging, final)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return final
+
+
+def answer_loss(model, batch):
+    """Mean next-token loss on the answer tokens, projecting only those positions onto the vocabulary.
+
+    The vocabulary projection over every prompt position is most of a step's cost at this sequence
+    length, and the prompt positions carry no loss.
+    """
+    import torch
+
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    scored = targets != -100
+    logits = model.lm_head(hidden[:, :-1][scored])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+
+
+def encode(tokenizer, row: dict[str, object]) -> tuple[list[int], int]:
+    """Token ids of prompt + completion, and how many of them are prompt (masked out of the loss)."""
+    prompt = tokenizer(prompt_text(row), add_special_tokens=False)["input_ids"]
+    completion = tokenizer(completion_text(row), add_special_tokens=False)["input_ids"]
+    return prompt + completion, len(prompt)
+
+
+def batch_examples(
+    examples: list[tuple[list[int], int]], recipe: ZooRecipe, skill_index: int, step: int
+) -> list[tuple[list[int], int]]:
+    """The batch of `step`, a function of the seed and step alone, so a resumed run sees the same data."""
+    import torch
+
+    per_epoch = max(1, len(examples) // recipe.batch_size)
+    epoch, position = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + skill_index * 1009 + epoch)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    start = position * recipe.batch_size
+    return [examples[i] for i in order[start : start + recipe.batch_size]]
+
+
+def collate(examples: list[tuple[list[int], int]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def save_state(work_dir: Path, model, optimizer, schedule, step: int) -> None:
+    import torch
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    partial = work_dir / f"{STATE_FILE}.partial"
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+    }
+    torch.save(state, partial)
+    partial.replace(work_dir / STATE_FILE)
+
+
+def resume(work_dir: Path, model, optimizer, schedule) -> int:
+    """Load the last saved training state if there is one; the step to continue from."""
+    import torch
+
+    state_path = work_dir / STATE_FILE
+    if not state_path.is_file():
+        return 0
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return int(state["step"])
+
+
+def specialist_card(base: Path, skill: str, recipe: ZooRecipe) -> str:
+    settings = json.dumps(recipe.as_json(), indent=2, sort_keys=True)
+    return f"""# zoo specialist: {skill}
+
+Full fine-tune of `{base.name}` on the `train_{skill}` items of `merger.zoo.data`, on CPU.
+
+```json
+{settings}
+```
+"""

@@ -1,0 +1,84 @@
+"""How much a merge can gain: the base, each specialist and plain task-arithmetic merges on every zoo task.
+
+    python -m merger.zoo.headroom [--limit N] [--weights 1.0,0.5 ...]
+
+Prints one row per model with exact-match accuracy on each task's validation and test split. This is a
+measurement script for choosing the zoo's skills, not part of the search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from merger.zoo.data import task_names
+
+EVALS_DIR = Path(__file__).resolve().parents[2] / "evals"
+
+
+def task_arithmetic(base_state: dict, specialist_states: list[dict], weights: list[float]) -> dict:
+    """base + sum_i w_i * (specialist_i - base), tensor by tensor."""
+    merged = {}
+    for name, base_tensor in base_state.items():
+        value = base_tensor.clone()
+        for state, weight in zip(specialist_states, weights, strict=True):
+            value += weight * (state[name] - base_tensor)
+        merged[name] = value
+    return merged
+
+
+def evaluate_all(lm, task_dict, limit: int | None) -> dict[str, float]:
+    from lm_eval.evaluator import evaluate
+
+    results = evaluate(lm=lm, task_dict=task_dict, limit=limit, verbosity="ERROR")["results"]
+    return {task: metrics["exact_match,none"] for task, metrics in results.items()}
+
+
+def main() -> None:
+    import os
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merger.zoo.build import build_zoo
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    parser.add_argument("--weights", nargs="*", default=["1.0,1.0", "1.0,0.5", "0.7,0.7"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    paths = build_zoo()
+    print(f"zoo ready in {time.perf_counter() - started:.1f} s: {paths}", flush=True)
+    names = task_names()
+    task_dict = get_task_dict(names, TaskManager(include_path=str(EVALS_DIR), include_defaults=False))
+    tokenizer = AutoTokenizer.from_pretrained(paths["base"])
+    model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32).eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    states = {
+        name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+        for name, path in paths.items()
+    }
+    skills = [name for name in paths if name != "base"]
+    candidates: list[tuple[str, dict]] = [(name, states[name]) for name in paths]
+    for spec in args.weights:
+        weights = [float(w) for w in spec.split(",")]
+        label = "TA " + " ".join(f"{w:g}*{s}" for s, w in zip(skills, weights, strict=True))
+        candidates.append((label, task_arithmetic(states["base"], [states[s] for s in skills], weights)))
+
+    print("model | " + " | ".join(names))
+    for label, state in candidates:
+        model.load_state_dict(state)
+        began = time.perf_counter()
+        scores = evaluate_all(lm, task_dict, args.limit)
+        cells = " | ".join(f"{scores[name]:.3f}" for name in names)
+        print(f"{label} | {cells} | {time.perf_counter() - began:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
