@@ -661,6 +661,20 @@ def test_push_refusals(
     assert hub.calls == []
 
 
+def test_push_without_network_is_a_clear_error(
+    registry: Registry, run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from huggingface_hub import constants
+
+    registry.publish(run_dir, "tiny-merge")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the real client, refusing to touch the network
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    code = cli(["registry", "push", "tiny-merge", "someone/x", "--registry", str(registry.root)], monkeypatch)
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "pushing tiny-merge@1 to someone/x failed" in error and "offline" in error
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -241,6 +241,7 @@ class Registry:
             target = self._entry_path(name, version)
             self._remove_unrecorded_versions(connection, name)
             target.parent.mkdir(parents=True, exist_ok=True)
+            fsync_directory(self.root)
             fsync_directory(target.parent.parent)
             os.rename(staging, target)
             try:
