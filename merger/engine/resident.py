@@ -638,17 +638,13 @@ def _suffix_l1(stats: GroupStats, threshold: torch.Tensor) -> torch.Tensor:
 
 def _dare_tables(uniform: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
     """[S, L, 65537]: for each level, the l1 of magnitudes whose random value lies below it."""
-    sources, layers, _ = uniform.shape
-    tables = torch.zeros((sources, layers, RANDOM_LEVELS + 1), dtype=torch.float32, device=uniform.device)
-    for index in range(sources):
-        for row in range(layers):
-            counts = torch.bincount(
-                uniform[index, row].long() + RANDOM_OFFSET,
-                weights=magnitudes[index, row].double(),
-                minlength=RANDOM_LEVELS,
-            )
-            tables[index, row, 1:] = counts.cumsum(0)
-    return tables
+    rows = uniform.shape[0] * uniform.shape[1]
+    row_offsets = torch.arange(rows, device=uniform.device).unsqueeze(-1) * RANDOM_LEVELS
+    bins = (uniform.reshape(rows, -1).long() + RANDOM_OFFSET + row_offsets).reshape(-1)
+    counts = torch.bincount(bins, weights=magnitudes.reshape(-1).double(), minlength=rows * RANDOM_LEVELS)
+    cumulative = counts.reshape(rows, RANDOM_LEVELS).cumsum(dim=-1)
+    tables = torch.nn.functional.pad(cumulative, (1, 0)).to(torch.float32)
+    return tables.reshape(*uniform.shape[:2], RANDOM_LEVELS + 1)
 
 
 def _row_ranks(magnitudes: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:

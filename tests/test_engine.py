@@ -1,0 +1,410 @@
+"""The resident engine against mergekit: exact for deterministic methods, statistical for DARE / DELLA."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+from safetensors.torch import load_file
+
+from merger.engine.plan import MergePlan, resolve_plan
+from merger.engine.reference import merge_in_memory
+from merger.engine.resident import ResidentEngine
+from merger.errors import MergerError
+
+BY_CLASS = [{"filter": "self_attn", "value": 0.35}, {"filter": "mlp", "value": 0.8}, {"value": 0.55}]
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+
+# per method: per-source parameters for specialist1, specialist2, and shared parameters
+DETERMINISTIC: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "linear": ({"weight": 0.7}, {"weight": BY_CLASS}, {}),
+    "task_arithmetic": ({"weight": [0.2, 0.9]}, {"weight": BY_CLASS}, {"lambda": 0.8}),
+    "ties": ({"weight": 0.6, "density": BY_CLASS}, {"weight": [0.9, 0.3], "density": 0.45}, {}),
+    "breadcrumbs": ({"weight": 0.6, "density": 0.5, "gamma": 0.05}, {"weight": 0.4, "density": BY_CLASS}, {}),
+    "breadcrumbs_ties": (
+        {"weight": BY_CLASS, "density": 0.7, "gamma": 0.02},
+        {"weight": 0.5, "density": [0.3, 0.9], "gamma": 0.1},
+        {"normalize": True},
+    ),
+    "slerp": ({}, {}, {"t": BY_CLASS}),
+    # random methods at density 1 are deterministic in mergekit too
+    "dare_ties": ({"weight": 0.6, "density": 1.0}, {"weight": BY_CLASS, "density": 1.0}, {}),
+    "della": ({"weight": 0.6, "density": 1.0, "epsilon": 0.1}, {"weight": 0.3, "density": 1.0}, {}),
+}
+
+
+def _config(
+    method: str,
+    paths: dict[str, Path],
+    per_source: tuple[dict[str, Any], dict[str, Any]],
+    shared: dict[str, Any],
+    form: str = "models",
+    dtype: str = "float32",
+) -> MergeConfiguration:
+    specialists = ["specialist1"] if method == "slerp" else ["specialist1", "specialist2"]
+    entries = [(name, params) for name, params in zip(specialists, per_source, strict=False)]
+    base_parameters = {"weight": 0.25} if method == "linear" else None
+    raw: dict[str, Any] = {"merge_method": method, "base_model": str(paths["base"]), "dtype": dtype}
+    if shared:
+        raw["parameters"] = shared
+    if form == "models":
+        raw["models"] = [{"model": str(paths["base"]), "parameters": base_parameters}] + [
+            {"model": str(paths[name]), "parameters": params} for name, params in entries
+        ]
+    else:  # one slice per half of the layers, with different parameters in each
+        slices = []
+        for start, end, scale in ((0, 2, 1.0), (2, 4, 0.5)):
+            sources = [
+                {"model": str(paths["base"]), "layer_range": [start, end], "parameters": base_parameters}
+            ]
+            for name, params in entries:
+                scaled = {
+                    k: (v * scale if k == "weight" and isinstance(v, float) else v) for k, v in params.items()
+                }
+                sources.append({"model": str(paths[name]), "layer_range": [start, end], "parameters": scaled})
+            slices.append({"sources": sources})
+        raw["slices"] = slices
+    return MergeConfiguration.model_validate(raw)
+
+
+def _plan(engine: ResidentEngine, config: MergeConfiguration, paths: dict[str, Path]) -> MergePlan:
+    names = {str(path): name for name, path in paths.items()}
+    return resolve_plan(config, engine.tensor_names, names, engine.num_layers)
+
+
+def _weights(engine: ResidentEngine) -> dict[str, torch.Tensor]:
+    parameters = dict(engine.model.named_parameters())
+    return {name: parameters[name].detach().clone() for name in engine.tensor_names}
+
+
+def _assert_matches(engine: ResidentEngine, reference: dict[str, torch.Tensor], **tolerance: float) -> None:
+    merged = _weights(engine)
+    assert set(reference) == set(merged)
+    for name, expected in reference.items():
+        torch.testing.assert_close(merged[name], expected.to(merged[name].dtype), **tolerance, msg=name)
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_sources: dict[str, Path]) -> dict[str, Path]:
+    return {name: tiny_sources[name] for name in ("base", "specialist1", "specialist2")}
+
+
+def _engine(paths: dict[str, Path], method: str, **options: Any) -> ResidentEngine:
+    sources = {name: path for name, path in paths.items() if method != "slerp" or name != "specialist2"}
+    return ResidentEngine(sources, "base", method, **options)
+
+
+@pytest.mark.parametrize("form", ["models", "slices"])
+@pytest.mark.parametrize("method", list(DETERMINISTIC))
+def test_deterministic_methods_equal_mergekit(paths: dict[str, Path], method: str, form: str) -> None:
+    first, second, shared = DETERMINISTIC[method]
+    config = _config(method, paths, (first, second), shared, form)
+    engine = _engine(paths, method)
+    engine.apply(_plan(engine, config, paths))
+    _assert_matches(engine, merge_in_memory(config, seed=0), **FP32)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_rescaled_magnitude_pruning_equals_mergekit(paths: dict[str, Path], method: str) -> None:
+    first, second, _ = DETERMINISTIC[method]
+    config = _config(method, paths, (first, second), {"rescale": True, "lambda": 1.3})
+    engine = _engine(paths, method)
+    engine.apply(_plan(engine, config, paths))
+    _assert_matches(engine, merge_in_memory(config, seed=0), **FP32)
+
+
+def test_slices_with_a_source_missing_from_one_slice(paths: dict[str, Path]) -> None:
+    base, one, two = (str(paths[name]) for name in ("base", "specialist1", "specialist2"))
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "ties",
+            "base_model": base,
+            "dtype": "float32",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [0, 3]},
+                        {"model": one, "layer_range": [0, 3], "parameters": {"weight": 0.7, "density": 0.5}},
+                        {"model": two, "layer_range": [0, 3], "parameters": {"weight": 0.4, "density": 0.6}},
+                    ]
+                },
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [3, 4]},
+                        {"model": two, "layer_range": [3, 4], "parameters": {"weight": 0.9, "density": 0.3}},
+                    ]
+                },
+            ],
+        }
+    )
+    engine = _engine(paths, "ties")
+    engine.apply(_plan(engine, config, paths))
+    _assert_matches(engine, merge_in_memory(config, seed=0), **FP32)
+
+
+def test_bfloat16_engine_within_bfloat16_tolerance(paths: dict[str, Path]) -> None:
+    for method in ("linear", "task_arithmetic", "slerp"):
+        first, second, shared = DETERMINISTIC[method]
+        config = _config(method, paths, (first, second), shared, dtype="bfloat16")
+        engine = _engine(paths, method, dtype=torch.bfloat16)
+        engine.apply(_plan(engine, config, paths))
+        _assert_matches(engine, merge_in_memory(config, seed=0), rtol=2e-2, atol=2e-3)
+
+
+def test_second_apply_does_not_depend_on_the_first(paths: dict[str, Path]) -> None:
+    engine = _engine(paths, "ties")
+    first = _config("ties", paths, ({"weight": 0.9, "density": 0.2}, {"weight": 0.1, "density": 0.9}), {})
+    second = _config("ties", paths, DETERMINISTIC["ties"][:2], {"lambda": 0.5}, form="slices")
+    engine.apply(_plan(engine, first, paths))
+    after_first = _weights(engine)
+    engine.apply(_plan(engine, second, paths))
+    _assert_matches(engine, merge_in_memory(second, seed=0), **FP32)
+    engine.apply(_plan(engine, first, paths))
+    _assert_matches(engine, after_first, rtol=0, atol=0)
+
+
+def test_load_source_writes_exactly_the_source(paths: dict[str, Path]) -> None:
+    for streaming in (False, True):
+        engine = _engine(paths, "dare_ties", streaming=streaming)
+        for name, path in paths.items():
+            engine.load_source(name)
+            _assert_matches(engine, load_file(path / "model.safetensors"), rtol=0, atol=0)
+
+
+def test_streaming_equals_resident(paths: dict[str, Path]) -> None:
+    for method, per_source in (
+        ("ties", ({"weight": 0.6, "density": 0.3}, {"weight": 0.5, "density": BY_CLASS})),
+        ("dare_ties", ({"weight": 0.6, "density": 0.3}, {"weight": 0.5, "density": BY_CLASS})),
+        ("della", ({"weight": 0.6, "density": 0.4, "epsilon": 0.2}, {"weight": 0.5, "density": 0.6})),
+    ):
+        config = _config(method, paths, per_source, {})
+        resident = _engine(paths, method, seed=3)
+        streaming = _engine(paths, method, seed=3, streaming=True)
+        resident.apply(_plan(resident, config, paths))
+        streaming.apply(_plan(streaming, config, paths))
+        _assert_matches(streaming, _weights(resident), **FP32)
+        assert streaming.resident_bytes()["source:specialist1"] == 0
+        assert resident.resident_bytes()["source:specialist1"] > 0
+
+
+def test_resident_bytes_names_each_structure(paths: dict[str, Path]) -> None:
+    sizes = _engine(paths, "dare_ties").resident_bytes()
+    parameters = sum(
+        load_file(paths["base"] / "model.safetensors")[n].numel()
+        for n in _engine(paths, "linear").tensor_names
+    )
+    assert sizes["model"] == sizes["source:base"] == sizes["source:specialist1"] == parameters * 4
+    assert sizes["random_fields"] == 2 * parameters * 2  # int16 per element per specialist
+    assert sizes["dare_tables"] > 0
+    assert sizes["total"] == sum(value for key, value in sizes.items() if key != "total")
+    assert "magnitude_order" in _engine(paths, "ties").resident_bytes()
+    assert "della_ranks" in _engine(paths, "della").resident_bytes()
+
+
+# ---- random methods: density, rescaling and expectation ------------------------------------------
+
+
+def _deltas(engine: ResidentEngine, paths: dict[str, Path], source: str) -> torch.Tensor:
+    base, other = (load_file(paths[name] / "model.safetensors") for name in ("base", source))
+    return torch.cat([(other[n] - base[n]).reshape(-1) for n in engine.tensor_names])
+
+
+@functools.cache
+def _base_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def _merged_delta(engine: ResidentEngine, paths: dict[str, Path]) -> torch.Tensor:
+    base = _base_weights(paths["base"])
+    merged = _weights(engine)
+    return torch.cat([(merged[n] - base[n]).reshape(-1) for n in engine.tensor_names])
+
+
+def _single_source_config(
+    method: str, paths: dict[str, Path], params: dict[str, Any], rescale: bool
+) -> MergeConfiguration:
+    return MergeConfiguration.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(paths["base"]),
+            "dtype": "float32",
+            "parameters": {"rescale": rescale},
+            "models": [
+                {"model": str(paths["base"])},
+                {"model": str(paths["specialist1"]), "parameters": params},
+            ],
+        }
+    )
+
+
+def _kept_fraction_bound(fraction: float, density: float, count: int) -> bool:
+    """Within 5 binomial standard deviations of the density."""
+    return abs(fraction - density) < 5 * np.sqrt(density * (1 - density) / count)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_density_and_l1_rescale_match_mergekit(paths: dict[str, Path], method: str) -> None:
+    params = {"weight": 1.0, "density": 0.3} | ({"epsilon": 0.15} if method == "della_linear" else {})
+    config = _single_source_config(method, paths, params, rescale=True)
+    engine = ResidentEngine({k: paths[k] for k in ("base", "specialist1")}, "base", method, seed=1)
+    delta = _deltas(engine, paths, "specialist1")
+    engine.apply(_plan(engine, config, paths))
+    ours = _merged_delta(engine, paths)
+    base = load_file(paths["base"] / "model.safetensors")
+    merged_reference = merge_in_memory(config, seed=1)
+    reference = torch.cat([(merged_reference[n] - base[n]).reshape(-1) for n in engine.tensor_names])
+    for merged in (ours, reference):
+        kept = merged != 0
+        assert _kept_fraction_bound(kept.float().mean().item(), 0.3, kept.numel())
+    # l1 rescale: every tensor keeps its task vector's l1 norm, kept elements scaled by one factor
+    offset = 0
+    for name in engine.tensor_names:
+        size = dict(engine.model.named_parameters())[name].numel()
+        part, original = ours[offset : offset + size], delta[offset : offset + size]
+        offset += size
+        torch.testing.assert_close(part.abs().sum(), original.abs().sum(), rtol=1e-4, atol=1e-7)
+        kept = part != 0
+        factor = original.abs().sum() / original[kept].abs().sum()
+        torch.testing.assert_close(part[kept], original[kept] * factor, rtol=1e-4, atol=1e-6)
+
+
+def test_dare_expectation_over_fresh_draws(paths: dict[str, Path]) -> None:
+    """Without rescaling, E[merged delta] = weight * density * delta; z-scores of the mean are ~N(0, 1)."""
+    draws, density, weight = 200, 0.3, 0.8
+    config = _single_source_config(
+        "dare_linear", paths, {"weight": weight, "density": density}, rescale=False
+    )
+    engine = ResidentEngine(
+        {k: paths[k] for k in ("base", "specialist1")}, "base", "dare_linear", fresh_randomness=True
+    )
+    delta = _deltas(engine, paths, "specialist1").double()
+    plan = _plan(engine, config, paths)
+    total = torch.zeros_like(delta)
+    for _ in range(draws):
+        engine.apply(plan)
+        merged = _merged_delta(engine, paths).double()
+        kept = merged != 0
+        torch.testing.assert_close(merged[kept], weight * delta[kept], rtol=1e-5, atol=1e-6)
+        total += merged
+    usable = delta.abs() > 1e-6
+    spread = (weight * delta.abs() * np.sqrt(density * (1 - density) / draws))[usable]
+    z = (total / draws - weight * density * delta)[usable] / spread
+    assert abs(z.mean().item()) < 0.05
+    assert 0.9 < (z**2).mean().item() < 1.1
+
+
+def test_della_keep_probability_follows_magnitude_rank(paths: dict[str, Path]) -> None:
+    """A row's smallest magnitude is kept with probability density - epsilon, its largest density + epsilon."""
+    draws, density, epsilon = 150, 0.5, 0.3
+    config = _single_source_config(
+        "della_linear", paths, {"weight": 1.0, "density": density, "epsilon": epsilon}, rescale=False
+    )
+    engine = ResidentEngine(
+        {k: paths[k] for k in ("base", "specialist1")}, "base", "della_linear", fresh_randomness=True
+    )
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = load_file(paths["base"] / "model.safetensors")[name]
+    delta = load_file(paths["specialist1"] / "model.safetensors")[name] - base
+    plan = _plan(engine, config, paths)
+    kept = torch.zeros_like(delta)
+    for _ in range(draws):
+        engine.apply(plan)
+        kept += (dict(engine.model.named_parameters())[name] != base).float()
+    order = delta.abs().argsort(dim=1)
+    rows = torch.arange(delta.shape[0])
+    smallest, largest = kept[rows, order[:, 0]] / draws, kept[rows, order[:, -1]] / draws
+    count = delta.shape[0] * draws
+    assert _kept_fraction_bound(smallest.mean().item(), density - epsilon, count)
+    assert _kept_fraction_bound(largest.mean().item(), density + epsilon, count)
+    assert _kept_fraction_bound((kept / draws).mean().item(), density, delta.numel() * draws)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_consensus_random_methods_match_mergekit_in_expectation(paths: dict[str, Path], method: str) -> None:
+    """Mean merged weights: engine (fresh draws) vs mergekit (seeds), a two-sample z-test per element.
+
+    Under equal distributions the pooled-variance z-scores are ~N(0, 1): their mean ~0, mean square ~1.
+    """
+    ours_draws, mergekit_draws = 64, 8
+    extra = {"epsilon": 0.1} if method == "della" else {}
+    config = _config(
+        method, paths, ({"weight": 0.7, "density": 0.4} | extra, {"weight": 0.5, "density": 0.6} | extra), {}
+    )
+    engine = _engine(paths, method, fresh_randomness=True)
+    plan = _plan(engine, config, paths)
+    ours, theirs = [], []
+    for _ in range(ours_draws):
+        engine.apply(plan)
+        ours.append(torch.cat([t.reshape(-1) for t in _weights(engine).values()]))
+    for seed in range(mergekit_draws):
+        merged = merge_in_memory(config, seed=seed)
+        theirs.append(torch.cat([merged[n].reshape(-1) for n in engine.tensor_names]))
+    ours_t, theirs_t = torch.stack(ours).double(), torch.stack(theirs).double()
+    pooled = (ours_t.var(dim=0) * (ours_draws - 1) + theirs_t.var(dim=0) * (mergekit_draws - 1)) / (
+        ours_draws + mergekit_draws - 2
+    )
+    spread = (pooled * (1 / ours_draws + 1 / mergekit_draws)).sqrt()
+    usable = spread > 1e-7
+    z = (ours_t.mean(dim=0) - theirs_t.mean(dim=0))[usable] / spread[usable]
+    assert abs(z.mean().item()) < 0.05
+    assert 0.85 < (z**2).mean().item() < 1.2
+
+
+def test_common_random_numbers_per_seed(paths: dict[str, Path]) -> None:
+    config = _config(
+        "dare_ties", paths, ({"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 0.6}), {}
+    )
+    outputs = []
+    for seed in (0, 0, 1):
+        engine = _engine(paths, "dare_ties", seed=seed)
+        engine.apply(_plan(engine, config, paths))
+        outputs.append(_merged_delta(engine, paths))
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], outputs[2])
+
+
+# ---- bad input and extreme values -----------------------------------------------------------------
+
+
+def test_della_rejects_epsilon_outside_density(paths: dict[str, Path]) -> None:
+    config = _config("della", paths, ({"weight": 0.5, "density": 0.1, "epsilon": 0.2}, {"weight": 0.5}), {})
+    engine = _engine(paths, "della")
+    with pytest.raises(MergerError, match="epsilon"):
+        engine.apply(_plan(engine, config, paths))
+
+
+def test_plan_for_another_method_is_refused(paths: dict[str, Path]) -> None:
+    engine = _engine(paths, "ties")
+    config = _config("task_arithmetic", paths, ({"weight": 0.5}, {"weight": 0.5}), {})
+    with pytest.raises(MergerError, match="task_arithmetic"):
+        engine.apply(_plan(engine, config, paths))
+
+
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "task_arithmetic", "linear"]
+)
+def test_extreme_values_do_not_crash(paths: dict[str, Path], method: str) -> None:
+    extra = {"epsilon": 0.0} if method == "della" else {}
+    per_source = ({"weight": 1e38, "density": 1.0} | extra, {"weight": -1e38, "density": 0.0} | extra)
+    if method in ("task_arithmetic", "linear"):
+        per_source = ({"weight": 1e38}, {"weight": -1e38})
+    config = _config(method, paths, per_source, {"lambda": 1e30} if method != "linear" else {})
+    engine = _engine(paths, method)
+    engine.apply(_plan(engine, config, paths))  # values may be inf/NaN: the caller checks
+
+
+@pytest.mark.slow
+def test_compiled_kernels_equal_eager(paths: dict[str, Path]) -> None:
+    """The fused (torch.compile) kernels compute what the eager ones do; dare_ties uses every part."""
+    config = _config(
+        "dare_ties", paths, ({"weight": 0.6, "density": 0.3}, {"weight": 0.5, "density": BY_CLASS}), {}
+    )
+    eager, compiled = _engine(paths, "dare_ties"), _engine(paths, "dare_ties", compile_kernels=True)
+    for engine in (eager, compiled):
+        engine.apply(_plan(engine, config, paths))
+    _assert_matches(compiled, _weights(eager), **FP32)
