@@ -30,6 +30,7 @@ from merger.router.pool import ROLES, BreakerSettings, Pool, Role
 
 log = logging.getLogger("merger.conductor")
 MEMBERS_HEADER = "x-merger-members"
+_BEARER = HTTPBearer(auto_error=False)  # module level: FastAPI resolves the string annotations here
 
 
 # ---- request schema (OpenAI chat completions, the subset the conductor honours) ----
@@ -333,11 +334,10 @@ def create_app(conductor: Conductor) -> FastAPI:
     app = FastAPI(
         title="merger conductor", version="1", description="OpenAI-compatible router over a model pool"
     )
-    bearer = HTTPBearer(auto_error=False)
     expected_key = os.environ.get(pool.server.api_key_env, "") if pool.server.api_key_env else ""
 
     async def require_key(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
         if not expected_key:
             return

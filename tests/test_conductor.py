@@ -1,0 +1,486 @@
+"""The conductor over real loopback HTTP: the official openai client talks to it; fake remote members
+(second and third local servers) fail, stall or break their streams on command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from merger.router.backends import LocalBackend, RemoteBackend
+from merger.router.conductor import MEMBERS_HEADER, Conductor, create_app
+from merger.router.embeddings import Embedder, build_embedder
+from merger.router.head import RouterHead
+from merger.router.pool import ROLES, Pool, Role, parse_pool
+
+CONDUCTOR_KEY = "sk-conductor-test-7f3a9c"
+REMOTE_KEY = "sk-remote-test-91be44"
+ORDER = ["flaky", "steady", "local"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1 in a daemon thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def fake_remote(model: str) -> tuple[FastAPI, dict[str, Any]]:
+    """An OpenAI-compatible endpoint whose behaviour `state['mode']` sets: ok, fail, stall,
+    break_before_first, break_after_first. Its 500 body echoes the Authorization header it got."""
+    state: dict[str, Any] = {"mode": "ok", "calls": 0, "verdict": "ACCEPT", "prompts": []}
+    app = FastAPI()
+
+    def chunk(content: str | None, finish: str | None = None) -> str:
+        delta = {} if content is None else {"role": "assistant", "content": content}
+        body = {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        state["calls"] += 1
+        authorization = request.headers.get("authorization", "")
+        if authorization != f"Bearer {REMOTE_KEY}":
+            return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        state["prompts"].append(prompt)
+        mode = state["mode"]
+        if mode == "fail":
+            return JSONResponse(
+                {"error": {"message": f"internal failure, request had {authorization}"}}, status_code=500
+            )
+        if mode == "stall":
+            await asyncio.sleep(3)
+        text = state["verdict"] if "Proposed answer" in prompt else f"{model} answers"
+        if not body.get("stream"):
+            return {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
+            }
+
+        async def events() -> Any:
+            if mode == "break_before_first":
+                raise RuntimeError("stream broken before the first token")
+            words = text.split(" ")
+            yield chunk(words[0])
+            if mode == "break_after_first":
+                raise RuntimeError("stream broken after the first token")
+            for word in words[1:]:
+                yield chunk(" " + word)
+            yield chunk(None, "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app, state
+
+
+@pytest.fixture(scope="module")
+def remotes() -> Iterator[dict[str, tuple[ServerThread, dict[str, Any]]]]:
+    servers = {}
+    for name in ("flaky", "steady"):
+        app, state = fake_remote(name)
+        servers[name] = (ServerThread(app).__enter__(), state)
+    yield servers
+    for server, _ in servers.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def reset_remotes(remotes: dict[str, tuple[ServerThread, dict[str, Any]]]) -> None:
+    for _, state in remotes.values():
+        state.update(mode="ok", calls=0, verdict="ACCEPT", prompts=[])
+
+
+def make_pool(
+    tiny_base: Path, remotes: dict[str, tuple[ServerThread, dict[str, Any]]], tmp_path: Path, **server: Any
+) -> Pool:
+    def remote(name: str, **extra: Any) -> dict[str, Any]:
+        url = remotes[name][0].url + "/v1"
+        return {
+            "name": name,
+            "remote": {"base_url": url, "model": name, "api_key_env": "TEST_REMOTE_KEY"},
+            **extra,
+        }
+
+    data = {
+        "members": [
+            remote("flaky", timeout_s=1.0),
+            remote("steady", roles=["worker", "verifier"], timeout_s=2.0),
+            {"name": "local", "path": str(tiny_base), "roles": ["thinker", "worker"]},
+        ],
+        "router": {"encoder": {"kind": "hidden_states", "member": "local"}, "confidence": 0.5},
+        "breaker": {"failures": 2, "window_s": 60, "cooldown_s": 60},
+        "server": {
+            "api_key_env": "TEST_CONDUCTOR_KEY",
+            "max_tokens": 8,
+            "first_token_timeout_s": 1.0,
+            "timeout_s": 10,
+            "max_attempts": 3,
+            **server,
+        },
+        "work_dir": str(tmp_path / "work"),
+    }
+    return parse_pool(data, tmp_path)
+
+
+def ordered_head(members: list[str], order: list[str], dim: int, confident: bool = True) -> RouterHead:
+    """A linear head whose biases rank `order` first to last for every prompt (weights zero)."""
+    scores = [float(len(order) - order.index(name)) for name in members]
+    roles = [0.0, 4.0, 0.0] if confident else [4.0, 0.0, 0.0]
+    assert ROLES[1] == Role.WORKER
+    return RouterHead(
+        members=members,
+        encoder_id="fixed",
+        mean=np.zeros(dim, np.float32),
+        scale=np.ones(dim, np.float32),
+        w2=np.zeros((dim, len(members) + 3), np.float32),
+        b2=np.array(scores + roles, np.float32),
+    )
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, remotes: Any
+) -> dict[str, Any]:
+    """The expensive parts, once: the local member's model and the embedder (tiny base hidden states)."""
+    pool = make_pool(tiny_sources["base"], remotes, tmp_path_factory.mktemp("conductor"))
+    return {"local": LocalBackend("local", tiny_sources["base"]), "embedder": build_embedder(pool)}
+
+
+@pytest.fixture
+def conductor_factory(
+    tiny_sources: dict[str, Path],
+    remotes: Any,
+    shared: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Any]:
+    monkeypatch.setenv("TEST_CONDUCTOR_KEY", CONDUCTOR_KEY)
+    monkeypatch.setenv("TEST_REMOTE_KEY", REMOTE_KEY)
+    started: list[ServerThread] = []
+
+    def start(
+        order: list[str] = ORDER, confident: bool = True, **server: Any
+    ) -> tuple[ServerThread, Conductor, openai.OpenAI]:
+        pool = make_pool(tiny_sources["base"], remotes, tmp_path, **server)
+        embedder: Embedder = shared["embedder"]
+        head = ordered_head(pool.names, order, dim=32, confident=confident)
+        backends = {m.name: RemoteBackend(m) for m in pool.members if m.remote is not None}
+        backends["local"] = shared["local"]
+        conductor = Conductor(pool, head, embedder, backends)
+        thread = ServerThread(create_app(conductor)).__enter__()
+        started.append(thread)
+        client = openai.OpenAI(base_url=thread.url + "/v1", api_key=CONDUCTOR_KEY, max_retries=0, timeout=30)
+        return thread, conductor, client
+
+    yield start
+    for thread in started:
+        thread.stop()
+
+
+def ask(
+    client: openai.OpenAI, text: str = "What is 2 plus 3?", **kwargs: Any
+) -> tuple[str, dict[str, Any], str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model=kwargs.pop("model", "merger"), messages=[{"role": "user", "content": text}], **kwargs
+    )
+    completion = raw.parse()
+    return (
+        completion.choices[0].message.content or "",
+        completion.model_extra["merger"],
+        raw.headers[MEMBERS_HEADER],
+    )
+
+
+def stream(
+    client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any
+) -> tuple[str, list[str], dict[str, Any]]:
+    raw = client.chat.completions.with_raw_response.create(
+        model="merger", messages=[{"role": "user", "content": text}], stream=True, **kwargs
+    )
+    pieces, merger = [], {}
+    for event in raw.parse():
+        merger = (event.model_extra or {}).get("merger", merger)
+        if event.choices and event.choices[0].delta.content:
+            pieces.append(event.choices[0].delta.content)
+    return "".join(pieces), raw.headers[MEMBERS_HEADER].split(","), merger
+
+
+def test_routed_answer_says_which_member_answered(conductor_factory: Any) -> None:
+    _, _, client = conductor_factory()
+    text, merger, header = ask(client)
+    assert text == "flaky answers" and header == "flaky" and merger["members"] == ["flaky"]
+    assert merger["ranking"] == ORDER and merger["mode"] == "single"
+    _, _, client = conductor_factory(order=["steady", "local", "flaky"])
+    assert ask(client)[2] == "steady"
+
+
+def test_models_health_and_pinning(conductor_factory: Any) -> None:
+    thread, _, client = conductor_factory()
+    assert [model.id for model in client.models.list()] == ["merger", "flaky", "steady", "local"]
+    with urllib.request.urlopen(thread.url + "/health") as response:
+        assert json.load(response)["members"]["flaky"]["state"] == "closed"
+    text, merger, header = ask(client, model="steady")
+    assert (text, header) == ("steady answers", "steady")
+    assert merger["ranking"][0] == "steady"
+
+
+def test_api_key_is_required_and_never_echoed(conductor_factory: Any) -> None:
+    thread, _, _ = conductor_factory()
+    for key in ("", "sk-wrong"):
+        anonymous = openai.OpenAI(base_url=thread.url + "/v1", api_key=key or "none", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as raised:
+            anonymous.chat.completions.create(model="merger", messages=[{"role": "user", "content": "hi"}])
+        assert CONDUCTOR_KEY not in str(raised.value.body)
+    request = urllib.request.Request(thread.url + "/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as raised_http:
+        urllib.request.urlopen(request)
+    assert raised_http.value.code == 401
+
+
+def test_error_falls_back_to_next_ranked_and_redacts_remote_keys(
+    conductor_factory: Any, remotes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, client = conductor_factory()
+    remotes["flaky"][1]["mode"] = "fail"
+    with caplog.at_level(logging.DEBUG):
+        text, merger, header = ask(client)
+    assert (text, header) == ("steady answers", "steady")
+    assert merger["attempts"][0]["member"] == "flaky" and merger["attempts"][0]["outcome"].startswith(
+        "failed"
+    )
+    assert REMOTE_KEY not in json.dumps(merger) and "***" in merger["attempts"][0]["outcome"]
+    assert REMOTE_KEY not in caplog.text and CONDUCTOR_KEY not in caplog.text
+    assert "flaky failed" in caplog.text
+
+
+def test_timeout_falls_back(conductor_factory: Any, remotes: Any) -> None:
+    _, _, client = conductor_factory()
+    remotes["flaky"][1]["mode"] = "stall"
+    text, merger, _ = ask(client)
+    assert text == "steady answers"
+    assert "Timeout" in merger["attempts"][0]["outcome"]
+
+
+def test_breaker_opens_after_repeated_failures_and_skips_the_member(
+    conductor_factory: Any, remotes: Any
+) -> None:
+    thread, _, client = conductor_factory()
+    flaky = remotes["flaky"][1]
+    flaky["mode"] = "fail"
+    for _ in range(2):
+        assert ask(client)[2] == "steady"
+    assert flaky["calls"] == 2
+    _, merger, header = ask(client)
+    assert header == "steady" and flaky["calls"] == 2
+    assert merger["attempts"][0] == {"member": "flaky", "outcome": "skipped: circuit open"}
+    with urllib.request.urlopen(thread.url + "/health") as response:
+        assert json.load(response)["members"]["flaky"]["state"] == "open"
+
+
+def test_attempts_are_bounded_and_every_member_is_tried_once(conductor_factory: Any, remotes: Any) -> None:
+    thread, _, client = conductor_factory(max_attempts=2)
+    remotes["flaky"][1]["mode"] = "fail"
+    remotes["steady"][1]["mode"] = "fail"
+    with pytest.raises(openai.APIStatusError) as raised:
+        ask(client)
+    assert raised.value.status_code == 503
+    assert remotes["flaky"][1]["calls"] == 1 and remotes["steady"][1]["calls"] == 1
+    assert "no pool member could answer" in str(raised.value)
+    assert REMOTE_KEY not in str(raised.value.body)
+
+
+def test_local_member_answers_when_every_remote_is_down(conductor_factory: Any, remotes: Any) -> None:
+    _, _, client = conductor_factory()
+    remotes["flaky"][1]["mode"] = "fail"
+    remotes["steady"][1]["mode"] = "stall"
+    _, merger, header = ask(client)
+    assert header == "local" and merger["members"] == ["local"]
+    assert [attempt["member"] for attempt in merger["attempts"]] == ORDER
+
+
+def test_stream_falls_back_when_it_breaks_or_stalls_before_the_first_token(
+    conductor_factory: Any, remotes: Any
+) -> None:
+    _, _, client = conductor_factory()
+    for mode in ("break_before_first", "stall"):
+        remotes["flaky"][1]["mode"] = mode
+        text, members, merger = stream(client)
+        assert (text, members) == ("steady answers", ["steady"]), mode
+        assert merger["members"] == ["steady"] and merger["attempts"][0]["member"] == "flaky"
+    remotes["flaky"][1]["mode"] = "ok"
+    _, _, client = conductor_factory()
+    assert stream(client)[:2] == ("flaky answers", ["flaky"])
+
+
+def test_stream_broken_after_the_first_token_ends_with_an_error(conductor_factory: Any, remotes: Any) -> None:
+    _, _, client = conductor_factory()
+    remotes["flaky"][1]["mode"] = "break_after_first"
+    with pytest.raises(openai.APIError, match="broke its stream"):
+        stream(client)
+
+
+def test_local_member_streams(conductor_factory: Any) -> None:
+    _, _, client = conductor_factory(order=["local", "steady", "flaky"])
+    _, members, merger = stream(client)
+    assert members == ["local"] and merger["attempts"] == [{"member": "local", "outcome": "streaming"}]
+
+
+def test_every_request_is_answered_when_a_member_is_killed_mid_run(
+    tiny_sources: dict[str, Path], shared: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_CONDUCTOR_KEY", CONDUCTOR_KEY)
+    monkeypatch.setenv("TEST_REMOTE_KEY", REMOTE_KEY)
+    own = {name: (ServerThread(fake_remote(name)[0]).__enter__(), {}) for name in ("flaky", "steady")}
+    pool = make_pool(tiny_sources["base"], own, tmp_path)
+    backends: dict[str, Any] = {m.name: RemoteBackend(m) for m in pool.members if m.remote is not None}
+    backends["local"] = shared["local"]
+    conductor = Conductor(pool, ordered_head(pool.names, ORDER, 32), shared["embedder"], backends)
+    answered_by = []
+    with ServerThread(create_app(conductor)) as thread:
+        client = openai.OpenAI(base_url=thread.url + "/v1", api_key=CONDUCTOR_KEY, max_retries=0, timeout=30)
+        for index in range(10):
+            if index == 4:
+                own["flaky"][0].stop()  # the top-ranked member dies
+            if index % 2:
+                text, members, _ = stream(client, f"question {index}")
+                answered_by.append(members[0])
+            else:
+                text, _, member = ask(client, f"question {index}")
+                answered_by.append(member)
+            assert text
+    own["steady"][0].stop()
+    assert answered_by == ["flaky"] * 4 + ["steady"] * 6
+
+
+def test_plan_execute_verify_uses_roles_and_one_revision(conductor_factory: Any, remotes: Any) -> None:
+    _, _, client = conductor_factory(
+        order=["steady", "flaky", "local"], confident=False, plan_execute_verify=True
+    )
+    _, merger, header = ask(client)
+    assert merger["mode"] == "plan_execute_verify"
+    roles = [(attempt["role"], attempt["member"]) for attempt in merger["attempts"]]
+    # steady is not a thinker, so flaky plans; steady works and verifies; the verdict is ACCEPT
+    assert roles == [("thinker", "flaky"), ("worker", "steady"), ("verifier", "steady")]
+    assert header == "flaky,steady"
+
+    remotes["steady"][1]["verdict"] = "REVISE: show the sum"
+    text, merger, _ = ask(client)
+    assert [attempt["role"] for attempt in merger["attempts"]] == ["thinker", "worker", "verifier", "worker"]
+    assert "A reviewer says: REVISE: show the sum" in remotes["steady"][1]["prompts"][-1]
+    assert text == "steady answers"
+
+
+def test_confident_router_makes_a_single_call_even_with_plan_execute_verify(
+    conductor_factory: Any, remotes: Any
+) -> None:
+    _, _, client = conductor_factory(confident=True, plan_execute_verify=True)
+    _, merger, _ = ask(client)
+    assert merger["mode"] == "single" and remotes["flaky"][1]["calls"] == 1
+    _, merger, _ = ask(client, extra_body={"plan_execute_verify": False})
+    assert merger["mode"] == "single"
+
+
+def _post(url: str, body: bytes, key: str = CONDUCTOR_KEY) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "invalid request"),
+        (b"{}", 400, "messages: Field required"),
+        (b'{"model": "merger", "messages": []}', 400, "messages: List should have at least 1 item"),
+        (b'{"model": "merger", "messages": [{"role": "wizard", "content": "x"}]}', 400, "messages.0.role"),
+        (
+            b'{"model": "merger", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+            400,
+            "temperature",
+        ),
+        (
+            b'{"model": "merger", "messages": [{"role": "user", "content": "x"}], "n": 3}',
+            400,
+            "n: Input should be less",
+        ),
+        (
+            b'{"model": "merger", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            400,
+            "max_tokens",
+        ),
+        (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}', 404, "unknown model 'gpt-9'"),
+    ],
+)
+def test_malformed_requests_get_a_clear_4xx(
+    conductor_factory: Any, body: bytes, status: int, message: str
+) -> None:
+    thread, _, _ = conductor_factory()
+    code, payload = _post(thread.url + "/v1/chat/completions", body)
+    assert code == status
+    assert message in payload["error"]["message"]
