@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,18 +29,16 @@ def sha256_file(path: Path) -> FileRecord:
 
 
 def copy_durably(source: Path, destination: Path) -> FileRecord:
-    """Copy one file, hashing what is read and fsyncing what is written (one pass over the bytes)."""
-    digest = hashlib.sha256()
-    size = 0
+    """Copy one file (kernel-side, `copy_file_range`/`sendfile`), fsync it, and hash the copy.
+
+    Hashing the destination rather than the source means the record describes the bytes that
+    the entry actually holds.
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with source.open("rb") as reader, destination.open("wb") as writer:
-        while chunk := reader.read(CHUNK_BYTES):
-            digest.update(chunk)
-            writer.write(chunk)
-            size += len(chunk)
-        writer.flush()
-        os.fsync(writer.fileno())
-    return FileRecord(digest.hexdigest(), size)
+    shutil.copyfile(source, destination)
+    with destination.open("rb") as copy:
+        os.fsync(copy.fileno())
+    return sha256_file(destination)
 
 
 def write_durably(destination: Path, content: bytes) -> FileRecord:
