@@ -689,6 +689,10 @@ def test_cli_round_trip_and_exit_codes(
     assert cli(["publish", str(run_dir), "--name", "other", *root], monkeypatch) == 0
     assert "published other@1" in capsys.readouterr().out
     assert [str(entry.ref) for entry in Registry(flag_root).entries()] == ["other@1"]
+    for argv in (["registry", "--registry", str(flag_root), "list"], ["registry", "list", *root]):
+        assert cli(argv, monkeypatch) == 0
+        listed = capsys.readouterr().out
+        assert "other@1" in listed and "tiny-merge" not in listed
 
     assert cli(["registry", "list"], monkeypatch) == 0
     listing = capsys.readouterr().out

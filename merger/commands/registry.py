@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     publish.set_defaults(handler=_publish)
 
     registry = subparsers.add_parser("registry", help="list, show, export, remove, verify or push entries")
+    _add_registry_flag(registry)
     actions = registry.add_subparsers(dest="registry_action", required=True, metavar="ACTION")
 
     listing = actions.add_parser("list", help="every version, oldest first")
@@ -62,13 +63,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     garbage.set_defaults(handler=_collect_garbage)
 
     for action in (listing, show, export, remove, verify, push, garbage):
-        _add_registry_flag(action)
+        # SUPPRESS: an action's unset flag must not overwrite `merger registry --registry DIR ACTION`
+        _add_registry_flag(action, default=argparse.SUPPRESS)
 
 
-def _add_registry_flag(parser: argparse.ArgumentParser) -> None:
+def _add_registry_flag(parser: argparse.ArgumentParser, default: Any = None) -> None:
     parser.add_argument(
         "--registry",
         type=Path,
+        default=default,
         metavar="DIR",
         help="registry root (default: $MERGER_REGISTRY, else the user data directory)",
     )
