@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+import schemathesis
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from hypothesis import HealthCheck, given, settings
 
 from merger.router.backends import LocalBackend, RemoteBackend
 from merger.router.conductor import MEMBERS_HEADER, Conductor, create_app
@@ -484,3 +486,23 @@ def test_malformed_requests_get_a_clear_4xx(
     code, payload = _post(thread.url + "/v1/chat/completions", body)
     assert code == status
     assert message in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
+def test_schemathesis_finds_no_server_error(
+    conductor_factory: Any, mode: schemathesis.GenerationMode
+) -> None:
+    """Property-based requests built from the server's own OpenAPI schema, live on loopback."""
+    thread, _, _ = conductor_factory()
+    schema = schemathesis.openapi.from_url(thread.url + "/openapi.json")
+    paths = {operation.ok().path for operation in schema.get_all_operations()}
+    assert paths >= {"/v1/chat/completions", "/v1/models", "/health"}
+    auth = {"Authorization": f"Bearer {CONDUCTOR_KEY}"}
+
+    @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=schema.as_strategy(generation_mode=mode))
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(headers=auth, timeout=30)
+        assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text[:300]}"
+
+    check()
