@@ -506,3 +506,51 @@ def test_schemathesis_finds_no_server_error(
         assert response.status_code < 500, f"{case.method} {case.path} {case.body!r}: {response.text[:300]}"
 
     check()
+
+
+def test_serve_path_loads_the_trained_head_and_local_members(
+    tiny_sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from merger.cli import main
+    from merger.router.conductor import build_conductor
+    from merger.router.head import train_head
+    from merger.router.training import head_dir
+
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(
+        f"""members:
+  - {{name: base, path: {tiny_sources["base"]}}}
+  - {{name: s1, path: {tiny_sources["specialist1"]}}}
+router: {{encoder: {{kind: hidden_states, member: base}}, hidden_size: 0}}
+server: {{max_tokens: 4}}
+work_dir: work
+"""
+    )
+    assert main(["serve", str(pool_file)]) == 2
+    assert "run `merger router train POOL.yaml` first" in capsys.readouterr().err
+
+    from merger.router.pool import load_pool
+
+    pool = load_pool(pool_file)
+    embedder = build_embedder(pool)
+    prompts = [
+        "The capital of Peru is",
+        "Q: what is 3 plus 4? A:",
+        "The capital of Chile is",
+        "Q: what is 1 plus 1? A:",
+    ]
+    correct = np.array([[0.0, 1.0]] * len(prompts))  # s1 is always right
+    head = train_head(
+        embedder(prompts),
+        correct,
+        pool.names,
+        embedder.encoder_id,
+        pool.router.model_copy(update={"evaluations": 200}),
+    )
+    head.save(head_dir(pool))
+    with ServerThread(create_app(build_conductor(pool))) as thread:
+        client = openai.OpenAI(base_url=thread.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        text, merger, header = ask(client, prompts[0])
+        assert header == "s1" and merger["ranking"] == ["s1", "base"]
+        _, members, merger = stream(client, prompts[1])
+        assert members == ["s1"], merger

@@ -90,3 +90,15 @@ def test_cli_reports_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[
     broken.write_text("members: [\n")
     assert main(["router", "eval", str(broken)]) == 2
     assert "is not valid YAML" in capsys.readouterr().err
+
+
+def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:
+    from merger.router.sources import member_checkpoint
+
+    pool = parse_pool(
+        {"members": [{"name": "winner", "registry": "registry:nothing-here@1"}], "registry_root": "reg"},
+        tmp_path,
+    )
+    assert pool.registry_root == tmp_path / "reg"
+    with pytest.raises(MergerError, match="nothing-here"):
+        member_checkpoint(pool.members[0], pool.registry_root)

@@ -193,11 +193,11 @@ def _safe_message(error: Exception) -> str:
     return str(error).splitlines()[0][:200] if str(error) else ""
 
 
-def build_backend(member: Member) -> Backend:
+def build_backend(member: Member, registry_root: Path | None = None) -> Backend:
     if member.remote is not None:
         return RemoteBackend(member)
     try:
-        return LocalBackend(member.name, member_checkpoint(member))
+        return LocalBackend(member.name, member_checkpoint(member, registry_root))
     except MergerError:
         raise
     except Exception as error:

@@ -165,7 +165,9 @@ def train_head(
             f"lower router.hidden_size ({settings.hidden_size}) for {dim}-d embeddings and {len(members)} members"
         )
     mean = embeddings.mean(axis=0)
-    scale = embeddings.std(axis=0) + 1e-6
+    spread = embeddings.std(axis=0)
+    # a floor keeps near-constant training dimensions from blowing up on unseen prompts
+    scale = np.maximum(spread, 0.25 * float(spread.mean()) + 1e-6)
     features = (embeddings - mean) / scale
     values = utility(correct, cost, latency if latency is not None else np.zeros_like(correct), settings)
     roles = role_targets(correct)

@@ -110,10 +110,11 @@ def _correctness_of(sample: dict[str, Any]) -> float:
 class _Evaluator:
     """One TaskManager per process (building it is the slow part); one lm per member."""
 
-    def __init__(self, tasks: TaskSet) -> None:
+    def __init__(self, tasks: TaskSet, registry_root: Path | None = None) -> None:
         from lm_eval.tasks import TaskManager
 
         self.tasks = tasks
+        self.registry_root = registry_root
         include = str(tasks.include_path) if tasks.include_path is not None else None
         self.task_manager = TaskManager(include_path=include, include_defaults=include is None)
 
@@ -133,7 +134,7 @@ class _Evaluator:
             return lm, True
         from lm_eval.models.huggingface import HFLM
 
-        checkpoint = member_checkpoint(member)
+        checkpoint = member_checkpoint(member, self.registry_root)
         return HFLM(
             pretrained=str(checkpoint), batch_size=self.tasks.batch_size, device=self.tasks.device
         ), False
@@ -177,7 +178,7 @@ class _Evaluator:
 
 
 def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:
-    content = member_content_key(member, pool.work_dir / "weights-digests.json")
+    content = member_content_key(member, pool.work_dir / "weights-digests.json", pool.registry_root)
     key = hashlib.sha256(f"{content}|{task_key}".encode()).hexdigest()[:20]
     return pool.work_dir / "outcomes" / f"{member.name}-{key}.json"
 
@@ -209,7 +210,7 @@ def build_outcome_table(pool: Pool, progress: Any = None) -> OutcomeTable:
     for member in pool.members:
         cache = _cache_file(pool, member, task_key)
         if evaluator is None and not cache.is_file():
-            evaluator = _Evaluator(pool.tasks)
+            evaluator = _Evaluator(pool.tasks, pool.registry_root)
         rows, cached = member_rows(pool, member, evaluator, task_key)
         if progress is not None:
             progress(f"{member.name}: {len(rows)} items ({'cached' if cached else 'evaluated'})")

@@ -135,6 +135,7 @@ class Pool(_Strict):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     work_dir: Path = Path(".merger-router")
+    registry_root: Path | None = None  # for `registry:` members; default: the registry's own default root
 
     @model_validator(mode="after")
     def _consistent(self) -> Pool:
@@ -180,6 +181,8 @@ def _anchor_paths(pool: Pool, base_dir: Path) -> Pool:
         for member in pool.members
     ]
     update: dict[str, object] = {"members": members, "work_dir": anchored(pool.work_dir)}
+    if pool.registry_root is not None:
+        update["registry_root"] = anchored(pool.registry_root)
     if pool.tasks is not None and pool.tasks.include_path is not None:
         update["tasks"] = pool.tasks.model_copy(update={"include_path": anchored(pool.tasks.include_path)})
     return pool.model_copy(update=update)

@@ -13,7 +13,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 _HASH_CHUNK = 1 << 22
 
 
-def member_checkpoint(member: Member) -> Path:
+def member_checkpoint(member: Member, registry_root: Path | None = None) -> Path:
     """The local checkpoint directory of a `path:` or `registry:` member."""
     if member.path is not None:
         if not member.path.is_dir():
@@ -27,7 +27,7 @@ def member_checkpoint(member: Member) -> Path:
                 f"member {member.name!r} names registry entry {member.registry!r}, "
                 f"but the registry is unavailable: {error}"
             ) from None
-        return Path(resolve_source(member.registry))
+        return Path(resolve_source(member.registry, root=registry_root))
     raise MergerError(f"member {member.name!r} is remote and has no local checkpoint")
 
 
@@ -64,10 +64,12 @@ def weights_digest(checkpoint: Path, memo_file: Path | None = None) -> str:
     return result
 
 
-def member_content_key(member: Member, memo_file: Path | None = None) -> str:
+def member_content_key(
+    member: Member, memo_file: Path | None = None, registry_root: Path | None = None
+) -> str:
     """Weights hash for local members; endpoint + model for remote ones (a remote may change unseen)."""
     if member.remote is not None:
         return (
             "remote:" + hashlib.sha256(f"{member.remote.base_url}|{member.remote.model}".encode()).hexdigest()
         )
-    return "weights:" + weights_digest(member_checkpoint(member), memo_file)
+    return "weights:" + weights_digest(member_checkpoint(member, registry_root), memo_file)
