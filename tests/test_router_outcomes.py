@@ -121,3 +121,28 @@ def test_cli_trains_and_evaluates_on_a_pool(
     pool_file.write_text(pool_file.read_text().replace("  - {name: s2,", "  - {name: s3,"))
     assert main(["router", "eval", str(pool_file)]) == 2
     assert "run `merger router train` again" in capsys.readouterr().err
+
+
+def test_remote_member_outcomes_come_from_lm_eval_chat_completions(
+    tmp_path: Path, tiny_evals: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from merger.errors import MergerError
+    from merger.router.pool import parse_pool
+    from tests.test_conductor import REMOTE_KEY, ServerThread, fake_remote
+
+    monkeypatch.setenv("TEST_REMOTE_KEY", REMOTE_KEY)
+    app, state = fake_remote("cloud")
+    with ServerThread(app) as server:
+        remote = {"base_url": server.url + "/v1", "model": "cloud", "api_key_env": "TEST_REMOTE_KEY"}
+        data = {
+            "members": [{"name": "cloud", "remote": remote}],
+            "tasks": {"names": ["tiny_gen"], "include_path": str(tiny_evals), "limit": 3},
+            "work_dir": str(tmp_path / "work"),
+        }
+        table = build_outcome_table(parse_pool(data, tmp_path))
+        assert table.correct.shape == (3, 1) and (table.correct == 0).all()  # it always says "cloud answers"
+        assert state["calls"] == 3 and state["prompts"][0].startswith("The capital of")
+
+        data["tasks"]["names"] = ["tiny_mc"]
+        with pytest.raises(MergerError, match="lm-eval failed on task 'tiny_mc' for member 'cloud'"):
+            build_outcome_table(parse_pool(data, tmp_path))

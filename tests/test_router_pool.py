@@ -102,3 +102,10 @@ def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:
     assert pool.registry_root == tmp_path / "reg"
     with pytest.raises(MergerError, match="nothing-here"):
         member_checkpoint(pool.members[0], pool.registry_root)
+
+
+@pytest.mark.parametrize(
+    "pool_file", sorted((Path(__file__).parent.parent / "recipes").glob("pool*.yaml")), ids=str
+)
+def test_shipped_pool_examples_are_valid(pool_file: Path) -> None:
+    assert load_pool(pool_file).members

@@ -128,7 +128,7 @@ class _Evaluator:
                 model=member.remote.model,
                 tokenized_requests=False,
                 tokenizer_backend=None,
-                auth_token=key or None,
+                header={"Authorization": f"Bearer {key}"} if key else None,
                 max_retries=1,
             )
             return lm, True
