@@ -199,6 +199,7 @@ class ResidentEngine:
             from transformers.modeling_utils import no_init_weights
         with no_init_weights(), torch.device(self.device):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        model.tie_weights()  # skipped under no_init_weights
         model.eval()
         model.requires_grad_(False)
         return model
