@@ -554,3 +554,30 @@ work_dir: work
         assert header == "s1" and merger["ranking"] == ["s1", "base"]
         _, members, merger = stream(client, prompts[1])
         assert members == ["s1"], merger
+
+
+def test_circuit_breaker_window_cooldown_and_probation() -> None:
+    from merger.router.conductor import CircuitBreaker
+    from merger.router.pool import BreakerSettings
+
+    now = [0.0]
+    breaker = CircuitBreaker(
+        BreakerSettings(failures=3, window_s=10, cooldown_s=30), ["a"], clock=lambda: now[0]
+    )
+    for moment in (0.0, 5.0, 11.0):  # the first failure has left the window by the third
+        now[0] = moment
+        breaker.record_failure("a")
+    assert breaker.available("a")
+    now[0] = 12.0
+    breaker.record_failure("a")
+    assert not breaker.available("a")
+    now[0] = 41.9
+    assert not breaker.available("a")
+    now[0] = 42.0
+    assert breaker.available("a")
+    breaker.record_failure("a")  # on probation: one failure reopens
+    assert not breaker.available("a")
+    now[0] = 72.0
+    breaker.record_success("a")
+    breaker.record_failure("a")  # closed again: back to needing three
+    assert breaker.available("a")

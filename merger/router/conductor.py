@@ -75,14 +75,16 @@ class ChatCompletionRequest(BaseModel):
 class _MemberHealth:
     failures: deque[float] = field(default_factory=deque)
     open_until: float = 0.0
+    on_probation: bool = False  # cooled down after opening: the next failure reopens at once
 
 
 class CircuitBreaker:
-    """N failures within `window_s` open a member's circuit for `cooldown_s`; then one trial call decides."""
+    """N failures within `window_s` open a member's circuit for `cooldown_s`. After the cooldown the member
+    is tried again; one more failure reopens it at once, one success closes it."""
 
     def __init__(
         self, settings: BreakerSettings, names: Sequence[str], clock: Callable[[], float] = time.monotonic
-    ):
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self._health = {name: _MemberHealth() for name in names}
@@ -98,9 +100,10 @@ class CircuitBreaker:
         health.failures.append(now)
         while health.failures and now - health.failures[0] > self.settings.window_s:
             health.failures.popleft()
-        if len(health.failures) >= self.settings.failures:
+        if health.on_probation or len(health.failures) >= self.settings.failures:
             health.open_until = now + self.settings.cooldown_s
             health.failures.clear()
+            health.on_probation = True
             log.warning("member %s: circuit open for %.0fs", name, self.settings.cooldown_s)
 
     def state(self) -> dict[str, dict[str, Any]]:
