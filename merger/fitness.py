@@ -131,16 +131,31 @@ class TaskSuite:
         return scores
 
 
+def quiet_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's HFLM on a model object, without its per-request progress bars."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm=True):  # type: ignore[no-untyped-def]
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=True):  # type: ignore[no-untyped-def]
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=True):  # type: ignore[no-untyped-def]
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
 class Scorer:
     """lm-eval on one resident model, for each of the recipe's eval sets."""
 
     def __init__(self, recipe: Recipe, model: Any, tokenizer: Any):
-        from lm_eval.models.huggingface import HFLM
-
         paths = task_paths(recipe)
         self.suites = {name: TaskSuite(eval_set, paths) for name, eval_set in eval_sets(recipe).items()}
         self._lms = {
-            size: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=size)
+            size: quiet_lm(model, tokenizer, size)
             for size in {s.batch_size for s in eval_sets(recipe).values()}
         }
 

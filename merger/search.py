@@ -58,6 +58,9 @@ def new_state(recipe: Recipe, genome: Genome) -> SearchState:
         "bounds": [0.0, 1.0],
         "popsize": optimizer.popsize,
         "seed": optimizer.seed,
+        # A private generator: the global one is also drawn from by the libraries that evaluate
+        # candidates, and it would not travel inside the checkpoint.
+        "randn": np.random.RandomState(optimizer.seed).randn,
         "verbose": -9,
         "CMA_diagonal": bool(diagonal),
         # Accuracy on a few items is often flat across a generation; the budget ends the run, not that.
@@ -74,7 +77,31 @@ def load_state(run_dir: Path) -> SearchState | None:
     if not path.is_file():
         return None
     with open(path, "rb") as handle:
-        return pickle.load(handle)
+        state: SearchState = pickle.load(handle)
+    for holder in (state.es, *vars(state.es).values()):
+        for value in list(getattr(holder, "__dict__", {}).values()):
+            if isinstance(value, _solution_dict_type()):
+                _rehash(value)
+    return state
+
+
+def _solution_dict_type() -> type:
+    from cma.utilities.utils import SolutionDict
+
+    return SolutionDict
+
+
+def _rehash(archive: Any) -> None:
+    """Re-key a pycma solution archive after unpickling in a new process.
+
+    pycma keys each asked solution by `hash(x.tobytes())`, and Python salts bytes hashes per
+    process; without this, `tell` after a resume would miss the archived genotypes and rebuild them
+    from the bounded phenotypes, so the resumed run would drift from an uninterrupted one.
+    """
+    new_key = {old: archive.key(unhashed) for old, unhashed in archive._unhashed_keys.items()}
+    archive.data = {new_key.get(k, k): v for k, v in archive.data.items()}
+    archive.data_with_same_key = {new_key.get(k, k): v for k, v in archive.data_with_same_key.items()}
+    archive._unhashed_keys = {new_key[k]: v for k, v in archive._unhashed_keys.items()}
 
 
 def save_state(run_dir: Path, state: SearchState) -> None:

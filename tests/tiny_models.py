@@ -71,7 +71,7 @@ def build_model(
     tokenizer: PreTrainedTokenizerFast,
     seed: int,
     base: LlamaForCausalLM | None = None,
-    delta_scale: float = 0.05,
+    delta_scale: float = 0.5,
     num_layers: int = NUM_LAYERS,
 ) -> LlamaForCausalLM:
     """A random model, or `base` plus a seeded random task vector of relative size `delta_scale`."""
@@ -100,7 +100,7 @@ def build_sources(root: Path, num_specialists: int = 2) -> dict[str, Path]:
     return paths
 
 
-def write_tasks(evals_dir: Path, num_items: int = 12) -> dict[str, Path]:
+def write_tasks(evals_dir: Path, num_items: int = 24) -> dict[str, Path]:
     """Two tiny lm-eval tasks on local jsonl: a multiple-choice one and a generation one."""
     rng = random.Random(1)
     evals_dir.mkdir(parents=True, exist_ok=True)
