@@ -11,6 +11,7 @@ import numpy as np
 
 from merger.engine.reference import export_merge
 from merger.fitness import eval_sets
+from merger.registry import weights_digest
 from merger.search import Search, SearchResult, write_atomic
 from merger.sources import resolve_sources
 
@@ -76,6 +77,7 @@ def build_summary(search: Search, result: SearchResult, scores: dict[str, Any]) 
                 "path": str(sources[source.name]),
                 "registry": source.path.removeprefix("registry:") if source.path.startswith("registry:") else None,
                 "reference": source.path,
+                "sha256": weights_digest(sources[source.name]),
             }
             for source in recipe.sources
         },
