@@ -21,9 +21,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# DARE / DELLA random fields are int16 uniforms: value u in [-32768, 32767] stands for (u + 32768.5) / 65536.
+# DARE / DELLA random fields are 16-bit uniform levels l in [0, 65536), standing for (l + 0.5) / 65536,
+# computed inside the kernels by hashing (element index, key); a key per (run seed, source, tensor, draw)
+# makes them common random numbers across candidates without storing or reading them.
 RANDOM_LEVELS = 65536
-RANDOM_OFFSET = 32768
+_GOLDEN = -1640531527  # 0x9E3779B9 as int32
+_MIX1 = 0x7FEB352D  # lowbias32 multipliers (int32 arithmetic wraps like uint32)
+_MIX2 = -2073451893  # 0x846CA68B as int32
 RESCALE_EPS = 1e-7  # mergekit's `rescaled_masked_tensor` tolerance
 DIVISOR_EPS = 1e-8  # mergekit's guard on the sum of weights without sign consensus
 SLERP_DOT_THRESHOLD = 0.9995
@@ -72,6 +76,18 @@ def weighted_sum(
     out.copy_(total)
 
 
+def random_levels(key: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """[..., length] int32 uniform levels in [0, 65536) from `key` [..., 1] int32 (lowbias32 hash)."""
+    index = torch.arange(length, dtype=torch.int32, device=device)
+    mixed = index * _GOLDEN + key
+    mixed = mixed ^ ((mixed >> 16) & 0xFFFF)
+    mixed = mixed * _MIX1
+    mixed = mixed ^ ((mixed >> 15) & 0x1FFFF)
+    mixed = mixed * _MIX2
+    mixed = mixed ^ ((mixed >> 16) & 0xFFFF)
+    return (mixed >> 16) & 0xFFFF
+
+
 def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Which elements of source `index`'s task vector survive sparsification."""
     if kind == "magnitude":
@@ -82,12 +98,13 @@ def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, 
         magnitude = delta.abs()
         return (magnitude >= low[index]) & (magnitude <= high[index])
     if kind == "random":
-        uniform, cut = args
-        return uniform[index] < cut[index]
+        keys, cut = args
+        return random_levels(keys[index], delta.shape[-1], delta.device) < cut[index]
     if kind == "della":
-        uniform, ranks, floor_probability, slope = args
+        keys, ranks, floor_probability, slope = args
         probability = floor_probability[index] + ranks[index] * slope[index]
-        return (uniform[index] + (RANDOM_OFFSET + 0.5)) * (1.0 / RANDOM_LEVELS) < probability
+        uniform = (random_levels(keys[index], delta.shape[-1], delta.device) + 0.5) * (1.0 / RANDOM_LEVELS)
+        return uniform < probability
     raise ValueError(kind)
 
 

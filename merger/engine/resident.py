@@ -4,7 +4,7 @@ One model lives in memory; its parameters are views into one `[layers, elements]
 kind, so a candidate is one fused kernel call per tensor kind (`methods.py`). What does not change
 between candidates is computed once: the sources themselves (task vectors are formed inside the
 kernel, where they cost no extra memory traffic), sorted magnitudes for TIES / breadcrumbs thresholds,
-int16 random fields per run seed for DARE / DELLA (common random numbers), DARE's kept-l1 tables,
+hashed random fields keyed by run seed for DARE / DELLA (common random numbers), DARE's kept-l1 tables,
 DELLA's magnitude ranks and slerp's angles. `streaming=True` keeps only the model and rebuilds those
 per candidate from the safetensors files.
 """
@@ -28,11 +28,11 @@ from merger.engine.methods import (
     DIVISOR_EPS,
     METHODS,
     RANDOM_LEVELS,
-    RANDOM_OFFSET,
     KernelCache,
     make_kept_l1,
     make_task_arithmetic,
     normalized_dot,
+    random_levels,
     rescale_factors,
     slerp_coefficients,
     weighted_sum,
@@ -90,16 +90,16 @@ class GroupStats:
 
     ascending: torch.Tensor | None = None  # |task vector| sorted ascending, [S, L, n]
     block_sums: torch.Tensor | None = None  # float64 prefix sums of `ascending` at block starts
-    uniform: torch.Tensor | None = None  # int16 random field, [S, L, n]
-    dare_table: torch.Tensor | None = None  # [S, L, 65537]: l1 of |task vector| where uniform level < index
-    ranks: torch.Tensor | None = None  # DELLA: ascending position of |task vector| within its row
+    keys: torch.Tensor | None = None  # int32 [S, L, 1]: random-field keys (the fields are hashed in-kernel)
+    dare_table: torch.Tensor | None = None  # [S, L, 65537]: l1 of |task vector| where random level < index
+    ranks: torch.Tensor | None = None  # DELLA: ascending position of |task vector| within its row (exact)
     row_length: int = 1
     dots: list[list[float]] | None = None  # slerp: normalized dot(base, source), [S][L]
 
     def nbytes(self) -> dict[str, int]:
         sizes = {
             "magnitude_order": _nbytes(self.ascending) + _nbytes(self.block_sums),
-            "random_fields": _nbytes(self.uniform),
+            "random_keys": _nbytes(self.keys),
             "dare_tables": _nbytes(self.dare_table),
             "della_ranks": _nbytes(self.ranks),
         }
@@ -275,23 +275,21 @@ class ResidentEngine:
             stats.ascending = torch.sort(magnitudes, dim=-1).values
             stats.block_sums = _block_prefix_sums(stats.ascending)
         if kind in ("random", "della"):
-            stats.uniform = torch.empty(magnitudes.shape, dtype=torch.int16, device=self.device)
-            self._fill_uniform(group, stats.uniform, draw)
+            stats.keys = self._random_keys(group, draw)
         if kind == "random" and not self.streaming and not self.fresh_randomness:
-            stats.dare_table = _dare_tables(stats.uniform, magnitudes)
+            stats.dare_table = _dare_tables(stats.keys, magnitudes)
         if kind == "della":
             stats.ranks, stats.row_length = _row_ranks(magnitudes, group.shape)
         return stats
 
-    def _fill_uniform(self, group: Group, uniform: torch.Tensor, draw: int) -> None:
-        """Seeded per (run seed, source, tensor, draw): identical in resident and streaming mode."""
-        for index, source in enumerate(self.other_names):
-            for row, name in enumerate(group.names):
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(_stable_seed(self.seed, source, name, draw))
-                uniform[index, row].random_(
-                    -RANDOM_OFFSET, RANDOM_LEVELS - RANDOM_OFFSET, generator=generator
-                )
+    def _random_keys(self, group: Group, draw: int) -> torch.Tensor:
+        """Per (run seed, source, tensor, draw): identical in resident and streaming mode."""
+        keys = [
+            [_stable_seed(self.seed, source, name, draw) & 0xFFFFFFFF for name in group.names]
+            for source in self.other_names
+        ]
+        as_int32 = np.array(keys, dtype=np.uint32).view(np.int32)
+        return torch.from_numpy(as_int32).to(self.device).unsqueeze(-1)
 
     # ---- public interface ---------------------------------------------------------------------
 
@@ -338,8 +336,8 @@ class ResidentEngine:
                     stats = self._prepare(group, inputs, self._draw)
                 else:
                     inputs, stats = group.inputs, group.stats
-                    if self._draw and stats.uniform is not None:
-                        self._fill_uniform(group, stats.uniform, self._draw)
+                    if self._draw and stats.keys is not None:
+                        stats.keys = self._random_keys(group, self._draw)
                 self._merge_group(group, inputs, stats, [plan.tensors[name] for name in group.names])
 
     def _check_plan(self, plan: MergePlan) -> None:
@@ -538,8 +536,8 @@ class ResidentEngine:
         keep_all = density >= 1
         levels = np.clip(np.ceil(density * RANDOM_LEVELS - 0.5), 0, RANDOM_LEVELS).astype(np.int64)
         levels = np.where(keep_all, RANDOM_LEVELS, levels)
-        cut = torch.from_numpy(levels - RANDOM_OFFSET).to(device=self.device, dtype=torch.int32).unsqueeze(-1)
-        mask_args = (stats.uniform, cut)
+        cut = torch.from_numpy(levels).to(device=self.device, dtype=torch.int32).unsqueeze(-1)
+        mask_args = (stats.keys, cut)
         partial = ~keep_all
         factors = None
         if (partial & rescale[None, :]).any():
@@ -578,7 +576,7 @@ class ResidentEngine:
         floor = np.where(keep_all, 2.0, np.where(keep_none, -1.0, density - epsilon))
         span = max(1, stats.row_length - 1)
         slope = np.where(partial, 2.0 * epsilon / span, 0.0)
-        mask_args = (stats.uniform, stats.ranks, self._scalars(floor), self._scalars(slope))
+        mask_args = (stats.keys, stats.ranks, self._scalars(floor), self._scalars(slope))
         factors = None
         if (partial & rescale[None, :]).any():
             kept = self._kept_l1("della", inputs, mask_args)
@@ -637,15 +635,21 @@ def _suffix_l1(stats: GroupStats, threshold: torch.Tensor) -> torch.Tensor:
     return _total_l1(stats) - _prefix_l1(stats, _searchsorted(stats, threshold, right=False))
 
 
-def _dare_tables(uniform: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """[S, L, 65537]: for each level, the l1 of magnitudes whose random value lies below it."""
-    rows = uniform.shape[0] * uniform.shape[1]
-    row_offsets = torch.arange(rows, device=uniform.device).unsqueeze(-1) * RANDOM_LEVELS
-    bins = (uniform.reshape(rows, -1).long() + RANDOM_OFFSET + row_offsets).reshape(-1)
-    counts = torch.bincount(bins, weights=magnitudes.reshape(-1).double(), minlength=rows * RANDOM_LEVELS)
-    cumulative = counts.reshape(rows, RANDOM_LEVELS).cumsum(dim=-1)
-    tables = torch.nn.functional.pad(cumulative, (1, 0)).to(torch.float32)
-    return tables.reshape(*uniform.shape[:2], RANDOM_LEVELS + 1)
+def _dare_tables(keys: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """[S, L, 65537]: for each level, the l1 of magnitudes whose random level lies below it."""
+    sources, layers, length = magnitudes.shape
+    tables = torch.empty((sources, layers, RANDOM_LEVELS + 1), dtype=torch.float32, device=magnitudes.device)
+    for index in range(sources):
+        levels = random_levels(keys[index], length, magnitudes.device).long()
+        row_offsets = torch.arange(layers, device=magnitudes.device).unsqueeze(-1) * RANDOM_LEVELS
+        counts = torch.bincount(
+            (levels + row_offsets).reshape(-1),
+            weights=magnitudes[index].reshape(-1).double(),
+            minlength=layers * RANDOM_LEVELS,
+        )
+        cumulative = counts.reshape(layers, RANDOM_LEVELS).cumsum(dim=-1)
+        tables[index] = torch.nn.functional.pad(cumulative, (1, 0)).to(torch.float32)
+    return tables
 
 
 def _row_ranks(magnitudes: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -653,7 +657,8 @@ def _row_ranks(magnitudes: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.
     if len(shape) > 2:
         raise MergerError(f"della ranks rows of 1-D or 2-D tensors; got shape {shape}")
     row_length = shape[-1]
-    rank_dtype = torch.int16 if row_length <= torch.iinfo(torch.int16).max else torch.int32
+    # float16 holds every integer up to 2048 exactly and keeps the fused kernel's lanes float-wide
+    rank_dtype = torch.float16 if row_length <= 2048 else torch.float32
     rows = magnitudes.reshape(-1, row_length)
     order = torch.argsort(rows, dim=-1)
     ranks = torch.empty(rows.shape, dtype=rank_dtype, device=rows.device)

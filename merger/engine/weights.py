@@ -32,7 +32,13 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
             if name in targets:
                 targets[name].data.copy_(tensor)
                 missing.discard(name)
-    tied = {name for name in missing if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)}
+    tied = {
+        name
+        for name in missing
+        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+    }
     unexpected_missing = {name for name in missing - tied if not name.endswith(("rotary_emb.inv_freq",))}
     if unexpected_missing:
-        raise ValueError(f"{path} lacks {len(unexpected_missing)} tensors, e.g. {sorted(unexpected_missing)[0]}")
+        raise ValueError(
+            f"{path} lacks {len(unexpected_missing)} tensors, e.g. {sorted(unexpected_missing)[0]}"
+        )
