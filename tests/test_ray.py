@@ -11,9 +11,10 @@ import pytest
 
 from merger.errors import MergerError
 from merger.executors.ray_executor import RayExecutor
+from merger.ledger import Ledger
 from merger.recipe import parse_recipe
 from merger.search import open_search
-from tests.test_overnight import recipe_data
+from tests.test_overnight import recipe_data, run_here
 
 ray = pytest.importorskip("ray")
 
@@ -97,6 +98,20 @@ def test_a_worker_killed_mid_generation_is_replaced(ray_session, search_data, in
     assert [(r.generation, r.index) for r in records] == sorted(recorded)
     assert not any(r.failed for r in records)
     assert_same_search(ray_run, in_process_run)
+
+
+def test_a_stop_lets_the_candidate_in_flight_finish_and_a_resume_completes_the_run(
+    ray_session, search_data, in_process_run, tmp_path
+):
+    data = {**search_data, "executor": RAY}
+    first, before = run_here(data, tmp_path / "ray", stop_after=1)  # as the first SIGTERM would
+    assert first.stopped_early
+    assert len(before) == 2  # nothing new started, the other worker's candidate finished and was recorded
+    resumed, after = run_here(data, tmp_path / "ray")
+    assert len(after) == 6 and not set(before) & set(after)
+    ledger = Ledger(tmp_path / "ray")
+    assert_same_search((resumed, ledger.evaluations(), after), in_process_run)
+    ledger.close()
 
 
 def test_workers_that_do_not_fit_the_cluster_are_refused(ray_session, search_data, tiny_sources):

@@ -82,9 +82,12 @@ def worker_runtime_env() -> dict[str, Any]:
 
 
 def lost_worker_errors() -> tuple[type[BaseException], ...]:
-    from ray.exceptions import ActorUnavailableError, RayActorError
+    """A dead or unreachable actor, or a call that raised past the worker's own failure handling
+    (`CandidateWorker.evaluate` records every Exception, so only e.g. a KeyboardInterrupt gets here):
+    either way the actor is replaced, as its resident model may be half merged."""
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-    return (RayActorError, ActorUnavailableError)
+    return (RayActorError, ActorUnavailableError, RayTaskError)
 
 
 class RayExecutor:
