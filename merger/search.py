@@ -270,6 +270,7 @@ def open_search(
         genome=genome.describe(),
         popsize=recipe.optimizer.popsize,
         max_evaluations=recipe.optimizer.max_evaluations,
+        max_seconds=recipe.optimizer.max_seconds,
     )
     executor = make_executor(recipe, source_paths, num_layers)
     return Search(recipe, run_dir, genome, executor, ledger, on_progress), resuming

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from merger.commands.run import status_text
+from merger.ledger import Ledger
 from merger.recipe import parse_recipe
 from merger.search import StopRequest, load_state, open_search
 
@@ -155,6 +157,9 @@ def test_wall_clock_budget_holds_across_a_resume(tiny_sources, tiny_evals, tmp_p
     assert len(evaluated) == POPSIZE - 1  # the pending generation is completed, no new one is asked
     assert second.generations == 1 and second.evaluations == POPSIZE
     assert load_state(run_dir).seconds > spent
+    ledger = Ledger(run_dir)
+    assert "estimated time left: 0 s (0 generations)" in status_text(ledger)  # the clock, not evaluations
+    ledger.close()
 
     third, evaluated = run_here(data, run_dir)
     assert evaluated == [] and third.evaluations == POPSIZE

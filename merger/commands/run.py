@@ -99,6 +99,8 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def status_text(ledger: Any, show_all: bool = False) -> str:
+    import math
+
     from merger.search import load_state
 
     records = ledger.evaluations()
@@ -115,8 +117,16 @@ def status_text(ledger: Any, show_all: bool = False) -> str:
         per_generation = sum(g.seconds for g in generations) / len(generations)
         lines.append(f"seconds per generation: {per_generation:.1f}")
         meta = ledger.meta()
+        left_by_budget = []
         if meta.get("max_evaluations") and meta.get("popsize"):
-            left = max(0, meta["max_evaluations"] // meta["popsize"] - len(generations))
+            left_by_budget.append(max(0, meta["max_evaluations"] // meta["popsize"] - len(generations)))
+        state = load_state(ledger.path.parent)
+        if meta.get("max_seconds") and state is not None:
+            # the clock is checked between generations, so a started generation always runs to its end
+            seconds_left = max(0.0, meta["max_seconds"] - state.seconds)
+            left_by_budget.append(math.ceil(seconds_left / per_generation) if per_generation > 0 else 0)
+        if left_by_budget:
+            left = min(left_by_budget)
             lines.append(f"estimated time left: {left * per_generation:.0f} s ({left} generations)")
         last = generations[-1]
         if last.validation:
