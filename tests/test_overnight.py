@@ -96,6 +96,7 @@ def wait_for_rows(process: subprocess.Popen, run_dir: Path, count: int) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # three `merger run` subprocesses
 def test_sigterm_mid_generation_then_resume_equals_an_uninterrupted_run(tiny_sources, tiny_evals, tmp_path):
     data = recipe_data(tiny_sources, tiny_evals)
     reference, _ = run_here(data, tmp_path / "uninterrupted")

@@ -17,6 +17,7 @@ from merger.search import open_search
 from tests.test_overnight import recipe_data, run_here
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # local Ray and several worker processes
 
 RAY = {"kind": "ray", "num_workers": 2, "cpus_per_worker": 1}
 
