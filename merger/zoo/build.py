@@ -8,6 +8,7 @@ finished specialist is never trained again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from merger.zoo.smollm2 import base_checkpoint
 
 RECIPE_VERSION = 1
 STATE_FILE = "train_state.pt"
+DIGEST_MEMO = ".merger-sha256"
 KEY_LENGTH = 16
 
 
@@ -29,13 +31,13 @@ class ZooRecipe:
     """Everything that decides a specialist's weights, besides its training rows and the base."""
 
     skills: tuple[str, ...] = SKILLS
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 16
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 5
+    warmup_steps: int = 3
     seed: int = 0
-    save_every: int = 20
+    save_every: int = 10
 
     def as_json(self) -> dict[str, object]:
         return {**asdict(self), "skills": list(self.skills), "version": RECIPE_VERSION}
@@ -46,12 +48,24 @@ def training_rows(skill: str) -> list[dict[str, object]]:
 
 
 def checkpoint_digest(checkpoint: Path) -> str:
-    """A hash of a checkpoint's weights and config (the base's identity in the cache key)."""
+    """A hash of a checkpoint's weights and config (the base's identity in the cache key).
+
+    Remembered beside the weights, keyed by their size and mtime, so a warm `build_zoo` skips re-hashing.
+    """
+    files = [checkpoint / "config.json", checkpoint / "model.safetensors"]
+    stamp = " ".join(f"{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files)
+    memo = checkpoint / DIGEST_MEMO
+    if memo.is_file():
+        remembered_stamp, _, remembered = memo.read_text().partition("\n")
+        if remembered_stamp == stamp and remembered:
+            return remembered.strip()
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with (checkpoint / name).open("rb") as stream:
+    for path in files:
+        with path.open("rb") as stream:
             for block in iter(lambda: stream.read(1 << 22), b""):
                 digest.update(block)
+    with contextlib.suppress(OSError):  # a read-only base is fine, it is only hashed again next time
+        memo.write_text(f"{stamp}\n{digest.hexdigest()}\n")
     return digest.hexdigest()
 
 

@@ -137,7 +137,7 @@ doc_to_text: "Q: {{{{question}}}}\\nA:"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
   until: ["\\n", "<|im_end|>"]
-  max_gen_toks: 16
+  max_gen_toks: 12
   do_sample: false
 metric_list:
   - metric: exact_match

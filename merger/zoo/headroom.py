@@ -9,6 +9,7 @@ measurement script for choosing the zoo's skills, not part of the search.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -44,18 +45,26 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merger.zoo.build import build_zoo
+    from merger.zoo.smollm2 import base_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     parser.add_argument("--weights", nargs="*", default=["1.0,1.0", "1.0,0.5", "0.7,0.7"])
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--models", nargs="*", help="evaluate only these rows (base, a skill, or a TA label)")
+    parser.add_argument("--zoo-dir", type=Path, help="a built specialists-<key> dir (default: build the zoo)")
+    parser.add_argument("--tasks", nargs="*", help="task names (default: every zoo task)")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
-    paths = build_zoo()
+    if args.zoo_dir is None:
+        paths = build_zoo()
+    else:
+        skills = json.loads((args.zoo_dir / "recipe.json").read_text())["skills"]
+        paths = {"base": base_checkpoint(), **{skill: args.zoo_dir / skill for skill in skills}}
     print(f"zoo ready in {time.perf_counter() - started:.1f} s: {paths}", flush=True)
-    names = task_names()
+    names = args.tasks or task_names()
     task_dict = get_task_dict(names, TaskManager(include_path=str(EVALS_DIR), include_defaults=False))
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32).eval()
@@ -63,16 +72,21 @@ def main() -> None:
     states = {
         name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
         for name, path in paths.items()
+        if (path / "model.safetensors").is_file()
     }
     skills = [name for name in paths if name != "base"]
-    candidates: list[tuple[str, dict]] = [(name, states[name]) for name in paths]
-    for spec in args.weights:
+    # The base rambles to max_gen_toks on every item, so it goes last.
+    candidates: list[tuple[str, dict]] = [(name, states[name]) for name in states if name != "base"]
+    for spec in args.weights if set(skills) <= set(states) else []:
         weights = [float(w) for w in spec.split(",")]
         label = "TA " + " ".join(f"{w:g}*{s}" for s, w in zip(skills, weights, strict=True))
         candidates.append((label, task_arithmetic(states["base"], [states[s] for s in skills], weights)))
 
+    candidates.append(("base", states["base"]))
     print("model | " + " | ".join(names))
     for label, state in candidates:
+        if args.models and label not in args.models:
+            continue
         model.load_state_dict(state)
         began = time.perf_counter()
         scores = evaluate_all(lm, task_dict, args.limit)
