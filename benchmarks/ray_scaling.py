@@ -135,7 +135,9 @@ def main() -> None:
             ray.shutdown()
         print(f"ray, 2 workers x 1 core:      {on_ray:.2f} s/generation  (best {best_ray:.4f})")
         print(
-            f"same best: {best_ray == best_in_process}; wall time of the benchmark {time.perf_counter() - started:.0f} s"
+            f"same best: {best_ray == best_in_process}; wall time {time.perf_counter() - started:.0f} s; "
+            f"load average {os.getloadavg()[1]:.1f} over the last 5 min on {os.cpu_count()} cores "
+            "(the ratio nears 2 only when 2 cores are free)"
         )
         print(f"in-process / ray: {in_process / on_ray:.2f}")
 
