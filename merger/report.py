@@ -255,9 +255,9 @@ def plot_genome(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> None
 
 
 # -- the page -------------------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]] | None = None) -> str:
+def _table(header: list[str] | None, rows: list[list[str]], bold: set[tuple[int, int]] | None = None) -> str:
     bold = bold or set()
-    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header or [])
     body = "".join(
         "<tr>"
         + "".join(
@@ -267,7 +267,8 @@ def _table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]] 
         + "</tr>"
         for r, row in enumerate(rows)
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if header else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def score_table_html(summary: dict[str, Any]) -> str:
@@ -325,7 +326,7 @@ def render_html(run: RunData, files: ReportFiles) -> str:
         f"<title>merger report: {html.escape(run.run_dir.name)}</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>Merge search: {html.escape(str(run.run_dir))}</h1>",
-        _table(["", ""], overview_rows(run)),
+        _table(None, overview_rows(run)),
         "<h2>Fitness</h2>",
         f'<img src="{files.fitness_plot.name}" alt="best and mean fitness and validation per generation">',
         "<h2>Best genome</h2>",
