@@ -85,9 +85,10 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
     """A dead or unreachable actor, or a call that raised past the worker's own failure handling
     (`CandidateWorker.evaluate` records every Exception, so only e.g. a KeyboardInterrupt gets here):
     either way the actor is replaced, as its resident model may be half merged."""
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    from ray import exceptions
 
-    return (RayActorError, ActorUnavailableError, RayTaskError)
+    unavailable = getattr(exceptions, "ActorUnavailableError", exceptions.RayActorError)  # Ray >= 2.24
+    return (exceptions.RayActorError, unavailable, exceptions.RayTaskError)
 
 
 class RayExecutor:
