@@ -496,7 +496,7 @@ class ResidentEngine:
         partial = ~(keep_all | keep_none)
         counts = np.where(partial, np.maximum(1, (density * n).astype(np.int64)), 1)
         # Python's int(density * n) truncates exactly like mergekit; numpy's astype does too for positives
-        positions = torch.from_numpy(n - counts).to(self.device).unsqueeze(-1)
+        positions = torch.from_numpy(np.clip(n - counts, 0, n - 1)).to(self.device).unsqueeze(-1)
         threshold = stats.ascending.gather(-1, positions)
         threshold = _where_flag(keep_all, -math.inf, threshold, self.device)
         threshold = _where_flag(keep_none, math.nan, threshold, self.device)
@@ -516,8 +516,9 @@ class ResidentEngine:
         bottom = np.maximum(0, n - target - top)
         keep_none = ~keep_all & (target <= 0)
         partial = ~(keep_all | keep_none)
-        low_pos = np.where(partial, bottom, 0)
-        high_pos = np.where(partial, bottom + target - 1, 0)
+        # clipped so that out-of-range gamma (negative) cannot index past the tensor
+        low_pos = np.clip(np.where(partial, bottom, 0), 0, n - 1)
+        high_pos = np.clip(np.where(partial, bottom + target - 1, 0), 0, n - 1)
         low = stats.ascending.gather(-1, torch.from_numpy(low_pos).to(self.device).unsqueeze(-1))
         high = stats.ascending.gather(-1, torch.from_numpy(high_pos).to(self.device).unsqueeze(-1))
         low = _where_flag(keep_all, -math.inf, low, self.device)
