@@ -116,7 +116,7 @@ class RayExecutor:
     def _start_ray(self) -> None:
         address = self.settings.address
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address is None:
+        if address is None and not os.environ.get("RAY_ADDRESS"):  # RAY_ADDRESS: ray.init joins that cluster
             options["num_cpus"] = os.cpu_count() or 1
         try:
             self.ray.init(address=address, **options)
