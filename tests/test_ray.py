@@ -119,3 +119,9 @@ def test_workers_that_do_not_fit_the_cluster_are_refused(ray_session, search_dat
     recipe = parse_recipe({**search_data, "executor": {**RAY, "num_workers": 3}})
     with pytest.raises(MergerError, match="3 workers need 3 CPU"):
         RayExecutor(recipe, tiny_sources, 4)
+
+
+def test_a_worker_that_cannot_load_is_a_clear_error(ray_session, search_data, tiny_sources):
+    recipe = parse_recipe({**search_data, "executor": RAY, "engine": {"device": "cuda:99"}})
+    with pytest.raises(MergerError, match="a Ray worker could not load the sources and tasks: .*Error"):
+        RayExecutor(recipe, tiny_sources, 4)

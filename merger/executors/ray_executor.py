@@ -147,7 +147,7 @@ class RayExecutor:
         except lost_worker_errors() as error:
             self.close()
             raise MergerError(
-                f"executor: a Ray worker could not load the sources and tasks: {error}"
+                f"executor: a Ray worker could not load the sources and tasks: {root_cause(error)}"
             ) from None
 
     def _replace(self, slot: int) -> None:
@@ -204,7 +204,9 @@ class RayExecutor:
             except lost_worker_errors() as error:
                 lost = error
                 self._replace(0)
-        raise MergerError(f"executor: the Ray worker died {MAX_ATTEMPTS} times running {method}: {lost}")
+        raise MergerError(
+            f"executor: the Ray worker died {MAX_ATTEMPTS} times running {method}: {root_cause(lost)}"
+        )
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self._on_one_actor("score_genotype", genotype, set_name)
@@ -222,8 +224,14 @@ class RayExecutor:
         self.started_ray = False
 
 
+def root_cause(error: BaseException | None) -> str:
+    """The last line of a Ray error (its text ends with the remote traceback's exception line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
 def _worker_lost_record(task: CandidateTask, error: BaseException) -> EvaluationRecord:
-    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    reason = root_cause(error)
     return EvaluationRecord(
         task.generation,
         task.index,
