@@ -25,6 +25,9 @@ RAY = {"kind": "ray", "num_workers": 2, "cpus_per_worker": 1}
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray for the module (start-up costs seconds); executors reuse it and leave it running."""
+    if ray.is_initialized():  # started by another module: use it as it is
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
