@@ -97,6 +97,7 @@ def fake_remote(model: str) -> tuple[FastAPI, dict[str, Any]]:
         body = await request.json()
         prompt = body["messages"][-1]["content"]
         state["prompts"].append(prompt)
+        state["stop"] = body.get("stop")
         mode = state["mode"]
         if mode == "fail":
             return JSONResponse(
@@ -581,3 +582,32 @@ def test_circuit_breaker_window_cooldown_and_probation() -> None:
     breaker.record_success("a")
     breaker.record_failure("a")  # closed again: back to needing three
     assert breaker.available("a")
+
+
+def test_stop_sequences_cut_local_answers_and_reach_remote_members(
+    conductor_factory: Any, shared: dict[str, Any], remotes: Any
+) -> None:
+    from merger.router.backends import Generation, cut_at_stop
+
+    assert cut_at_stop("12\nmore", ("\n",)) == ("12", True)
+    assert cut_at_stop("abc", ("x", "")) == ("abc", False)
+
+    local: LocalBackend = shared["local"]
+    messages = [{"role": "user", "content": "The capital of Peru is"}]
+    full = asyncio.run(local.complete(messages, Generation(max_tokens=8), timeout_s=60))
+    assert len(full) >= 4
+    stop = full[2:4]
+    expected = full[: full.find(stop)]
+    assert (
+        asyncio.run(local.complete(messages, Generation(max_tokens=8, stop=(stop,)), timeout_s=60))
+        == expected
+    )
+
+    async def streamed() -> str:
+        return "".join([piece async for piece in local.stream(messages, Generation(8, stop=(stop,)), 60)])
+
+    assert asyncio.run(streamed()) == expected
+
+    _, _, client = conductor_factory()
+    ask(client, stop=["\n", "END"])
+    assert remotes["flaky"][1]["stop"] == ["\n", "END"]

@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +17,21 @@ from merger.router.sources import member_checkpoint
 Messages = list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What the request asks of the generation, whoever answers it."""
+
+    max_tokens: int
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the first stop sequence (OpenAI semantics: the stop sequence is not returned)."""
+    positions = [text.find(sequence) for sequence in stop if sequence and sequence in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
 class MemberFailure(Exception):
     """A member could not answer (error, timeout, broken stream); the conductor falls back."""
 
@@ -23,13 +39,9 @@ class MemberFailure(Exception):
 class Backend(Protocol):
     name: str
 
-    async def complete(
-        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
-    ) -> str: ...
+    async def complete(self, messages: Messages, generation: Generation, timeout_s: float) -> str: ...
 
-    def stream(
-        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
-    ) -> AsyncIterator[str]: ...
+    def stream(self, messages: Messages, generation: Generation, timeout_s: float) -> AsyncIterator[str]: ...
 
     async def close(self) -> None: ...
 
@@ -55,10 +67,9 @@ class LocalBackend:
         keep = max(1, self._context - max_tokens)
         return ids[:, -keep:]  # the most recent context when the conversation outgrows the model
 
-    def _generate_kwargs(
-        self, messages: Messages, max_tokens: int, temperature: float | None
-    ) -> dict[str, Any]:
-        max_tokens = max(1, min(max_tokens, self._context - 1))
+    def _generate_kwargs(self, messages: Messages, generation: Generation) -> dict[str, Any]:
+        max_tokens = max(1, min(generation.max_tokens, self._context - 1))
+        temperature = generation.temperature
         sampling = temperature is not None and temperature > 0
         kwargs: dict[str, Any] = {
             "input_ids": self._prompt_ids(messages, max_tokens),
@@ -71,23 +82,25 @@ class LocalBackend:
         kwargs["attention_mask"] = kwargs["input_ids"].new_ones(kwargs["input_ids"].shape)
         if sampling:
             kwargs["temperature"] = temperature
+        if generation.stop:
+            kwargs.update(
+                stop_strings=[sequence for sequence in generation.stop if sequence], tokenizer=self.tokenizer
+            )
         return kwargs
 
-    def _complete_blocking(self, messages: Messages, max_tokens: int, temperature: float | None) -> str:
+    def _complete_blocking(self, messages: Messages, generation: Generation) -> str:
         import torch
 
-        kwargs = self._generate_kwargs(messages, max_tokens, temperature)
+        kwargs = self._generate_kwargs(messages, generation)
         with self._lock, torch.no_grad():
             output = self.model.generate(**kwargs)
         new_tokens = output[0, kwargs["input_ids"].shape[1] :]
-        return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return cut_at_stop(self.tokenizer.decode(new_tokens, skip_special_tokens=True), generation.stop)[0]
 
-    async def complete(
-        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
-    ) -> str:
+    async def complete(self, messages: Messages, generation: Generation, timeout_s: float) -> str:
         try:
             return await asyncio.wait_for(
-                asyncio.to_thread(self._complete_blocking, messages, max_tokens, temperature), timeout_s
+                asyncio.to_thread(self._complete_blocking, messages, generation), timeout_s
             )
         except TimeoutError:
             raise MemberFailure(f"timed out after {timeout_s:g}s") from None
@@ -97,14 +110,14 @@ class LocalBackend:
             raise MemberFailure(f"{type(error).__name__}: {error}") from error
 
     async def stream(
-        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+        self, messages: Messages, generation: Generation, timeout_s: float
     ) -> AsyncIterator[str]:
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s
         )
-        kwargs = {**self._generate_kwargs(messages, max_tokens, temperature), "streamer": streamer}
+        kwargs = {**self._generate_kwargs(messages, generation), "streamer": streamer}
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -119,6 +132,8 @@ class LocalBackend:
 
         threading.Thread(target=run, daemon=True, name=f"generate-{self.name}").start()
         sentinel = object()
+        held = ""  # text that might be the start of a stop sequence
+        longest_stop = max((len(sequence) for sequence in generation.stop), default=0)
         while True:
             try:
                 piece = await asyncio.to_thread(next, streamer, sentinel)
@@ -127,9 +142,18 @@ class LocalBackend:
             if failure:
                 raise MemberFailure(f"{type(failure[0]).__name__}: {failure[0]}")
             if piece is sentinel:
+                if held:
+                    yield held
                 return
-            if piece:
-                yield str(piece)
+            held, stopped = cut_at_stop(held + str(piece), generation.stop)
+            if stopped:
+                if held:
+                    yield held
+                return
+            ready = len(held) - max(0, longest_stop - 1)
+            if ready > 0:
+                yield held[:ready]
+                held = held[ready:]
 
     async def close(self) -> None:
         return None
@@ -149,18 +173,22 @@ class RemoteBackend:
             base_url=member.remote.base_url, api_key=key or "none", max_retries=0
         )
 
-    def _arguments(self, messages: Messages, max_tokens: int, temperature: float | None) -> dict[str, Any]:
-        arguments: dict[str, Any] = {"model": self._model, "messages": messages, "max_tokens": max_tokens}
-        if temperature is not None:
-            arguments["temperature"] = temperature
+    def _arguments(self, messages: Messages, generation: Generation) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "model": self._model,
+            "messages": messages,
+            "max_tokens": generation.max_tokens,
+        }
+        if generation.temperature is not None:
+            arguments["temperature"] = generation.temperature
+        if generation.stop:
+            arguments["stop"] = list(generation.stop)
         return arguments
 
-    async def complete(
-        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
-    ) -> str:
+    async def complete(self, messages: Messages, generation: Generation, timeout_s: float) -> str:
         try:
             response = await self._client.chat.completions.create(
-                **self._arguments(messages, max_tokens, temperature), timeout=timeout_s
+                **self._arguments(messages, generation), timeout=timeout_s
             )
             content = response.choices[0].message.content
         except Exception as error:
@@ -170,11 +198,11 @@ class RemoteBackend:
         return content
 
     async def stream(
-        self, messages: Messages, max_tokens: int, temperature: float | None, timeout_s: float
+        self, messages: Messages, generation: Generation, timeout_s: float
     ) -> AsyncIterator[str]:
         try:
             chunks = await self._client.chat.completions.create(
-                **self._arguments(messages, max_tokens, temperature), stream=True, timeout=timeout_s
+                **self._arguments(messages, generation), stream=True, timeout=timeout_s
             )
             async for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from merger.errors import MergerError
-from merger.router.backends import Backend, MemberFailure, Messages
+from merger.router.backends import Backend, Generation, MemberFailure, Messages
 from merger.router.head import RouterHead, softmax
 from merger.router.pool import ROLES, BreakerSettings, Pool, Role
 
@@ -62,6 +62,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     stream: bool = False
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     plan_execute_verify: bool | None = Field(
         default=None, description="merger extension: force plan–execute–verify on (true) or off (false)"
@@ -202,14 +203,12 @@ class Conductor:
         return text
 
     async def complete(
-        self, ranking: list[str], messages: Messages, max_tokens: int, temperature: float | None
+        self, ranking: list[str], messages: Messages, generation: Generation
     ) -> tuple[str, str, list[dict[str, str]]]:
         attempts: list[dict[str, str]] = []
         for name in self._candidates(ranking, attempts):
             try:
-                text = await self.backends[name].complete(
-                    messages, max_tokens, temperature, self._timeout(name)
-                )
+                text = await self.backends[name].complete(messages, generation, self._timeout(name))
             except MemberFailure as error:
                 self.record_failure(name, error, attempts)
                 continue
@@ -219,13 +218,13 @@ class Conductor:
         raise NoMemberAnswered(attempts)
 
     async def open_stream(
-        self, ranking: list[str], messages: Messages, max_tokens: int, temperature: float | None
+        self, ranking: list[str], messages: Messages, generation: Generation
     ) -> tuple[str, str, AsyncIterator[str], list[dict[str, str]]]:
         """Fall back until a member yields its first token; return (member, first piece, rest, attempts)."""
         attempts: list[dict[str, str]] = []
         first_token_timeout = self.pool.server.first_token_timeout_s
         for name in self._candidates(ranking, attempts):
-            pieces = aiter(self.backends[name].stream(messages, max_tokens, temperature, self._timeout(name)))
+            pieces = aiter(self.backends[name].stream(messages, generation, self._timeout(name)))
             try:
                 first = await asyncio.wait_for(anext(pieces), first_token_timeout)
             except StopAsyncIteration:
@@ -243,29 +242,27 @@ class Conductor:
             return name, first, pieces, attempts
         raise NoMemberAnswered(attempts)
 
-    async def answer(
-        self, route: Route, messages: Messages, max_tokens: int, temperature: float | None, pev: bool
-    ) -> Answer:
+    async def answer(self, route: Route, messages: Messages, generation: Generation, pev: bool) -> Answer:
         if not pev or route.confident:
-            text, member, attempts = await self.complete(route.ranking, messages, max_tokens, temperature)
+            text, member, attempts = await self.complete(route.ranking, messages, generation)
             return Answer(text, [member], attempts, "single")
-        return await self._plan_execute_verify(route, messages, max_tokens, temperature)
+        return await self._plan_execute_verify(route, messages, generation)
 
     def _by_role(self, route: Route, role: Role) -> list[str]:
         eligible = [name for name in route.ranking if role in self.pool.member(name).roles]  # type: ignore[union-attr]
         return eligible or route.ranking
 
-    async def _plan_execute_verify(
-        self, route: Route, messages: Messages, max_tokens: int, temperature: float | None
-    ) -> Answer:
+    async def _plan_execute_verify(self, route: Route, messages: Messages, generation: Generation) -> Answer:
         question = messages[-1]["content"]
         all_attempts: list[dict[str, str]] = []
         answered: list[str] = []
 
-        async def step(role: Role, prompt_messages: Messages) -> str:
-            text, member, attempts = await self.complete(
-                self._by_role(route, role), prompt_messages, max_tokens, temperature
-            )
+        free_form = replace(
+            generation, stop=()
+        )  # plans and verdicts span lines; only the answer obeys `stop`
+
+        async def step(role: Role, prompt_messages: Messages, options: Generation = free_form) -> str:
+            text, member, attempts = await self.complete(self._by_role(route, role), prompt_messages, options)
             all_attempts.extend({**attempt, "role": role.value} for attempt in attempts)
             answered.append(member)
             return text
@@ -280,7 +277,7 @@ class Conductor:
             ],
         )
         worker_messages = [{"role": "system", "content": f"Follow this plan:\n{plan}"}, *messages]
-        draft = await step(Role.WORKER, worker_messages)
+        draft = await step(Role.WORKER, worker_messages, generation)
         verdict = await step(
             Role.VERIFIER,
             [
@@ -297,7 +294,7 @@ class Conductor:
                 {"role": "assistant", "content": draft},
                 {"role": "user", "content": f"A reviewer says: {verdict}\nGive the corrected answer."},
             ]
-            draft = await step(Role.WORKER, revision_messages)
+            draft = await step(Role.WORKER, revision_messages, generation)
         return Answer(draft, list(dict.fromkeys(answered)), all_attempts, "plan_execute_verify")
 
 
@@ -396,7 +393,8 @@ def create_app(conductor: Conductor) -> FastAPI:
             query, pinned=None if request.model == pool.server.model_name else request.model
         )
         limit = request.max_completion_tokens or request.max_tokens or pool.server.max_tokens
-        max_tokens = min(limit, pool.server.max_tokens)
+        stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+        generation = Generation(min(limit, pool.server.max_tokens), request.temperature, stop)
         pev = (
             pool.server.plan_execute_verify
             if request.plan_execute_verify is None
@@ -405,10 +403,8 @@ def create_app(conductor: Conductor) -> FastAPI:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             if request.stream and not (pev and not route.confident):
-                return await _stream_response(
-                    conductor, route, messages, max_tokens, request.temperature, completion_id
-                )
-            answer = await conductor.answer(route, messages, max_tokens, request.temperature, pev)
+                return await _stream_response(conductor, route, messages, generation, completion_id)
+            answer = await conductor.answer(route, messages, generation, pev)
         except NoMemberAnswered as failure:
             return _no_member(failure)
         body = _completion_body(completion_id, pool.server.model_name, answer, route)
@@ -482,13 +478,10 @@ async def _stream_response(
     conductor: Conductor,
     route: Route,
     messages: Messages,
-    max_tokens: int,
-    temperature: float | None,
+    generation: Generation,
     completion_id: str,
 ) -> StreamingResponse:
-    member, first, pieces, attempts = await conductor.open_stream(
-        route.ranking, messages, max_tokens, temperature
-    )
+    member, first, pieces, attempts = await conductor.open_stream(route.ranking, messages, generation)
     model = conductor.pool.server.model_name
     extra = {"merger": _merger_field([member], attempts, "single", route)}
 
