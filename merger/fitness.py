@@ -79,13 +79,43 @@ def weighted_score(scores: Mapping[str, float], eval_set: EvalSet) -> float:
     return sum(task.weight * scores[task.name] for task in eval_set.tasks) / total
 
 
+def _anchored_data_files(config: dict[str, Any], yaml_path: Path) -> dict[str, Any]:
+    """A task config whose relative `data_files` point at real files wherever merger runs from.
+
+    lm-eval reads relative data paths against the working directory; a path is tried next to the
+    task's YAML, then against the project root that holds the bundled `evals/`.
+    """
+    files = config.get("dataset_kwargs", {}).get("data_files")
+    if not isinstance(files, dict):
+        return config
+    anchored = {}
+    for split, name in files.items():
+        anchored[split] = name
+        if isinstance(name, str) and not Path(name).is_absolute() and not Path(name).exists():
+            for root in (yaml_path.parent, BUNDLED_EVALS.parent):
+                if (root / name).exists():
+                    anchored[split] = str((root / name).resolve())
+                    break
+    return {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": anchored}}
+
+
+def _task_configs(manager: Any, names: list[str]) -> list[Any]:
+    configs: list[Any] = []
+    for name in names:
+        entry = manager.task_index.get(name)
+        is_local_task = entry is not None and entry.yaml_path is not None and entry.kind.name == "TASK"
+        configs.append(_anchored_data_files(dict(entry.cfg), Path(entry.yaml_path)) if is_local_task else name)
+    return configs
+
+
 class TaskSuite:
     """One eval set's lm-eval tasks, loaded once, with its item selection fixed."""
 
     def __init__(self, eval_set: EvalSet, include_paths: tuple[str, ...]):
         self.eval_set = eval_set
         names = [task.name for task in eval_set.tasks]
-        loaded = task_manager_for(names, include_paths).load(names)
+        manager = task_manager_for(names, include_paths)
+        loaded = manager.load(_task_configs(manager, names))
         for task in loaded["tasks"].values():
             if eval_set.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=eval_set.num_fewshot)
