@@ -20,7 +20,7 @@ def test_members_of_every_kind_parse_and_relative_paths_follow_the_yaml(tmp_path
     pool_file.write_text(
         """
 members:
-  - {name: base, path: models/base, roles: [worker]}
+  - {name: base, path: models/base, roles: [worker], chat_template: false}
   - {name: winner, registry: winner@2}
   - name: cloud
     remote: {base_url: "http://127.0.0.1:9/v1/", model: m, api_key_env: CLOUD_KEY}
@@ -33,6 +33,7 @@ server: {api_key_env: MERGER_KEY}
     assert pool.names == ["base", "winner", "cloud"]
     assert pool.members[0].path == tmp_path / "models/base"
     assert pool.members[0].roles == [Role.WORKER]
+    assert pool.members[0].chat_template is False and pool.members[1].chat_template is True
     assert pool.members[1].roles == [Role.THINKER, Role.WORKER, Role.VERIFIER]
     assert pool.members[2].remote is not None and pool.members[2].remote.base_url == "http://127.0.0.1:9/v1"
     assert pool.tasks is not None and pool.tasks.include_path == tmp_path / "evals"

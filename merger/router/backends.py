@@ -49,18 +49,21 @@ class Backend(Protocol):
 class LocalBackend:
     """A transformers causal LM in this process; one generation at a time per model."""
 
-    def __init__(self, name: str, checkpoint: Path) -> None:
+    def __init__(self, name: str, checkpoint: Path, chat_template: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name = name
+        self.chat_template = chat_template
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
         self._lock = threading.Lock()
         self._context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
     def _prompt_ids(self, messages: Messages, max_tokens: int) -> Any:
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template and getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        elif len(messages) == 1 and messages[0]["role"] == "user" and messages[0]["content"]:
+            text = messages[0]["content"]
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -225,7 +228,7 @@ def build_backend(member: Member, registry_root: Path | None = None) -> Backend:
     if member.remote is not None:
         return RemoteBackend(member)
     try:
-        return LocalBackend(member.name, member_checkpoint(member, registry_root))
+        return LocalBackend(member.name, member_checkpoint(member, registry_root), member.chat_template)
     except MergerError:
         raise
     except Exception as error:

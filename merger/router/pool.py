@@ -53,6 +53,9 @@ class Member(_Strict):
     roles: list[Role] = Field(default_factory=lambda: list(ROLES))
     cost_per_call: Annotated[float, Field(ge=0)] | None = None
     timeout_s: Annotated[float, Field(gt=0)] | None = None
+    # local members: false sends a lone user message as the raw prompt (as lm-eval does without
+    # apply_chat_template), for models tuned on plain prompts
+    chat_template: bool = True
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Member:
