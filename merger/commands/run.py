@@ -67,17 +67,19 @@ def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
     search.on_progress = bar
     try:
         with StopRequest() as stop:
-            result = search.run(stop)
+            try:
+                result = search.run(stop)
+            finally:
+                bar.close()
+            if result.stopped_early:
+                print(
+                    f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
+                    f"best so far {result.best.score:.4f}. Run the same command again to resume.",
+                )
+                return 0
+            summary = finish_run(search, result)
     finally:
-        bar.close()
-    if result.stopped_early:
-        print(
-            f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
-            f"best so far {result.best.score:.4f}. Run the same command again to resume.",
-        )
-        return 0
-    summary = finish_run(search, result)
-    search.executor.close()
+        search.executor.close()
     print(score_table(summary))
     print(f"winner: {run_dir / 'final'}  config: {run_dir / 'best.yaml'}  summary: {run_dir / 'summary.json'}")
     if recipe.output.publish:
