@@ -90,6 +90,7 @@ class GroupStats:
 
     ascending: torch.Tensor | None = None  # |task vector| sorted ascending, [S, L, n]
     block_sums: torch.Tensor | None = None  # float64 prefix sums of `ascending` at block starts
+    l1: torch.Tensor | None = None  # float64 [S, L]: l1 norm of each task vector (DARE / DELLA rescale)
     keys: torch.Tensor | None = None  # int32 [S, L, 1]: random-field keys (the fields are hashed in-kernel)
     dare_table: torch.Tensor | None = None  # [S, L, 65537]: l1 of |task vector| where random level < index
     ranks: torch.Tensor | None = None  # DELLA: ascending position of |task vector| within its row (exact)
@@ -99,7 +100,7 @@ class GroupStats:
     def nbytes(self) -> dict[str, int]:
         sizes = {
             "magnitude_order": _nbytes(self.ascending) + _nbytes(self.block_sums),
-            "random_keys": _nbytes(self.keys),
+            "random_keys": _nbytes(self.keys) + _nbytes(self.l1),
             "dare_tables": _nbytes(self.dare_table),
             "della_ranks": _nbytes(self.ranks),
         }
@@ -276,6 +277,7 @@ class ResidentEngine:
             stats.block_sums = _block_prefix_sums(stats.ascending)
         if kind in ("random", "della"):
             stats.keys = self._random_keys(group, draw)
+            stats.l1 = magnitudes.sum(dim=-1, dtype=torch.float64)
         if kind == "random" and not self.streaming and not self.fresh_randomness:
             stats.dare_table = _dare_tables(stats.keys, magnitudes)
         if kind == "della":
@@ -552,7 +554,7 @@ class ResidentEngine:
                 total = table[..., -1].double()
             else:
                 kept = self._kept_l1("random", inputs, mask_args)
-                total = (inputs.others - inputs.base).abs().sum(dim=-1, dtype=torch.float64)
+                total = stats.l1
             factors = self._rescaled(total, kept, partial, rescale)
         return mask_args, factors
 
@@ -581,8 +583,7 @@ class ResidentEngine:
         factors = None
         if (partial & rescale[None, :]).any():
             kept = self._kept_l1("della", inputs, mask_args)
-            total = (inputs.others - inputs.base).abs().sum(dim=-1, dtype=torch.float64)
-            factors = self._rescaled(total, kept, partial, rescale)
+            factors = self._rescaled(stats.l1, kept, partial, rescale)
         return mask_args, factors
 
     def _kept_l1(self, kind: str, inputs: GroupInputs, mask_args: tuple[torch.Tensor, ...]) -> torch.Tensor:
