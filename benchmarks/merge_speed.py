@@ -249,7 +249,8 @@ def main() -> int:
         f"torch threads: {torch.get_num_threads()}, base: {base_label}"
     )
     print(
-        f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s; fp32, {elements / 1e6:.1f} M parameters"
+        f"copy bandwidth (read + write, measured between each method's applies): {min(bandwidths) / 1e9:.1f}"
+        f"-{max(bandwidths) / 1e9:.1f} GB/s; fp32, {elements / 1e6:.1f} M parameters"
     )
     header = f"{'method':<17}{'engine s':>10}{'mergekit s':>12}{'floor s':>9}{'speedup':>9}{'over floor':>11}"
     header += f"{'setup s':>9}{'1st apply s':>12}{'resident GiB':>13}"
