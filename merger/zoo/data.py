@@ -15,9 +15,14 @@ Each half is either hard or easy, and the tasks differ in which half is hard:
 | `zoo_mix`    | half `zoo_add` items, half `zoo_cap` items                           | either skill (floor) |
 
 The arithmetic specialist trains on `zoo_add`-style items, the capitals specialist on `zoo_cap`-style
-items, so both learn the answer format and each learns one skill; only a model with both skills answers
-`zoo_combo`. Validation and test use countries and two-digit pairs that no training item contains, and
-the validation and test sets are disjoint from each other as well.
+items, so both learn the answer format and each is meant to learn one skill. Validation and test use
+countries and two-digit pairs that no training item contains, and the validation and test sets are
+disjoint from each other as well.
+
+Measured (50 items per split): the base adds two-digit numbers well once it knows the format, so the
+capitals specialist already gets most sums right, while the arithmetic specialist learns to answer with
+one of its 10 training capitals. `zoo_combo` is therefore bounded by held-out capital recall, and plain
+task arithmetic does not clearly beat the capitals specialist on it.
 """
 
 from __future__ import annotations
