@@ -42,8 +42,10 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries(args.verbose)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # Before any command module is imported: tqdm and the HF libraries read these at import time.
+    _quiet_libraries(verbose="-v" in arguments or "--verbose" in arguments)
+    args = build_parser().parse_args(arguments)
     try:
         return int(args.handler(args) or 0)
     except MergerError as error:
