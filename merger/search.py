@@ -173,14 +173,14 @@ class Search:
         self.on_progress = on_progress or (lambda info: None)
 
     def _budget_left(self, state: SearchState) -> bool:
+        """Whether to start another generation; a pending (asked) generation is always finished."""
+        if state.pending is not None:
+            return True
         optimizer = self.recipe.optimizer
-        if optimizer.max_evaluations is not None:
-            asked = (state.generation + (0 if state.pending is None else 1)) * optimizer.popsize
-            if state.pending is None and asked + optimizer.popsize > optimizer.max_evaluations:
-                return False
-        if optimizer.max_seconds is not None and state.pending is None:
-            return state.seconds < optimizer.max_seconds
-        return True
+        next_total = (state.generation + 1) * optimizer.popsize
+        if optimizer.max_evaluations is not None and next_total > optimizer.max_evaluations:
+            return False
+        return optimizer.max_seconds is None or state.seconds < optimizer.max_seconds
 
     def run(self, stop: StopRequest | None = None) -> SearchResult:
         state = load_state(self.run_dir) or new_state(self.recipe, self.genome)
