@@ -119,14 +119,17 @@ def test_sigterm_mid_generation_then_resume_equals_an_uninterrupted_run(tiny_sou
     state = load_state(run_dir)
     assert state is not None and state.generation == 0 and state.pending is not None
 
-    # Second session: two signals after one more evaluation stop it at once (exit 130).
+    # Second session: two signals after one more evaluation. The second stops it at once (exit 130)
+    # unless the tiny evaluation in flight already finished and the run stopped cleanly in between.
     process = start_run(recipe)
     wait_for_rows(process, run_dir, len(first_session) + 1)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 130, err[-2000:]
+    out, err = process.communicate(timeout=300)
+    assert process.returncode in (0, 130), err[-2000:]
+    if process.returncode == 0:
+        assert out.strip().startswith("stopped after"), out
     second_session = ledger_rows(run_dir)
     assert second_session[: len(first_session)] == first_session  # nothing recorded was lost or changed
 
@@ -164,3 +167,24 @@ def test_wall_clock_budget_holds_across_a_resume(tiny_sources, tiny_evals, tmp_p
 
     third, evaluated = run_here(data, run_dir)
     assert evaluated == [] and third.evaluations == POPSIZE
+
+
+def test_a_second_signal_stops_at_once():
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_an_interrupted_command_exits_130_with_one_line(monkeypatch, capsys):
+    from merger import cli
+    from merger.commands import run as run_command
+
+    def interrupted(args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_command, "run_command", interrupted)
+    assert cli.main(["run", "recipe.yaml"]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "merger: interrupted"
+
