@@ -20,13 +20,13 @@ def resolve_path(reference: str, *, registry_root: Path | None = None) -> Path:
 
         return Path(resolve_source(reference, registry_root))
     if reference.startswith("zoo:"):
-        from merger.zoo.build import build_zoo
+        from merger.zoo.build import ZooRecipe, build_zoo
 
         name = reference.removeprefix("zoo:")
-        zoo = build_zoo()
-        if name not in zoo:
-            raise MergerError(f"source {reference!r}: the zoo has {', '.join(sorted(zoo))}, not {name!r}")
-        return Path(zoo[name])
+        names = ("base", *ZooRecipe().skills)
+        if name not in names:  # checked before the zoo is built: building takes minutes
+            raise MergerError(f"source {reference!r}: the zoo has {', '.join(names)}, not {name!r}")
+        return Path(build_zoo()[name])
     path = Path(reference)
     if path.exists():
         return path

@@ -44,7 +44,7 @@ server: {api_key_env: MERGER_KEY}
     ("data", "expected"),
     [
         ({"members": []}, "members: List should have at least 1 item"),
-        ({"members": [{"name": "a"}]}, "needs exactly one of registry, path, remote (got none)"),
+        ({"members": [{"name": "a"}]}, "needs exactly one of registry, path, zoo, remote (got none)"),
         ({"members": [{"name": "a", "path": "x", "registry": "y"}]}, "got ['registry', 'path']"),
         ({"members": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "repeated: ['a']"),
         ({"members": [{"name": "bad name", "path": "x"}]}, "members.0.name"),
@@ -103,6 +103,18 @@ def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:
     assert pool.registry_root == tmp_path / "reg"
     with pytest.raises(MergerError, match="nothing-here"):
         member_checkpoint(pool.members[0], pool.registry_root)
+
+
+def test_zoo_member_names_a_zoo_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from merger.router.sources import member_checkpoint
+    from merger.zoo import build
+
+    built: dict[str, Path] = {"base": tmp_path / "base", "add": tmp_path / "add", "cap": tmp_path / "cap"}
+    monkeypatch.setattr(build, "build_zoo", lambda: built)  # building the real zoo takes minutes
+    pool = parse_pool({"members": [{"name": "adder", "zoo": "add"}, {"name": "x", "zoo": "poetry"}]}, tmp_path)
+    assert member_checkpoint(pool.members[0]) == built["add"]
+    with pytest.raises(MergerError, match="the zoo has base, add, cap, not 'poetry'"):
+        member_checkpoint(pool.members[1])
 
 
 @pytest.mark.parametrize(

@@ -44,11 +44,12 @@ class RemoteEndpoint(_Strict):
 
 
 class Member(_Strict):
-    """One pool member: exactly one of `registry`, `path` or `remote`."""
+    """One pool member: exactly one of `registry`, `path`, `zoo` or `remote`."""
 
     name: Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
     registry: str | None = None
     path: Path | None = None
+    zoo: str | None = None  # a checkpoint of the bundled zoo (base, add, cap), built on demand
     remote: RemoteEndpoint | None = None
     roles: list[Role] = Field(default_factory=lambda: list(ROLES))
     cost_per_call: Annotated[float, Field(ge=0)] | None = None
@@ -59,10 +60,10 @@ class Member(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Member:
-        given = [key for key in ("registry", "path", "remote") if getattr(self, key) is not None]
+        given = [key for key in ("registry", "path", "zoo", "remote") if getattr(self, key) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"member {self.name!r} needs exactly one of registry, path, remote (got {given or 'none'})"
+                f"member {self.name!r} needs exactly one of registry, path, zoo, remote (got {given or 'none'})"
             )
         if not self.roles:
             raise ValueError(f"member {self.name!r}: roles must not be empty")

@@ -14,7 +14,7 @@ _HASH_CHUNK = 1 << 22
 
 
 def member_checkpoint(member: Member, registry_root: Path | None = None) -> Path:
-    """The local checkpoint directory of a `path:` or `registry:` member."""
+    """The local checkpoint directory of a `path:`, `registry:` or `zoo:` member."""
     if member.path is not None:
         if not member.path.is_dir():
             raise MergerError(f"member {member.name!r}: path {member.path} is not a directory")
@@ -28,6 +28,10 @@ def member_checkpoint(member: Member, registry_root: Path | None = None) -> Path
                 f"but the registry is unavailable: {error}"
             ) from None
         return Path(resolve_source(member.registry, root=registry_root))
+    if member.zoo is not None:
+        from merger.sources import resolve_path
+
+        return resolve_path(f"zoo:{member.zoo}")
     raise MergerError(f"member {member.name!r} is remote and has no local checkpoint")
 
 
