@@ -12,6 +12,13 @@ import torch
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
+from merger.engine.methods import (
+    DELLA_PROBABILITY_SCALE,
+    RANDOM_LEVELS,
+    RANK_LEVELS,
+    della_level_counts,
+    make_task_arithmetic,
+)
 from merger.engine.plan import MergePlan, resolve_plan
 from merger.engine.reference import merge_in_memory
 from merger.engine.resident import ResidentEngine
@@ -194,18 +201,48 @@ def test_streaming_equals_resident(paths: dict[str, Path]) -> None:
 
 def test_resident_bytes_names_each_structure(paths: dict[str, Path]) -> None:
     sizes = _engine(paths, "dare_ties").resident_bytes()
-    parameters = sum(
-        load_file(paths["base"] / "model.safetensors")[n].numel()
-        for n in _engine(paths, "linear").tensor_names
-    )
+    names = _engine(paths, "linear").tensor_names
+    parameters = sum(load_file(paths["base"] / "model.safetensors")[n].numel() for n in names)
     assert sizes["model"] == sizes["source:base"] == sizes["source:specialist1"] == parameters * 4
-    assert sizes["dare_tables"] > 0 and sizes["random_keys"] > 0  # the random fields themselves are hashed
+    # two sources' 8-bit random levels share one float32 word per element
+    assert sizes["random_fields"] == 4 * parameters
+    assert sizes["dare_tables"] == 2 * len(names) * 257 * 4 and sizes["random_keys"] > 0
     assert sizes["total"] == sum(value for key, value in sizes.items() if key != "total")
     assert "magnitude_order" in _engine(paths, "ties").resident_bytes()
-    assert "della_ranks" in _engine(paths, "della").resident_bytes()
+    della = _engine(paths, "della").resident_bytes()
+    assert della["random_fields"] == 2 * 4 * parameters  # (rank level, random level) word per source
+    assert della["della_tables"] == 2 * len(names) * 256 * 257 * 4 and "della_ranks" not in della
+    # fresh draws hash their levels inside the kernels: only the rank levels are stored per element
+    fresh = _engine(paths, "della", fresh_randomness=True).resident_bytes()
+    assert "random_fields" not in fresh and "della_tables" not in fresh
+    assert fresh["della_ranks"] == 2 * 4 * parameters
 
 
 # ---- random methods: density, rescaling and expectation ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("density", "epsilon"), [(0.5, 0.3), (0.1, 0.05), (0.9, 0.0999), (0.4, -0.2), (0.3, 0.0), (0.37, 0.11)]
+)
+def test_della_kept_l1_lookup_follows_the_kernel(density: float, epsilon: float) -> None:
+    """Every (rank level, random level) cell through the DELLA kernel: the keep decisions are exactly the
+    counts the kept-l1 lookup uses, and each rank level's keep probability is mergekit's, quantized."""
+    words = torch.arange(RANK_LEVELS * RANDOM_LEVELS, dtype=torch.float32).reshape(
+        1, 1, -1
+    )  # rank * 256 + level
+    floor = torch.tensor([[[round(DELLA_PROBABILITY_SCALE * (density - epsilon))]]], dtype=torch.float32)
+    slope = torch.tensor([[[round(DELLA_PROBABILITY_SCALE * 2 * epsilon / 255)]]], dtype=torch.float32)
+    ones, out = torch.ones_like(words), torch.empty(1, words.numel())
+    one = torch.ones(1, 1, 1)
+    make_task_arithmetic("della", False)(
+        out, torch.zeros(1, words.numel()), ones, one, one, one[0], one[0], words, floor, slope
+    )
+    kept = out.reshape(RANK_LEVELS, RANDOM_LEVELS) != 0
+    counts = della_level_counts(floor, slope).reshape(RANK_LEVELS)
+    assert torch.equal(kept, torch.arange(RANDOM_LEVELS) < counts.unsqueeze(-1))  # a prefix of the levels
+    exact = density - epsilon + 2 * epsilon * torch.arange(RANK_LEVELS, dtype=torch.float64) / 255
+    # half a random level, plus floor and slope rounded to 2**-24: (0.5 + 255 * 0.5) * 2**-24 < 1e-5
+    assert (counts / RANDOM_LEVELS - exact).abs().max() <= 0.5 / RANDOM_LEVELS + 1e-5
 
 
 def _deltas(engine: ResidentEngine, paths: dict[str, Path], source: str) -> torch.Tensor:
@@ -398,12 +435,14 @@ def test_extreme_values_do_not_crash(paths: dict[str, Path], method: str) -> Non
 
 
 @pytest.mark.slow
-def test_compiled_kernels_equal_eager(paths: dict[str, Path]) -> None:
-    """The fused (torch.compile) kernels compute what the eager ones do; dare_ties uses every part."""
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_compiled_kernels_equal_eager(paths: dict[str, Path], method: str) -> None:
+    """The fused (torch.compile) kernels compute what the eager ones do (the same keep decisions too)."""
+    extra = {"epsilon": 0.2} if method == "della" else {}
     config = _config(
-        "dare_ties", paths, ({"weight": 0.6, "density": 0.3}, {"weight": 0.5, "density": BY_CLASS}), {}
+        method, paths, ({"weight": 0.6, "density": 0.3} | extra, {"weight": 0.5, "density": BY_CLASS}), {}
     )
-    eager, compiled = _engine(paths, "dare_ties"), _engine(paths, "dare_ties", compile_kernels=True)
+    eager, compiled = _engine(paths, method), _engine(paths, method, compile_kernels=True)
     for engine in (eager, compiled):
         engine.apply(_plan(engine, config, paths))
     _assert_matches(compiled, _weights(eager), **FP32)

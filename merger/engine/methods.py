@@ -8,6 +8,15 @@ for per-source ones, so one kernel call (and, compiled, one fused pass over memo
 The semantics follow mergekit 0.1.5 (`generalized_task_arithmetic.py`, `sparsify.py`, `linear.py`,
 `slerp.py`); the expensive parts that do not change between candidates (sorting magnitudes, ranks,
 random fields, slerp's angles) are computed once by `resident.py` and only looked up here.
+
+Two quantizations make DARE / DELLA one pass over memory (no second pass for the l1 rescale):
+- random fields are 8-bit uniform levels U in [0, 256), standing for (U + 0.5) / 256, so a keep
+  probability is a multiple of 1/256 (DARE keeps with probability round(density * 256) / 256);
+- DELLA's normalized magnitude rank is quantized to 255 steps (round to nearest; the smallest and largest
+  magnitude of a row keep their exact rank 0 and 1), so DELLA's keep probability
+  (density - epsilon) + 2 * epsilon * rank is off by at most epsilon / 510 + 1 / 512.
+Then whether an element is kept depends only on its (rank, level) cell, and the kept l1 norm of a tensor
+at any (density, epsilon) is a lookup in a per-tensor table of l1 by cell (`della_level_counts`).
 """
 
 from __future__ import annotations
@@ -21,10 +30,22 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# DARE / DELLA random fields are 16-bit uniform levels l in [0, 65536), standing for (l + 0.5) / 65536,
-# computed inside the kernels by hashing (element index, key); a key per (run seed, source, tensor, draw)
-# makes them common random numbers across candidates without storing or reading them.
-RANDOM_LEVELS = 65536
+# DARE / DELLA random fields: the top byte of a lowbias32 hash of (element index, key), a key per (run seed,
+# source, tensor, draw) making them common random numbers across candidates. Streaming and
+# fresh-randomness runs hash them inside the kernels; a resident run stores them once, as float32 words
+# holding two bytes each (DARE: the levels of two sources; DELLA: rank level * 256 + random level of one
+# source). float32 because the CPU kernels (torch.compile, AVX2) load full float vectors fast but 8-, 16- and
+# 32-bit integer vectors through a slow partial-load path; small integers are exact in float32.
+RANDOM_LEVELS = 256
+RANK_LEVELS = 256  # DELLA's normalized rank r/(n - 1) is stored as round(r * 255 / (n - 1))
+# DELLA keeps an element when (2 * level + 1) * DELLA_SCALE < floor + slope * rank_level, with floor ~
+# DELLA_PROBABILITY_SCALE * (density - epsilon) and slope ~ DELLA_PROBABILITY_SCALE * 2 * epsilon / 255 rounded
+# to integers (2**-24 of a probability). Every term is an integer below 2**24, exact in float32 with or without
+# fused multiply-adds, so the kernel and the host's kept-l1 lookup (`della_level_counts`) agree bit for bit,
+# which the exact l1 rescale needs.
+DELLA_SCALE = 1 << 15
+DELLA_PROBABILITY_SCALE = 2 * RANDOM_LEVELS * DELLA_SCALE
+DELLA_ALWAYS = 1 << 25  # floor that keeps (or, negated, drops) every element
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
 _MIX1 = 0x7FEB352D  # lowbias32 multipliers (int32 arithmetic wraps like uint32)
 _MIX2 = -2073451893  # 0x846CA68B as int32
@@ -77,7 +98,7 @@ def weighted_sum(
 
 
 def random_levels(key: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
-    """[..., length] int32 uniform levels in [0, 65536) from `key` [..., 1] int32 (lowbias32 hash)."""
+    """[..., length] int32 uniform levels in [0, 256) from `key` [..., 1] int32 (lowbias32 hash, top byte)."""
     index = torch.arange(length, dtype=torch.int32, device=device)
     mixed = index * _GOLDEN + key
     mixed = mixed ^ ((mixed >> 16) & 0xFFFF)
@@ -85,7 +106,33 @@ def random_levels(key: torch.Tensor, length: int, device: torch.device) -> torch
     mixed = mixed ^ ((mixed >> 15) & 0x1FFFF)
     mixed = mixed * _MIX2
     mixed = mixed ^ ((mixed >> 16) & 0xFFFF)
-    return (mixed >> 16) & 0xFFFF
+    return (mixed >> 24) & 0xFF
+
+
+def _high_byte(word: torch.Tensor) -> torch.Tensor:
+    return torch.floor(word * (1.0 / RANDOM_LEVELS))
+
+
+def _dare_levels(field: torch.Tensor, index: int, length: int, device: torch.device) -> torch.Tensor:
+    """Source `index`'s random levels: hashed from int32 keys [S, L, 1], or stored as float32 words
+    [ceil(S / 2), L, n] of two sources' levels (source 2k in the high byte of word k, 2k + 1 in the low)."""
+    if field.dtype == torch.int32:
+        return random_levels(field[index], length, device)
+    word = field[index // 2]
+    high = _high_byte(word)
+    return high if index % 2 == 0 else word - high * RANDOM_LEVELS
+
+
+def della_level_counts(floor: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """[..., RANK_LEVELS] int64: per rank level, how many random levels DELLA keeps (those below the count).
+
+    The closed form of `(2 * level + 1) * DELLA_SCALE < x` with x = floor + slope * rank: 2 * level + 1 <
+    ceil(x / DELLA_SCALE), so the count is floor(ceil(x / DELLA_SCALE) / 2). `floor`, `slope`: [..., 1].
+    """
+    ranks = torch.arange(RANK_LEVELS, dtype=torch.int64, device=floor.device)  # floor, slope: integer-valued
+    bound = floor.long() + slope.long() * ranks
+    ceiling = -torch.div(-bound, DELLA_SCALE, rounding_mode="floor")
+    return torch.div(ceiling, 2, rounding_mode="floor").clamp(0, RANDOM_LEVELS)
 
 
 def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -98,13 +145,18 @@ def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, 
         magnitude = delta.abs()
         return (magnitude >= low[index]) & (magnitude <= high[index])
     if kind == "random":
-        keys, cut = args
-        return random_levels(keys[index], delta.shape[-1], delta.device) < cut[index]
+        field, cut = args
+        return _dare_levels(field, index, delta.shape[-1], delta.device) < cut[index]
     if kind == "della":
-        keys, ranks, floor_probability, slope = args
-        probability = floor_probability[index] + ranks[index] * slope[index]
-        uniform = (random_levels(keys[index], delta.shape[-1], delta.device) + 0.5) * (1.0 / RANDOM_LEVELS)
-        return uniform < probability
+        if len(args) == 3:  # stored float32 words, rank level * 256 + random level, [S, L, n]
+            words, floor, slope = args
+            rank = _high_byte(words[index])
+            level = words[index] - rank * RANDOM_LEVELS
+        else:  # int32 keys [S, L, 1] to hash, float32 rank levels [S, L, n]
+            keys, ranks, floor, slope = args
+            level = random_levels(keys[index], delta.shape[-1], delta.device).float()
+            rank = ranks[index]
+        return (2 * level + 1) * DELLA_SCALE < floor[index] + rank * slope[index]
     raise ValueError(kind)
 
 
@@ -156,7 +208,8 @@ def make_task_arithmetic(kind: str | None, consensus: bool) -> Callable[..., Non
 
 
 def make_kept_l1(kind: str) -> Callable[..., torch.Tensor]:
-    """Per source and layer, the l1 norm of the task vector after a random (DARE/DELLA) mask."""
+    """Per source and layer, the l1 norm of the task vector after a random (DARE/DELLA) mask: a second
+    pass, for streaming and fresh-randomness runs (resident runs look it up in precomputed tables)."""
 
     def kept_l1(base: torch.Tensor, others: torch.Tensor, *mask_args: torch.Tensor) -> torch.Tensor:
         sums = []

@@ -4,9 +4,10 @@ One model lives in memory; its parameters are views into one `[layers, elements]
 kind, so a candidate is one fused kernel call per tensor kind (`methods.py`). What does not change
 between candidates is computed once: the sources themselves (task vectors are formed inside the
 kernel, where they cost no extra memory traffic), sorted magnitudes for TIES / breadcrumbs thresholds,
-hashed random fields keyed by run seed for DARE / DELLA (common random numbers), DARE's kept-l1 tables,
-DELLA's magnitude ranks and slerp's angles. `streaming=True` keeps only the model and rebuilds those
-per candidate from the safetensors files.
+DARE / DELLA random fields keyed by run seed (common random numbers) and DELLA's quantized magnitude
+ranks (bytes packed two per float32 word: 2 bytes per element and source for DARE, 4 for DELLA), the
+kept-l1 tables that make DARE / DELLA's l1 rescale a lookup, and slerp's angles. `streaming=True` keeps only the model and rebuilds those per candidate from
+the safetensors files (hashing the random fields inside the kernels; `fresh_randomness=True` does too).
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ import torch
 from safetensors import safe_open
 
 from merger.engine.methods import (
+    DELLA_ALWAYS,
+    DELLA_PROBABILITY_SCALE,
     DIVISOR_EPS,
     METHODS,
     RANDOM_LEVELS,
+    RANK_LEVELS,
     KernelCache,
+    della_level_counts,
     make_kept_l1,
     make_task_arithmetic,
     normalized_dot,
@@ -91,18 +96,23 @@ class GroupStats:
     ascending: torch.Tensor | None = None  # |task vector| sorted ascending, [S, L, n]
     block_sums: torch.Tensor | None = None  # float64 prefix sums of `ascending` at block starts
     l1: torch.Tensor | None = None  # float64 [S, L]: l1 norm of each task vector (DARE / DELLA rescale)
-    keys: torch.Tensor | None = None  # int32 [S, L, 1]: random-field keys (the fields are hashed in-kernel)
-    dare_table: torch.Tensor | None = None  # [S, L, 65537]: l1 of |task vector| where random level < index
-    ranks: torch.Tensor | None = None  # DELLA: ascending position of |task vector| within its row (exact)
-    row_length: int = 1
+    keys: torch.Tensor | None = None  # int32 [S, L, 1]: random-field keys
+    # float32 words of two bytes (methods.py): DARE [ceil(S / 2), L, n] levels of two sources, DELLA
+    # [S, L, n] rank level * 256 + random level; None where the kernels hash the levels from `keys`
+    fields: torch.Tensor | None = None
+    dare_table: torch.Tensor | None = None  # [S, L, 257]: l1 of |task vector| where random level < index
+    ranks: torch.Tensor | None = None  # DELLA with hashed levels: float32 [S, L, n] rank levels (0..255)
+    della_table: torch.Tensor | None = None  # [S, L, 256, 257]: l1 where rank level = r, random level < index
     dots: list[list[float]] | None = None  # slerp: normalized dot(base, source), [S][L]
 
     def nbytes(self) -> dict[str, int]:
         sizes = {
             "magnitude_order": _nbytes(self.ascending) + _nbytes(self.block_sums),
             "random_keys": _nbytes(self.keys) + _nbytes(self.l1),
+            "random_fields": _nbytes(self.fields),
             "dare_tables": _nbytes(self.dare_table),
             "della_ranks": _nbytes(self.ranks),
+            "della_tables": _nbytes(self.della_table),
         }
         return {key: value for key, value in sizes.items() if value}
 
@@ -278,10 +288,17 @@ class ResidentEngine:
         if kind in ("random", "della"):
             stats.keys = self._random_keys(group, draw)
             stats.l1 = magnitudes.sum(dim=-1, dtype=torch.float64)
-        if kind == "random" and not self.streaming and not self.fresh_randomness:
-            stats.dare_table = _dare_tables(stats.keys, magnitudes)
-        if kind == "della":
-            stats.ranks, stats.row_length = _row_ranks(magnitudes, group.shape)
+        ranks = _rank_levels(magnitudes, group.shape) if kind == "della" else None
+        if kind in ("random", "della") and (self.streaming or self.fresh_randomness):
+            stats.ranks = ranks.float() if ranks is not None else None
+        elif kind in ("random", "della"):
+            levels = torch.stack([random_levels(key, group.elements, self.device) for key in stats.keys])
+            if ranks is None:
+                stats.fields = _paired_levels(levels)
+                stats.dare_table = _dare_tables(levels, magnitudes)
+            else:
+                stats.fields = (ranks.int() * RANDOM_LEVELS + levels).float()
+                stats.della_table = _della_tables(levels, ranks, magnitudes)
         return stats
 
     def _random_keys(self, group: Group, draw: int) -> torch.Tensor:
@@ -537,10 +554,11 @@ class ResidentEngine:
         self, inputs: GroupInputs, stats: GroupStats, density: np.ndarray, rescale: np.ndarray
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         keep_all = density >= 1
+        # keep where (level + 0.5) / RANDOM_LEVELS < density: a keep probability of levels / RANDOM_LEVELS
         levels = np.clip(np.ceil(density * RANDOM_LEVELS - 0.5), 0, RANDOM_LEVELS).astype(np.int64)
         levels = np.where(keep_all, RANDOM_LEVELS, levels)
-        cut = torch.from_numpy(levels).to(device=self.device, dtype=torch.int32).unsqueeze(-1)
-        mask_args = (stats.keys, cut)
+        cut = torch.from_numpy(levels).to(device=self.device, dtype=torch.float32).unsqueeze(-1)
+        mask_args = (stats.fields if stats.fields is not None else stats.keys, cut)
         partial = ~keep_all
         factors = None
         if (partial & rescale[None, :]).any():
@@ -569,20 +587,34 @@ class ResidentEngine:
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         keep_all, keep_none = density >= 1, density <= 0
         partial = ~(keep_all | keep_none)
-        invalid = partial & ((density + epsilon >= 1) | (density - epsilon <= 0))
+        # mergekit's check, for a negative epsilon too (where mergekit's bernoulli would fail instead); it
+        # also keeps |epsilon| < 0.5, which bounds the kernel's integer terms below 2**24
+        spread = np.abs(epsilon)
+        invalid = partial & ((density + spread >= 1) | (density - spread <= 0))
         if invalid.any():
             index, row = (int(i[0]) for i in np.nonzero(invalid))
             raise MergerError(
                 f"della: epsilon {epsilon[index, row]} with density {density[index, row]} for "
                 f"{self.other_names[index]} in {group.names[row]} leaves density +/- epsilon outside (0, 1)"
             )
-        floor = np.where(keep_all, 2.0, np.where(keep_none, -1.0, density - epsilon))
-        span = max(1, stats.row_length - 1)
-        slope = np.where(partial, 2.0 * epsilon / span, 0.0)
-        mask_args = (stats.keys, stats.ranks, self._scalars(floor), self._scalars(slope))
+        floor = np.rint(DELLA_PROBABILITY_SCALE * (density - epsilon))
+        floor = np.where(keep_all, DELLA_ALWAYS, np.where(keep_none, -DELLA_ALWAYS, floor))
+        slope = np.where(partial, np.rint(DELLA_PROBABILITY_SCALE * 2.0 * epsilon / (RANK_LEVELS - 1)), 0.0)
+        floor_t, slope_t = (
+            torch.from_numpy(value.astype(np.float32)).to(self.device).unsqueeze(-1)
+            for value in (floor, slope)
+        )
+        if stats.fields is not None:
+            mask_args: tuple[torch.Tensor, ...] = (stats.fields, floor_t, slope_t)
+        else:
+            mask_args = (stats.keys, stats.ranks, floor_t, slope_t)
         factors = None
         if (partial & rescale[None, :]).any():
-            kept = self._kept_l1("della", inputs, mask_args)
+            if stats.della_table is not None:
+                counts = della_level_counts(floor_t, slope_t).unsqueeze(-1)
+                kept = stats.della_table.gather(-1, counts).squeeze(-1).sum(dim=-1, dtype=torch.float64)
+            else:
+                kept = self._kept_l1("della", inputs, mask_args)
             factors = self._rescaled(stats.l1, kept, partial, rescale)
         return mask_args, factors
 
@@ -637,36 +669,72 @@ def _suffix_l1(stats: GroupStats, threshold: torch.Tensor) -> torch.Tensor:
     return _total_l1(stats) - _prefix_l1(stats, _searchsorted(stats, threshold, right=False))
 
 
-def _dare_tables(keys: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """[S, L, 65537]: for each level, the l1 of magnitudes whose random level lies below it."""
-    sources, layers, length = magnitudes.shape
-    tables = torch.empty((sources, layers, RANDOM_LEVELS + 1), dtype=torch.float32, device=magnitudes.device)
-    for index in range(sources):
-        levels = random_levels(keys[index], length, magnitudes.device).long()
-        row_offsets = torch.arange(layers, device=magnitudes.device).unsqueeze(-1) * RANDOM_LEVELS
-        counts = torch.bincount(
-            (levels + row_offsets).reshape(-1),
-            weights=magnitudes[index].reshape(-1).double(),
-            minlength=layers * RANDOM_LEVELS,
-        )
-        cumulative = counts.reshape(layers, RANDOM_LEVELS).cumsum(dim=-1)
-        tables[index] = torch.nn.functional.pad(cumulative, (1, 0)).to(torch.float32)
-    return tables
+def _paired_levels(levels: torch.Tensor) -> torch.Tensor:
+    """[ceil(S / 2), L, n] float32 words: source 2k's level * 256 + source 2k + 1's (0 past the last)."""
+    if levels.shape[0] % 2:
+        levels = torch.cat([levels, torch.zeros_like(levels[:1])])
+    return (levels[0::2] * RANDOM_LEVELS + levels[1::2]).float()
 
 
-def _row_ranks(magnitudes: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    """DELLA's ranks: each element's ascending position among its row (dim 1; a 1-D tensor is one row)."""
+def _cumulative_l1(
+    cells: torch.Tensor, magnitudes: torch.Tensor, layers: int, per_layer: int
+) -> torch.Tensor:
+    """[layers, per_layer / 256, 257] float32: l1 of `magnitudes` by cell, cumulated over the last 256 cells."""
+    row_offsets = torch.arange(layers, device=magnitudes.device).unsqueeze(-1) * per_layer
+    sums = torch.bincount(
+        (cells + row_offsets).reshape(-1),
+        weights=magnitudes.reshape(-1).double(),
+        minlength=layers * per_layer,
+    )
+    cumulative = sums.reshape(layers, -1, RANDOM_LEVELS).cumsum(dim=-1)
+    return torch.nn.functional.pad(cumulative, (1, 0)).to(torch.float32)
+
+
+def _dare_tables(levels: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """[S, L, 257]: for each level, the l1 of magnitudes whose random level lies below it."""
+    layers = magnitudes.shape[1]
+    return torch.stack(
+        [
+            _cumulative_l1(levels[index].long(), magnitudes[index], layers, RANDOM_LEVELS)[:, 0]
+            for index in range(magnitudes.shape[0])
+        ]
+    )
+
+
+def _della_tables(levels: torch.Tensor, ranks: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """[S, L, 256, 257]: per rank level r and random level u, the l1 of magnitudes in cells (r, < u)."""
+    layers = magnitudes.shape[1]
+    per_layer = RANK_LEVELS * RANDOM_LEVELS
+    return torch.stack(
+        [
+            _cumulative_l1(
+                ranks[index].long() * RANDOM_LEVELS + levels[index].long(),
+                magnitudes[index],
+                layers,
+                per_layer,
+            )
+            for index in range(magnitudes.shape[0])
+        ]
+    )
+
+
+def _rank_levels(magnitudes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """DELLA's ranks, uint8: round(255 * ascending position / (row length - 1)) within each row (dim 1;
+    a 1-D tensor is one row), so a row's smallest magnitude has 0 and its largest 255, like mergekit's
+    rank normalization."""
     if len(shape) > 2:
         raise MergerError(f"della ranks rows of 1-D or 2-D tensors; got shape {shape}")
     row_length = shape[-1]
-    # float16 holds every integer up to 2048 exactly and keeps the fused kernel's lanes float-wide
-    rank_dtype = torch.float16 if row_length <= 2048 else torch.float32
-    rows = magnitudes.reshape(-1, row_length)
-    order = torch.argsort(rows, dim=-1)
-    ranks = torch.empty(rows.shape, dtype=rank_dtype, device=rows.device)
-    positions = torch.arange(row_length, device=rows.device, dtype=rank_dtype).expand_as(rows)
-    ranks.scatter_(-1, order, positions)
-    return ranks.reshape(magnitudes.shape), row_length
+    span = max(1, row_length - 1)
+    positions = torch.arange(row_length, device=magnitudes.device)
+    rounded = torch.div(positions * (2 * (RANK_LEVELS - 1)) + span, 2 * span, rounding_mode="floor")
+    levels = torch.empty(magnitudes.shape, dtype=torch.uint8, device=magnitudes.device)
+    for index in range(magnitudes.shape[0]):  # one source at a time bounds the argsort's int64 scratch
+        rows = magnitudes[index].reshape(-1, row_length)
+        order = torch.argsort(rows, dim=-1)
+        target = levels[index].view(-1, row_length)
+        target.scatter_(-1, order, rounded.to(torch.uint8).expand_as(rows))
+    return levels
 
 
 def _raise_recompile_limit() -> None:
