@@ -18,6 +18,7 @@ from merger.engine.methods import (
     RANK_LEVELS,
     della_level_counts,
     make_task_arithmetic,
+    pack_bytes,
 )
 from merger.engine.plan import MergePlan, resolve_plan
 from merger.engine.reference import merge_in_memory
@@ -204,13 +205,13 @@ def test_resident_bytes_names_each_structure(paths: dict[str, Path]) -> None:
     names = _engine(paths, "linear").tensor_names
     parameters = sum(load_file(paths["base"] / "model.safetensors")[n].numel() for n in names)
     assert sizes["model"] == sizes["source:base"] == sizes["source:specialist1"] == parameters * 4
-    # two sources' 8-bit random levels share one float32 word per element
+    # up to four sources' 8-bit random levels share one 32-bit word per element
     assert sizes["random_fields"] == 4 * parameters
     assert sizes["dare_tables"] == 2 * len(names) * 257 * 4 and sizes["random_keys"] > 0
     assert sizes["total"] == sum(value for key, value in sizes.items() if key != "total")
     assert "magnitude_order" in _engine(paths, "ties").resident_bytes()
     della = _engine(paths, "della").resident_bytes()
-    assert della["random_fields"] == 2 * 4 * parameters  # (rank level, random level) word per source
+    assert della["random_fields"] == 4 * parameters  # a random level and a rank level per source
     assert della["della_tables"] == 2 * len(names) * 256 * 257 * 4 and "della_ranks" not in della
     # fresh draws hash their levels inside the kernels: only the rank levels are stored per element
     fresh = _engine(paths, "della", fresh_randomness=True).resident_bytes()
@@ -227,9 +228,8 @@ def test_resident_bytes_names_each_structure(paths: dict[str, Path]) -> None:
 def test_della_kept_l1_lookup_follows_the_kernel(density: float, epsilon: float) -> None:
     """Every (rank level, random level) cell through the DELLA kernel: the keep decisions are exactly the
     counts the kept-l1 lookup uses, and each rank level's keep probability is mergekit's, quantized."""
-    words = torch.arange(RANK_LEVELS * RANDOM_LEVELS, dtype=torch.float32).reshape(
-        1, 1, -1
-    )  # rank * 256 + level
+    cells = torch.arange(RANK_LEVELS * RANDOM_LEVELS).reshape(1, 1, -1)
+    words = pack_bytes(torch.cat([cells % RANDOM_LEVELS, cells // RANDOM_LEVELS]))  # level, rank level
     floor = torch.tensor([[[round(DELLA_PROBABILITY_SCALE * (density - epsilon))]]], dtype=torch.float32)
     slope = torch.tensor([[[round(DELLA_PROBABILITY_SCALE * 2 * epsilon / 255)]]], dtype=torch.float32)
     ones, out = torch.ones_like(words), torch.empty(1, words.numel())

@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 # DARE / DELLA random fields: the top byte of a lowbias32 hash of (element index, key), a key per (run seed,
 # source, tensor, draw) making them common random numbers across candidates. Streaming and
-# fresh-randomness runs hash them inside the kernels; a resident run stores them once, as float32 words
-# holding two bytes each (DARE: the levels of two sources; DELLA: rank level * 256 + random level of one
-# source). float32 because the CPU kernels (torch.compile, AVX2) load full float vectors fast but 8-, 16- and
-# 32-bit integer vectors through a slow partial-load path; small integers are exact in float32.
+# fresh-randomness runs hash them inside the kernels; a resident run stores them once, four bytes per
+# 32-bit word (`pack_bytes`: DARE one byte per source, DELLA a random level and a rank level per source). The
+# words are typed float32 and bit-cast back in the kernel because the CPU kernels (torch.compile, AVX2) load
+# full float vectors fast but 8-, 16- and 32-bit integer vectors through a slow partial-load path.
 RANDOM_LEVELS = 256
 RANK_LEVELS = 256  # DELLA's normalized rank r/(n - 1) is stored as round(r * 255 / (n - 1))
 # DELLA keeps an element when (2 * level + 1) * DELLA_SCALE < floor + slope * rank_level, with floor ~
@@ -109,18 +109,33 @@ def random_levels(key: torch.Tensor, length: int, device: torch.device) -> torch
     return (mixed >> 24) & 0xFF
 
 
-def _high_byte(word: torch.Tensor) -> torch.Tensor:
-    return torch.floor(word * (1.0 / RANDOM_LEVELS))
+BYTES_PER_WORD = 4
+
+
+def pack_bytes(planes: torch.Tensor) -> torch.Tensor:
+    """[P, L, n] integers in [0, 256) -> [ceil(P / 4), L, n] float32 words whose bit patterns hold them:
+    plane p in byte p % 4 (bits 8 * (p % 4) and up) of word p // 4; unused bytes are 0."""
+    count, *shape = planes.shape
+    words = -(-count // BYTES_PER_WORD)
+    padded = torch.zeros((words * BYTES_PER_WORD, *shape), dtype=torch.uint8, device=planes.device)
+    padded[:count] = planes
+    # little-endian (x86, ARM, CUDA): byte j of an int32 in memory is its bits 8j..8j+7
+    grouped = padded.reshape(words, BYTES_PER_WORD, *shape).movedim(1, -1).contiguous()
+    return grouped.view(torch.int32).squeeze(-1).view(torch.float32)
+
+
+def _plane(words: torch.Tensor, plane: int) -> torch.Tensor:
+    """int32 values of byte plane `plane` of `pack_bytes` words."""
+    bits = words[plane // BYTES_PER_WORD].view(torch.int32)
+    return (bits >> (8 * (plane % BYTES_PER_WORD))) & 0xFF
 
 
 def _dare_levels(field: torch.Tensor, index: int, length: int, device: torch.device) -> torch.Tensor:
-    """Source `index`'s random levels: hashed from int32 keys [S, L, 1], or stored as float32 words
-    [ceil(S / 2), L, n] of two sources' levels (source 2k in the high byte of word k, 2k + 1 in the low)."""
+    """Source `index`'s random levels: hashed from int32 keys [S, L, 1], or stored, plane `index` of float32
+    `pack_bytes` words [ceil(S / 4), L, n]."""
     if field.dtype == torch.int32:
         return random_levels(field[index], length, device)
-    word = field[index // 2]
-    high = _high_byte(word)
-    return high if index % 2 == 0 else word - high * RANDOM_LEVELS
+    return _plane(field, index)
 
 
 def della_level_counts(floor: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
@@ -148,10 +163,10 @@ def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, 
         field, cut = args
         return _dare_levels(field, index, delta.shape[-1], delta.device) < cut[index]
     if kind == "della":
-        if len(args) == 3:  # stored float32 words, rank level * 256 + random level, [S, L, n]
+        if len(args) == 3:  # `pack_bytes` words [ceil(S / 2), L, n]: planes 2i, 2i + 1 = level, rank level
             words, floor, slope = args
-            rank = _high_byte(words[index])
-            level = words[index] - rank * RANDOM_LEVELS
+            level = _plane(words, 2 * index).float()
+            rank = _plane(words, 2 * index + 1).float()
         else:  # int32 keys [S, L, 1] to hash, float32 rank levels [S, L, n]
             keys, ranks, floor, slope = args
             level = random_levels(keys[index], delta.shape[-1], delta.device).float()

@@ -5,7 +5,7 @@ kind, so a candidate is one fused kernel call per tensor kind (`methods.py`). Wh
 between candidates is computed once: the sources themselves (task vectors are formed inside the
 kernel, where they cost no extra memory traffic), sorted magnitudes for TIES / breadcrumbs thresholds,
 DARE / DELLA random fields keyed by run seed (common random numbers) and DELLA's quantized magnitude
-ranks (bytes packed two per float32 word: 2 bytes per element and source for DARE, 4 for DELLA), the
+ranks (bytes packed four per 32-bit word: 1 byte per element and source for DARE, 2 for DELLA), the
 kept-l1 tables that make DARE / DELLA's l1 rescale a lookup, and slerp's angles. `streaming=True` keeps only the model and rebuilds those per candidate from
 the safetensors files (hashing the random fields inside the kernels; `fresh_randomness=True` does too).
 """
@@ -37,6 +37,7 @@ from merger.engine.methods import (
     make_kept_l1,
     make_task_arithmetic,
     normalized_dot,
+    pack_bytes,
     random_levels,
     rescale_factors,
     slerp_coefficients,
@@ -97,8 +98,8 @@ class GroupStats:
     block_sums: torch.Tensor | None = None  # float64 prefix sums of `ascending` at block starts
     l1: torch.Tensor | None = None  # float64 [S, L]: l1 norm of each task vector (DARE / DELLA rescale)
     keys: torch.Tensor | None = None  # int32 [S, L, 1]: random-field keys
-    # float32 words of two bytes (methods.py): DARE [ceil(S / 2), L, n] levels of two sources, DELLA
-    # [S, L, n] rank level * 256 + random level; None where the kernels hash the levels from `keys`
+    # `pack_bytes` words: DARE [ceil(S / 4), L, n] a level per source, DELLA [ceil(S / 2), L, n] a level and a
+    # rank level per source; None where the kernels hash the levels from `keys`
     fields: torch.Tensor | None = None
     dare_table: torch.Tensor | None = None  # [S, L, 257]: l1 of |task vector| where random level < index
     ranks: torch.Tensor | None = None  # DELLA with hashed levels: float32 [S, L, n] rank levels (0..255)
@@ -294,10 +295,10 @@ class ResidentEngine:
         elif kind in ("random", "della"):
             levels = torch.stack([random_levels(key, group.elements, self.device) for key in stats.keys])
             if ranks is None:
-                stats.fields = _paired_levels(levels)
+                stats.fields = pack_bytes(levels)
                 stats.dare_table = _dare_tables(levels, magnitudes)
             else:
-                stats.fields = (ranks.int() * RANDOM_LEVELS + levels).float()
+                stats.fields = pack_bytes(torch.stack([levels, ranks.int()], dim=1).flatten(0, 1))
                 stats.della_table = _della_tables(levels, ranks, magnitudes)
         return stats
 
@@ -667,13 +668,6 @@ def _searchsorted(stats: GroupStats, values: torch.Tensor, right: bool) -> torch
 def _suffix_l1(stats: GroupStats, threshold: torch.Tensor) -> torch.Tensor:
     """[S, L]: the l1 of magnitudes >= threshold."""
     return _total_l1(stats) - _prefix_l1(stats, _searchsorted(stats, threshold, right=False))
-
-
-def _paired_levels(levels: torch.Tensor) -> torch.Tensor:
-    """[ceil(S / 2), L, n] float32 words: source 2k's level * 256 + source 2k + 1's (0 past the last)."""
-    if levels.shape[0] % 2:
-        levels = torch.cat([levels, torch.zeros_like(levels[:1])])
-    return (levels[0::2] * RANDOM_LEVELS + levels[1::2]).float()
 
 
 def _cumulative_l1(
