@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 from merger.errors import MergerError
+from merger.registry.files import WEIGHT_SUFFIXES, weights_digest
 from merger.router.pool import Member
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-_HASH_CHUNK = 1 << 22
 
 
 def member_checkpoint(member: Member, registry_root: Path | None = None) -> Path:
@@ -35,18 +33,15 @@ def member_checkpoint(member: Member, registry_root: Path | None = None) -> Path
     raise MergerError(f"member {member.name!r} is remote and has no local checkpoint")
 
 
-def _weight_files(checkpoint: Path) -> list[Path]:
-    files = sorted(
-        path for path in checkpoint.rglob("*") if path.suffix in WEIGHT_SUFFIXES and path.is_file()
-    )
+def memoized_weights_digest(checkpoint: Path, memo_file: Path | None = None) -> str:
+    """The registry's `weights_digest` of a checkpoint, remembered by its weight files' (path, size, mtime)."""
+    files = [
+        path
+        for path in sorted(checkpoint.rglob("*"))
+        if path.name.endswith(WEIGHT_SUFFIXES) and path.is_file()
+    ]
     if not files:
         raise MergerError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {checkpoint}")
-    return files
-
-
-def weights_digest(checkpoint: Path, memo_file: Path | None = None) -> str:
-    """sha256 over the checkpoint's weight files; memoised on (path, size, mtime) to skip rehashing."""
-    files = _weight_files(checkpoint)
     stamp = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
     stamp_key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
     memo: dict[str, str] = {}
@@ -54,13 +49,7 @@ def weights_digest(checkpoint: Path, memo_file: Path | None = None) -> str:
         memo = json.loads(memo_file.read_text())
         if stamp_key in memo:
             return memo[stamp_key]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(checkpoint).as_posix().encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-    result = digest.hexdigest()
+    result = weights_digest(checkpoint)
     if memo_file is not None:
         memo[stamp_key] = result
         memo_file.parent.mkdir(parents=True, exist_ok=True)
@@ -76,4 +65,4 @@ def member_content_key(
         return (
             "remote:" + hashlib.sha256(f"{member.remote.base_url}|{member.remote.model}".encode()).hexdigest()
         )
-    return "weights:" + weights_digest(member_checkpoint(member, registry_root), memo_file)
+    return "weights:" + memoized_weights_digest(member_checkpoint(member, registry_root), memo_file)
