@@ -75,7 +75,9 @@ def build_summary(search: Search, result: SearchResult, scores: dict[str, Any]) 
         "lineage": {
             source.name: {
                 "path": str(sources[source.name]),
-                "registry": source.path.removeprefix("registry:") if source.path.startswith("registry:") else None,
+                "registry": source.path.removeprefix("registry:")
+                if source.path.startswith("registry:")
+                else None,
                 "reference": source.path,
                 "sha256": weights_digest(sources[source.name]),
             }
@@ -90,11 +92,11 @@ def score_table(summary: dict[str, Any]) -> str:
     set_names = [s for s in ("validation", "test", "fitness") if s in summary["winner"]]
     columns = [(s, task) for s in set_names for task in summary["winner"][s]]
     header = ["model"] + [f"{s}:{task}" for s, task in columns]
-    lines = [header] + [
-        [name] + [f"{row[s][task]:.3f}" for s, task in columns] for name, row in rows.items()
-    ]
+    lines = [header] + [[name] + [f"{row[s][task]:.3f}" for s, task in columns] for name, row in rows.items()]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines
+    )
 
 
 def model_card(search: Search, summary: dict[str, Any], config_yaml: str) -> str:
@@ -129,6 +131,18 @@ def model_card(search: Search, summary: dict[str, Any], config_yaml: str) -> str
             "",
         ]
     )
+
+
+def finished_summary(run_dir: Path, result: SearchResult) -> dict[str, Any] | None:
+    """The summary of a run that already finished with this result (rerunning it re-scores nothing)."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file() or not (run_dir / FINAL_DIR).is_dir():
+        return None
+    summary = json.loads(path.read_text())
+    same = summary.get("evaluations") == result.evaluations and summary.get("winner", {}).get(
+        "genotype"
+    ) == list(result.best.genotype)
+    return summary if same else None
 
 
 def finish_run(search: Search, result: SearchResult) -> dict[str, Any]:

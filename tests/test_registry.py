@@ -749,6 +749,7 @@ def test_recipe_with_a_registry_source_publishes_with_lineage(
     tiny_evals: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The real search loop: `registry:parent@1` as a source and `output.publish` at the end."""
     from tests.recipes import tiny_recipe, write_recipe
@@ -783,3 +784,12 @@ def test_recipe_with_a_registry_source_publishes_with_lineage(
     assert registry.show("parent@1").children == ["child@1"]
     assert child.fitness is not None and set(child.scores["test"]) == {"tiny_mc"}
     assert all(result.ok for result in registry.verify("child"))
+
+    # The same command on the finished run re-scores nothing and publishes nothing new.
+    summary = tmp_path / "child-run" / "summary.json"
+    written = summary.stat().st_mtime_ns
+    capsys.readouterr()
+    assert merger.cli.main(["run", str(recipe_path), "--no-progress"]) == 0
+    assert "already published as child@1" in capsys.readouterr().out
+    assert [entry.version for entry in registry.entries("child")] == [1]
+    assert summary.stat().st_mtime_ns == written

@@ -58,11 +58,14 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
-    from merger.finish import finish_run, score_table
+    from merger.finish import finish_run, finished_summary, score_table
     from merger.search import StopRequest, open_search
 
     search, resuming = open_search(recipe, run_dir)
-    print(f"{'resuming' if resuming else 'starting'} run in {run_dir}: {search.genome.describe()}", file=sys.stderr)
+    print(
+        f"{'resuming' if resuming else 'starting'} run in {run_dir}: {search.genome.describe()}",
+        file=sys.stderr,
+    )
     bar = ProgressBar(recipe.optimizer.max_evaluations, progress, search.ledger.count())
     search.on_progress = bar
     try:
@@ -77,17 +80,31 @@ def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
                     f"best so far {result.best.score:.4f}. Run the same command again to resume.",
                 )
                 return 0
-            summary = finish_run(search, result)
+            summary = finished_summary(run_dir, result) or finish_run(search, result)
     finally:
         search.executor.close()
     print(score_table(summary))
-    print(f"winner: {run_dir / 'final'}  config: {run_dir / 'best.yaml'}  summary: {run_dir / 'summary.json'}")
+    print(
+        f"winner: {run_dir / 'final'}  config: {run_dir / 'best.yaml'}  summary: {run_dir / 'summary.json'}"
+    )
     if recipe.output.publish:
-        from merger.registry import Registry
-
-        registry = Registry(Path(recipe.output.registry) if recipe.output.registry else None)
-        print(f"published {registry.publish(run_dir, recipe.output.publish)}")
+        publish_once(recipe, run_dir)
     return 0
+
+
+def publish_once(recipe: Any, run_dir: Path) -> None:
+    """Publish the winner unless this name already holds exactly these weights (a rerun of a finished run)."""
+    from merger.registry import Registry, weights_digest
+
+    registry = Registry(Path(recipe.output.registry) if recipe.output.registry else None)
+    from merger.finish import FINAL_DIR
+
+    digest = weights_digest(run_dir / FINAL_DIR)
+    for entry in registry.entries(recipe.output.publish):
+        if entry.weights_sha256 == digest:
+            print(f"already published as {entry.ref}")
+            return
+    print(f"published {registry.publish(run_dir, recipe.output.publish)}")
 
 
 def status_command(args: argparse.Namespace) -> int:
