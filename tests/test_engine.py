@@ -13,10 +13,10 @@ from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
 from merger.engine.methods import (
-    DELLA_PROBABILITY_SCALE,
     RANDOM_LEVELS,
     RANK_LEVELS,
     della_level_counts,
+    della_terms,
     make_task_arithmetic,
     pack_bytes,
 )
@@ -230,8 +230,10 @@ def test_della_kept_l1_lookup_follows_the_kernel(density: float, epsilon: float)
     counts the kept-l1 lookup uses, and each rank level's keep probability is mergekit's, quantized."""
     cells = torch.arange(RANK_LEVELS * RANDOM_LEVELS).reshape(1, 1, -1)
     words = pack_bytes(torch.cat([cells % RANDOM_LEVELS, cells // RANDOM_LEVELS]))  # level, rank level
-    floor = torch.tensor([[[round(DELLA_PROBABILITY_SCALE * (density - epsilon))]]], dtype=torch.float32)
-    slope = torch.tensor([[[round(DELLA_PROBABILITY_SCALE * 2 * epsilon / 255)]]], dtype=torch.float32)
+    floor, slope = (
+        torch.tensor(value, dtype=torch.int32).reshape(1, 1, 1)
+        for value in della_terms(np.array(density), np.array(epsilon))
+    )
     ones, out = torch.ones_like(words), torch.empty(1, words.numel())
     one = torch.ones(1, 1, 1)
     make_task_arithmetic("della", False)(

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,11 @@ log = logging.getLogger(__name__)
 # full float vectors fast but 8-, 16- and 32-bit integer vectors through a slow partial-load path.
 RANDOM_LEVELS = 256
 RANK_LEVELS = 256  # DELLA's normalized rank r/(n - 1) is stored as round(r * 255 / (n - 1))
-# DELLA keeps an element when (2 * level + 1) * DELLA_SCALE < floor + slope * rank_level, with floor ~
-# DELLA_PROBABILITY_SCALE * (density - epsilon) and slope ~ DELLA_PROBABILITY_SCALE * 2 * epsilon / 255 rounded
-# to integers (2**-24 of a probability). Every term is an integer below 2**24, exact in float32 with or without
-# fused multiply-adds, so the kernel and the host's kept-l1 lookup (`della_level_counts`) agree bit for bit,
-# which the exact l1 rescale needs.
-DELLA_SCALE = 1 << 15
-DELLA_PROBABILITY_SCALE = 2 * RANDOM_LEVELS * DELLA_SCALE
+# DELLA keeps an element when level << 16 < floor + slope * rank_level in int32 (`della_terms`): integer
+# math, so the kernel and the host's kept-l1 lookup (`della_level_counts`) agree bit for bit, which the exact
+# l1 rescale needs.
+LEVEL_SHIFT = 16
+DELLA_PROBABILITY_SCALE = RANDOM_LEVELS << LEVEL_SHIFT  # 2**24: probabilities as integers
 DELLA_ALWAYS = 1 << 25  # floor that keeps (or, negated, drops) every element
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
 _MIX1 = 0x7FEB352D  # lowbias32 multipliers (int32 arithmetic wraps like uint32)
@@ -138,16 +137,27 @@ def _dare_levels(field: torch.Tensor, index: int, length: int, device: torch.dev
     return _plane(field, index)
 
 
+def della_terms(density: np.ndarray, epsilon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(floor, slope) of DELLA's integer keep rule `level << 16 < floor + slope * rank_level`.
+
+    That is (level + 0.5) / 256 < (density - epsilon) + 2 * epsilon * rank_level / 255 with both sides times
+    2**24 and rounded (2**-24 of a probability). For |epsilon| < 0.5 every term stays below 2**25: no int32
+    overflow. `density`, `epsilon`: float arrays of one shape.
+    """
+    floor = np.rint(DELLA_PROBABILITY_SCALE * (density - epsilon)) - (1 << (LEVEL_SHIFT - 1))
+    slope = np.rint(DELLA_PROBABILITY_SCALE * 2.0 * epsilon / (RANK_LEVELS - 1))
+    return floor, slope
+
+
 def della_level_counts(floor: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """[..., RANK_LEVELS] int64: per rank level, how many random levels DELLA keeps (those below the count).
 
-    The closed form of `(2 * level + 1) * DELLA_SCALE < x` with x = floor + slope * rank: 2 * level + 1 <
-    ceil(x / DELLA_SCALE), so the count is floor(ceil(x / DELLA_SCALE) / 2). `floor`, `slope`: [..., 1].
+    The closed form of `level << 16 < x` with x = floor + slope * rank: level < x / 2**16, so the count is
+    ceil(x / 2**16) within [0, 256]. `floor`, `slope`: [..., 1] integers.
     """
-    ranks = torch.arange(RANK_LEVELS, dtype=torch.int64, device=floor.device)  # floor, slope: integer-valued
+    ranks = torch.arange(RANK_LEVELS, dtype=torch.int64, device=floor.device)
     bound = floor.long() + slope.long() * ranks
-    ceiling = -torch.div(-bound, DELLA_SCALE, rounding_mode="floor")
-    return torch.div(ceiling, 2, rounding_mode="floor").clamp(0, RANDOM_LEVELS)
+    return (-torch.div(-bound, 1 << LEVEL_SHIFT, rounding_mode="floor")).clamp(0, RANDOM_LEVELS)
 
 
 def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -165,13 +175,18 @@ def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, 
     if kind == "della":
         if len(args) == 3:  # `pack_bytes` words [ceil(S / 2), L, n]: planes 2i, 2i + 1 = level, rank level
             words, floor, slope = args
-            level = _plane(words, 2 * index).float()
-            rank = _plane(words, 2 * index + 1).float()
-        else:  # int32 keys [S, L, 1] to hash, float32 rank levels [S, L, n]
+            bits = words[index // 2].view(torch.int32)
+            if index % 2 == 0:
+                shifted_level = (bits & 0xFF) << LEVEL_SHIFT
+                rank = (bits >> 8) & 0xFF
+            else:  # the level already sits at bits 16..23
+                shifted_level = bits & (0xFF << LEVEL_SHIFT)
+                rank = (bits >> 24) & 0xFF
+        else:  # int32 keys [S, L, 1] to hash, int32 rank levels [S, L, n]
             keys, ranks, floor, slope = args
-            level = random_levels(keys[index], delta.shape[-1], delta.device).float()
+            shifted_level = random_levels(keys[index], delta.shape[-1], delta.device) << LEVEL_SHIFT
             rank = ranks[index]
-        return (2 * level + 1) * DELLA_SCALE < floor[index] + rank * slope[index]
+        return shifted_level < floor[index] + rank * slope[index]
     raise ValueError(kind)
 
 

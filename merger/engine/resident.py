@@ -27,13 +27,13 @@ from safetensors import safe_open
 
 from merger.engine.methods import (
     DELLA_ALWAYS,
-    DELLA_PROBABILITY_SCALE,
     DIVISOR_EPS,
     METHODS,
     RANDOM_LEVELS,
     RANK_LEVELS,
     KernelCache,
     della_level_counts,
+    della_terms,
     make_kept_l1,
     make_task_arithmetic,
     normalized_dot,
@@ -102,7 +102,7 @@ class GroupStats:
     # rank level per source; None where the kernels hash the levels from `keys`
     fields: torch.Tensor | None = None
     dare_table: torch.Tensor | None = None  # [S, L, 257]: l1 of |task vector| where random level < index
-    ranks: torch.Tensor | None = None  # DELLA with hashed levels: float32 [S, L, n] rank levels (0..255)
+    ranks: torch.Tensor | None = None  # DELLA with hashed levels: int32 [S, L, n] rank levels (0..255)
     della_table: torch.Tensor | None = None  # [S, L, 256, 257]: l1 where rank level = r, random level < index
     dots: list[list[float]] | None = None  # slerp: normalized dot(base, source), [S][L]
 
@@ -291,7 +291,7 @@ class ResidentEngine:
             stats.l1 = magnitudes.sum(dim=-1, dtype=torch.float64)
         ranks = _rank_levels(magnitudes, group.shape) if kind == "della" else None
         if kind in ("random", "della") and (self.streaming or self.fresh_randomness):
-            stats.ranks = ranks.float() if ranks is not None else None
+            stats.ranks = ranks.int() if ranks is not None else None
         elif kind in ("random", "della"):
             levels = torch.stack([random_levels(key, group.elements, self.device) for key in stats.keys])
             if ranks is None:
@@ -558,7 +558,7 @@ class ResidentEngine:
         # keep where (level + 0.5) / RANDOM_LEVELS < density: a keep probability of levels / RANDOM_LEVELS
         levels = np.clip(np.ceil(density * RANDOM_LEVELS - 0.5), 0, RANDOM_LEVELS).astype(np.int64)
         levels = np.where(keep_all, RANDOM_LEVELS, levels)
-        cut = torch.from_numpy(levels).to(device=self.device, dtype=torch.float32).unsqueeze(-1)
+        cut = torch.from_numpy(levels).to(device=self.device, dtype=torch.int32).unsqueeze(-1)
         mask_args = (stats.fields if stats.fields is not None else stats.keys, cut)
         partial = ~keep_all
         factors = None
@@ -598,12 +598,11 @@ class ResidentEngine:
                 f"della: epsilon {epsilon[index, row]} with density {density[index, row]} for "
                 f"{self.other_names[index]} in {group.names[row]} leaves density +/- epsilon outside (0, 1)"
             )
-        floor = np.rint(DELLA_PROBABILITY_SCALE * (density - epsilon))
+        floor, slope = della_terms(np.where(partial, density, 0.5), np.where(partial, epsilon, 0.0))
         floor = np.where(keep_all, DELLA_ALWAYS, np.where(keep_none, -DELLA_ALWAYS, floor))
-        slope = np.where(partial, np.rint(DELLA_PROBABILITY_SCALE * 2.0 * epsilon / (RANK_LEVELS - 1)), 0.0)
+        slope = np.where(partial, slope, 0.0)
         floor_t, slope_t = (
-            torch.from_numpy(value.astype(np.float32)).to(self.device).unsqueeze(-1)
-            for value in (floor, slope)
+            torch.from_numpy(value.astype(np.int32)).to(self.device).unsqueeze(-1) for value in (floor, slope)
         )
         if stats.fields is not None:
             mask_args: tuple[torch.Tensor, ...] = (stats.fields, floor_t, slope_t)
