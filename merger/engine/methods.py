@@ -14,7 +14,8 @@ Two quantizations make DARE / DELLA one pass over memory (no second pass for the
   probability is a multiple of 1/256 (DARE keeps with probability round(density * 256) / 256);
 - DELLA's normalized magnitude rank is quantized to 255 steps (round to nearest; the smallest and largest
   magnitude of a row keep their exact rank 0 and 1), so DELLA's keep probability
-  (density - epsilon) + 2 * epsilon * rank is off by at most epsilon / 510 + 1 / 512.
+  (density - epsilon) + 2 * epsilon * rank is off by at most epsilon / 510 + 1 / 512 (+ 2**-16 from its
+  integer terms, `della_terms`).
 Then whether an element is kept depends only on its (rank, level) cell, and the kept l1 norm of a tensor
 at any (density, epsilon) is a lookup in a per-tensor table of l1 by cell (`della_level_counts`).
 """

@@ -6,8 +6,9 @@ between candidates is computed once: the sources themselves (task vectors are fo
 kernel, where they cost no extra memory traffic), sorted magnitudes for TIES / breadcrumbs thresholds,
 DARE / DELLA random fields keyed by run seed (common random numbers) and DELLA's quantized magnitude
 ranks (bytes packed four per 32-bit word: 1 byte per element and source for DARE, 2 for DELLA), the
-kept-l1 tables that make DARE / DELLA's l1 rescale a lookup, and slerp's angles. `streaming=True` keeps only the model and rebuilds those per candidate from
-the safetensors files (hashing the random fields inside the kernels; `fresh_randomness=True` does too).
+kept-l1 tables that make DARE / DELLA's l1 rescale a lookup, and slerp's angles. `streaming=True` keeps
+only the model and rebuilds those per candidate from the safetensors files (hashing the random fields
+inside the kernels, as `fresh_randomness=True` does, and a second pass for the kept l1).
 """
 
 from __future__ import annotations
@@ -589,7 +590,7 @@ class ResidentEngine:
         keep_all, keep_none = density >= 1, density <= 0
         partial = ~(keep_all | keep_none)
         # mergekit's check, for a negative epsilon too (where mergekit's bernoulli would fail instead); it
-        # also keeps |epsilon| < 0.5, which bounds the kernel's integer terms below 2**24
+        # also keeps |epsilon| < 0.5, which bounds the kernel's integer terms below 2**25
         spread = np.abs(epsilon)
         invalid = partial & ((density + spread >= 1) | (density - spread <= 0))
         if invalid.any():
