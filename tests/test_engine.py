@@ -216,7 +216,7 @@ def test_resident_bytes_names_each_structure(paths: dict[str, Path]) -> None:
     # fresh draws hash their levels inside the kernels: only the rank levels are stored per element
     fresh = _engine(paths, "della", fresh_randomness=True).resident_bytes()
     assert "random_fields" not in fresh and "della_tables" not in fresh
-    assert fresh["della_ranks"] == 2 * 4 * parameters
+    assert fresh["della_ranks"] == 2 * parameters  # uint8
 
 
 # ---- random methods: density, rescaling and expectation ------------------------------------------

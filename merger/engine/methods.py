@@ -183,10 +183,10 @@ def _keep(kind: str, delta: torch.Tensor, index: int, args: tuple[torch.Tensor, 
             else:  # the level already sits at bits 16..23
                 shifted_level = bits & (0xFF << LEVEL_SHIFT)
                 rank = (bits >> 24) & 0xFF
-        else:  # int32 keys [S, L, 1] to hash, int32 rank levels [S, L, n]
+        else:  # int32 keys [S, L, 1] to hash, uint8 rank levels [S, L, n]
             keys, ranks, floor, slope = args
             shifted_level = random_levels(keys[index], delta.shape[-1], delta.device) << LEVEL_SHIFT
-            rank = ranks[index]
+            rank = ranks[index].to(torch.int32)
         return shifted_level < floor[index] + rank * slope[index]
     raise ValueError(kind)
 

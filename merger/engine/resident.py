@@ -103,7 +103,7 @@ class GroupStats:
     # rank level per source; None where the kernels hash the levels from `keys`
     fields: torch.Tensor | None = None
     dare_table: torch.Tensor | None = None  # [S, L, 257]: l1 of |task vector| where random level < index
-    ranks: torch.Tensor | None = None  # DELLA with hashed levels: int32 [S, L, n] rank levels (0..255)
+    ranks: torch.Tensor | None = None  # DELLA with hashed levels: uint8 [S, L, n] rank levels
     della_table: torch.Tensor | None = None  # [S, L, 256, 257]: l1 where rank level = r, random level < index
     dots: list[list[float]] | None = None  # slerp: normalized dot(base, source), [S][L]
 
@@ -292,7 +292,7 @@ class ResidentEngine:
             stats.l1 = magnitudes.sum(dim=-1, dtype=torch.float64)
         ranks = _rank_levels(magnitudes, group.shape) if kind == "della" else None
         if kind in ("random", "della") and (self.streaming or self.fresh_randomness):
-            stats.ranks = ranks.int() if ranks is not None else None
+            stats.ranks = ranks
         elif kind in ("random", "della"):
             levels = torch.stack([random_levels(key, group.elements, self.device) for key in stats.keys])
             if ranks is None:
