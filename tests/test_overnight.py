@@ -120,14 +120,16 @@ def test_sigterm_mid_generation_then_resume_equals_an_uninterrupted_run(tiny_sou
     assert state is not None and state.generation == 0 and state.pending is not None
 
     # Second session: two signals after one more evaluation. The second stops it at once (exit 130)
-    # unless the tiny evaluation in flight already finished and the run stopped cleanly in between.
+    # unless the tiny evaluation in flight already finished and the run stopped cleanly in between:
+    # then the second lands after the stop (exit 0) or in interpreter shutdown (killed by SIGINT).
+    # test_a_second_signal_stops_at_once covers the second signal without this race.
     process = start_run(recipe)
     wait_for_rows(process, run_dir, len(first_session) + 1)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
-    assert process.returncode in (0, 130), err[-2000:]
+    assert process.returncode in (0, 130, -signal.SIGINT), err[-2000:]
     if process.returncode == 0:
         assert out.strip().startswith("stopped after"), out
     second_session = ledger_rows(run_dir)
