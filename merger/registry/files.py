@@ -63,6 +63,11 @@ def relative_files(root: Path) -> list[str]:
     return sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
 
 
+def weight_files(model_dir: Path) -> list[str]:
+    """The checkpoint's weight files (what `weights_digest` hashes), as sorted relative POSIX paths."""
+    return [name for name in relative_files(model_dir) if name.endswith(WEIGHT_SUFFIXES)]
+
+
 def weights_digest(model_dir: Path) -> str:
     """One sha256 over a checkpoint's weight files (their names and content hashes, sorted).
 
@@ -70,9 +75,8 @@ def weights_digest(model_dir: Path) -> str:
     tokenizer and card, so re-saving those does not change a model's identity.
     """
     model_dir = Path(model_dir)
-    weight_files = [name for name in relative_files(model_dir) if name.endswith(WEIGHT_SUFFIXES)]
     digest = hashlib.sha256()
-    for name in weight_files:
+    for name in weight_files(model_dir):
         digest.update(f"{name}\0{sha256_file(model_dir / name).sha256}\n".encode())
     return digest.hexdigest()
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from merger.errors import MergerError
-from merger.registry.files import WEIGHT_SUFFIXES, weights_digest
+from merger.registry.files import WEIGHT_SUFFIXES, weight_files, weights_digest
 from merger.router.pool import Member
 
 
@@ -35,11 +35,7 @@ def member_checkpoint(member: Member, registry_root: Path | None = None) -> Path
 
 def memoized_weights_digest(checkpoint: Path, memo_file: Path | None = None) -> str:
     """The registry's `weights_digest` of a checkpoint, remembered by its weight files' (path, size, mtime)."""
-    files = [
-        path
-        for path in sorted(checkpoint.rglob("*"))
-        if path.name.endswith(WEIGHT_SUFFIXES) and path.is_file()
-    ]
+    files = [checkpoint / name for name in weight_files(checkpoint)]
     if not files:
         raise MergerError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {checkpoint}")
     stamp = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
