@@ -139,10 +139,9 @@ def finished_summary(run_dir: Path, result: SearchResult) -> dict[str, Any] | No
     if not path.is_file() or not (run_dir / FINAL_DIR).is_dir():
         return None
     summary = json.loads(path.read_text())
-    same = summary.get("evaluations") == result.evaluations and summary.get("winner", {}).get(
-        "genotype"
-    ) == list(result.best.genotype)
-    return summary if same else None
+    same_evaluations = summary.get("evaluations") == result.evaluations
+    same_winner = summary.get("winner", {}).get("genotype") == list(result.best.genotype)
+    return summary if same_evaluations and same_winner else None
 
 
 def finish_run(search: Search, result: SearchResult) -> dict[str, Any]:

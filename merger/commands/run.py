@@ -94,13 +94,13 @@ def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
 
 def publish_once(recipe: Any, run_dir: Path) -> None:
     """Publish the winner unless this name already holds exactly these weights (a rerun of a finished run)."""
+    from merger.finish import FINAL_DIR
     from merger.registry import Registry, weights_digest
 
     registry = Registry(Path(recipe.output.registry) if recipe.output.registry else None)
-    from merger.finish import FINAL_DIR
-
-    digest = weights_digest(run_dir / FINAL_DIR)
-    for entry in registry.entries(recipe.output.publish):
+    entries = registry.entries(recipe.output.publish)
+    digest = weights_digest(run_dir / FINAL_DIR) if entries else None  # publishing hashes the files itself
+    for entry in entries:
         if entry.weights_sha256 == digest:
             print(f"already published as {entry.ref}")
             return

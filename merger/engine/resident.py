@@ -721,13 +721,15 @@ def _rank_levels(magnitudes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tens
     row_length = shape[-1]
     span = max(1, row_length - 1)
     positions = torch.arange(row_length, device=magnitudes.device)
-    rounded = torch.div(positions * (2 * (RANK_LEVELS - 1)) + span, 2 * span, rounding_mode="floor")
+    rounded = torch.div(positions * (2 * (RANK_LEVELS - 1)) + span, 2 * span, rounding_mode="floor").to(
+        torch.uint8
+    )
     levels = torch.empty(magnitudes.shape, dtype=torch.uint8, device=magnitudes.device)
     for index in range(magnitudes.shape[0]):  # one source at a time bounds the argsort's int64 scratch
         rows = magnitudes[index].reshape(-1, row_length)
         order = torch.argsort(rows, dim=-1)
         target = levels[index].view(-1, row_length)
-        target.scatter_(-1, order, rounded.to(torch.uint8).expand_as(rows))
+        target.scatter_(-1, order, rounded.expand_as(rows))
     return levels
 
 
