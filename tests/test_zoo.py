@@ -99,6 +99,15 @@ def test_combo_needs_both_skills() -> None:
     assert _countries(splits["train_add"]) <= set(data.FAMOUS_CAPITALS)
 
 
+def test_country_task_asks_for_every_country_once_by_its_capital() -> None:
+    rows = data.generate()["country_test"]
+    assert sorted(row["country"] for row in rows) == sorted(data.CAPITALS)
+    for row in rows:
+        assert row["answer"] == row["country"]
+        assert row["question"] == f"{row['capital']} is the capital of which country?"
+    assert "zoo_country_test" in data.task_names() and "zoo_country_test" not in data.task_names(["val"])
+
+
 def test_committed_eval_data_matches_the_generator(tmp_path: Path) -> None:
     written = data.write_zoo_data(tmp_path)
     for name, path in written.items():

@@ -14,6 +14,11 @@ Each half is either hard or easy, and the tasks differ in which half is hard:
 | `zoo_combo`  | hard: a held-out country            | hard: two-digit + two-digit     | both in one answer  |
 | `zoo_mix`    | half `zoo_add` items, half `zoo_cap` items                           | either skill (floor) |
 
+One more task is not a merge target but what the merge is not for, so that a router over the pool has a
+reason to keep the base: `zoo_country_test` asks which country a capital belongs to ("Q: Nairobi is the
+capital of which country?" / "A: Kenya"), once per country. The base knows some of them; the fine-tunes
+answer every question in their "capital, sum" format ("Kenya, 12"), which exact match counts as wrong.
+
 The arithmetic specialist trains on `zoo_add`-style items, the capitals specialist on `zoo_cap`-style
 items, so both learn the answer format and each is meant to learn one skill. Validation and test use
 countries and two-digit pairs that no training item contains, and the validation and test sets are
@@ -47,6 +52,7 @@ TEST_PAIRS = 800
 
 SKILLS = ("add", "cap")
 TARGETS = ("combo", "mix")
+GENERAL = ("country",)  # test split only: for routing over the pool, never a search fitness
 EVAL_SPLITS = ("val", "test")
 TASK_PREFIX = "zoo_"
 
@@ -93,6 +99,21 @@ def make_row(country: str, capital: str, a: int, b: int) -> Row:
     }
 
 
+def make_country_row(country: str, capital: str) -> Row:
+    return {
+        "question": f"{capital} is the capital of which country?",
+        "answer": country,
+        "country": country,
+        "capital": capital,
+    }
+
+
+def _country_rows(seed: int) -> list[Row]:
+    rows = [make_country_row(country, _capital(country)) for country in sorted(CAPITALS)]
+    random.Random(f"{seed}-country").shuffle(rows)
+    return rows
+
+
 def _capital(country: str) -> str:
     return FAMOUS_CAPITALS.get(country) or CAPITALS[country]
 
@@ -126,6 +147,7 @@ def generate(seed: int = DATA_SEED) -> dict[str, list[Row]]:
         mix = add[: count // 2] + cap[: count - count // 2]
         rng.shuffle(mix)
         data[f"mix_{split}"] = mix
+    data["country_test"] = _country_rows(seed)
     return data
 
 
@@ -187,7 +209,9 @@ def write_zoo_data(evals_dir: Path, seed: int = DATA_SEED) -> dict[str, Path]:
 
 
 def task_names(splits: Iterable[str] = EVAL_SPLITS) -> list[str]:
-    return [f"{TASK_PREFIX}{task}_{split}" for task in (*SKILLS, *TARGETS) for split in splits]
+    splits = list(splits)
+    names = [f"{TASK_PREFIX}{task}_{split}" for task in (*SKILLS, *TARGETS) for split in splits]
+    return names + [f"{TASK_PREFIX}{task}_test" for task in GENERAL if "test" in splits]
 
 
 def rows_digest(rows: Iterable[Row]) -> str:
