@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -33,6 +37,7 @@ from merger.router.pool import ROLES, Pool, Role, parse_pool
 CONDUCTOR_KEY = "sk-conductor-test-7f3a9c"
 REMOTE_KEY = "sk-remote-test-91be44"
 ORDER = ["flaky", "steady", "local"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -411,6 +416,68 @@ def test_every_request_is_answered_when_a_member_is_killed_mid_run(
             assert text
     own["steady"][0].stop()
     assert answered_by == ["flaky"] * 4 + ["steady"] * 6
+
+
+def start_one_member_server(checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """`merger serve` of a one-member pool in its own process (no trained head needed); its /v1 URL."""
+    pool_file = tmp_path / "solo.yaml"
+    pool_file.write_text(f"members:\n  - {{name: solo, path: {checkpoint}}}\nserver: {{max_tokens: 4}}\n")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "merger.cli", "serve", str(pool_file), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return process, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"merger serve exited: {process.communicate()[1][-2000:]}")
+            assert time.monotonic() < deadline, "merger serve did not come up"
+            time.sleep(0.2)
+
+
+def test_a_member_process_killed_mid_run_loses_no_request(
+    tiny_sources: dict[str, Path], shared: dict[str, Any], tmp_path: Path
+) -> None:
+    process, url = start_one_member_server(tiny_sources["specialist1"], tmp_path)
+    try:
+        pool = parse_pool(
+            {
+                "members": [
+                    {"name": "solo", "remote": {"base_url": url, "model": "solo"}, "timeout_s": 20},
+                    {"name": "local", "path": str(tiny_sources["base"])},
+                ],
+                "server": {"max_tokens": 4, "first_token_timeout_s": 20},
+                "work_dir": str(tmp_path / "work"),
+            },
+            tmp_path,
+        )
+        backends: dict[str, Any] = {"solo": RemoteBackend(pool.members[0]), "local": shared["local"]}
+        conductor = Conductor(
+            pool, ordered_head(pool.names, ["solo", "local"], 32), shared["embedder"], backends
+        )
+        answered_by = []
+        with ServerThread(create_app(conductor)) as thread:
+            client = openai.OpenAI(base_url=thread.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            for index in range(6):
+                if index == 3:
+                    process.send_signal(signal.SIGKILL)
+                    process.wait(timeout=30)
+                if index % 2:
+                    answered_by.append(stream(client, f"question {index}")[1][0])
+                else:
+                    answered_by.append(ask(client, f"question {index}")[2])
+        assert answered_by == ["solo"] * 3 + ["local"] * 3
+    finally:
+        process.kill()
+        process.wait(timeout=30)
 
 
 def test_plan_execute_verify_uses_roles_and_one_revision(conductor_factory: Any, remotes: Any) -> None:

@@ -151,8 +151,8 @@ class Conductor:
     def __init__(
         self,
         pool: Pool,
-        head: RouterHead,
-        embed: Callable[[list[str]], np.ndarray],
+        head: RouterHead | None,
+        embed: Callable[[list[str]], np.ndarray] | None,
         backends: dict[str, Backend],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -165,6 +165,8 @@ class Conductor:
         self.secrets = _configured_secrets(pool)
 
     async def route(self, query: str, pinned: str | None = None) -> Route:
+        if self.head is None or self.embed is None:  # a one-member pool: nothing to choose
+            return Route(ranking=list(self.pool.names), role_probabilities={Role.WORKER.value: 1.0})
         async with self._embed_lock:
             embedding = await asyncio.to_thread(self.embed, [query])
         scores, role_logits = self.head.forward(embedding)
@@ -504,16 +506,22 @@ async def _stream_response(
 
 
 def build_conductor(pool: Pool) -> Conductor:
-    """Load the trained head, the encoder (lazily, on first request) and every member's backend."""
+    """Load the trained head, the encoder (lazily, on first request) and every member's backend.
+
+    A one-member pool needs no head: it serves its member (with the breaker, timeouts and the same API),
+    which is how a local model becomes a `remote:` member of a conductor on another machine.
+    """
     from merger.router.backends import build_backend
     from merger.router.embeddings import build_embedder
     from merger.router.training import load_head
 
-    head = load_head(pool)
-    embedder = build_embedder(pool)
-    if embedder.encoder_id != head.encoder_id:
-        raise MergerError(
-            f"the head was trained on {head.encoder_id!r} embeddings, the pool uses {embedder.encoder_id!r}"
-        )
+    head, embedder = None, None
+    if len(pool.members) > 1:
+        head = load_head(pool)
+        embedder = build_embedder(pool)
+        if embedder.encoder_id != head.encoder_id:
+            raise MergerError(
+                f"the head was trained on {head.encoder_id!r} embeddings, the pool uses {embedder.encoder_id!r}"
+            )
     backends = {member.name: build_backend(member, pool.registry_root) for member in pool.members}
     return Conductor(pool, head, embedder, backends)
