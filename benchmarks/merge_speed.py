@@ -9,6 +9,7 @@ the copy bandwidth measured on the same device (bytes read + written per second 
 size), timed between the engine's applies so that both see the same load on a shared machine.
 
 Usage: python benchmarks/merge_speed.py [--device cuda] [--random] [--methods ties,linear] [--repeats 5]
+       [--shape smollm2|llama7b|tiny] [--layers N]   (llama7b: 7B's hidden/intermediate/vocab, random values)
 The last line printed is one JSON object {method: {engine_s, mergekit_s, floor_s, speedup, over_floor}}.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -54,25 +56,57 @@ METHODS = [
 ATTENTION_MLP = [{"filter": "self_attn", "value": 0.4}, {"filter": "mlp", "value": 0.6}]
 
 
-def smollm2_config() -> Any:
+SHAPES: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M-Instruct's shapes (the zoo's real base)
+    "smollm2": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+    },
+    # Llama-2-7B's per-layer and vocabulary shapes (use --layers to keep it small): a GPU-sized floor
+    "llama7b": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    # for smoke-testing the script itself
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def model_config(shape: str, layers: int | None = None) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
+    values = dict(SHAPES[shape], rms_norm_eps=1e-5)
+    if layers is not None:
+        values["num_hidden_layers"] = layers
+    return LlamaConfig(**values)
 
 
-def build_base(root: Path, use_random: bool) -> tuple[Path, str]:
-    if not use_random:
+def build_base(
+    root: Path, use_random: bool, shape: str = "smollm2", layers: int | None = None, device: str = "cpu"
+) -> tuple[Path, str]:
+    if not use_random and shape == "smollm2" and layers is None:
         try:
             from merger.zoo.smollm2 import base_checkpoint
 
@@ -82,55 +116,63 @@ def build_base(root: Path, use_random: bool) -> tuple[Path, str]:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(smollm2_config()).save_pretrained(root / "base")
-    return root / "base", "random LlamaConfig with SmolLM2-135M's shapes"
+    config = model_config(shape, layers)
+    with torch.device(device):  # initialising a multi-GB model is much faster on a GPU
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    del model
+    label = f"random LlamaConfig with {shape}'s shapes, {config.num_hidden_layers} layers"
+    return root / "base", label
 
 
-def build_specialist(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+def build_specialist(base: Path, out: Path, seed: int, scale: float = 0.02, device: str = "cpu") -> Path:
     """base + a seeded random task vector of `scale` times each tensor's standard deviation."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(base / "config.json", out / "config.json")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for file in sorted(base.glob("*.safetensors")):
-        for name, tensor in load_file(file).items():
+        for name, tensor in load_file(file, device=device).items():
             value = tensor.float()
-            noise = torch.randn(value.shape, generator=generator) * value.std().clamp_min(1e-3) * scale
-            tensors[name] = (value + noise).to(tensor.dtype).contiguous()
+            noise = torch.randn(value.shape, generator=generator, device=device)
+            noise = noise * value.std().clamp_min(1e-3) * scale
+            tensors[name] = (value + noise).to(tensor.dtype).contiguous().cpu()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
+def method_raw(method: str, paths: dict[str, Path], variant: int) -> dict[str, Any]:
+    """Candidate `variant` (0 or 1) of `method` as a raw mergekit config dict."""
+    shift = 0.1 * variant
+    one: dict[str, Any] = {"weight": 0.6 + shift}
+    two: dict[str, Any] = {
+        "weight": [{"filter": f["filter"], "value": f["value"] + shift} for f in ATTENTION_MLP]
+        + [{"value": 0.5}]
+    }
+    if method not in ("linear", "task_arithmetic", "slerp"):
+        one["density"] = 0.5 - shift
+        two["density"] = [{"filter": "self_attn", "value": 0.3 + shift}, {"value": 0.6}]
+    if method.startswith("della"):
+        one["epsilon"] = two["epsilon"] = 0.1
+    if method.startswith("breadcrumbs"):
+        one["gamma"] = two["gamma"] = 0.01
+    models = [
+        {"model": str(paths["base"]), "parameters": {"weight": 0.3} if method == "linear" else None},
+        {"model": str(paths["specialist1"]), "parameters": one},
+        {"model": str(paths["specialist2"]), "parameters": two},
+    ]
+    raw: dict[str, Any] = {"merge_method": method, "base_model": str(paths["base"]), "dtype": "float32"}
+    if method == "slerp":
+        models = models[:2]
+        models[1]["parameters"] = None
+        raw["parameters"] = {"t": [0.2 + shift, 0.7]}
+    raw["models"] = models
+    return raw
+
+
 def method_configs(method: str, paths: dict[str, Path]) -> list[MergeConfiguration]:
     """Two different candidates of `method` (the engine alternates between them)."""
-    configs = []
-    for variant in (0, 1):
-        shift = 0.1 * variant
-        one: dict[str, Any] = {"weight": 0.6 + shift}
-        two: dict[str, Any] = {
-            "weight": [{"filter": f["filter"], "value": f["value"] + shift} for f in ATTENTION_MLP]
-            + [{"value": 0.5}]
-        }
-        if method not in ("linear", "task_arithmetic", "slerp"):
-            one["density"] = 0.5 - shift
-            two["density"] = [{"filter": "self_attn", "value": 0.3 + shift}, {"value": 0.6}]
-        if method.startswith("della"):
-            one["epsilon"] = two["epsilon"] = 0.1
-        if method.startswith("breadcrumbs"):
-            one["gamma"] = two["gamma"] = 0.01
-        models = [
-            {"model": str(paths["base"]), "parameters": {"weight": 0.3} if method == "linear" else None},
-            {"model": str(paths["specialist1"]), "parameters": one},
-            {"model": str(paths["specialist2"]), "parameters": two},
-        ]
-        raw: dict[str, Any] = {"merge_method": method, "base_model": str(paths["base"]), "dtype": "float32"}
-        if method == "slerp":
-            models = models[:2]
-            models[1]["parameters"] = None
-            raw["parameters"] = {"t": [0.2 + shift, 0.7]}
-        raw["models"] = models
-        configs.append(MergeConfiguration.model_validate(raw))
-    return configs
+    return [MergeConfiguration.model_validate(method_raw(method, paths, variant)) for variant in (0, 1)]
 
 
 def synchronize(device: str) -> None:
@@ -176,12 +218,32 @@ def time_engine(
     return first, statistics.median(applies), statistics.median(copies)
 
 
+def time_mergekit(config: MergeConfiguration, device: str, repeats: int) -> float:
+    """Median seconds of mergekit's in-memory merge; NaN (with the error printed) if mergekit fails."""
+    times = []
+    try:
+        for _ in range(repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            merged = merge_in_memory(config, seed=0, device=device)
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+            del merged
+            gc.collect()
+    except Exception as error:  # keep the engine's numbers when mergekit cannot run here
+        print(f"# mergekit failed on {device}: {type(error).__name__}: {error}", file=sys.stderr)
+        return math.nan
+    return statistics.median(times)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--random", action="store_true", help="random SmolLM2-shaped base instead of merger.zoo"
     )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2", help="model shapes (random)")
+    parser.add_argument("--layers", type=int, help="number of layers (random model), default the shape's")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=5, help="engine applies timed per method (median)")
     parser.add_argument("--mergekit-repeats", type=int, default=1)
@@ -192,11 +254,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="merge-speed-") as scratch:
         root = Path(scratch)
-        base, base_label = build_base(root, args.random)
+        base, base_label = build_base(root, args.random, args.shape, args.layers, args.device)
         paths = {
             "base": base,
-            "specialist1": build_specialist(base, root / "specialist1", seed=1),
-            "specialist2": build_specialist(base, root / "specialist2", seed=2),
+            "specialist1": build_specialist(base, root / "specialist1", seed=1, device=args.device),
+            "specialist2": build_specialist(base, root / "specialist2", seed=2, device=args.device),
         }
         names = {str(path): name for name, path in paths.items()}
         results: dict[str, dict[str, float]] = {}
@@ -221,16 +283,7 @@ def main() -> int:
             resident_gib = engine.resident_bytes()["total"] / 2**30
             del engine
             gc.collect()
-            mergekit_times = []
-            for _ in range(args.mergekit_repeats):
-                synchronize(args.device)
-                started = time.perf_counter()
-                merged = merge_in_memory(configs[0], seed=0, device=args.device)
-                synchronize(args.device)
-                mergekit_times.append(time.perf_counter() - started)
-                del merged
-                gc.collect()
-            mergekit_s = statistics.median(mergekit_times)
+            mergekit_s = time_mergekit(configs[0], args.device, args.mergekit_repeats)
             inputs = len(sources)  # every input tensor read once (base included), output written once
             floor_s = (inputs + 1) * elements * itemsize / bandwidth
             results[method] = {
