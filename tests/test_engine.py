@@ -448,3 +448,23 @@ def test_compiled_kernels_equal_eager(paths: dict[str, Path], method: str) -> No
     for engine in (eager, compiled):
         engine.apply(_plan(engine, config, paths))
     _assert_matches(compiled, _weights(eager), **FP32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "options"), [("ties", {}), ("della", {"fresh_randomness": True})])
+def test_compiled_bfloat16_kernels_equal_eager(paths: dict[str, Path], method: str, options: dict) -> None:
+    """Compiled bfloat16 kernels round after every op like eager torch (and mergekit): the same elements
+    pass the TIES threshold and the same kept l1 rescales DELLA, so the merged bits are identical."""
+    extra = {"epsilon": 0.15} if method == "della" else {}
+    config = _config(
+        method,
+        paths,
+        ({"weight": 0.6, "density": 0.3} | extra, {"weight": 0.5, "density": BY_CLASS} | extra),
+        {"rescale": True},
+        dtype="bfloat16",
+    )
+    eager = _engine(paths, method, dtype=torch.bfloat16, **options)
+    compiled = _engine(paths, method, dtype=torch.bfloat16, compile_kernels=True, **options)
+    for engine in (eager, compiled):
+        engine.apply(_plan(engine, config, paths))
+    _assert_matches(compiled, _weights(eager), rtol=0, atol=0)

@@ -278,6 +278,13 @@ def normalized_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a64, b64)) / (norm_a * norm_b)
 
 
+# Inductor computes bfloat16 / float16 kernels in float32 and rounds once at the end; eager torch (and
+# mergekit) rounds after every op. Emulating the per-op rounding keeps compiled kernels bit-identical to the
+# eager ones at low precision, so TIES / breadcrumbs thresholds (taken from the eagerly rounded magnitudes)
+# and the DARE / DELLA kept-l1 tables select the same elements. No effect on float32 / float64 kernels.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
 class KernelCache:
     """Kernels by name, compiled with torch.compile when asked; falls back to eager if compiling fails."""
 
@@ -290,7 +297,9 @@ class KernelCache:
         if name not in self._kernels:
             eager = build()
             self._eager[name] = eager
-            self._kernels[name] = torch.compile(eager, dynamic=True) if self.compile_kernels else eager
+            self._kernels[name] = (
+                torch.compile(eager, dynamic=True, options=COMPILE_OPTIONS) if self.compile_kernels else eager
+            )
         return self._kernels[name]
 
     def call(self, name: str, build: Callable[[], Callable[..., object]], *args: object) -> object:
