@@ -282,7 +282,11 @@ def normalized_dot(a: torch.Tensor, b: torch.Tensor) -> float:
 # mergekit) rounds after every op. Emulating the per-op rounding keeps compiled kernels bit-identical to the
 # eager ones at low precision, so TIES / breadcrumbs thresholds (taken from the eagerly rounded magnitudes)
 # and the DARE / DELLA kept-l1 tables select the same elements. No effect on float32 / float64 kernels.
-COMPILE_OPTIONS = {"emulate_precision_casts": True}
+# torch.compile rejects options its inductor does not know (older torch), so ask only where it exists.
+def compile_options() -> dict[str, bool]:
+    from torch._inductor import config
+
+    return {"emulate_precision_casts": True} if hasattr(config, "emulate_precision_casts") else {}
 
 
 class KernelCache:
@@ -298,7 +302,9 @@ class KernelCache:
             eager = build()
             self._eager[name] = eager
             self._kernels[name] = (
-                torch.compile(eager, dynamic=True, options=COMPILE_OPTIONS) if self.compile_kernels else eager
+                torch.compile(eager, dynamic=True, options=compile_options())
+                if self.compile_kernels
+                else eager
             )
         return self._kernels[name]
 
