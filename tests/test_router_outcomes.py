@@ -14,6 +14,7 @@ from merger.cli import main
 from merger.router.embeddings import build_embedder
 from merger.router.outcomes import build_outcome_table
 from merger.router.pool import load_pool
+from tests.tiny_models import write_tasks
 
 ITEMS_PER_TASK = 6
 
@@ -24,6 +25,7 @@ def write_pool(
     tiny_evals: Path,
     encoder: str = "hidden_states",
     extra: str = "",
+    tasks: str = "[tiny_mc, tiny_gen]",
 ) -> Path:
     member_lines = "\n".join(f"  - {{name: {name}, path: {path}}}" for name, path in members.items())
     encoder_block = "{kind: hidden_states, member: base}" if encoder == "hidden_states" else "{kind: minilm}"
@@ -31,7 +33,7 @@ def write_pool(
     pool_file.write_text(
         f"""members:
 {member_lines}
-tasks: {{names: [tiny_mc, tiny_gen], include_path: {tiny_evals}, limit: {ITEMS_PER_TASK}, batch_size: 4}}
+tasks: {{names: {tasks}, include_path: {tiny_evals}, limit: {ITEMS_PER_TASK}, batch_size: 4}}
 router: {{encoder: {encoder_block}, hidden_size: 4, evaluations: 200, holdout_fraction: 0.34}}
 work_dir: work
 {extra}"""
@@ -73,6 +75,31 @@ def test_outcome_table_holds_per_item_lm_eval_results_and_is_reused_until_weight
     changed = build_outcome_table(pool, messages.append)
     assert messages[0].endswith("(cached)") and messages[1].endswith("(evaluated)")
     np.testing.assert_array_equal(changed.correct[:, 0], table.correct[:, 0])
+
+
+def test_each_task_is_cached_on_its_own(tmp_path: Path, tiny_sources: dict[str, Path]) -> None:
+    evals = tmp_path / "evals"
+    write_tasks(evals)
+    members = {"base": tiny_sources["base"]}
+    messages: list[str] = []
+    build_outcome_table(load_pool(write_pool(tmp_path, members, evals, tasks="[tiny_mc]")), messages.append)
+    assert messages == [f"base: {ITEMS_PER_TASK} items (evaluated)"]
+
+    both = load_pool(write_pool(tmp_path, members, evals))
+    messages.clear()
+    table = build_outcome_table(both, messages.append)
+    assert messages == [f"base: {2 * ITEMS_PER_TASK} items (1 of 2 tasks cached, tiny_gen evaluated)"]
+
+    data = evals / "tiny_gen.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["answer"] = "Atlantis"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    messages.clear()
+    edited = build_outcome_table(both, messages.append)
+    assert messages == [f"base: {2 * ITEMS_PER_TASK} items (1 of 2 tasks cached, tiny_gen evaluated)"]
+    assert edited.correct[edited.item_ids.index("tiny_gen:0"), 0] == 0.0
+    mc_rows = [i for i, task in enumerate(table.tasks) if task == "tiny_mc"]
+    np.testing.assert_array_equal(edited.correct[mc_rows], table.correct[mc_rows])
 
 
 def test_hidden_state_embeddings_are_cached_on_disk(

@@ -1,8 +1,9 @@
 """The outcome table: per item of a task set, each member's correctness, latency and cost.
 
 Rows come from lm-eval runs with `log_samples=True` (one per task, so latency is per task: the task's wall
-time over its item count). Each member's rows are cached under the pool's work dir, keyed by the member's
-content (weights hash, or endpoint for remote members) and the task set, so they are reused until either changes.
+time over its item count). Each member's rows on each task are cached under the pool's work dir, keyed by
+the member's content (weights hash, or endpoint for remote members) and that task's files and limit, so they
+are reused until either changes: adding a task to the set evaluates only the new task.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,18 +81,49 @@ class OutcomeTable:
         return np.array(sorted(train), dtype=int), np.array(sorted(held_out), dtype=int)
 
 
-def task_set_key(tasks: TaskSet) -> str:
-    """What about the task set changes outcomes: names, limit, and the task files' contents."""
-    parts: dict[str, Any] = {"names": sorted(tasks.names), "limit": tasks.limit}
-    if tasks.include_path is not None:
-        root = tasks.include_path
+TASK_FILE_SUFFIXES = (".yaml", ".yml", ".jsonl", ".json", ".csv", ".parquet", ".txt")
+_TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
+
+
+def _files_of_task(name: str, files: list[Path], yaml_texts: dict[Path, str]) -> list[Path]:
+    """The task's YAML and every file under the include path whose name it mentions, following mentioned
+    YAML (`include:`) in turn; all the files when its YAML is not found or names no data file."""
+    own = next((path for path, text in yaml_texts.items() if name in _TASK_LINE.findall(text)), None)
+    if own is None:
+        return files
+    found, pending = [own], [own]
+    while pending:
+        text = yaml_texts[pending.pop()]
+        for path in files:
+            if path not in found and path.name in text:
+                found.append(path)
+                if path in yaml_texts:
+                    pending.append(path)
+    return found if any(path not in yaml_texts for path in found) else files
+
+
+def task_keys(tasks: TaskSet) -> dict[str, str]:
+    """Per task, what changes its outcomes: its name, the limit and the contents of its files, so that
+    adding a task (or editing one) leaves the other tasks' cached rows valid."""
+    if tasks.include_path is None:
+        files: list[Path] = []
+    else:
         files = sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".jsonl", ".json")
+            p for p in tasks.include_path.rglob("*") if p.is_file() and p.suffix in TASK_FILE_SUFFIXES
         )
-        parts["files"] = {
-            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
-        }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    yaml_texts = {p: p.read_text() for p in files if p.suffix in (".yaml", ".yml")}
+    digests: dict[Path, str] = {}
+    keys = {}
+    for name in tasks.names:
+        parts: dict[str, Any] = {"name": name, "limit": tasks.limit}
+        if tasks.include_path is not None:
+            own = _files_of_task(name, files, yaml_texts)
+            for path in own:
+                if path not in digests:
+                    digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+            parts["files"] = {p.relative_to(tasks.include_path).as_posix(): digests[p] for p in own}
+        keys[name] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return keys
 
 
 def _prompt_of(sample: dict[str, Any]) -> str:
@@ -139,42 +173,43 @@ class _Evaluator:
             pretrained=str(checkpoint), batch_size=self.tasks.batch_size, device=self.tasks.device
         ), False
 
-    def rows(self, member: Member) -> list[MemberRow]:
+    def rows(self, member: Member, tasks: list[str]) -> dict[str, list[MemberRow]]:
+        """The member's rows on each of `tasks`, one model load for all of them."""
+        lm, chat = self._language_model(member)
+        return {task: self._task_rows(lm, chat, member, task) for task in tasks}
+
+    def _task_rows(self, lm: Any, chat: bool, member: Member, task: str) -> list[MemberRow]:
         import lm_eval
 
-        lm, chat = self._language_model(member)
-        rows: list[MemberRow] = []
-        for task in self.tasks.names:
-            started = time.perf_counter()
-            try:
-                result = lm_eval.simple_evaluate(
-                    model=lm,
-                    tasks=[task],
-                    task_manager=self.task_manager,
-                    limit=self.tasks.limit,
-                    log_samples=True,
-                    apply_chat_template=chat,
-                )
-            except Exception as error:  # lm-eval raises bare exceptions for unknown tasks, bad data...
-                raise MergerError(
-                    f"lm-eval failed on task {task!r} for member {member.name!r}: {error}"
-                ) from error
-            elapsed = time.perf_counter() - started
-            samples = result["samples"].get(task, [])
-            if not samples:
-                raise MergerError(f"lm-eval logged no samples for task {task!r} (member {member.name!r})")
-            per_item = elapsed / max(1, len(samples))
-            for sample in samples:
-                rows.append(
-                    MemberRow(
-                        item_id=f"{task}:{sample['doc_id']}",
-                        task=task,
-                        prompt=_prompt_of(sample),
-                        correct=_correctness_of(sample),
-                        latency_s=per_item,
-                    )
-                )
-        return rows
+        started = time.perf_counter()
+        try:
+            result = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task],
+                task_manager=self.task_manager,
+                limit=self.tasks.limit,
+                log_samples=True,
+                apply_chat_template=chat,
+            )
+        except Exception as error:  # lm-eval raises bare exceptions for unknown tasks, bad data...
+            raise MergerError(
+                f"lm-eval failed on task {task!r} for member {member.name!r}: {error}"
+            ) from error
+        elapsed = time.perf_counter() - started
+        samples = result["samples"].get(task, [])
+        if not samples:
+            raise MergerError(f"lm-eval logged no samples for task {task!r} (member {member.name!r})")
+        per_item = elapsed / max(1, len(samples))
+        return [
+            MemberRow(
+                item_id=f"{task}:{sample['doc_id']}",
+                task=task,
+                prompt=_prompt_of(sample),
+                correct=_correctness_of(sample),
+                latency_s=per_item,
+            )
+            for sample in samples
+        ]
 
 
 def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:
@@ -183,37 +218,58 @@ def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:
     return pool.work_dir / "outcomes" / f"{member.name}-{key}.json"
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
 def member_rows(
-    pool: Pool, member: Member, evaluator: _Evaluator | None, task_key: str
-) -> tuple[list[MemberRow], bool]:
-    """(rows, came_from_cache)."""
-    cache = _cache_file(pool, member, task_key)
-    if cache.is_file():
-        return [MemberRow(**row) for row in json.loads(cache.read_text())], True
-    if evaluator is None:
-        raise MergerError(f"no cached outcomes for member {member.name!r}")
-    rows = evaluator.rows(member)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache.with_suffix(".tmp")
-    temporary.write_text(json.dumps([row.__dict__ for row in rows]))
-    temporary.replace(cache)
-    return rows, False
+    pool: Pool, member: Member, evaluator: Callable[[], _Evaluator], keys: dict[str, str]
+) -> tuple[list[MemberRow], list[str]]:
+    """(rows on every task, the tasks that had to be evaluated); each task's rows are cached on their own."""
+    caches = {task: _cache_file(pool, member, key) for task, key in keys.items()}
+    missing = [task for task, cache in caches.items() if not cache.is_file()]
+    fresh = evaluator().rows(member, missing) if missing else {}
+    rows: list[MemberRow] = []
+    for task, cache in caches.items():
+        if task in fresh:
+            _write_atomically(cache, json.dumps([row.__dict__ for row in fresh[task]]))
+            rows.extend(fresh[task])
+        else:
+            rows.extend(MemberRow(**row) for row in json.loads(cache.read_text()))
+    return rows, missing
+
+
+def _progress_line(member: Member, rows: list[MemberRow], evaluated: list[str], tasks: int) -> str:
+    if not evaluated:
+        state = "cached"
+    elif len(evaluated) == tasks:
+        state = "evaluated"
+    else:
+        state = f"{tasks - len(evaluated)} of {tasks} tasks cached, {', '.join(evaluated)} evaluated"
+    return f"{member.name}: {len(rows)} items ({state})"
 
 
 def build_outcome_table(pool: Pool, progress: Any = None) -> OutcomeTable:
-    """Evaluate every member on the pool's task set (cached per member) and align rows by item."""
+    """Evaluate every member on the pool's task set (cached per member and task) and align rows by item."""
     if pool.tasks is None:
         raise MergerError("the pool has no `tasks:` section; the router needs a task set to learn from")
-    task_key = task_set_key(pool.tasks)
-    evaluator: _Evaluator | None = None
+    tasks = pool.tasks
+    keys = task_keys(tasks)
+    evaluators: list[_Evaluator] = []
+
+    def evaluator() -> _Evaluator:  # built on first need: a fully cached table loads no lm-eval tasks
+        if not evaluators:
+            evaluators.append(_Evaluator(tasks, pool.registry_root))
+        return evaluators[0]
+
     per_member: dict[str, dict[str, MemberRow]] = {}
     for member in pool.members:
-        cache = _cache_file(pool, member, task_key)
-        if evaluator is None and not cache.is_file():
-            evaluator = _Evaluator(pool.tasks, pool.registry_root)
-        rows, cached = member_rows(pool, member, evaluator, task_key)
+        rows, evaluated = member_rows(pool, member, evaluator, keys)
         if progress is not None:
-            progress(f"{member.name}: {len(rows)} items ({'cached' if cached else 'evaluated'})")
+            progress(_progress_line(member, rows, evaluated, len(keys)))
         per_member[member.name] = {row.item_id: row for row in rows}
     return align(pool, per_member)
 
