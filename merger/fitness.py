@@ -99,7 +99,8 @@ def _anchored_data_files(config: dict[str, Any], yaml_path: Path) -> dict[str, A
     return {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": anchored}}
 
 
-def _task_configs(manager: Any, names: list[str]) -> list[Any]:
+def anchored_task_configs(manager: Any, names: list[str]) -> list[Any]:
+    """What to give lm-eval for `names`: local tasks as configs with anchored data files, others by name."""
     configs: list[Any] = []
     for name in names:
         entry = manager.task_index.get(name)
@@ -115,7 +116,7 @@ class TaskSuite:
         self.eval_set = eval_set
         names = [task.name for task in eval_set.tasks]
         manager = task_manager_for(names, include_paths)
-        loaded = manager.load(_task_configs(manager, names))
+        loaded = manager.load(anchored_task_configs(manager, names))
         for task in loaded["tasks"].values():
             if eval_set.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=eval_set.num_fewshot)

@@ -102,6 +102,22 @@ def test_each_task_is_cached_on_its_own(tmp_path: Path, tiny_sources: dict[str, 
     np.testing.assert_array_equal(edited.correct[mc_rows], table.correct[mc_rows])
 
 
+def test_task_data_paths_relative_to_the_task_yaml_work_from_any_directory(
+    tmp_path: Path, tiny_sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evals = tmp_path / "evals"
+    write_tasks(evals)
+    for name in ("tiny_mc", "tiny_gen"):
+        task_yaml = evals / f"{name}.yaml"
+        task_yaml.write_text(task_yaml.read_text().replace(str(evals / f"{name}.jsonl"), f"{name}.jsonl"))
+    pool = load_pool(write_pool(tmp_path, {"base": tiny_sources["base"]}, evals))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    table = build_outcome_table(pool)
+    assert table.correct.shape == (2 * ITEMS_PER_TASK, 1)
+
+
 def test_hidden_state_embeddings_are_cached_on_disk(
     tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals: Path
 ) -> None:

@@ -181,11 +181,14 @@ class _Evaluator:
     def _task_rows(self, lm: Any, chat: bool, member: Member, task: str) -> list[MemberRow]:
         import lm_eval
 
+        from merger.fitness import anchored_task_configs
+
         started = time.perf_counter()
         try:
+            # as configs with anchored data files: a task's relative data paths work from any directory
             result = lm_eval.simple_evaluate(
                 model=lm,
-                tasks=[task],
+                tasks=anchored_task_configs(self.task_manager, [task]),
                 task_manager=self.task_manager,
                 limit=self.tasks.limit,
                 log_samples=True,
