@@ -40,10 +40,14 @@ def score_everything(search: Search, final: Path) -> dict[str, Any]:
     sets = list(eval_sets(search.recipe))
     sources = resolve_sources(search.recipe)
     scores: dict[str, Any] = {"winner": {}, "sources": {name: {} for name in sources}}
-    for set_name in sets:
-        scores["winner"][set_name] = search.executor.score_checkpoint(final, set_name)
-        for name, path in sources.items():
-            scores["sources"][name][set_name] = search.executor.score_checkpoint(path, set_name)
+    targets = [(scores["winner"], final)] + [
+        (scores["sources"][name], path) for name, path in sources.items()
+    ]
+    jobs = [(path, set_name) for _, path in targets for set_name in sets]
+    results = search.executor.score_checkpoints(jobs)  # all at once: a Ray executor spreads them out
+    places = [(table, set_name) for table, _ in targets for set_name in sets]
+    for (table, set_name), result in zip(places, results, strict=True):
+        table[set_name] = result
     return scores
 
 

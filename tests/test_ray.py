@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from merger.errors import MergerError
+from merger.executors.in_process import InProcessExecutor
 from merger.executors.ray_executor import RayExecutor
 from merger.ledger import Ledger
 from merger.recipe import parse_recipe
@@ -116,6 +117,23 @@ def test_a_stop_lets_the_candidate_in_flight_finish_and_a_resume_completes_the_r
     ledger = Ledger(tmp_path / "ray")
     assert_same_search((resumed, ledger.evaluations(), after), in_process_run)
     ledger.close()
+
+
+def test_final_scoring_is_spread_over_the_workers_and_survives_losing_them(
+    ray_session, search_data, tiny_sources
+):
+    recipe = parse_recipe({**search_data, "executor": RAY})
+    jobs = [(path, "fitness") for path in tiny_sources.values()]
+    expected = InProcessExecutor(recipe, tiny_sources, 4).score_checkpoints(jobs)
+    executor = RayExecutor(recipe, tiny_sources, 4)
+    try:
+        for pid in executor.worker_pids:  # both die before the first job reaches them
+            os.kill(pid, signal.SIGKILL)
+        scores = executor.score_checkpoints(jobs + jobs)
+        assert executor.lost_workers == 2  # both slots were given a job (one worker would lose one)
+    finally:
+        executor.close()
+    assert scores == expected + expected
 
 
 def test_workers_that_do_not_fit_the_cluster_are_refused(ray_session, search_data, tiny_sources):

@@ -35,8 +35,8 @@ class InProcessExecutor:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self.worker.score_genotype(genotype, set_name)
 
-    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
-        return self.worker.score_checkpoint(path, set_name)
+    def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
+        return [self.worker.score_checkpoint(path, set_name) for path, set_name in jobs]
 
     def close(self) -> None:
         pass

@@ -211,8 +211,34 @@ class RayExecutor:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self._on_one_actor("score_genotype", genotype, set_name)
 
-    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
-        return self._on_one_actor("score_checkpoint", path, set_name)
+    def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
+        """Each job on the next free worker; a lost worker is replaced and its job tried again."""
+        queue = deque(range(len(jobs)))
+        attempts = [0] * len(jobs)
+        idle = deque(range(len(self.actors)))
+        in_flight: dict[Any, tuple[int, int]] = {}  # reference -> (worker slot, job)
+        results: dict[int, dict[str, float]] = {}
+        while queue or in_flight:
+            while queue and idle:
+                slot, job = idle.popleft(), queue.popleft()
+                in_flight[self.actors[slot].score_checkpoint.remote(*jobs[job])] = (slot, job)
+            ready, _ = self.ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
+            for reference in ready:
+                slot, job = in_flight.pop(reference)
+                try:
+                    results[job] = self.ray.get(reference)
+                except lost_worker_errors() as error:
+                    self._replace(slot)
+                    attempts[job] += 1
+                    if attempts[job] >= MAX_ATTEMPTS:
+                        path, set_name = jobs[job]
+                        raise MergerError(
+                            f"executor: the Ray worker died {MAX_ATTEMPTS} times scoring {path} on "
+                            f"{set_name}: {root_cause(error)}"
+                        ) from None
+                    queue.appendleft(job)
+                idle.append(slot)
+        return [results[job] for job in range(len(jobs))]
 
     def close(self) -> None:
         if self.ray.is_initialized():
