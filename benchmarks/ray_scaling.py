@@ -2,8 +2,9 @@
 
 Each evaluation gets one torch thread (the in-process run and every Ray worker alike), so with evaluation
 dominating and 2 free cores Ray should approach 2x. Models are small random Llamas built here; tasks are the
-tiny lm-eval tasks of the tests with more items. Prints one line per executor, then the ratio
-in-process / Ray as the last line.
+tiny lm-eval tasks of the tests with more items. After each search the executor scores every source, as
+the end of a run does. Prints one line per executor, the scoring ratio, then the ratio of seconds per
+generation in-process / Ray as the last line.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/ray_scaling.py [--hidden 256 --layers 8]
 """
@@ -83,16 +84,20 @@ def recipe_data(
     }
 
 
-def seconds_per_generation(data: dict[str, Any], run_dir: Path) -> tuple[float, float]:
-    """(median seconds per generation, best score) of a fresh run; start-up is not counted."""
+def timed_run(data: dict[str, Any], run_dir: Path, sources: dict[str, Path]) -> tuple[float, float, float]:
+    """(median seconds per generation, best score, seconds to score every source as the end of a run
+    does) of a fresh run; start-up is not counted."""
     search, _ = open_search(parse_recipe(data), run_dir)
     try:
         result = search.run()
         seconds = [generation.seconds for generation in search.ledger.generations()]
+        started = time.perf_counter()
+        search.executor.score_checkpoints([(path, "fitness") for path in sources.values()])
+        scoring = time.perf_counter() - started
     finally:
         search.executor.close()
         search.ledger.close()
-    return statistics.median(seconds), result.best.score
+    return statistics.median(seconds), result.best.score, scoring
 
 
 def main() -> None:
@@ -118,22 +123,30 @@ def main() -> None:
         )
 
         started = time.perf_counter()
-        in_process, best_in_process = seconds_per_generation(
-            recipe_data(sources, root / "evals", args, {"kind": "in_process"}), root / "in_process"
+        in_process, best_in_process, scoring_in_process = timed_run(
+            recipe_data(sources, root / "evals", args, {"kind": "in_process"}), root / "in_process", sources
         )
-        print(f"in-process (1 thread):        {in_process:.2f} s/generation  (best {best_in_process:.4f})")
+        print(
+            f"in-process (1 thread):        {in_process:.2f} s/generation  (best {best_in_process:.4f}); "
+            f"scoring the {len(sources)} sources {scoring_in_process:.2f} s"
+        )
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            on_ray, best_ray = seconds_per_generation(
+            on_ray, best_ray, scoring_on_ray = timed_run(
                 recipe_data(
                     sources, root / "evals", args, {"kind": "ray", "num_workers": 2, "cpus_per_worker": 1}
                 ),
                 root / "ray",
+                sources,
             )
         finally:
             ray.shutdown()
-        print(f"ray, 2 workers x 1 core:      {on_ray:.2f} s/generation  (best {best_ray:.4f})")
+        print(
+            f"ray, 2 workers x 1 core:      {on_ray:.2f} s/generation  (best {best_ray:.4f}); "
+            f"scoring the {len(sources)} sources {scoring_on_ray:.2f} s"
+        )
+        print(f"scoring {len(sources)} sources, in-process / ray: {scoring_in_process / scoring_on_ray:.2f}")
         print(
             f"same best: {best_ray == best_in_process}; wall time {time.perf_counter() - started:.0f} s; "
             f"load average {os.getloadavg()[1]:.1f} over the last 5 min on {os.cpu_count()} cores "
