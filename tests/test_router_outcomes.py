@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from merger.cli import main
+from merger.errors import MergerError
 from merger.router.embeddings import build_embedder
 from merger.router.outcomes import build_outcome_table
 from merger.router.pool import load_pool
@@ -100,6 +101,21 @@ def test_each_task_is_cached_on_its_own(tmp_path: Path, tiny_sources: dict[str, 
     assert edited.correct[edited.item_ids.index("tiny_gen:0"), 0] == 0.0
     mc_rows = [i for i, task in enumerate(table.tasks) if task == "tiny_mc"]
     np.testing.assert_array_equal(edited.correct[mc_rows], table.correct[mc_rows])
+
+
+def test_a_failing_task_keeps_the_rows_of_the_tasks_before_it(
+    tmp_path: Path, tiny_sources: dict[str, Path]
+) -> None:
+    evals = tmp_path / "evals"
+    write_tasks(evals)
+    broken = (evals / "tiny_gen.yaml").read_text().replace("task: tiny_gen", "task: tiny_broken")
+    (evals / "tiny_broken.yaml").write_text(broken.replace("tiny_gen.jsonl", "missing.jsonl"))
+    members = {"base": tiny_sources["base"]}
+    with pytest.raises(MergerError, match="lm-eval failed on task 'tiny_broken' for member 'base'"):
+        build_outcome_table(load_pool(write_pool(tmp_path, members, evals, tasks="[tiny_mc, tiny_broken]")))
+    messages: list[str] = []
+    build_outcome_table(load_pool(write_pool(tmp_path, members, evals, tasks="[tiny_mc]")), messages.append)
+    assert messages == [f"base: {ITEMS_PER_TASK} items (cached)"]
 
 
 def test_task_data_paths_relative_to_the_task_yaml_work_from_any_directory(

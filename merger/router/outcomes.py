@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,10 +173,11 @@ class _Evaluator:
             pretrained=str(checkpoint), batch_size=self.tasks.batch_size, device=self.tasks.device
         ), False
 
-    def rows(self, member: Member, tasks: list[str]) -> dict[str, list[MemberRow]]:
-        """The member's rows on each of `tasks`, one model load for all of them."""
+    def rows(self, member: Member, tasks: list[str]) -> Iterator[tuple[str, list[MemberRow]]]:
+        """(task, the member's rows on it) as each task finishes, one model load for all of them."""
         lm, chat = self._language_model(member)
-        return {task: self._task_rows(lm, chat, member, task) for task in tasks}
+        for task in tasks:
+            yield task, self._task_rows(lm, chat, member, task)
 
     def _task_rows(self, lm: Any, chat: bool, member: Member, task: str) -> list[MemberRow]:
         import lm_eval
@@ -234,14 +235,13 @@ def member_rows(
     """(rows on every task, the tasks that had to be evaluated); each task's rows are cached on their own."""
     caches = {task: _cache_file(pool, member, key) for task, key in keys.items()}
     missing = [task for task, cache in caches.items() if not cache.is_file()]
-    fresh = evaluator().rows(member, missing) if missing else {}
+    if missing:
+        for task, task_rows in evaluator().rows(member, missing):
+            # each task as it finishes: an error in a later task loses none of the earlier ones
+            _write_atomically(caches[task], json.dumps([row.__dict__ for row in task_rows]))
     rows: list[MemberRow] = []
-    for task, cache in caches.items():
-        if task in fresh:
-            _write_atomically(cache, json.dumps([row.__dict__ for row in fresh[task]]))
-            rows.extend(fresh[task])
-        else:
-            rows.extend(MemberRow(**row) for row in json.loads(cache.read_text()))
+    for cache in caches.values():
+        rows.extend(MemberRow(**row) for row in json.loads(cache.read_text()))
     return rows, missing
 
 
