@@ -40,13 +40,11 @@ def score_everything(search: Search, final: Path) -> dict[str, Any]:
     sets = list(eval_sets(search.recipe))
     sources = resolve_sources(search.recipe)
     scores: dict[str, Any] = {"winner": {}, "sources": {name: {} for name in sources}}
-    targets = [(scores["winner"], final)] + [
-        (scores["sources"][name], path) for name, path in sources.items()
-    ]
-    jobs = [(path, set_name) for _, path in targets for set_name in sets]
-    results = search.executor.score_checkpoints(jobs)  # all at once: a Ray executor spreads them out
-    places = [(table, set_name) for table, _ in targets for set_name in sets]
-    for (table, set_name), result in zip(places, results, strict=True):
+    models = [(scores["winner"], final), *((scores["sources"][name], path) for name, path in sources.items())]
+    places = [(table, path, set_name) for table, path in models for set_name in sets]
+    # all at once: a Ray executor spreads them over its workers
+    results = search.executor.score_checkpoints([(path, set_name) for _, path, set_name in places])
+    for (table, _, set_name), result in zip(places, results, strict=True):
         table[set_name] = result
     return scores
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +64,6 @@ class WorkerActor:
 
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         return self.worker.score_checkpoint(path, set_name)
-
-
-@dataclass
-class InFlight:
-    slot: int
-    task: CandidateTask
 
 
 def worker_runtime_env() -> dict[str, Any]:
@@ -156,44 +149,65 @@ class RayExecutor:
         self.worker_pids[slot] = -1  # unknown until the new actor answers
         self.lost_workers += 1
 
+    def _spread(
+        self,
+        count: int,
+        submit: Callable[[Any, int], Any],
+        on_result: Callable[[int, Any], None],
+        on_given_up: Callable[[int, BaseException], None],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Jobs 0..count-1, each on the next free worker (`submit(actor, job)` returns its reference). A job
+        whose worker is lost goes to the replacement, at most MAX_ATTEMPTS times, then to `on_given_up`.
+        Once `should_stop()` is true no new job starts; those in flight finish."""
+        queue = deque(range(count))
+        attempts = [0] * count
+        idle = deque(range(len(self.actors)))
+        in_flight: dict[Any, tuple[int, int]] = {}  # reference -> (worker slot, job)
+        while queue or in_flight:
+            while queue and idle and not should_stop():
+                slot, job = idle.popleft(), queue.popleft()
+                in_flight[submit(self.actors[slot], job)] = (slot, job)
+            if not in_flight:
+                break  # a stop was requested: nothing running and nothing more to start
+            ready, _ = self.ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
+            for reference in ready:
+                slot, job = in_flight.pop(reference)
+                try:
+                    result = self.ray.get(reference)
+                except lost_worker_errors() as error:
+                    self._replace(slot)
+                    attempts[job] += 1
+                    if attempts[job] >= MAX_ATTEMPTS:
+                        on_given_up(job, error)
+                    else:
+                        queue.appendleft(job)
+                else:
+                    on_result(job, result)
+                idle.append(slot)
+
     def evaluate(
         self,
         tasks: Sequence[CandidateTask],
         on_record: Callable[[EvaluationRecord], None],
         should_stop: Callable[[], bool],
     ) -> list[EvaluationRecord]:
-        queue = deque(tasks)
-        attempts = {(t.generation, t.index): 0 for t in tasks}
-        idle = deque(range(len(self.actors)))
-        in_flight: dict[Any, InFlight] = {}
-        records: dict[tuple[int, int], EvaluationRecord] = {}
+        records: dict[int, EvaluationRecord] = {}
 
-        def finish(record: EvaluationRecord) -> None:
-            records[(record.generation, record.index)] = record
+        def finish(job: int, record: EvaluationRecord) -> None:
+            records[job] = record
             on_record(record)
 
-        while queue or in_flight:
-            while queue and idle and not should_stop():
-                slot, task = idle.popleft(), queue.popleft()
-                reference = self.actors[slot].evaluate.remote(task.generation, task.index, task.genotype)
-                in_flight[reference] = InFlight(slot, task)
-            if not in_flight:
-                break  # a stop was requested: nothing running and nothing more to start
-            ready, _ = self.ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
-            for reference in ready:
-                running = in_flight.pop(reference)
-                try:
-                    finish(self.ray.get(reference))
-                except lost_worker_errors() as error:
-                    self._replace(running.slot)
-                    key = (running.task.generation, running.task.index)
-                    attempts[key] += 1
-                    if attempts[key] >= MAX_ATTEMPTS:
-                        finish(_worker_lost_record(running.task, error))
-                    else:
-                        queue.appendleft(running.task)
-                idle.append(running.slot)
-        return [records[key] for key in ((t.generation, t.index) for t in tasks) if key in records]
+        self._spread(
+            len(tasks),
+            lambda actor, job: actor.evaluate.remote(
+                tasks[job].generation, tasks[job].index, tasks[job].genotype
+            ),
+            finish,
+            lambda job, error: finish(job, _worker_lost_record(tasks[job], error)),
+            should_stop,
+        )
+        return [records[job] for job in range(len(tasks)) if job in records]
 
     def _on_one_actor(self, method: str, *args: Any) -> Any:
         """Run one call on the first actor, replacing the actor if it dies underneath."""
@@ -213,31 +227,21 @@ class RayExecutor:
 
     def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
         """Each job on the next free worker; a lost worker is replaced and its job tried again."""
-        queue = deque(range(len(jobs)))
-        attempts = [0] * len(jobs)
-        idle = deque(range(len(self.actors)))
-        in_flight: dict[Any, tuple[int, int]] = {}  # reference -> (worker slot, job)
         results: dict[int, dict[str, float]] = {}
-        while queue or in_flight:
-            while queue and idle:
-                slot, job = idle.popleft(), queue.popleft()
-                in_flight[self.actors[slot].score_checkpoint.remote(*jobs[job])] = (slot, job)
-            ready, _ = self.ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
-            for reference in ready:
-                slot, job = in_flight.pop(reference)
-                try:
-                    results[job] = self.ray.get(reference)
-                except lost_worker_errors() as error:
-                    self._replace(slot)
-                    attempts[job] += 1
-                    if attempts[job] >= MAX_ATTEMPTS:
-                        path, set_name = jobs[job]
-                        raise MergerError(
-                            f"executor: the Ray worker died {MAX_ATTEMPTS} times scoring {path} on "
-                            f"{set_name}: {root_cause(error)}"
-                        ) from None
-                    queue.appendleft(job)
-                idle.append(slot)
+
+        def give_up(job: int, error: BaseException) -> None:
+            path, set_name = jobs[job]
+            raise MergerError(
+                f"executor: the Ray worker died {MAX_ATTEMPTS} times scoring {path} on {set_name}: "
+                f"{root_cause(error)}"
+            ) from None
+
+        self._spread(
+            len(jobs),
+            lambda actor, job: actor.score_checkpoint.remote(*jobs[job]),
+            results.__setitem__,
+            give_up,
+        )
         return [results[job] for job in range(len(jobs))]
 
     def close(self) -> None:
