@@ -17,13 +17,9 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +28,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
-import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,46 +38,7 @@ from merger.router.embeddings import build_embedder  # noqa: E402
 from merger.router.outcomes import build_outcome_table  # noqa: E402
 from merger.router.pool import Member, Pool, RemoteEndpoint, load_pool  # noqa: E402
 from merger.router.training import load_head  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until_up(url: str, process: subprocess.Popen | None = None, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except OSError:
-            if process is not None and process.poll() is not None:
-                sys.exit(f"merger serve exited: {process.communicate()[1][-2000:]}")
-            if time.monotonic() > deadline:
-                sys.exit(f"{url} did not come up in {seconds:.0f} s")
-            time.sleep(0.5)
-
-
-def start_member_process(pool: Pool, member: Member, work: Path) -> tuple[subprocess.Popen, str]:
-    spec = member.model_dump(mode="json", exclude_none=True)
-    solo = {"members": [spec], "server": {"max_tokens": pool.server.max_tokens}, "work_dir": str(work)}
-    if pool.registry_root is not None:
-        solo["registry_root"] = str(pool.registry_root)
-    pool_file = work / "member.yaml"
-    pool_file.write_text(yaml.safe_dump(solo))
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "merger.cli", "serve", str(pool_file), "--port", str(port)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(url, process)
-    return process, url + "/v1"
+from tests.servers import ServerThread, start_member_server  # noqa: E402
 
 
 def held_out_requests(pool: Pool, count: int, seed: int) -> list[str]:
@@ -117,6 +72,30 @@ def ask(client: openai.OpenAI, prompt: str, streaming: bool, max_tokens: int) ->
     return "".join(pieces), raw.headers[MEMBERS_HEADER].split(",")[0]
 
 
+def answer(
+    client: openai.OpenAI,
+    prompt: str,
+    index: int,
+    kill_after: int,
+    process: subprocess.Popen,
+    max_tokens: int,
+) -> str | None:
+    """Request `index` (streaming when odd), SIGKILLing the member's process first when its turn has come;
+    prints the line and returns the member that answered, None when no member did."""
+    if index == kill_after:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        print(f"-- SIGKILLed the member process (pid {process.pid}) --")
+    streaming = bool(index % 2)
+    try:
+        text, member = ask(client, prompt, streaming, max_tokens)
+    except openai.APIError as error:
+        text, member = f"ERROR {error}", None
+    question = prompt.splitlines()[0][:60]
+    print(f"{index:3d} {'stream' if streaming else 'plain ':6} {member or '-':8} {question!r} -> {text!r}")
+    return member
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,54 +118,33 @@ def main() -> None:
     print(f"router's first choices: {dict(collections.Counter(first_choices))}; killing {victim_name}")
 
     with tempfile.TemporaryDirectory() as work:
-        process, url = start_member_process(pool, victim, Path(work))
-        remote = Member(
-            name=victim.name,
-            roles=victim.roles,
-            timeout_s=victim.timeout_s,
-            remote=RemoteEndpoint(base_url=url, model=victim.name),
-        )
-        members = [remote if member.name == victim.name else member for member in pool.members]
-        served = pool.model_copy(update={"members": members})
-        backends = {
-            member.name: RemoteBackend(member)
-            if member is remote
-            else build_backend(member, pool.registry_root)
-            for member in members
-        }
-        conductor = Conductor(served, head, embedder, backends)
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(conductor), host="127.0.0.1", port=port, log_level="warning", access_log=False
-            )
-        )
-        threading.Thread(target=server.run, daemon=True).start()
-        wait_until_up(f"http://127.0.0.1:{port}")
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300
-        )
-        answered: list[str | None] = []
+        spec = victim.model_dump(mode="json", exclude_none=True)
+        process, url = start_member_server(spec, Path(work), pool.server.max_tokens, pool.registry_root)
         try:
-            for index, prompt in enumerate(prompts):
-                if index == args.kill_after:
-                    process.send_signal(signal.SIGKILL)
-                    process.wait()
-                    print(f"-- SIGKILLed {victim_name} (pid {process.pid}) --")
-                try:
-                    text, member = ask(
-                        client, prompt, streaming=bool(index % 2), max_tokens=pool.server.max_tokens
-                    )
-                except openai.APIError as error:
-                    text, member = f"ERROR {error}", None
-                answered.append(member)
-                question = prompt.splitlines()[0][:60]
-                print(
-                    f"{index:3d} {'stream' if index % 2 else 'plain ':6} {member or '-':8} {question!r} -> {text!r}"
+            remote = Member(
+                name=victim.name,
+                roles=victim.roles,
+                timeout_s=victim.timeout_s,
+                remote=RemoteEndpoint(base_url=url, model=victim.name),
+            )
+            members = [remote if member.name == victim.name else member for member in pool.members]
+            backends = {
+                member.name: RemoteBackend(member)
+                if member is remote
+                else build_backend(member, pool.registry_root)
+                for member in members
+            }
+            conductor = Conductor(pool.model_copy(update={"members": members}), head, embedder, backends)
+            with ServerThread(create_app(conductor)) as server:
+                client = openai.OpenAI(
+                    base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300
                 )
+                answered = [
+                    answer(client, prompt, index, args.kill_after, process, pool.server.max_tokens)
+                    for index, prompt in enumerate(prompts)
+                ]
         finally:
             process.kill()
-            server.should_exit = True
     before, after = answered[: args.kill_after], answered[args.kill_after :]
     result = {
         "answered": sum(member is not None for member in answered),

@@ -6,13 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +17,6 @@ import numpy as np
 import openai
 import pytest
 import schemathesis
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from hypothesis import HealthCheck, given, settings
@@ -33,47 +26,11 @@ from merger.router.conductor import MEMBERS_HEADER, Conductor, create_app
 from merger.router.embeddings import Embedder, build_embedder
 from merger.router.head import RouterHead
 from merger.router.pool import ROLES, Pool, Role, parse_pool
+from tests.servers import ServerThread, start_member_server
 
 CONDUCTOR_KEY = "sk-conductor-test-7f3a9c"
 REMOTE_KEY = "sk-remote-test-91be44"
 ORDER = ["flaky", "steady", "local"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class ServerThread:
-    """uvicorn on 127.0.0.1 in a daemon thread."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def fake_remote(model: str) -> tuple[FastAPI, dict[str, Any]]:
@@ -418,35 +375,11 @@ def test_every_request_is_answered_when_a_member_is_killed_mid_run(
     assert answered_by == ["flaky"] * 4 + ["steady"] * 6
 
 
-def start_one_member_server(checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    """`merger serve` of a one-member pool in its own process (no trained head needed); its /v1 URL."""
-    pool_file = tmp_path / "solo.yaml"
-    pool_file.write_text(f"members:\n  - {{name: solo, path: {checkpoint}}}\nserver: {{max_tokens: 4}}\n")
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "merger.cli", "serve", str(pool_file), "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return process, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"merger serve exited: {process.communicate()[1][-2000:]}")
-            assert time.monotonic() < deadline, "merger serve did not come up"
-            time.sleep(0.2)
-
-
 def test_a_member_process_killed_mid_run_loses_no_request(
     tiny_sources: dict[str, Path], shared: dict[str, Any], tmp_path: Path
 ) -> None:
-    process, url = start_one_member_server(tiny_sources["specialist1"], tmp_path)
+    solo = {"name": "solo", "path": str(tiny_sources["specialist1"])}
+    process, url = start_member_server(solo, tmp_path, max_tokens=4, startup_s=120)
     try:
         pool = parse_pool(
             {
