@@ -38,7 +38,7 @@ from mergekit.config import MergeConfiguration  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from merge_speed import METHODS, build_specialist, method_raw  # noqa: E402
+from merge_speed import METHODS, SHAPES, build_base, build_specialist, method_raw, synchronize  # noqa: E402
 
 from merger.engine.methods import METHODS as TRAITS  # noqa: E402
 from merger.engine.plan import resolve_plan  # noqa: E402
@@ -47,16 +47,6 @@ from merger.engine.resident import ResidentEngine  # noqa: E402
 
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 BF16 = {"rtol": 1.6e-2, "atol": 1e-5}
-CHECK_SHAPE = {  # small, but every group spans several kernel blocks and prefix-sum blocks
-    "vocab_size": 2048,
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
 
 
 class FallbackCounter(logging.Handler):
@@ -71,11 +61,7 @@ class FallbackCounter(logging.Handler):
 
 
 def build_sources(root: Path) -> dict[str, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**CHECK_SHAPE, rms_norm_eps=1e-5)).save_pretrained(root / "base")
-    paths = {"base": root / "base"}
+    paths = {"base": build_base(root, use_random=True, shape="check")[0]}
     for index in (1, 2):
         paths[f"specialist{index}"] = build_specialist(
             paths["base"], root / f"specialist{index}", seed=index, scale=0.1
@@ -149,11 +135,6 @@ def logits(engine: ResidentEngine, tokens: torch.Tensor) -> torch.Tensor:
         return engine.model(tokens.to(engine.device)).logits.float().cpu()
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def check_method(
     method: str, paths: dict[str, Path], device: str, bf16: bool, compile_kernels: bool = True
 ) -> dict[str, Any]:
@@ -177,7 +158,9 @@ def check_method(
         engines[label] = ResidentEngine(sources, "base", method, **options)
         timings[f"{label}_setup_s"] = round(time.perf_counter() - started, 3)
     base = weights(engines["cpu"])  # the engine loads the base source at construction
-    tokens = torch.randint(0, CHECK_SHAPE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, SHAPES["check"]["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0)
+    )
     results: dict[str, Any] = {"candidates": {}, "timings": timings}
     for label, config, must_equal_mergekit in candidates(method, paths):
         plan = resolve_plan(config, engines["cpu"].tensor_names, names, engines["cpu"].num_layers)

@@ -9,7 +9,7 @@ the copy bandwidth measured on the same device (bytes read + written per second 
 size), timed between the engine's applies so that both see the same load on a shared machine.
 
 Usage: python benchmarks/merge_speed.py [--device cuda] [--random] [--methods ties,linear] [--repeats 5]
-       [--shape smollm2|llama7b|tiny] [--layers N]   (llama7b: 7B's hidden/intermediate/vocab, random values)
+       [--shape smollm2|llama7b|check|tiny] [--layers N]   (llama7b: 7B's hidden/intermediate/vocab, random values)
 The last line printed is one JSON object {method: {engine_s, mergekit_s, floor_s, speedup, over_floor}}.
 """
 
@@ -78,6 +78,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 32,
         "num_key_value_heads": 32,
         "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    # benchmarks/cuda_check.py: small, but every group spans several kernel blocks and prefix-sum blocks
+    "check": {
+        "vocab_size": 2048,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
         "tie_word_embeddings": False,
     },
     # for smoke-testing the script itself
