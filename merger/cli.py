@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from merger.errors import MergerError
+from merger.errors import MergerError, clip
 
 # One module per area under merger/commands/, each with `register(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = ("run", "router", "registry", "zoo", "report")
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except MergerError as error:
-        print(f"merger: error: {error}", file=sys.stderr)
+        print(f"merger: error: {clip(str(error))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("merger: interrupted", file=sys.stderr)

@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from merger.errors import MergerError
+from merger.errors import MAX_SHOWN_CHARS, MergerError, clip, shown
+from merger.yamlsafe import read_yaml_file
 
 BUNDLED_EVALS = Path(__file__).resolve().parent.parent / "evals"
 
@@ -150,6 +151,11 @@ class Optimizer(StrictModel):
     def _has_budget(self) -> Optimizer:
         if self.max_evaluations is None and self.max_seconds is None:
             raise ValueError("give a budget: max_evaluations and/or max_seconds")
+        if self.max_evaluations is not None and self.max_evaluations < self.popsize:
+            raise ValueError(
+                f"max_evaluations ({self.max_evaluations}) is below popsize ({self.popsize}): "
+                "the budget must hold at least one full generation"
+            )
         return self
 
 
@@ -249,10 +255,10 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
     first = error.errors()[0]
-    message = first["msg"].removeprefix("Value error, ")
+    message = clip(first["msg"].removeprefix("Value error, "), MAX_SHOWN_CHARS * 4)
     where = _location(first["loc"])
-    shown = first.get("input")
-    got = "" if first["type"] == "value_error" or isinstance(shown, dict) else f" (got {shown!r})"
+    value = first.get("input")
+    got = "" if first["type"] == "value_error" or isinstance(value, dict) else f" (got {shown(value)})"
     extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{origin}: {where + ': ' if where else ''}{message}{got}{extra}"
 
@@ -269,12 +275,7 @@ def load_recipe(path: Path) -> Recipe:
 
     Source and task paths are relative to the recipe file; the run directory to the working directory.
     """
-    if not path.is_file():
-        raise MergerError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise MergerError(f"{path}: not valid YAML: {error}") from None
+    data = read_yaml_file(path, "recipe")
     if not isinstance(data, dict):
         raise MergerError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     recipe = parse_recipe(data, str(path))

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from merger.errors import MergerError
 from merger.ledger import LEDGER_FILE, EvaluationRecord, GenerationRecord, Ledger
 from merger.recipe import Recipe, parse_recipe
+from merger.yamlsafe import read_yaml_file
 
 REPORT_FILE = "report.html"
 FITNESS_PLOT = "fitness.png"
@@ -57,10 +57,7 @@ def load_run(run_dir: Path) -> RunData:
     recipe_path = run_dir / RECIPE_FILE
     if not recipe_path.is_file():
         raise MergerError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
-    try:
-        recipe = parse_recipe(yaml.safe_load(recipe_path.read_text()) or {}, str(recipe_path))
-    except yaml.YAMLError as error:
-        raise MergerError(f"{recipe_path}: not valid YAML: {error}") from None
+    recipe = parse_recipe(read_yaml_file(recipe_path, "recipe") or {}, str(recipe_path))
     try:
         ledger = Ledger(run_dir)
         try:

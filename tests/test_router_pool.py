@@ -90,7 +90,7 @@ def test_cli_reports_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[
     broken = tmp_path / "pool.yaml"
     broken.write_text("members: [\n")
     assert main(["router", "eval", str(broken)]) == 2
-    assert "is not valid YAML" in capsys.readouterr().err
+    assert "not valid YAML" in capsys.readouterr().err
 
 
 def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from merger.errors import MergerError
 from merger.registry import Entry, Registry
+from merger.yamlsafe import read_yaml_file
 
 EXIT_DAMAGED = 1
 
@@ -84,8 +83,8 @@ def _open(args: argparse.Namespace) -> Registry:
 def _default_name(run_dir: Path) -> str:
     recipe_path = run_dir / "recipe.yaml"
     try:
-        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        recipe = read_yaml_file(recipe_path, "recipe")
+    except MergerError:
         recipe = None
     output = recipe.get("output") if isinstance(recipe, dict) else None
     name = output.get("publish") if isinstance(output, dict) else None

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from merger.errors import MergerError
 from merger.registry.files import WEIGHT_SUFFIXES, relative_files
+from merger.yamlsafe import parse_yaml
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -72,10 +71,7 @@ def _read_text(path: Path) -> str:
 
 def _read_yaml_mapping(path: Path) -> tuple[dict[str, Any], str]:
     text = _read_text(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise MergerError(f"{path} is not valid YAML: {error}") from error
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise MergerError(f"{path} must hold a YAML mapping")
     return data, text

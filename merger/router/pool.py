@@ -6,10 +6,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from merger.errors import MergerError
+from merger.errors import MAX_SHOWN_CHARS, MergerError, clip
+from merger.yamlsafe import read_yaml_file
 
 MEMBER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_HEAD_PARAMETERS = 20_000
@@ -170,8 +170,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     problems = []
     for detail in error.errors():
         where = ".".join(str(part) for part in detail["loc"]) or "(top level)"
-        problems.append(f"{where}: {detail['msg']}")
-    return f"invalid pool {source}: " + "; ".join(problems)
+        problems.append(f"{clip(where, MAX_SHOWN_CHARS)}: {clip(detail['msg'], MAX_SHOWN_CHARS * 4)}")
+    return clip(f"invalid pool {source}: " + "; ".join(problems))
 
 
 def _anchor_paths(pool: Pool, base_dir: Path) -> Pool:
@@ -204,10 +204,5 @@ def parse_pool(data: object, base_dir: Path, source: str = "config") -> Pool:
 
 def load_pool(path: Path | str) -> Pool:
     path = Path(path)
-    if not path.is_file():
-        raise MergerError(f"pool file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise MergerError(f"pool file {path} is not valid YAML: {error}") from None
+    data = read_yaml_file(path, "pool file")
     return parse_pool(data, path.resolve().parent, source=str(path))
