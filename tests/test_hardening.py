@@ -82,3 +82,9 @@ def test_budget_below_one_generation_is_refused_before_loading(
     process = run_merger("run", str(write_recipe(tmp_path / "small.yaml", recipe)))
     assert_one_line_error(process, "max_evaluations (5) is below popsize (6)")
     assert not (tmp_path / "run").exists()
+
+
+def test_registry_versions_have_one_spelling(tmp_path: Path) -> None:
+    for reference in ("name@01", "name@\uff11", "name@0", "name@1.0"):
+        process = run_merger("registry", "--registry", str(tmp_path / "reg"), "show", reference)
+        assert_one_line_error(process, "invalid version")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from merger.errors import MergerError
+from merger.errors import MergerError, shown
 
 REFERENCE_PREFIX = "registry:"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")  # ASCII digits only, no leading zero: one spelling per version
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'"
 
 
@@ -44,8 +45,9 @@ def parse_reference(text: str) -> Reference:
     validate_name(name)
     if not separator:
         return Reference(name)
-    if not version_text.isdigit() or int(version_text) < 1:
+    if not VERSION_PATTERN.fullmatch(version_text):
         raise MergerError(
-            f"invalid version {version_text!r} in registry reference {text!r}: expected a positive integer"
+            f"invalid version {shown(version_text)} in registry reference {shown(text)}: "
+            "expected a positive integer written in ASCII digits without leading zeros"
         )
     return Reference(name, int(version_text))
