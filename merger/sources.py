@@ -48,6 +48,8 @@ def _from_hf_cache(repo_id: str) -> Path:
 
 
 def check_weights(name: str, path: Path, allow_pickle: bool) -> None:
+    if not path.is_dir():
+        raise MergerError(f"source {name}: {path} is a file, not a checkpoint directory")
     if not (path / "config.json").is_file():
         raise MergerError(f"source {name}: {path} has no config.json (not a Hugging Face checkpoint)")
     if any(path.glob("*.safetensors")):

@@ -88,3 +88,16 @@ def test_registry_versions_have_one_spelling(tmp_path: Path) -> None:
     for reference in ("name@01", "name@\uff11", "name@0", "name@1.0"):
         process = run_merger("registry", "--registry", str(tmp_path / "reg"), "show", reference)
         assert_one_line_error(process, "invalid version")
+
+
+def test_registry_show_of_a_name_that_never_existed(tmp_path: Path) -> None:
+    process = run_merger("registry", "--registry", str(tmp_path / "reg"), "show", "nope@1")
+    line = assert_one_line_error(process, "no entry named 'nope'")
+    assert "none left" not in line
+
+
+def test_source_path_to_a_file_says_so(tiny_sources: dict[str, Path], tiny_evals: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run")
+    recipe["sources"][1]["path"] = str(tiny_sources["specialist1"] / "config.json")
+    process = run_merger("run", str(write_recipe(tmp_path / "file-source.yaml", recipe)))
+    assert_one_line_error(process, "is a file, not a checkpoint directory")

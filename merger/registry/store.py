@@ -303,8 +303,10 @@ class Registry:
             row = idx.load_entry(connection, reference.name, reference.version)
             children = [f"{name}@{version}" for name, version in idx.children_of(connection, str(reference))]
             versions = idx.versions_of(connection, reference.name)
+        if row is None and not versions:
+            raise MergerError(f"registry has no entry named {reference.name!r}{self._known_names_hint()}")
         if row is None:
-            available = ", ".join(str(version) for version in versions) or "none left"
+            available = ", ".join(str(version) for version in versions)
             raise MergerError(
                 f"registry entry {reference} not found (versions of {reference.name}: {available})"
             )
