@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from merger.errors import MergerError
+from merger.errors import MergerError, shown
 from merger.router.pool import Member
 from merger.router.sources import member_checkpoint
 
@@ -33,7 +35,26 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class MemberFailure(Exception):
-    """A member could not answer (error, timeout, broken stream); the conductor falls back."""
+    """A member could not answer (error, timeout, broken stream); the conductor falls back.
+    `retry_after_s`: how long the member asked to be left alone (a 429's Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestRejected(Exception):
+    """A member refused the request itself (400, 413, 422...): the client gets that answer; another member
+    would refuse it too, and the member is not at fault."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# upstream statuses about the request, not the member (401/403/404/408/429 and 5xx are the member's)
+REQUEST_ERROR_STATUSES = frozenset({400, 413, 415, 422})
 
 
 class Backend(Protocol):
@@ -172,6 +193,11 @@ class RemoteBackend:
         self.name = member.name
         self._model = member.remote.model
         key = os.environ.get(member.remote.api_key_env, "") if member.remote.api_key_env else ""
+        if member.remote.api_key_env and not key:
+            raise MergerError(
+                f"member {member.name!r}: remote.api_key_env names {shown(member.remote.api_key_env)}, "
+                "which is not set"
+            )
         self._client = openai.AsyncOpenAI(
             base_url=member.remote.base_url, api_key=key or "none", max_retries=0
         )
@@ -194,10 +220,13 @@ class RemoteBackend:
                 **self._arguments(messages, generation), timeout=timeout_s
             )
             content = response.choices[0].message.content
+            used = response.usage.completion_tokens if response.usage else None
         except Exception as error:
-            raise MemberFailure(f"{type(error).__name__}: {_safe_message(error)}") from None
+            raise _classified(error) from None
         if content is None:
             raise MemberFailure("the endpoint returned no message content")
+        if used is not None and used > generation.max_tokens:
+            raise MemberFailure(f"answered {used} tokens, past max_tokens {generation.max_tokens}")
         return content
 
     async def stream(
@@ -207,13 +236,12 @@ class RemoteBackend:
             chunks = await self._client.chat.completions.create(
                 **self._arguments(messages, generation), stream=True, timeout=timeout_s
             )
-            async for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-        except MemberFailure:
-            raise
+            async with chunks:  # closes the upstream response however this generator ends
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield chunk.choices[0].delta.content
         except Exception as error:
-            raise MemberFailure(f"{type(error).__name__}: {_safe_message(error)}") from None
+            raise _classified(error) from None
 
     async def close(self) -> None:
         await self._client.close()
@@ -222,6 +250,40 @@ class RemoteBackend:
 def _safe_message(error: Exception) -> str:
     """The first line of an upstream error, short; the client never puts request headers in it."""
     return str(error).splitlines()[0][:200] if str(error) else ""
+
+
+def _classified(error: Exception) -> Exception:
+    """A request error (passed on to the client) or a member failure (fallback, breaker)."""
+    import openai
+
+    if isinstance(error, MemberFailure | RequestRejected):
+        return error
+    if isinstance(error, openai.APIStatusError):
+        if error.status_code in REQUEST_ERROR_STATUSES:
+            body = error.body if isinstance(error.body, dict) else {}
+            detail = body.get("error", body) if isinstance(body.get("error", body), dict) else body
+            message = str(detail.get("message") or _safe_message(error))[:500]
+            code = detail.get("code")
+            return RequestRejected(error.status_code, message, code if isinstance(code, str) else None)
+        retry_after = retry_after_seconds(error.response.headers) if error.status_code == 429 else None
+        return MemberFailure(f"{type(error).__name__}: {_safe_message(error)}", retry_after)
+    return MemberFailure(f"{type(error).__name__}: {_safe_message(error)}")
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """`Retry-After` (seconds or an HTTP date) or `retry-after-ms`, in seconds; None when absent or bad."""
+    try:
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        if value.strip().isdigit():
+            return float(value)
+        moment = email.utils.parsedate_to_datetime(value)
+        return max(0.0, moment.timestamp() - time.time())
+    except (ValueError, TypeError, OverflowError):
+        return None
 
 
 def build_backend(member: Member, registry_root: Path | None = None) -> Backend:
