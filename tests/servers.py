@@ -103,13 +103,15 @@ def serve_process(
         "HF_DATASETS_OFFLINE": "1",
         "PYTHONPATH": str(REPO),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "merger.cli", "serve", str(pool_file), "--port", str(port)],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # stderr to a file beside the pool file, not a pipe nobody reads: a full pipe blocks the server's logging
+    stderr_path = pool_file.with_suffix(".stderr.log")
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "merger.cli", "serve", str(pool_file), "--port", str(port)],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + startup_s
     while True:
         try:
@@ -117,7 +119,7 @@ def serve_process(
                 return process, f"http://127.0.0.1:{port}/v1"
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(f"merger serve exited: {process.communicate()[1][-2000:]}") from None
+                raise RuntimeError(f"merger serve exited: {stderr_path.read_text()[-2000:]}") from None
             if time.monotonic() > deadline:
                 process.kill()
                 process.wait()

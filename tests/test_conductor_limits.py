@@ -502,6 +502,11 @@ def test_slow_clients_are_dropped_and_connections_are_bounded(serve: Callable[..
         assert _closed_by_server(half_header)
     with socket.create_connection(("127.0.0.1", port)) as silent:
         assert _closed_by_server(silent)
+    with socket.create_connection(("127.0.0.1", port)) as kept_alive:  # a second request, half sent
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        _read_response(kept_alive)
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        assert _closed_by_server(kept_alive)
     with socket.create_connection(("127.0.0.1", port)) as half_body:
         half_body.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -518,6 +523,20 @@ def test_slow_clients_are_dropped_and_connections_are_bounded(serve: Callable[..
         for connection in idle:
             connection.close()
     assert eventually(lambda: _status(bounded.url + "/health") == 200)
+
+
+def _read_response(raw: socket.socket) -> bytes:
+    raw.settimeout(WAIT_S)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += raw.recv(4096)
+    head, _, rest = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(rest) < length:
+        rest += raw.recv(4096)
+    return rest
 
 
 def _status(url: str) -> int:

@@ -236,10 +236,14 @@ class RemoteBackend:
             chunks = await self._client.chat.completions.create(
                 **self._arguments(messages, generation), stream=True, timeout=timeout_s
             )
+            received = 0
             async with chunks:  # closes the upstream response however this generator ends
                 async for chunk in chunks:
+                    received += 1
                     if chunk.choices and chunk.choices[0].delta.content:
                         yield chunk.choices[0].delta.content
+            if not received:  # not even a role or a finish_reason: not an event stream at all
+                raise MemberFailure("the stream ended without a single chunk")
         except Exception as error:
             raise _classified(error) from None
 

@@ -170,7 +170,7 @@ def bounded_h11_protocol(header_timeout_s: float) -> type[H11Protocol]:
 def uvicorn_config(app: Any, settings: ServerSettings, host: str, port: int) -> uvicorn.Config:
     """The conductor's uvicorn settings: loopback unless told, no access log, and the client bounds."""
     return uvicorn.Config(
-        RequestLimits(app, settings.max_body_bytes, settings.read_timeout_s),
+        app,  # create_app has put RequestLimits around it
         host=host,
         port=port,
         http=bounded_h11_protocol(settings.header_timeout_s),
