@@ -155,18 +155,26 @@ def ask(
     )
 
 
-def stream(
-    client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any
-) -> tuple[str, list[str], dict[str, Any]]:
+def stream_events(client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any) -> dict[str, Any]:
+    """A streamed answer: its pieces, last finish_reason, `merger` field and the members header."""
     raw = client.chat.completions.with_raw_response.create(
         model="merger", messages=[{"role": "user", "content": text}], stream=True, **kwargs
     )
-    pieces, merger = [], {}
+    pieces, finish, merger = [], None, {}
     for event in raw.parse():
         merger = (event.model_extra or {}).get("merger", merger)
         if event.choices and event.choices[0].delta.content:
             pieces.append(event.choices[0].delta.content)
-    return "".join(pieces), raw.headers[MEMBERS_HEADER].split(","), merger
+        if event.choices and event.choices[0].finish_reason:
+            finish = event.choices[0].finish_reason
+    return {"pieces": pieces, "finish": finish, "merger": merger, "member": raw.headers[MEMBERS_HEADER]}
+
+
+def stream(
+    client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any
+) -> tuple[str, list[str], dict[str, Any]]:
+    result = stream_events(client, text, **kwargs)
+    return "".join(result["pieces"]), result["member"].split(","), result["merger"]
 
 
 def test_routed_answer_says_which_member_answered(conductor_factory: Any) -> None:

@@ -25,11 +25,12 @@ import yaml
 
 from merger.errors import MergerError
 from merger.router.backends import retry_after_seconds
-from merger.router.conductor import MEMBERS_HEADER, Conductor, build_conductor, create_app
+from merger.router.conductor import Conductor, build_conductor, create_app
 from merger.router.embeddings import Embedder, EmbeddingCache
 from merger.router.pool import Pool, parse_pool
 from tests.servers import ServerThread, fake_member, serve_process
-from tests.test_conductor import ordered_head
+from tests.test_conductor import ask, ordered_head
+from tests.test_conductor import stream_events as stream
 
 NAMES = ("first", "second", "steady")
 WAIT_S = 60  # the most any poll below waits for something that must happen; never reached when it works
@@ -120,34 +121,6 @@ def serve(fakes: dict[str, Fake], tmp_path: Path) -> Iterator[Callable[..., Serv
     yield start
     for thread in started:
         thread.stop()
-
-
-def ask(
-    client: openai.OpenAI, text: str = "What is 2 plus 3?", **kwargs: Any
-) -> tuple[str, dict[str, Any], str]:
-    raw = client.chat.completions.with_raw_response.create(
-        model=kwargs.pop("model", "merger"), messages=[{"role": "user", "content": text}], **kwargs
-    )
-    completion = raw.parse()
-    return (
-        completion.choices[0].message.content or "",
-        completion.model_extra["merger"],
-        raw.headers[MEMBERS_HEADER],
-    )
-
-
-def stream(client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any) -> dict[str, Any]:
-    raw = client.chat.completions.with_raw_response.create(
-        model="merger", messages=[{"role": "user", "content": text}], stream=True, **kwargs
-    )
-    pieces, finish, merger = [], None, {}
-    for event in raw.parse():
-        merger = (event.model_extra or {}).get("merger", merger)
-        if event.choices and event.choices[0].delta.content:
-            pieces.append(event.choices[0].delta.content)
-        if event.choices and event.choices[0].finish_reason:
-            finish = event.choices[0].finish_reason
-    return {"pieces": pieces, "finish": finish, "merger": merger, "member": raw.headers[MEMBERS_HEADER]}
 
 
 def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
