@@ -560,3 +560,49 @@ def test_stop_sequences_cut_local_answers_and_reach_remote_members(
     _, _, client = conductor_factory()
     ask(client, stop=["\n", "END"])
     assert remotes["flaky"][1]["stop"] == ["\n", "END"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_local_member_stops_generating_when_its_call_is_abandoned(
+    tiny_sources: dict[str, Path], streaming: bool
+) -> None:
+    """A deadline or a client that left cancels the call; the generation thread stops at the next token."""
+    import threading
+
+    from merger.router.backends import Generation
+
+    backend = LocalBackend("local", tiny_sources["base"])
+    backend.model.generation_config.eos_token_id = None  # unless stopped, it generates all max_tokens
+    forward, calls = backend.model.forward, [0]
+    started, abandoned = threading.Event(), threading.Event()
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        started.set()
+        if calls[0] == 2:
+            abandoned.wait(60)  # token 2 waits until the call has been cancelled
+        return forward(*args, **kwargs)
+
+    backend.model.forward = counted
+    messages = [{"role": "user", "content": "Count:"}]
+
+    def call() -> Any:
+        if streaming:
+            return anext(aiter(backend.stream(messages, Generation(max_tokens=200), 60)))
+        return backend.complete(messages, Generation(max_tokens=200), 60)
+
+    async def abandon() -> None:
+        task = asyncio.ensure_future(call())
+        await asyncio.to_thread(started.wait, 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        abandoned.set()
+
+    asyncio.run(abandon())
+    assert backend._lock.acquire(timeout=60)  # the generation thread has finished
+    backend._lock.release()
+    assert calls[0] <= 3
+    calls[0] = 0
+    asyncio.run(backend.complete(messages, Generation(max_tokens=200), 60))
+    assert calls[0] == 200  # the control: not abandoned, it runs to max_tokens

@@ -468,8 +468,12 @@ def _closed_by_server(raw: socket.socket) -> bool:
 
 
 def test_slow_clients_are_dropped_and_connections_are_bounded(serve: Callable[..., Served]) -> None:
-    served = serve(header_timeout_s=0.5, read_timeout_s=0.5)
+    served = serve(header_timeout_s=0.5, read_timeout_s=0.5, max_header_bytes=2048)
     port = served.thread.port
+    with socket.create_connection(("127.0.0.1", port)) as big_header:
+        big_header.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096)
+        big_header.settimeout(WAIT_S)
+        assert big_header.recv(100).startswith(b"HTTP/1.1 400")
     with socket.create_connection(("127.0.0.1", port)) as half_header:
         half_header.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         assert _closed_by_server(half_header)

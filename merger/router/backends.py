@@ -91,7 +91,11 @@ class LocalBackend:
         keep = max(1, self._context - max_tokens)
         return ids[:, -keep:]  # the most recent context when the conversation outgrows the model
 
-    def _generate_kwargs(self, messages: Messages, generation: Generation) -> dict[str, Any]:
+    def _generate_kwargs(
+        self, messages: Messages, generation: Generation, cancel: threading.Event
+    ) -> dict[str, Any]:
+        from transformers import StoppingCriteriaList
+
         max_tokens = max(1, min(generation.max_tokens, self._context - 1))
         temperature = generation.temperature
         sampling = temperature is not None and temperature > 0
@@ -102,6 +106,7 @@ class LocalBackend:
             "pad_token_id": self.tokenizer.pad_token_id
             if self.tokenizer.pad_token_id is not None
             else self.tokenizer.eos_token_id,
+            "stopping_criteria": StoppingCriteriaList([_stop_when_set(cancel)]),
         }
         kwargs["attention_mask"] = kwargs["input_ids"].new_ones(kwargs["input_ids"].shape)
         if sampling:
@@ -112,19 +117,20 @@ class LocalBackend:
             )
         return kwargs
 
-    def _complete_blocking(self, messages: Messages, generation: Generation) -> str:
+    def _complete_blocking(self, messages: Messages, generation: Generation, cancel: threading.Event) -> str:
         import torch
 
-        kwargs = self._generate_kwargs(messages, generation)
+        kwargs = self._generate_kwargs(messages, generation, cancel)
         with self._lock, torch.no_grad():
             output = self.model.generate(**kwargs)
         new_tokens = output[0, kwargs["input_ids"].shape[1] :]
         return cut_at_stop(self.tokenizer.decode(new_tokens, skip_special_tokens=True), generation.stop)[0]
 
     async def complete(self, messages: Messages, generation: Generation, timeout_s: float) -> str:
+        cancel = threading.Event()  # set however this ends: a timed-out or cancelled call stops generating
         try:
             return await asyncio.wait_for(
-                asyncio.to_thread(self._complete_blocking, messages, generation), timeout_s
+                asyncio.to_thread(self._complete_blocking, messages, generation, cancel), timeout_s
             )
         except TimeoutError:
             raise MemberFailure(f"timed out after {timeout_s:g}s") from None
@@ -132,6 +138,8 @@ class LocalBackend:
             raise
         except Exception as error:
             raise MemberFailure(f"{type(error).__name__}: {error}") from error
+        finally:
+            cancel.set()
 
     async def stream(
         self, messages: Messages, generation: Generation, timeout_s: float
@@ -141,7 +149,8 @@ class LocalBackend:
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout_s
         )
-        kwargs = {**self._generate_kwargs(messages, generation), "streamer": streamer}
+        cancel = threading.Event()  # set when this generator ends, however: generation stops with it
+        kwargs = {**self._generate_kwargs(messages, generation, cancel), "streamer": streamer}
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -158,29 +167,46 @@ class LocalBackend:
         sentinel = object()
         held = ""  # text that might be the start of a stop sequence
         longest_stop = max((len(sequence) for sequence in generation.stop), default=0)
-        while True:
-            try:
-                piece = await asyncio.to_thread(next, streamer, sentinel)
-            except Exception as error:  # queue.Empty on timeout
-                raise MemberFailure(f"no token within {timeout_s:g}s ({type(error).__name__})") from None
-            if failure:
-                raise MemberFailure(f"{type(failure[0]).__name__}: {failure[0]}")
-            if piece is sentinel:
-                if held:
-                    yield held
-                return
-            held, stopped = cut_at_stop(held + str(piece), generation.stop)
-            if stopped:
-                if held:
-                    yield held
-                return
-            ready = len(held) - max(0, longest_stop - 1)
-            if ready > 0:
-                yield held[:ready]
-                held = held[ready:]
+        try:
+            while True:
+                try:
+                    piece = await asyncio.to_thread(next, streamer, sentinel)
+                except Exception as error:  # queue.Empty on timeout
+                    raise MemberFailure(f"no token within {timeout_s:g}s ({type(error).__name__})") from None
+                if failure:
+                    raise MemberFailure(f"{type(failure[0]).__name__}: {failure[0]}")
+                if piece is sentinel:
+                    if held:
+                        yield held
+                    return
+                held, stopped = cut_at_stop(held + str(piece), generation.stop)
+                if stopped:
+                    if held:
+                        yield held
+                    return
+                ready = len(held) - max(0, longest_stop - 1)
+                if ready > 0:
+                    yield held[:ready]
+                    held = held[ready:]
+        finally:
+            cancel.set()
 
     async def close(self) -> None:
         return None
+
+
+def _stop_when_set(cancel: threading.Event) -> Any:
+    """A stopping criterion that ends generation at the next token once `cancel` is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full(
+                (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
+            )
+
+    return StopWhenSet()
 
 
 class RemoteBackend:
