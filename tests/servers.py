@@ -157,6 +157,7 @@ def fake_member(model: str, key: str | None = None) -> tuple[FastAPI, dict[str, 
         "endless_s": 0.01,
         "disconnected": 0,
         "streams_closed": 0,
+        "usage_tokens": None,  # completion_tokens to report in a plain answer's usage
     }
     app = FastAPI()
 
@@ -173,13 +174,17 @@ def fake_member(model: str, key: str | None = None) -> tuple[FastAPI, dict[str, 
 
     def completion(text: str) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
-        return {
+        answer: dict[str, Any] = {
             "id": "x",
             "object": "chat.completion",
             "created": 0,
             "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
         }
+        if state["usage_tokens"] is not None:
+            used = state["usage_tokens"]
+            answer["usage"] = {"prompt_tokens": 1, "completion_tokens": used, "total_tokens": used + 1}
+        return answer
 
     async def wait_for_disconnect(request: Request) -> Response:
         for _ in range(6000):  # at most about 10 minutes

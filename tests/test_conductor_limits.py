@@ -8,7 +8,10 @@ from __future__ import annotations
 import copy
 import email.utils
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -28,7 +31,7 @@ from merger.router.backends import retry_after_seconds
 from merger.router.conductor import Conductor, build_conductor, create_app
 from merger.router.embeddings import Embedder, EmbeddingCache
 from merger.router.pool import Pool, parse_pool
-from tests.servers import ServerThread, fake_member, serve_process
+from tests.servers import REPO, ServerThread, fake_member, serve_process
 from tests.test_conductor import ask, ordered_head
 from tests.test_conductor import stream_events as stream
 
@@ -185,6 +188,18 @@ def test_an_endless_answer_ends_at_the_deadline_plain_and_after_the_first_token(
     assert member == "second" and "deadline" in merger["attempts"][0]["outcome"]
     with pytest.raises(openai.APIError, match="first broke its stream: stream still open at the 1s deadline"):
         stream(served.client, max_tokens=100_000)
+
+
+def test_a_plain_answer_longer_than_max_tokens_is_a_member_failure(
+    serve: Callable[..., Served], fakes: dict[str, Fake]
+) -> None:
+    served = serve()
+    fakes["first"].state["usage_tokens"] = 500
+    fakes["second"].state["usage_tokens"] = 16
+    text, merger, member = ask(served.client, max_tokens=16)
+    assert (
+        member == "second" and "answered 500 tokens, past max_tokens 16" in merger["attempts"][0]["outcome"]
+    )
 
 
 # ---- 2. a client that goes away cancels the member call ----
@@ -363,27 +378,16 @@ def test_the_embedding_cache_is_shared_safely_across_threads(tmp_path: Path) -> 
 def test_an_unset_key_variable_refuses_to_start_unless_auth_is_none(
     fakes: dict[str, Fake], tmp_path: Path
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
     env = {key: value for key, value in os.environ.items() if not key.startswith("MERGER_TEST_UNSET")}
     data = pool_data(fakes, tmp_path, {"first": {}, "second": {}})
     data["server"]["api_key_env"] = "MERGER_TEST_UNSET_KEY"
+    member_key_unset = copy.deepcopy(data)
+    member_key_unset["members"][0]["remote"]["api_key_env"] = "MERGER_TEST_UNSET_MEMBER"
+    member_key_unset["server"]["auth"] = "none"  # says nothing about the members' keys
     cases = {
         "server": (data, "server.api_key_env names 'MERGER_TEST_UNSET_KEY', which is not set"),
         "member": (
-            {
-                **data,
-                "members": [
-                    {
-                        **data["members"][0],
-                        "remote": {**data["members"][0]["remote"], "api_key_env": "MERGER_TEST_UNSET_MEMBER"},
-                    },
-                    data["members"][1],
-                ],
-                "server": {**data["server"], "auth": "none"},
-            },
+            member_key_unset,
             "member 'first': remote.api_key_env names 'MERGER_TEST_UNSET_MEMBER', which is not set",
         ),
     }
@@ -392,7 +396,7 @@ def test_an_unset_key_variable_refuses_to_start_unless_auth_is_none(
         pool_file.write_text(yaml.safe_dump(pool))
         finished = subprocess.run(
             [sys.executable, "-m", "merger.cli", "serve", str(pool_file), "--port", "1"],
-            env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            env={**env, "PYTHONPATH": str(REPO)},
             capture_output=True,
             text=True,
             timeout=300,
