@@ -128,7 +128,9 @@ def error_response(
 def validation_message(error: RequestValidationError) -> str:
     problems = []
     for detail in error.errors():
-        where = ".".join(str(part) for part in detail.get("loc", ()) if part != "body") or "body"
+        # without pydantic's union-branch tags ("function-after[...]", "list[...]"): where, not how
+        parts = [str(part) for part in detail.get("loc", ()) if part != "body" and "[" not in str(part)]
+        where = ".".join(parts) or "body"
         problems.append(f"{where[:80]}: {str(detail.get('msg', 'invalid'))[:300]}")
     return "invalid request: " + "; ".join(problems[:10])
 
