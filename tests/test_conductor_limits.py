@@ -182,11 +182,12 @@ def test_a_trickling_member_meets_the_deadline_and_the_next_member_answers(
 def test_an_endless_answer_ends_at_the_deadline_plain_and_after_the_first_token(
     serve: Callable[..., Served], fakes: dict[str, Fake]
 ) -> None:
-    served = serve(members={"first": {"deadline_s": 1}, "second": {}, "steady": {}}, max_tokens=100_000)
+    # 3 s: time enough for the first piece even on a busy machine; the rest never ends
+    served = serve(members={"first": {"deadline_s": 3}, "second": {}, "steady": {}}, max_tokens=100_000)
     fakes["first"].state["mode"] = "endless"
     text, merger, member = ask(served.client)
     assert member == "second" and "deadline" in merger["attempts"][0]["outcome"]
-    with pytest.raises(openai.APIError, match="first broke its stream: stream still open at the 1s deadline"):
+    with pytest.raises(openai.APIError, match="first broke its stream: stream still open at the 3s deadline"):
         stream(served.client, max_tokens=100_000)
 
 
