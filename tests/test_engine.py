@@ -560,6 +560,7 @@ def _assert_engine_equals_mergekit_yaml(
         torch.testing.assert_close(merged[name], tensor, **FP32, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_through_mergekit_executor_equals_mergekit_yaml(
     paths: dict[str, Path], yaml_scratch: Path, method: str
@@ -569,6 +570,7 @@ def test_every_method_through_mergekit_executor_equals_mergekit_yaml(
     _assert_engine_equals_mergekit_yaml(method, "mergekit", config, paths, yaml_scratch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(RESIDENT_METHODS))
 def test_resident_methods_equal_mergekit_yaml(paths: dict[str, Path], yaml_scratch: Path, method: str) -> None:
     random = RESIDENT_METHODS[method].sparsification in ("random", "della")
