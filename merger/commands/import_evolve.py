@@ -40,15 +40,15 @@ def import_evolve_command(args: argparse.Namespace) -> int:
     imported = import_evolve(
         args.config, num_layers=args.num_layers, task_paths=task_paths, trust_remote_code=args.trust_remote_code
     )
+    validated(imported, str(args.config))
     text = recipe_yaml(imported, args.config)
     if args.output is None:
-        validated(imported, str(args.config))
         print(text, end="")
     else:
         if args.output.exists():
             raise MergerError(f"{shown(str(args.output))} already exists; remove it or name another file")
         args.output.write_text(text)
-        load_recipe(args.output)
+        load_recipe(args.output)  # the file as `merger run` will read it
         print(f"wrote {args.output}", file=sys.stderr)
     if imported.unmapped:
         print("import-evolve: no equivalent in merger: " + "; ".join(imported.unmapped), file=sys.stderr)
