@@ -205,6 +205,8 @@ def import_evolve(
             f"genome.models: slerp over {len(genome.models)} models (mergekit-evolve picks two per layer "
             "group) has no equivalent; merger's slerp merges exactly two models"
         )
+    if genome.merge_method == "slerp" and genome.base_model not in (None, *genome.models):
+        raise MergerError("genome.base_model: slerp merges the two models; a third (the base) cannot take part")
     sources, names = _sources(genome, path.resolve().parent, unmapped)
     if genome.base_model is not None and genome.base_model in genome.models and genome.merge_method != "slerp":
         unmapped.append(f"the base model's own {genome.merge_method} values (merger searches the other models')")

@@ -157,6 +157,7 @@ def test_what_has_no_equivalent_is_reported_in_one_line(tmp_path: Path) -> None:
     [
         ({"models": ["a", "b+lora_dir"], "merge_method": "linear"}, ["t"], "LoRA adapter"),
         ({"models": ["a", "b", "c"], "merge_method": "slerp"}, ["t"], "slerp over 3 models"),
+        ({"models": ["a", "b"], "merge_method": "slerp", "base_model": "c"}, ["t"], "a third (the base)"),
         ({"models": ["a", "b"], "merge_method": "breadcrumbs"}, ["t"], "Invalid merge method"),
         ({"models": ["a", "b"], "merge_method": "linear", "layer_granularity": 1},
          [{"name": "perplexity_task", "weight": -1.0}], "weight -1.0 of 'perplexity_task'"),
