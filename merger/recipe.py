@@ -17,11 +17,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merger.bundled import bundled_dir
 from merger.errors import MAX_SHOWN_CHARS, MergerError, clip, shown
 from merger.method_registry import METHODS, searchable_method
 from merger.yamlsafe import read_yaml_file
 
-BUNDLED_EVALS = Path(__file__).resolve().parent.parent / "evals"
+BUNDLED_EVALS = bundled_dir("evals")
 
 
 class StrictModel(BaseModel):
