@@ -18,6 +18,7 @@ from merger.recipe import BUNDLED_EVALS, EvalSet, Recipe, TaskSpec
 
 FEWSHOT_SEED = 1234
 NON_METRIC_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
+ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
 
 
 def task_paths(recipe: Recipe) -> tuple[str, ...]:
@@ -153,13 +154,66 @@ class TaskSuite:
             raise RuntimeError("lm-eval returned no results")
         return output
 
+    def item_ids(self) -> dict[str, list[int]]:
+        """Every item this set scores, per task, in document order (what `run` scores)."""
+        if self.samples is not None:
+            return {name: list(ids) for name, ids in self.samples.items()}
+        ids = {}
+        for name, task in self.loaded["tasks"].items():
+            size = len(task.eval_docs)
+            ids[name] = list(range(min(self.eval_set.limit or size, size)))
+        return ids
+
+    def score_items(self, lm: Any, items: Mapping[str, list[int]]) -> ItemScores:
+        """Per task, each given item's metric value (lm-eval's logged samples), plus the aggregates over them.
+
+        Only the given items are scored; tasks without items are left out.
+        """
+        from lm_eval.evaluator import evaluate
+
+        chosen = {name: sorted(ids) for name, ids in items.items() if ids}  # lm-eval maps ids in order
+        output = evaluate(
+            lm=lm,
+            task_dict={**self.loaded, "tasks": {n: self.loaded["tasks"][n] for n in chosen}},
+            samples=chosen,
+            bootstrap_iters=0,
+            log_samples=True,
+            apply_chat_template=self.eval_set.apply_chat_template,
+            fewshot_as_multiturn=self.eval_set.apply_chat_template,
+            verbosity="ERROR",
+        )
+        if output is None:
+            raise RuntimeError("lm-eval returned no results")
+        return self.item_values(output, list(chosen))
+
+    def item_values(self, output: Mapping[str, Any], names: list[str]) -> ItemScores:
+        values: dict[str, dict[int, float]] = {}
+        specs = {task.name: task for task in self.eval_set.tasks}
+        for name in names:
+            metric, _, filter_name = metric_key(output["results"][name], specs[name]).partition(",")
+            values[name] = {
+                int(sample["doc_id"]): _finite(float(sample[metric]))
+                for sample in output["samples"][name]
+                if sample.get("filter", filter_name) == filter_name
+            }
+        return values
+
     def score(self, lm: Any) -> dict[str, float]:
-        results = self.run(lm)["results"]
+        return self.score_logged(lm)[0]
+
+    def score_logged(self, lm: Any) -> tuple[dict[str, float], ItemScores]:
+        """The set's scores as lm-eval aggregates them, and each item's value (from its logged samples)."""
+        output = self.run(lm, log_samples=True)
+        results = output["results"]
         scores = {}
         for task in self.eval_set.tasks:
-            value = float(results[task.name][metric_key(results[task.name], task)])
-            scores[task.name] = value if math.isfinite(value) else 0.0
-        return scores
+            scores[task.name] = _finite(float(results[task.name][metric_key(results[task.name], task)]))
+        plain = [task.name for task in self.eval_set.tasks if task.name in output.get("samples", {})]
+        return scores, self.item_values(output, plain)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
 
 
 def quiet_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
@@ -193,6 +247,14 @@ class Scorer:
     def score(self, set_name: str) -> dict[str, float]:
         suite = self.suites[set_name]
         return suite.score(self._lms[suite.eval_set.batch_size])
+
+    def score_logged(self, set_name: str) -> tuple[dict[str, float], ItemScores]:
+        suite = self.suites[set_name]
+        return suite.score_logged(self._lms[suite.eval_set.batch_size])
+
+    def score_items(self, set_name: str, items: Mapping[str, list[int]]) -> ItemScores:
+        suite = self.suites[set_name]
+        return suite.score_items(self._lms[suite.eval_set.batch_size], items)
 
     def fitness(self, scores: Mapping[str, float]) -> float:
         return weighted_score(scores, self.suites["fitness"].eval_set)
