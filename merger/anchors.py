@@ -36,10 +36,14 @@ def choose_anchors(item_set: ItemSet, outcomes: list[Values], count: int, seed: 
     """`count` anchors (fewer when the items have fewer distinct outcome vectors) from models' outcomes."""
     from sklearn.cluster import KMeans
 
-    matrix = np.array([[values[task][doc] for values in outcomes] for task, doc in item_set.items], dtype=float)
+    matrix = np.array(
+        [[values[task][doc] for values in outcomes] for task, doc in item_set.items], dtype=float
+    )
     weights = np.array([item_set.weight(item) for item in item_set.items])
     clusters = min(count, len(np.unique(matrix, axis=0)))
-    labels = KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit(matrix, sample_weight=weights).labels_
+    labels = (
+        KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit(matrix, sample_weight=weights).labels_
+    )
     chosen, chosen_weights = [], []
     for label in range(clusters):
         members = np.flatnonzero(labels == label)

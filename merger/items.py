@@ -47,7 +47,9 @@ class ItemSet:
 
     def score(self, values: Values, items: Iterable[Item] | None = None) -> float:
         """The weighted sum of the given items' values (all items: the fitness score)."""
-        return sum(self.weight(item) * values[item[0]][item[1]] for item in (self.items if items is None else items))
+        return sum(
+            self.weight(item) * values[item[0]][item[1]] for item in (self.items if items is None else items)
+        )
 
     def missing(self, values: Values, items: Iterable[Item]) -> list[Item]:
         return [item for item in items if item[1] not in values.get(item[0], {})]
@@ -67,5 +69,9 @@ def item_accounting(spent: Mapping[str, int], evaluations: int, items_per_candid
     line = f"item-evaluations: {total} ({spent.get('candidates', 0)} on candidates, {spent.get('sources', 0)} on sources)"
     if items_per_candidate:
         full = evaluations * items_per_candidate
-        line += f"; full would have spent {full}: saved {full - total} ({(full - total) / full:.0%})" if full else ""
+        line += (
+            f"; full would have spent {full}: saved {full - total} ({(full - total) / full:.0%})"
+            if full
+            else ""
+        )
     return line

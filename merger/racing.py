@@ -44,7 +44,9 @@ def bounds(item_set: ItemSet, values: Values, seen: Iterable[Item], kind: str, d
     if kind == "exact" or not seen:
         return Bounds(partial, partial + left, mean, len(seen))
     radius = math.sqrt(math.log(2 / delta) / (2 * len(seen)))
-    return Bounds(partial + left * max(0.0, mean - radius), partial + left * min(1.0, mean + radius), mean, len(seen))
+    return Bounds(
+        partial + left * max(0.0, mean - radius), partial + left * min(1.0, mean + radius), mean, len(seen)
+    )
 
 
 def cuts(known: Mapping[int, Bounds], racing: Iterable[int], mu: int) -> set[int]:
@@ -55,7 +57,9 @@ def cuts(known: Mapping[int, Bounds], racing: Iterable[int], mu: int) -> set[int
     for candidate in racing:
         if still <= mu:
             break
-        beaters = sum(1 for other, b in known.items() if other != candidate and b.lower > known[candidate].upper)
+        beaters = sum(
+            1 for other, b in known.items() if other != candidate and b.lower > known[candidate].upper
+        )
         if beaters >= mu:
             cut.add(candidate)
             still -= 1

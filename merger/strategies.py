@@ -71,7 +71,12 @@ class ItemStrategy:
 
     def _failed(self, generation: int, index: int, genotype: np.ndarray, failure: str) -> EvaluationRecord:
         record = EvaluationRecord(
-            generation, index, [float(v) for v in genotype], config="", score=0.0, objective=WORST_OBJECTIVE,
+            generation,
+            index,
+            [float(v) for v in genotype],
+            config="",
+            score=0.0,
+            objective=WORST_OBJECTIVE,
             failure=failure,
         )
         self.ledger.record_evaluation(record)
@@ -97,13 +102,22 @@ class ItemStrategy:
             seen = [item for item in self.item_set.items if item[1] in values[index].get(item[0], {})]
             self.ledger.record_estimate(
                 FitnessEstimate(
-                    generation, index, strategy, len(seen), len(self.item_set), known[index].estimate,
+                    generation,
+                    index,
+                    strategy,
+                    len(seen),
+                    len(self.item_set),
+                    known[index].estimate,
                     full.get(index),
                 )
             )
             record = EvaluationRecord(
-                generation, index, [float(v) for v in genotype], self.genome.to_config(genotype).to_yaml(),
-                scores=self._task_scores(values[index], seen), score=known[index].estimate,
+                generation,
+                index,
+                [float(v) for v in genotype],
+                self.genome.to_config(genotype).to_yaml(),
+                scores=self._task_scores(values[index], seen),
+                score=known[index].estimate,
                 objective=objective[index],
             )
             self.ledger.record_evaluation(record)
@@ -231,7 +245,9 @@ class ItemStrategy:
             self._absorb(results or {}, generation, genotypes, keys, failed, values)
             if results is None:
                 return None
-        complete = [i for i in alive if i not in failed and not self.item_set.missing(values[i], self.item_set.items)]
+        complete = [
+            i for i in alive if i not in failed and not self.item_set.missing(values[i], self.item_set.items)
+        ]
         full = {i: self._complete_score(values[i]) for i in complete}
         known = {
             i: Bounds(estimate[i], estimate[i], estimate[i], len(self.anchors.items))
