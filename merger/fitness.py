@@ -124,6 +124,7 @@ class TaskSuite:
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
+            _cap_generation(task, getattr(eval_set, "max_gen_toks", None))
         self.loaded = loaded
         self.samples = self._subsample() if eval_set.subsample_seed is not None else None
 
@@ -210,6 +211,15 @@ class TaskSuite:
             scores[task.name] = _finite(float(results[task.name][metric_key(results[task.name], task)]))
         plain = [task.name for task in self.eval_set.tasks if task.name in output.get("samples", {})]
         return scores, self.item_values(output, plain)
+
+
+def _cap_generation(task: Any, cap: int | None) -> None:
+    """At most `cap` generated tokens per item (a task's own smaller cap is kept)."""
+    if cap is None or task.get_config("output_type") != "generate_until":
+        return
+    kwargs = dict(task.get_config("generation_kwargs") or {})
+    kwargs["max_gen_toks"] = min(int(kwargs.get("max_gen_toks", cap)), cap)
+    task.set_config(key="generation_kwargs", value=kwargs)
 
 
 def _finite(value: float) -> float:

@@ -200,6 +200,7 @@ class FitnessSet(EvalSet):
     strategy: Literal["full", "racing", "anchors"] = "full"
     racing: Racing = Racing()
     anchors: Anchors = Anchors()
+    max_gen_toks: Annotated[int, Field(ge=1)] | None = None  # caps generation (lm-eval's default: 256)
 
 
 class Engine(StrictModel):

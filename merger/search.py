@@ -201,7 +201,11 @@ class Search:
         next_total = (state.generation + 1) * optimizer.popsize + grid
         if optimizer.max_evaluations is not None and next_total > optimizer.max_evaluations:
             return False
-        if optimizer.max_items is not None and sum(self.ledger.items_spent().values()) >= optimizer.max_items:
+        if (
+            optimizer.max_items is not None
+            and state.generation > 0  # a run scores at least one generation, whatever the sources cost
+            and sum(self.ledger.items_spent().values()) >= optimizer.max_items
+        ):
             return False  # a started generation is finished, so the budget can be passed by one generation
         return optimizer.max_seconds is None or state.seconds < optimizer.max_seconds
 

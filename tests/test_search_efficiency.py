@@ -248,3 +248,14 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sour
     assert resumed.best.score == reference.best.score
     ledger = Ledger(run_dir)
     assert "item-evaluations:" in status_text(ledger)
+
+
+def test_fitness_generation_is_capped(tiny_evals):
+    from merger.fitness import TaskSuite
+    from merger.recipe import FitnessSet
+
+    capped = TaskSuite(FitnessSet(tasks=["tiny_gen"], max_gen_toks=2), (str(tiny_evals),))
+    task = capped.loaded["tasks"]["tiny_gen"]
+    assert task.get_config("generation_kwargs")["max_gen_toks"] == 2
+    kept = TaskSuite(FitnessSet(tasks=["tiny_gen"], max_gen_toks=50), (str(tiny_evals),))
+    assert kept.loaded["tasks"]["tiny_gen"].get_config("generation_kwargs")["max_gen_toks"] == 4
