@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -127,6 +128,9 @@ def run_one(recipe: Recipe, run_dir: Path, budget: int, per_candidate: int) -> d
             "curve": validation_curve(ledger, recipe),
             "test": test_score(result.best.genotype),
             "search_seconds": load_state(run_dir).seconds,
+            # lm-eval's time per item (merging excluded) where whole candidates are scored at once
+            "seconds_per_item": sum(r.eval_seconds for r in ledger.evaluations())
+            / max(1, spent["candidates"]),
         }
         if recipe.fitness.strategy == "full":
             genotype = winner_within(ledger, budget, per_candidate)
@@ -147,20 +151,24 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def table(name: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+def table(name: str, runs: dict[str, list[dict[str, Any]]], budget: int) -> dict[str, dict[str, Any]]:
     full = runs.get("full", [])
     target = median([run["curve"][-1][1] for run in full if run["curve"]])
     rows: dict[str, list[dict[str, Any]]] = dict(runs)
     if full and all(run.get("test_at_budget") is not None for run in full):
-        rows["full@budget"] = [{**run, "test": run["test_at_budget"], "items": None} for run in full]
+        rows["full@budget"] = [
+            {**run, "test": run["test_at_budget"], "items": budget, "curve": []} for run in full
+        ]
     print(f"\n{name}: target (full's median final validation) = {target}")
     print(f"{'strategy':<14} {'items':>8} {'test median':>12} {'test range':>16} {'items to match full':>20}")
     out = {}
     for strategy, results in rows.items():
         tests = [run["test"] for run in results]
         items = median([run["items"] for run in results if run["items"] is not None])
+        # a run that never reached the target counts as infinitely many items (so the median may be one)
         reach = [items_to_reach(run["curve"], target) for run in results] if target is not None else []
-        to_match = median([r for r in reach if r is not None]) if reach and None not in reach else None
+        to_match = median([math.inf if r is None else r for r in reach])
+        to_match = None if to_match is None or math.isinf(to_match) else to_match
         print(
             f"{strategy:<14} {items if items is not None else '-':>8} {median(tests):>12.4f} "
             f"{f'{min(tests):.4f}..{max(tests):.4f}':>16} {to_match if to_match is not None else '-':>20}"
@@ -241,7 +249,14 @@ def main() -> None:
         print(
             f"\n{name}: {per_candidate} fitness items a candidate; full spends {full_items}, the others get {budget}"
         )
-        report[name] = table(name, runs)
+        report[name] = table(name, runs, budget)
+        seconds_per_item = median(
+            [run["seconds_per_item"] for run in runs.get("full", []) if "seconds_per_item" in run]
+        )
+        if seconds_per_item is not None:
+            print(
+                f"{name}: one item-evaluation costs {seconds_per_item:.3f} s here (full, median over seeds)"
+            )
     print(
         f"\ntotal cost: {total_items} item-evaluations, {total_seconds:.0f} s of runs "
         f"({time.time() - started:.0f} s in this sitting)"
