@@ -155,6 +155,19 @@ class TaskSuite:
             raise RuntimeError("lm-eval returned no results")
         return output
 
+    def check_itemwise(self, why: str) -> None:
+        """Each task is a single task whose metric is a per-item mean (what item-wise scoring needs)."""
+        from lm_eval.api.metrics import mean
+
+        for spec in self.eval_set.tasks:
+            task = self.loaded["tasks"].get(spec.name)
+            if task is None:
+                raise MergerError(f"{why} scores single tasks item by item; {spec.name!r} is a group")
+            aggregation = task.aggregation()
+            metric = spec.metric or next(iter(aggregation), None)
+            if aggregation.get(metric) is not mean:
+                raise MergerError(f"{why} needs a mean-aggregated metric; {spec.name}'s {metric!r} is not")
+
     def item_ids(self) -> dict[str, list[int]]:
         """Every item this set scores, per task, in document order (what `run` scores)."""
         if self.samples is not None:

@@ -181,6 +181,28 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
     spent = ledger.items_spent()["candidates"]
     assert spent >= 60 and result.generations == 2  # 48 items after one generation, under 60: one more
     assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources)" in status_text(ledger)
+    from merger.report import load_run, overview_rows
+
+    rows = dict((row[0], row[1]) for row in overview_rows(load_run(tmp_path / "run")))
+    assert rows["item-evaluations"].startswith(f"{spent} ({spent} on candidates")
+
+
+def test_itemwise_strategies_refuse_a_metric_that_is_not_a_mean(tiny_evals):
+    from merger.fitness import TaskSuite
+    from merger.recipe import FitnessSet
+
+    TaskSuite(FitnessSet(tasks=[{"name": "tiny_mc", "metric": "acc"}]), (str(tiny_evals),)).check_itemwise(
+        "x"
+    )
+    (tiny_evals / "tiny_f1.yaml").write_text(
+        (tiny_evals / "tiny_mc.yaml")
+        .read_text()
+        .replace("task: tiny_mc", "task: tiny_f1")
+        .replace("metric: acc\n    aggregation: mean", "metric: f1\n    aggregation: f1")
+    )
+    suite = TaskSuite(FitnessSet(tasks=[{"name": "tiny_f1", "metric": "f1"}]), (str(tiny_evals),))
+    with pytest.raises(MergerError, match="fitness.strategy racing needs a mean-aggregated metric"):
+        suite.check_itemwise("fitness.strategy racing")
 
 
 def test_a_budget_is_required():
@@ -246,8 +268,9 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sour
         assert json.loads(ours[2]) == pytest.approx(json.loads(theirs[2]))
     assert resumed.best.genotype == pytest.approx(reference.best.genotype)
     assert resumed.best.score == reference.best.score
-    ledger = Ledger(run_dir)
-    assert "item-evaluations:" in status_text(ledger)
+    status = status_text(Ledger(run_dir))
+    assert "item-evaluations:" in status
+    assert ("anchor check, generation 1 best" in status) == (strategy == "anchors")
 
 
 def test_fitness_generation_is_capped(tiny_evals):

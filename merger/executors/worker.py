@@ -44,6 +44,8 @@ class CandidateWorker:
         tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
         self.tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
         self.scorer = Scorer(recipe, self.model, self.tokenizer)
+        if recipe.fitness.strategy != "full":
+            self.scorer.suites["fitness"].check_itemwise(f"fitness.strategy {recipe.fitness.strategy}")
 
     def _build_engine(self) -> Any:
         dtype = getattr(torch, self.recipe.engine.dtype)
