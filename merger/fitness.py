@@ -137,14 +137,20 @@ class TaskSuite:
             chosen[name] = sorted(rng.sample(range(size), count))
         return chosen
 
-    def run(self, lm: Any, log_samples: bool = False) -> dict[str, Any]:
+    def run(
+        self, lm: Any, log_samples: bool = False, items: Mapping[str, list[int]] | None = None
+    ) -> dict[str, Any]:
+        """lm-eval on the set's items, or on the given items only (task -> sorted doc ids)."""
         from lm_eval.evaluator import evaluate
 
+        task_dict = self.loaded
+        if items is not None:
+            task_dict = {**self.loaded, "tasks": {name: self.loaded["tasks"][name] for name in items}}
         output = evaluate(
             lm=lm,
-            task_dict=self.loaded,
-            limit=None if self.samples is not None else self.eval_set.limit,
-            samples=self.samples,
+            task_dict=task_dict,
+            limit=None if self.samples is not None or items is not None else self.eval_set.limit,
+            samples=self.samples if items is None else dict(items),
             bootstrap_iters=0,
             log_samples=log_samples,
             apply_chat_template=self.eval_set.apply_chat_template,
@@ -179,26 +185,9 @@ class TaskSuite:
         return ids
 
     def score_items(self, lm: Any, items: Mapping[str, list[int]]) -> ItemScores:
-        """Per task, each given item's metric value (lm-eval's logged samples), plus the aggregates over them.
-
-        Only the given items are scored; tasks without items are left out.
-        """
-        from lm_eval.evaluator import evaluate
-
+        """Per task, each given item's metric value (from lm-eval's logged samples); only those are scored."""
         chosen = {name: sorted(ids) for name, ids in items.items() if ids}  # lm-eval maps ids in order
-        output = evaluate(
-            lm=lm,
-            task_dict={**self.loaded, "tasks": {n: self.loaded["tasks"][n] for n in chosen}},
-            samples=chosen,
-            bootstrap_iters=0,
-            log_samples=True,
-            apply_chat_template=self.eval_set.apply_chat_template,
-            fewshot_as_multiturn=self.eval_set.apply_chat_template,
-            verbosity="ERROR",
-        )
-        if output is None:
-            raise RuntimeError("lm-eval returned no results")
-        return self.item_values(output, list(chosen))
+        return self.item_values(self.run(lm, log_samples=True, items=chosen), list(chosen))
 
     def item_values(self, output: Mapping[str, Any], names: list[str]) -> ItemScores:
         values: dict[str, dict[int, float]] = {}
