@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from merger.errors import MergerError
 from merger.items import Item, ItemSet, Values
 
 
@@ -34,7 +35,10 @@ class Anchors:
 
 def choose_anchors(item_set: ItemSet, outcomes: list[Values], count: int, seed: int) -> Anchors:
     """`count` anchors (fewer when the items have fewer distinct outcome vectors) from models' outcomes."""
-    from sklearn.cluster import KMeans
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        raise MergerError("fitness.strategy anchors needs scikit-learn: pip install scikit-learn") from None
 
     matrix = np.array(
         [[values[task][doc] for values in outcomes] for task, doc in item_set.items], dtype=float
