@@ -45,6 +45,7 @@ class ItemStrategy:
         self.on_progress = on_progress
         self.item_set = ItemSet.of(executor.fitness_items(), recipe.fitness)
         self.anchors: Anchors | None = None
+        self._seconds: dict[str, tuple[float, float]] = {}  # merge and scoring seconds in this session
 
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, jobs: list[ItemJob], should_stop: Callable[[], bool]) -> dict[str, ItemResult] | None:
@@ -52,6 +53,8 @@ class ItemStrategy:
         results: dict[str, ItemResult] = {}
 
         def record(result: ItemResult) -> None:
+            merge, scoring = self._seconds.get(result.candidate, (0.0, 0.0))
+            self._seconds[result.candidate] = (merge + result.merge_seconds, scoring + result.eval_seconds)
             if result.failure is None:
                 self.ledger.record_items(result.candidate, result.values)
             results[result.candidate] = result
@@ -120,6 +123,7 @@ class ItemStrategy:
                 score=known[index].estimate,
                 objective=objective[index],
             )
+            record.merge_seconds, record.eval_seconds = self._seconds.pop(record.candidate, (0.0, 0.0))
             self.ledger.record_evaluation(record)
             self.on_progress({"generation": generation, "record": record})
             records.append(record)
