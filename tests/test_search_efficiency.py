@@ -180,7 +180,9 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
     ledger = Ledger(tmp_path / "run")
     spent = ledger.items_spent()["candidates"]
     assert spent >= 60 and result.generations == 2  # 48 items after one generation, under 60: one more
-    assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources)" in status_text(ledger)
+    status = status_text(ledger)
+    assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources)" in status
+    assert "(0 generations)" in status  # the item budget is spent
     from merger.report import load_run, overview_rows
 
     rows = dict((row[0], row[1]) for row in overview_rows(load_run(tmp_path / "run")))

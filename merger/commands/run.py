@@ -154,6 +154,11 @@ def status_text(ledger: Any, show_all: bool = False) -> str:
         left_by_budget = []
         if meta.get("max_evaluations") and meta.get("popsize"):
             left_by_budget.append(max(0, meta["max_evaluations"] // meta["popsize"] - len(generations)))
+        if meta.get("max_items"):
+            spent = sum(ledger.items_spent().values())
+            per_generation_items = spent / len(generations)
+            items_left = max(0, meta["max_items"] - spent)
+            left_by_budget.append(math.ceil(items_left / per_generation_items) if per_generation_items else 0)
         state = load_state(ledger.path.parent)
         if meta.get("max_seconds") and state is not None:
             # the clock is checked between generations, so a started generation always runs to its end
