@@ -7,7 +7,6 @@ re-evaluating only what the ledger does not hold, and ends as an uninterrupted r
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import time
@@ -23,9 +22,8 @@ from merger.executors import CandidateTask, Executor, make_executor
 from merger.genome import Genome
 from merger.ledger import EvaluationRecord, GenerationRecord, Ledger
 from merger.recipe import Recipe, recipe_to_yaml
+from merger.rundir import RunDir, write_atomic
 
-CHECKPOINT_FILE = "search_state.pkl"
-RECIPE_FILE = "recipe.yaml"
 DIAGONAL_AUTO_DIMENSION = 100
 
 
@@ -36,15 +34,6 @@ class SearchState:
     pending: list[np.ndarray] | None = None  # asked but not yet told
     seconds: float = 0.0  # wall-clock spent over all sessions of this run
     history: list[float] = field(default_factory=list)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def new_state(recipe: Recipe, genome: Genome) -> SearchState:
@@ -73,7 +62,7 @@ def new_state(recipe: Recipe, genome: Genome) -> SearchState:
 
 
 def load_state(run_dir: Path) -> SearchState | None:
-    path = run_dir / CHECKPOINT_FILE
+    path = RunDir(run_dir).checkpoint
     if not path.is_file():
         return None
     with open(path, "rb") as handle:
@@ -105,12 +94,12 @@ def _rehash(archive: Any) -> None:
 
 
 def save_state(run_dir: Path, state: SearchState) -> None:
-    write_atomic(run_dir / CHECKPOINT_FILE, pickle.dumps(state))
+    write_atomic(RunDir(run_dir).checkpoint, pickle.dumps(state))
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path) -> bool:
     """Create the run directory or check it belongs to this recipe; True when resuming."""
-    stored = run_dir / RECIPE_FILE
+    stored = RunDir(run_dir).recipe
     text = recipe_to_yaml(recipe)
     if stored.is_file():
         if stored.read_text() != text:
@@ -256,6 +245,7 @@ def open_search(
 ) -> tuple[Search, bool]:
     """Validate everything against the world, then load sources once; returns (search, resuming)."""
     from merger.fitness import check_tasks
+    from merger.lineage import LINEAGE_META, source_lineage
     from merger.sources import check_compatible, resolve_sources
 
     source_paths = resolve_sources(recipe)
@@ -264,7 +254,9 @@ def open_search(
     check_tasks(recipe)
     resuming = prepare_run_dir(recipe, run_dir)
     ledger = Ledger(run_dir)
+    lineage = source_lineage(recipe, source_paths, ledger.meta().get(LINEAGE_META))
     ledger.set_meta(
+        **{LINEAGE_META: lineage},
         seed=recipe.optimizer.seed,
         dimension=genome.dimension,
         genome=genome.describe(),
