@@ -70,18 +70,21 @@ def export_once(model: FinalModel, search: Search) -> None:
     staging.rename(model.path)
 
 
-def winner_model(search: Search, result: SearchResult) -> FinalModel:
-    layout = RunDir(search.run_dir)
-    config = search.genome.to_config(np.asarray(result.best.genotype))
-    identity = config_identity(merge_yaml(config))
-    return FinalModel(WINNER_KEY, layout.final, identity, config, layout.best_config)
-
-
 def export_winner(search: Search, result: SearchResult) -> Path:
     """best.yaml and final/: the winner as mergekit exports it (reused when already exported)."""
-    winner = winner_model(search, result)
+    layout = RunDir(search.run_dir)
+    config = search.genome.to_config(np.asarray(result.best.genotype))
+    winner = FinalModel(
+        WINNER_KEY, layout.final, config_identity(merge_yaml(config)), config, layout.best_config
+    )
     export_once(winner, search)
     return winner.path
+
+
+def exported_winner(run_dir: Path) -> FinalModel:
+    """The winner as `export_winner` left it: final/, identified by its best.yaml."""
+    layout = RunDir(run_dir)
+    return FinalModel(WINNER_KEY, layout.final, config_identity(layout.best_config.read_text()))
 
 
 def final_models(search: Search, winner: FinalModel, baselines: BaselinePlan) -> list[FinalModel]:
@@ -240,8 +243,8 @@ def finished_summary(run_dir: Path, result: SearchResult) -> Summary | None:
 
 def finish_run(search: Search, result: SearchResult) -> Summary:
     layout = RunDir(search.run_dir)
-    winner = winner_model(search, result)
-    export_once(winner, search)
+    export_winner(search, result)
+    winner = exported_winner(search.run_dir)
     source_paths = {name: Path(entry["path"]) for name, entry in search.ledger.meta()[LINEAGE_META].items()}
     baselines = plan_baselines(search.recipe, source_paths)
     scores = score_final(search, final_models(search, winner, baselines))
