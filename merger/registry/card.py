@@ -88,6 +88,8 @@ def render_card(name: str, version: int, run: FinishedRun, parents: list[Parent]
         "",
         *_scores_table(run.summary),
         "",
+        *(f"- baseline {name} not scored: {reason}" for name, reason in run.summary.baselines_skipped.items()),
+        "",
         f"Fitness of the winner: {_format_score(run.fitness)}",
         "",
         "## Best genotype",
