@@ -97,12 +97,23 @@ def save_state(run_dir: Path, state: SearchState) -> None:
     write_atomic(RunDir(run_dir).checkpoint, pickle.dumps(state))
 
 
+def _same_recipe(stored: Path, text: str) -> bool:
+    """A recipe stored before a field with a default existed is the same recipe with that default."""
+    from merger.recipe import parse_recipe
+    from merger.yamlsafe import read_yaml_file
+
+    try:
+        return recipe_to_yaml(parse_recipe(read_yaml_file(stored, "recipe") or {}, str(stored))) == text
+    except MergerError:
+        return False
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path) -> bool:
     """Create the run directory or check it belongs to this recipe; True when resuming."""
     stored = RunDir(run_dir).recipe
     text = recipe_to_yaml(recipe)
     if stored.is_file():
-        if stored.read_text() != text:
+        if stored.read_text() != text and not _same_recipe(stored, text):
             raise MergerError(
                 f"{run_dir} holds a run of a different recipe; give another --run-dir or remove it"
             )

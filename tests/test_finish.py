@@ -12,16 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 import merger.cli
 import merger.registry.files
+from merger.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
 from merger.finish import finish_run
 from merger.ledger import Ledger
 from merger.recipe import parse_recipe
 from merger.registry import Registry
 from merger.rundir import RunDir
-from merger.search import open_search
+from merger.search import open_search, prepare_run_dir
 from tests.recipes import tiny_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,3 +235,17 @@ def test_old_summaries_still_read(tmp_path):
     assert list(summary.score_rows()) == ["a", "WINNER"] and summary.score_columns() == [("validation", "t")]
     layout.write_summary(summary)
     assert json.loads(layout.summary.read_text()) == old
+
+
+def test_a_run_stored_before_baselines_existed_still_resumes(tiny_sources, tiny_evals, tmp_path):
+    """A run directory's recipe.yaml written without the `baselines` field is the same recipe."""
+    recipe = parse_recipe(small_recipe(tiny_sources, tiny_evals, tmp_path / "run"))
+    assert prepare_run_dir(recipe, tmp_path / "run") is False
+    stored = RunDir(tmp_path / "run").recipe
+    old = yaml.safe_load(stored.read_text())
+    del old["baselines"]
+    stored.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert prepare_run_dir(recipe, tmp_path / "run") is True
+    other = parse_recipe(small_recipe(tiny_sources, tiny_evals, tmp_path / "run", baselines=[]))
+    with pytest.raises(MergerError, match="different recipe"):
+        prepare_run_dir(other, tmp_path / "run")
