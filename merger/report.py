@@ -104,10 +104,15 @@ def best_genes(run: RunData) -> list[dict[str, Any]] | None:
     if run.best is None:
         return None
     from merger.genome import Genome
+    from merger.lineage import LINEAGE_META
     from merger.sources import check_compatible, resolve_sources
 
+    recorded = run.meta.get(LINEAGE_META) or {}  # where the run found its sources (nothing re-verified)
     try:
-        source_paths = resolve_sources(run.recipe)
+        if set(recorded) == set(run.recipe.source_names):
+            source_paths = {name: Path(entry["path"]) for name, entry in recorded.items()}
+        else:
+            source_paths = resolve_sources(run.recipe)
         num_layers = check_compatible(source_paths, run.recipe.trust_remote_code)
     except MergerError as error:
         raise MergerError(f"cannot decode the best genotype without the run's sources: {error}") from None
