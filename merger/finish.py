@@ -1,110 +1,204 @@
-"""The end of a run: best.yaml, the winner exported by mergekit, its scores next to every source's."""
+"""The end of a run: best.yaml, the winner exported by mergekit, its scores next to every source's and
+every untuned baseline's, summary.json.
+
+Finishing resumes as the search does: each final score is committed to the ledger as it finishes
+(keyed by model and eval set, with the identity of the weights scored), a finished export whose
+configuration matches is reused, and a run killed here re-scores only what the ledger lacks.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from mergekit.config import MergeConfiguration
 
+from merger.baselines import BaselinePlan, plan_baselines
 from merger.engine.reference import export_merge
 from merger.fitness import eval_sets
-from merger.registry import weights_digest
-from merger.search import Search, SearchResult, write_atomic
-from merger.sources import resolve_sources
+from merger.ledger import FinalScore
+from merger.lineage import LINEAGE_META, summary_lineage
+from merger.rundir import Baseline, RunDir, Scores, Summary, Winner, write_atomic
+from merger.search import Search, SearchResult
 
-SUMMARY_FILE = "summary.json"
-BEST_CONFIG_FILE = "best.yaml"
-FINAL_DIR = "final"
+WINNER_KEY = "winner"
+SOURCE_PREFIX = "source:"
+BASELINE_PREFIX = "baseline:"
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """A checkpoint scored at the end: the winner, a source alone, or a baseline."""
+
+    key: str  # the ledger's model key
+    path: Path
+    identity: str  # which weights: a source's weights digest, a merge's config digest
+    config: MergeConfiguration | None = None  # a merge exported before it is scored
+    config_file: Path | None = None
+
+
+def config_identity(config_yaml: str) -> str:
+    return "config:" + hashlib.sha256(config_yaml.encode()).hexdigest()
+
+
+def merge_yaml(config: MergeConfiguration) -> str:
+    """The text of best.yaml and baselines/NAME.yaml: what `mergekit-yaml` reproduces."""
+    return config.to_yaml() + "\n"
+
+
+def export_once(model: FinalModel, search: Search) -> None:
+    """mergekit's export of `model.config` into `model.path`, its YAML into `model.config_file`.
+
+    An export already there from the same YAML is kept; otherwise it is written to a staging
+    directory and renamed into place, so a finished directory is always a whole export.
+    """
+    assert model.config is not None and model.config_file is not None
+    text = merge_yaml(model.config)
+    if model.path.is_dir() and model.config_file.is_file() and model.config_file.read_text() == text:
+        return
+    shutil.rmtree(model.path, ignore_errors=True)  # never left next to a YAML it does not match
+    model.config_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(model.config_file, text.encode())
+    staging = RunDir.partial(model.path)
+    shutil.rmtree(staging, ignore_errors=True)
+    recipe = search.recipe
+    config = model.config.model_copy(deep=True)  # mergekit's export rewrites the config it is given
+    export_merge(config, staging, seed=recipe.optimizer.seed, trust_remote_code=recipe.trust_remote_code)
+    staging.rename(model.path)
 
 
 def export_winner(search: Search, result: SearchResult) -> Path:
-    run_dir = search.run_dir
+    """best.yaml and final/: the winner as mergekit exports it (reused when already exported)."""
+    layout = RunDir(search.run_dir)
     config = search.genome.to_config(np.asarray(result.best.genotype))
-    write_atomic(run_dir / BEST_CONFIG_FILE, (config.to_yaml() + "\n").encode())
-    final = run_dir / FINAL_DIR
-    staging = run_dir / (FINAL_DIR + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    export_merge(
-        config, staging, seed=search.recipe.optimizer.seed, trust_remote_code=search.recipe.trust_remote_code
+    winner = FinalModel(
+        WINNER_KEY, layout.final, config_identity(merge_yaml(config)), config, layout.best_config
     )
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    return final
+    export_once(winner, search)
+    return winner.path
 
 
-def score_everything(search: Search, final: Path) -> dict[str, Any]:
-    """Every eval set (fitness, validation, test) for the exported winner and each source alone."""
+def exported_winner(run_dir: Path) -> FinalModel:
+    """The winner as `export_winner` left it: final/, identified by its best.yaml."""
+    layout = RunDir(run_dir)
+    return FinalModel(WINNER_KEY, layout.final, config_identity(layout.best_config.read_text()))
+
+
+def final_models(search: Search, winner: FinalModel, baselines: BaselinePlan) -> list[FinalModel]:
+    """The winner, each source (its recorded path and digest: no source is hashed again), each baseline."""
+    layout = RunDir(search.run_dir)
+    lineage = search.ledger.meta()[LINEAGE_META]
+    sources = [
+        FinalModel(SOURCE_PREFIX + name, Path(lineage[name]["path"]), "weights:" + lineage[name]["sha256"])
+        for name in search.recipe.source_names
+    ]
+    merges = []
+    for name, data in baselines.configs.items():
+        config = MergeConfiguration.model_validate(data)
+        identity = config_identity(merge_yaml(config))
+        merges.append(
+            FinalModel(
+                BASELINE_PREFIX + name, layout.baseline(name), identity, config, layout.baseline_config(name)
+            )
+        )
+    return [winner, *sources, *merges]
+
+
+def score_final(search: Search, models: list[FinalModel]) -> dict[str, dict[str, dict[str, float]]]:
+    """`{model key: {eval set: scores}}`: what the ledger holds for these weights, and the rest scored now.
+
+    Merges are exported only when one of their scores is missing. All missing jobs go to the executor
+    at once (a Ray executor spreads them over its workers) and each is committed as it finishes.
+    """
     sets = list(eval_sets(search.recipe))
-    sources = resolve_sources(search.recipe)
-    scores: dict[str, Any] = {"winner": {}, "sources": {name: {} for name in sources}}
-    models = [(scores["winner"], final), *((scores["sources"][name], path) for name, path in sources.items())]
-    places = [(table, path, set_name) for table, path in models for set_name in sets]
-    # all at once: a Ray executor spreads them over its workers
-    results = search.executor.score_checkpoints([(path, set_name) for _, path, set_name in places])
-    for (table, _, set_name), result in zip(places, results, strict=True):
-        table[set_name] = result
-    return scores
+    identities = {model.key: model.identity for model in models}
+    kept = {
+        (row.model, row.eval_set): row.scores
+        for row in search.ledger.final_scores()
+        if identities.get(row.model) == row.identity
+    }
+    missing = [
+        (model, set_name) for model in models for set_name in sets if (model.key, set_name) not in kept
+    ]
+    for model in {model.key: model for model, _ in missing}.values():
+        if model.config is not None:
+            export_once(model, search)
+
+    def keep(job: int, scores: dict[str, float]) -> None:
+        model, set_name = missing[job]
+        search.ledger.record_final_score(FinalScore(model.key, set_name, model.identity, scores))
+        kept[(model.key, set_name)] = scores
+
+    search.executor.score_checkpoints([(model.path, set_name) for model, set_name in missing], keep)
+    return {model.key: {set_name: kept[(model.key, set_name)] for set_name in sets} for model in models}
 
 
-def build_summary(search: Search, result: SearchResult, scores: dict[str, Any]) -> dict[str, Any]:
+def build_summary(
+    search: Search,
+    result: SearchResult,
+    scores: dict[str, dict[str, dict[str, float]]],
+    baselines: BaselinePlan,
+) -> Summary:
     recipe = search.recipe
-    sources = resolve_sources(recipe)
     meta = search.ledger.meta()
-    return {
-        "winner": {
-            **scores["winner"],
-            "genotype": result.best.genotype,
-            "score": result.best.score,
-            "generation": result.best.generation,
-            "index": result.best.index,
-            "genes": search.genome.table(np.asarray(result.best.genotype)),
+    best = result.best
+    return Summary(
+        winner=Winner(
+            **scores[WINNER_KEY],
+            genotype=best.genotype,
+            score=best.score,
+            generation=best.generation,
+            index=best.index,
+            genes=search.genome.table(np.asarray(best.genotype)),
+        ),
+        sources={name: Scores(**scores[SOURCE_PREFIX + name]) for name in recipe.source_names},
+        baselines={
+            name: Baseline(
+                **scores[BASELINE_PREFIX + name],
+                method=config["merge_method"],
+                config=merge_yaml(MergeConfiguration.model_validate(config)),
+            )
+            for name, config in baselines.configs.items()
         },
-        "sources": scores["sources"],
-        "evaluations": result.evaluations,
-        "generations": result.generations,
-        "failures": sum(r.failed for r in search.ledger.evaluations()),
-        "seed": recipe.optimizer.seed,
-        "method": recipe.genome.method,
-        "genome": meta.get("genome"),
-        "budget": {
+        baselines_skipped=baselines.skipped,
+        evaluations=result.evaluations,
+        generations=result.generations,
+        failures=sum(r.failed for r in search.ledger.evaluations()),
+        seed=recipe.optimizer.seed,
+        method=recipe.genome.method,
+        genome=meta.get("genome"),
+        budget={
             "max_evaluations": recipe.optimizer.max_evaluations,
             "max_seconds": recipe.optimizer.max_seconds,
             "seconds": round(sum(g.seconds for g in search.ledger.generations()), 1),
         },
-        "lineage": {
-            source.name: {
-                "path": str(sources[source.name]),
-                "registry": source.path.removeprefix("registry:")
-                if source.path.startswith("registry:")
-                else None,
-                "reference": source.path,
-                "sha256": weights_digest(sources[source.name]),
-            }
-            for source in recipe.sources
-        },
-    }
+        lineage=summary_lineage(meta[LINEAGE_META]),
+    )
 
 
-def score_table(summary: dict[str, Any]) -> str:
-    """Sources and winner, one column per (eval set, task)."""
-    rows = {**{name: s for name, s in summary["sources"].items()}, "WINNER": summary["winner"]}
-    set_names = [s for s in ("validation", "test", "fitness") if s in summary["winner"]]
-    columns = [(s, task) for s in set_names for task in summary["winner"][s]]
+def score_table(summary: Summary) -> str:
+    """Sources, baselines and winner, one column per (eval set, task); `merger report` and the model
+    card show the same rows (`Summary.score_rows`)."""
+    columns = summary.score_columns()
     header = ["model"] + [f"{s}:{task}" for s, task in columns]
-    lines = [header] + [[name] + [f"{row[s][task]:.3f}" for s, task in columns] for name, row in rows.items()]
+    lines = [header]
+    for name, block in summary.score_rows().items():
+        by_split = block.by_split()
+        cells = [by_split.get(s, {}).get(task) for s, task in columns]
+        lines.append([name] + ["–" if value is None else f"{value:.3f}" for value in cells])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines
     )
 
 
-def model_card(search: Search, summary: dict[str, Any], config_yaml: str) -> str:
+def model_card(search: Search, summary: Summary, config_yaml: str) -> str:
     recipe = search.recipe
-    base = summary["lineage"][recipe.base_model]["reference"] if recipe.base_model else None
-    sources = "\n".join(f"- `{name}`: {entry['reference']}" for name, entry in summary["lineage"].items())
+    base = summary.lineage[recipe.base_model].reference if recipe.base_model else None
+    sources = "\n".join(f"- `{name}`: {entry.reference}" for name, entry in summary.lineage.items())
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergekit", "- evolutionary-merge"]
     if base:
         front.insert(1, f"base_model: {base}")
@@ -115,8 +209,8 @@ def model_card(search: Search, summary: dict[str, Any], config_yaml: str) -> str
             "",
             f"# Evolutionary merge ({recipe.genome.method})",
             "",
-            f"Found by `merger` with CMA-ES over {summary['genome']} in {summary['evaluations']} "
-            f"evaluations (seed {summary['seed']}).",
+            f"Found by `merger` with CMA-ES over {summary.genome} in {summary.evaluations} "
+            f"evaluations (seed {summary.seed}).",
             "",
             "## Sources",
             sources,
@@ -135,22 +229,28 @@ def model_card(search: Search, summary: dict[str, Any], config_yaml: str) -> str
     )
 
 
-def finished_summary(run_dir: Path, result: SearchResult) -> dict[str, Any] | None:
+def finished_summary(run_dir: Path, result: SearchResult) -> Summary | None:
     """The summary of a run that already finished with this result (rerunning it re-scores nothing)."""
-    path = run_dir / SUMMARY_FILE
-    if not path.is_file() or not (run_dir / FINAL_DIR).is_dir():
+    layout = RunDir(run_dir)
+    if not layout.final.is_dir():
         return None
-    summary = json.loads(path.read_text())
-    same_evaluations = summary.get("evaluations") == result.evaluations
-    same_winner = summary.get("winner", {}).get("genotype") == list(result.best.genotype)
-    return summary if same_evaluations and same_winner else None
+    summary = layout.read_summary()
+    if summary is None:
+        return None
+    same_winner = summary.winner.genotype == list(result.best.genotype)
+    return summary if summary.evaluations == result.evaluations and same_winner else None
 
 
-def finish_run(search: Search, result: SearchResult) -> dict[str, Any]:
-    final = export_winner(search, result)
-    scores = score_everything(search, final)
-    summary = build_summary(search, result, scores)
-    config_yaml = (search.run_dir / BEST_CONFIG_FILE).read_text()
-    (final / "README.md").write_text(model_card(search, summary, config_yaml))
-    write_atomic(search.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+def finish_run(search: Search, result: SearchResult) -> Summary:
+    layout = RunDir(search.run_dir)
+    export_winner(search, result)
+    winner = exported_winner(search.run_dir)
+    source_paths = {name: Path(entry["path"]) for name, entry in search.ledger.meta()[LINEAGE_META].items()}
+    baselines = plan_baselines(search.recipe, source_paths)
+    scores = score_final(search, final_models(search, winner, baselines))
+    summary = build_summary(search, result, scores, baselines)
+    (layout.final / "README.md").write_text(model_card(search, summary, layout.best_config.read_text()))
+    layout.write_summary(summary)
+    for name in baselines.configs:  # scored and kept in the ledger: only their YAML stays
+        shutil.rmtree(layout.baseline(name), ignore_errors=True)
     return summary

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-LEDGER_FILE = "ledger.sqlite"
+from merger.rundir import LEDGER_FILE
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS fitness_estimates (
     estimate REAL NOT NULL,
     full_score REAL,
     PRIMARY KEY (generation, idx)
+);
+CREATE TABLE IF NOT EXISTS final_scores (
+    model TEXT NOT NULL,
+    eval_set TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (model, eval_set)
 );
 """
 
@@ -112,6 +120,17 @@ class GenerationRecord:
     mean_score: float
     validation: dict[str, float] | None
     seconds: float
+
+
+@dataclass(frozen=True)
+class FinalScore:
+    """A finished model's scores on one eval set. `identity` says which weights were scored (a source's
+    weights digest, a merge's mergekit YAML digest): a row of another identity is scored again."""
+
+    model: str  # "winner", "source:NAME" or "baseline:NAME"
+    eval_set: str
+    identity: str
+    scores: dict[str, float]
 
 
 class Ledger:
@@ -178,7 +197,21 @@ class Ledger:
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()]
             )
 
+    def record_final_score(self, score: FinalScore) -> None:
+        """The end of a run: one (model, eval set) scored; replaces a row of another identity."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO final_scores VALUES (?,?,?,?,?)",
+                (score.model, score.eval_set, score.identity, json.dumps(score.scores), time.time()),
+            )
+
     # -- reading --------------------------------------------------------------------------------
+    def final_scores(self) -> list[FinalScore]:
+        rows = self._db.execute(
+            "SELECT model, eval_set, identity, scores FROM final_scores ORDER BY created"
+        ).fetchall()
+        return [FinalScore(row[0], row[1], row[2], json.loads(row[3])) for row in rows]
+
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -196,6 +196,10 @@ class Output(StrictModel):
     registry: str | None = None
 
 
+# untuned standard merges scored next to the winner (merger.baselines)
+BaselineName = Literal["defaults", "linear", "model_stock", "karcher"]
+
+
 class Recipe(StrictModel):
     sources: Annotated[list[Source], Field(min_length=2)]
     base_model: str | None = None
@@ -211,12 +215,15 @@ class Recipe(StrictModel):
     engine: Engine = Engine()
     executor: Executor = Executor()
     output: Output = Output()
+    baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
 
     @model_validator(mode="after")
     def _sources_fit_method(self) -> Recipe:
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"sources: names must be unique, got {names}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines: each name once, got {self.baselines}")
         info = METHODS[self.genome.method]
         for field in ("base_model", "tokenizer_source"):
             value = getattr(self, field)

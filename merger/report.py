@@ -7,7 +7,6 @@ finished); the plots are drawn with matplotlib's Agg canvas, so no display is ne
 from __future__ import annotations
 
 import html
-import json
 import math
 import sqlite3
 from dataclasses import dataclass, field
@@ -18,16 +17,14 @@ import numpy as np
 
 from merger.errors import MergerError
 from merger.items import item_accounting
-from merger.ledger import LEDGER_FILE, EvaluationRecord, GenerationRecord, Ledger
+from merger.ledger import EvaluationRecord, GenerationRecord, Ledger
 from merger.recipe import Recipe, parse_recipe
+from merger.rundir import LEDGER_FILE, RECIPE_FILE, RunDir, Summary
 from merger.yamlsafe import read_yaml_file
 
 REPORT_FILE = "report.html"
 FITNESS_PLOT = "fitness.png"
 GENOME_PLOT = "genome.png"
-SUMMARY_FILE = "summary.json"  # written by merger.finish
-BEST_CONFIG_FILE = "best.yaml"
-RECIPE_FILE = "recipe.yaml"
 EMBEDDINGS_COLUMN = "embed"
 MAX_ANNOTATED_CELLS = 240  # beyond this the numbers in the heatmap cells are unreadable
 
@@ -40,7 +37,7 @@ class RunData:
     evaluations: list[EvaluationRecord]
     generations: list[GenerationRecord]
     best: EvaluationRecord | None
-    summary: dict[str, Any] | None
+    summary: Summary | None
     items_spent: dict[str, int] = field(default_factory=dict)
 
 
@@ -54,9 +51,10 @@ class ReportFiles:
 def load_run(run_dir: Path) -> RunData:
     if not run_dir.is_dir():
         raise MergerError(f"run directory not found: {run_dir}")
-    if not (run_dir / LEDGER_FILE).is_file():
+    layout = RunDir(run_dir)
+    if not layout.ledger.is_file():
         raise MergerError(f"{run_dir} is not a run directory (no {LEDGER_FILE})")
-    recipe_path = run_dir / RECIPE_FILE
+    recipe_path = layout.recipe
     if not recipe_path.is_file():
         raise MergerError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
     recipe = parse_recipe(read_yaml_file(recipe_path, "recipe") or {}, str(recipe_path))
@@ -79,20 +77,8 @@ def load_run(run_dir: Path) -> RunData:
         raise MergerError(f"{run_dir / LEDGER_FILE}: not a readable ledger: {error}") from None
     if not data.evaluations:
         raise MergerError(f"{run_dir}: no evaluation recorded yet, nothing to report")
-    data.summary = _load_summary(run_dir / SUMMARY_FILE)
+    data.summary = layout.read_summary()
     return data
-
-
-def _load_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise MergerError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("winner"), dict):
-        raise MergerError(f"{path}: has no 'winner' entry; is it a merger summary?")
-    return summary
 
 
 # -- what to draw ---------------------------------------------------------------------------------
@@ -116,15 +102,20 @@ def validation_scores(run: RunData) -> list[tuple[int, float]]:
 
 def best_genes(run: RunData) -> list[dict[str, Any]] | None:
     """The winner's decoded genes: from summary.json, else decoded from the ledger's best genotype."""
-    if run.summary is not None and run.summary["winner"].get("genes"):
-        return run.summary["winner"]["genes"]
+    if run.summary is not None and run.summary.winner.genes:
+        return run.summary.winner.genes
     if run.best is None:
         return None
     from merger.genome import Genome
+    from merger.lineage import LINEAGE_META
     from merger.sources import check_compatible, resolve_sources
 
+    recorded = run.meta.get(LINEAGE_META) or {}  # where the run found its sources (nothing re-verified)
     try:
-        source_paths = resolve_sources(run.recipe)
+        if set(recorded) == set(run.recipe.source_names):
+            source_paths = {name: Path(entry["path"]) for name, entry in recorded.items()}
+        else:
+            source_paths = resolve_sources(run.recipe)
         num_layers = check_compatible(source_paths, run.recipe.trust_remote_code)
     except MergerError as error:
         raise MergerError(f"cannot decode the best genotype without the run's sources: {error}") from None
@@ -149,14 +140,6 @@ def gene_matrices(genes: list[dict[str, Any]]) -> dict[str, tuple[list[str], lis
             values[row, column] = gene["value"]
         matrices[parameter] = (rows, columns, values)
     return matrices
-
-
-def score_rows(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], dict[str, dict[str, Any]]]:
-    """Columns (eval set, task) and one row per source plus the winner, as in merger.finish."""
-    rows = {**summary.get("sources", {}), "WINNER": summary["winner"]}
-    set_names = [s for s in ("validation", "test", "fitness") if isinstance(summary["winner"].get(s), dict)]
-    columns = [(s, task) for s in set_names for task in summary["winner"][s]]
-    return columns, rows
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -271,8 +254,10 @@ def _table(header: list[str] | None, rows: list[list[str]], bold: set[tuple[int,
     return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
-def score_table_html(summary: dict[str, Any]) -> str:
-    columns, rows = score_rows(summary)
+def score_table_html(summary: Summary) -> str:
+    """The rows of the terminal table and the model card (`Summary.score_rows`), the best of each column bold."""
+    columns = summary.score_columns()
+    rows = {name: block.by_split() for name, block in summary.score_rows().items()}
     names = list(rows)
     values = [[rows[name].get(s, {}).get(task) for s, task in columns] for name in names]
     bold = set()
@@ -337,9 +322,13 @@ def render_html(run: RunData, files: ReportFiles) -> str:
         parts.append(f'<img src="{files.genome_plot.name}" alt="coefficients of the best genome">')
     else:
         parts.append("<p>No candidate succeeded yet.</p>")
-    parts.append("<h2>Sources and winner</h2>")
+    parts.append("<h2>Sources, untuned baselines and winner</h2>")
     if run.summary is not None:
         parts.append(score_table_html(run.summary))
+        parts += [
+            f"<p>baseline {html.escape(name)} not scored: {html.escape(reason)}</p>"
+            for name, reason in run.summary.baselines_skipped.items()
+        ]
     else:
         parts.append(
             "<p>The run has not finished: the table of sources and winner comes with its summary.json.</p>"
@@ -352,7 +341,7 @@ def render_html(run: RunData, files: ReportFiles) -> str:
 
 
 def _best_config(run: RunData) -> str:
-    best_yaml = run.run_dir / BEST_CONFIG_FILE
+    best_yaml = RunDir(run.run_dir).best_config
     if best_yaml.is_file():
         return best_yaml.read_text()
     return run.best.config if run.best is not None else ""

@@ -7,7 +7,6 @@ re-evaluating only what the ledger does not hold, and ends as an uninterrupted r
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import time
@@ -23,12 +22,11 @@ from merger.executors import CandidateTask, Executor, make_executor
 from merger.genome import Genome
 from merger.ledger import EvaluationRecord, GenerationRecord, Ledger
 from merger.recipe import X0_GRID, Recipe, recipe_to_yaml
+from merger.rundir import RunDir, write_atomic
 
 if TYPE_CHECKING:
     from merger.strategies import ItemStrategy
 
-CHECKPOINT_FILE = "search_state.pkl"
-RECIPE_FILE = "recipe.yaml"
 DIAGONAL_AUTO_DIMENSION = 100
 
 
@@ -39,15 +37,6 @@ class SearchState:
     pending: list[np.ndarray] | None = None  # asked but not yet told
     seconds: float = 0.0  # wall-clock spent over all sessions of this run
     history: list[float] = field(default_factory=list)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def new_state(recipe: Recipe, genome: Genome, x0: np.ndarray | None = None) -> SearchState:
@@ -80,7 +69,7 @@ def new_state(recipe: Recipe, genome: Genome, x0: np.ndarray | None = None) -> S
 
 
 def load_state(run_dir: Path) -> SearchState | None:
-    path = run_dir / CHECKPOINT_FILE
+    path = RunDir(run_dir).checkpoint
     if not path.is_file():
         return None
     with open(path, "rb") as handle:
@@ -112,15 +101,26 @@ def _rehash(archive: Any) -> None:
 
 
 def save_state(run_dir: Path, state: SearchState) -> None:
-    write_atomic(run_dir / CHECKPOINT_FILE, pickle.dumps(state))
+    write_atomic(RunDir(run_dir).checkpoint, pickle.dumps(state))
+
+
+def _same_recipe(stored: Path, text: str) -> bool:
+    """A recipe stored before a field with a default existed is the same recipe with that default."""
+    from merger.recipe import parse_recipe
+    from merger.yamlsafe import read_yaml_file
+
+    try:
+        return recipe_to_yaml(parse_recipe(read_yaml_file(stored, "recipe") or {}, str(stored))) == text
+    except MergerError:
+        return False
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path) -> bool:
     """Create the run directory or check it belongs to this recipe; True when resuming."""
-    stored = run_dir / RECIPE_FILE
+    stored = RunDir(run_dir).recipe
     text = recipe_to_yaml(recipe)
     if stored.is_file():
-        if stored.read_text() != text:
+        if stored.read_text() != text and not _same_recipe(stored, text):
             raise MergerError(
                 f"{run_dir} holds a run of a different recipe; give another --run-dir or remove it"
             )
@@ -343,6 +343,7 @@ def open_search(
 ) -> tuple[Search, bool]:
     """Validate everything against the world, then load sources once; returns (search, resuming)."""
     from merger.fitness import check_tasks
+    from merger.lineage import LINEAGE_META, source_lineage
     from merger.sources import check_compatible, resolve_sources
 
     source_paths = resolve_sources(recipe)
@@ -351,7 +352,9 @@ def open_search(
     check_tasks(recipe)
     resuming = prepare_run_dir(recipe, run_dir)
     ledger = Ledger(run_dir)
+    lineage = source_lineage(recipe, source_paths, ledger.meta().get(LINEAGE_META))
     ledger.set_meta(
+        **{LINEAGE_META: lineage},
         seed=recipe.optimizer.seed,
         dimension=genome.dimension,
         genome=genome.describe(),

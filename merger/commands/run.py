@@ -59,6 +59,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
     from merger.finish import finish_run, finished_summary, score_table
+    from merger.rundir import RunDir
     from merger.search import StopRequest, open_search
 
     search, resuming = open_search(recipe, run_dir)
@@ -84,9 +85,8 @@ def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
     finally:
         search.executor.close()
     print(score_table(summary))
-    print(
-        f"winner: {run_dir / 'final'}  config: {run_dir / 'best.yaml'}  summary: {run_dir / 'summary.json'}"
-    )
+    layout = RunDir(run_dir)
+    print(f"winner: {layout.final}  config: {layout.best_config}  summary: {layout.summary}")
     if recipe.output.publish:
         publish_once(recipe, run_dir)
     return 0
@@ -94,12 +94,12 @@ def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
 
 def publish_once(recipe: Any, run_dir: Path) -> None:
     """Publish the winner unless this name already holds exactly these weights (a rerun of a finished run)."""
-    from merger.finish import FINAL_DIR
     from merger.registry import Registry, weights_digest
+    from merger.rundir import RunDir
 
     registry = Registry(Path(recipe.output.registry) if recipe.output.registry else None)
     entries = registry.entries(recipe.output.publish)
-    digest = weights_digest(run_dir / FINAL_DIR) if entries else None  # publishing hashes the files itself
+    digest = weights_digest(RunDir(run_dir).final) if entries else None  # publishing hashes the files itself
     for entry in entries:
         if entry.weights_sha256 == digest:
             print(f"already published as {entry.ref}")

@@ -66,8 +66,15 @@ class Executor(Protocol):
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]: ...
 
-    def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
-        """Scores of each (checkpoint, eval set), in the order given (on as many workers as there are)."""
+    def score_checkpoints(
+        self,
+        jobs: Sequence[tuple[Path, str]],
+        on_result: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Scores of each (checkpoint, eval set), in the order given (on as many workers as there are).
+
+        `on_result(job, scores)` is called as each job finishes, so that its scores can be kept at once.
+        """
         ...
 
     def close(self) -> None: ...

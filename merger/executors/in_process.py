@@ -46,8 +46,17 @@ class InProcessExecutor:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self.worker.score_genotype(genotype, set_name)
 
-    def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
-        return [self.worker.score_checkpoint(path, set_name) for path, set_name in jobs]
+    def score_checkpoints(
+        self,
+        jobs: Sequence[tuple[Path, str]],
+        on_result: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        results = []
+        for job, (path, set_name) in enumerate(jobs):
+            results.append(self.worker.score_checkpoint(path, set_name))
+            if on_result is not None:
+                on_result(job, results[-1])
+        return results
 
     def close(self) -> None:
         pass

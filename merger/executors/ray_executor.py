@@ -261,9 +261,18 @@ class RayExecutor:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self._on_one_actor("score_genotype", genotype, set_name)
 
-    def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
+    def score_checkpoints(
+        self,
+        jobs: Sequence[tuple[Path, str]],
+        on_result: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
         """Each job on the next free worker; a lost worker is replaced and its job tried again."""
         results: dict[int, dict[str, float]] = {}
+
+        def finish(job: int, result: dict[str, float]) -> None:
+            results[job] = result
+            if on_result is not None:
+                on_result(job, result)
 
         def give_up(job: int, error: BaseException) -> None:
             path, set_name = jobs[job]
@@ -275,7 +284,7 @@ class RayExecutor:
         self._spread(
             len(jobs),
             lambda actor, job: actor.score_checkpoint.remote(*jobs[job]),
-            results.__setitem__,
+            finish,
             give_up,
         )
         return [results[job] for job in range(len(jobs))]

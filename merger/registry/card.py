@@ -7,7 +7,8 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from merger.registry.index import Parent
-from merger.registry.rundir import SCORE_SPLITS, RunDir, split_scores
+from merger.registry.rundir import FinishedRun
+from merger.rundir import WINNER_ROW, Summary
 
 TAGS = ["merge", "mergekit", "evolutionary-merge"]
 
@@ -16,29 +17,22 @@ def _format_score(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
 
-def _scores_table(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """One row per model, one column per (split, task) that any model has a score for."""
-    scores = {model: split_scores(block) for model, block in rows.items() if isinstance(block, dict)}
-    columns = sorted(
-        {
-            (split, task)
-            for by_split in scores.values()
-            for split, tasks in by_split.items()
-            for task in tasks
-        },
-        key=lambda column: (SCORE_SPLITS.index(column[0]), column[1]),
-    )
+def _scores_table(summary: Summary) -> list[str]:
+    """The rows and columns of the run's own table (`Summary.score_rows`): sources, baselines, winner."""
+    columns = summary.score_columns()
     if not columns:
         return ["No scores were recorded."]
     header = ["model", *(f"{task} ({split})" for split, task in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, by_split in scores.items():
+    for model, block in summary.score_rows().items():
+        by_split = block.by_split()
         cells = [_format_score(by_split.get(split, {}).get(task)) for split, task in columns]
-        lines.append("| " + " | ".join([model, *cells]) + " |")
+        label = f"**{model} (this merge)**" if model == WINNER_ROW else model
+        lines.append("| " + " | ".join([label, *cells]) + " |")
     return lines
 
 
-def _base_models(run: RunDir, parents: list[Parent]) -> list[str]:
+def _base_models(run: FinishedRun, parents: list[Parent]) -> list[str]:
     """Hub ids when the recipe gives them (`hub_id`), else registry references, else source names."""
     by_source = {parent.source: parent for parent in parents}
     identifiers = []
@@ -53,16 +47,16 @@ def _base_models(run: RunDir, parents: list[Parent]) -> list[str]:
     return identifiers
 
 
-def _budget_lines(summary: dict[str, Any]) -> list[str]:
-    budget = summary.get("budget") or {}
-    lines = [f"- evaluations used: {summary.get('evaluations', 'unknown')}"]
-    lines += [f"- budget {key}: {value}" for key, value in sorted(budget.items())]
-    if "seed" in summary:
-        lines.append(f"- seed: {summary['seed']}")
+def _budget_lines(summary: Summary) -> list[str]:
+    evaluations = "unknown" if summary.evaluations is None else summary.evaluations
+    lines = [f"- evaluations used: {evaluations}"]
+    lines += [f"- budget {key}: {value}" for key, value in sorted(summary.budget.items())]
+    if summary.seed is not None:
+        lines.append(f"- seed: {summary.seed}")
     return lines
 
 
-def render_card(name: str, version: int, run: RunDir, parents: list[Parent]) -> str:
+def render_card(name: str, version: int, run: FinishedRun, parents: list[Parent]) -> str:
     """The full README.md text; its front matter parses with `huggingface_hub.ModelCard`."""
     winner = run.winner
     method = run.method or "unknown"
@@ -74,8 +68,7 @@ def render_card(name: str, version: int, run: RunDir, parents: list[Parent]) -> 
         merge_method=method,
         merger_entry=f"{name}@{version}",
     )
-    genotype = winner.get("genotype") or []
-    source_scores = run.summary.get("sources") or {}
+    genotype = winner.genotype
     body = [
         f"# {name} (version {version})",
         "",
@@ -93,7 +86,9 @@ def render_card(name: str, version: int, run: RunDir, parents: list[Parent]) -> 
         "",
         "## Scores",
         "",
-        *_scores_table({"**this merge**": winner, **source_scores}),
+        *_scores_table(run.summary),
+        "",
+        *(f"- baseline {name} not scored: {reason}" for name, reason in run.summary.baselines_skipped.items()),
         "",
         f"Fitness of the winner: {_format_score(run.fitness)}",
         "",

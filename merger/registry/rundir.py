@@ -1,28 +1,35 @@
-"""Reading a finished search run directory (recipe.yaml, best.yaml, summary.json, final/)."""
+"""Reading a finished search run directory for publishing (recipe.yaml, best.yaml, summary.json, final/)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from merger.errors import MergerError
 from merger.registry.files import WEIGHT_SUFFIXES, relative_files
+from merger.rundir import RunDir, Summary, Winner
 from merger.yamlsafe import parse_yaml
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
-class RunDir:
-    path: Path
+class FinishedRun:
+    layout: RunDir
     recipe: dict[str, Any]
     recipe_text: str
     best_config: dict[str, Any]
     best_text: str
-    summary: dict[str, Any]
-    final: Path
+    summary: Summary
+
+    @property
+    def path(self) -> Path:
+        return self.layout.path
+
+    @property
+    def final(self) -> Path:
+        return self.layout.final
 
     @property
     def sources(self) -> list[dict[str, Any]]:
@@ -31,41 +38,24 @@ class RunDir:
 
     @property
     def method(self) -> str | None:
-        return self.summary.get("method") or self.best_config.get("merge_method")
+        return self.summary.method or self.best_config.get("merge_method")
 
     @property
-    def winner(self) -> dict[str, Any]:
-        return self.summary.get("winner") or {}
+    def winner(self) -> Winner:
+        return self.summary.winner
 
     @property
     def fitness(self) -> float | None:
-        """The winner's scalar fitness (`fitness`, or `score` when `fitness` holds per-task scores)."""
-        for key in ("fitness", "score"):
-            value = self.winner.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        return None
+        return self.summary.fitness
 
 
-SCORE_SPLITS = ("validation", "test", "fitness")
-
-
-def split_scores(scores: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """`{split: {task: score}}` for the splits of a summary's score block that hold per-task numbers."""
-    return {
-        split: {
-            str(task): float(value)
-            for task, value in scores[split].items()
-            if isinstance(value, (int, float))
-        }
-        for split in SCORE_SPLITS
-        if isinstance(scores.get(split), dict)
-    }
+def _missing(path: Path) -> MergerError:
+    return MergerError(f"run directory is missing {path.name}: {path} not found")
 
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise MergerError(f"run directory is missing {path.name}: {path} not found")
+        raise _missing(path)
     return path.read_text(encoding="utf-8")
 
 
@@ -75,16 +65,6 @@ def _read_yaml_mapping(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(data, dict):
         raise MergerError(f"{path} must hold a YAML mapping")
     return data, text
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    try:
-        summary = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise MergerError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(summary, dict) or not isinstance(summary.get("winner"), dict):
-        raise MergerError(f"{path} must be a JSON object with a 'winner' object")
-    return summary
 
 
 def _check_checkpoint(final: Path) -> None:
@@ -99,14 +79,15 @@ def _check_checkpoint(final: Path) -> None:
         raise MergerError(f"{final} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
 
 
-def read_run(path: Path) -> RunDir:
+def read_run(path: Path) -> FinishedRun:
     """Load and check a run directory; every problem is a MergerError naming the file."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_dir():
-        raise MergerError(f"run directory not found: {path}")
-    recipe, recipe_text = _read_yaml_mapping(path / "recipe.yaml")
-    best_config, best_text = _read_yaml_mapping(path / "best.yaml")
-    summary = _read_summary(path / "summary.json")
-    final = path / "final"
-    _check_checkpoint(final)
-    return RunDir(path, recipe, recipe_text, best_config, best_text, summary, final)
+    layout = RunDir(Path(path).expanduser().resolve())
+    if not layout.path.is_dir():
+        raise MergerError(f"run directory not found: {layout.path}")
+    recipe, recipe_text = _read_yaml_mapping(layout.recipe)
+    best_config, best_text = _read_yaml_mapping(layout.best_config)
+    summary = layout.read_summary()
+    if summary is None:
+        raise _missing(layout.summary)
+    _check_checkpoint(layout.final)
+    return FinishedRun(layout, recipe, recipe_text, best_config, best_text, summary)

@@ -40,7 +40,7 @@ from merger.registry.files import (
 )
 from merger.registry.index import EntryRow, Index, Parent
 from merger.registry.names import Reference, is_registry_reference, parse_reference, validate_name
-from merger.registry.rundir import RunDir, read_run, split_scores
+from merger.registry.rundir import FinishedRun, read_run
 from merger.registry.staging import clean_orphans, staging_directory
 
 ENVIRONMENT_VARIABLE = "MERGER_REGISTRY"
@@ -175,9 +175,9 @@ class Registry:
             files = self._stage(run, staging)
             return self._install(name, run, parents, staging, files)
 
-    def _lineage(self, run: RunDir) -> list[Parent]:
+    def _lineage(self, run: FinishedRun) -> list[Parent]:
         """Parents from the summary's lineage, falling back on the recipe's sources."""
-        lineage: dict[str, Any] = run.summary.get("lineage") or {}
+        lineage = {name: entry.model_dump() for name, entry in run.summary.lineage.items()}
         declared = {str(source["name"]): source.get("path") for source in run.sources}
         parents = []
         for source in dict.fromkeys([*declared, *lineage]):
@@ -219,7 +219,7 @@ class Registry:
             raise MergerError(f"unknown registry entry {reference.name!r}{self._known_names_hint()}")
         return Reference(reference.name, latest)
 
-    def _stage(self, run: RunDir, staging: Path) -> dict[str, FileRecord]:
+    def _stage(self, run: FinishedRun, staging: Path) -> dict[str, FileRecord]:
         files = {
             name: copy_durably(run.final / name, staging / name)
             for name in relative_files(run.final)
@@ -227,11 +227,11 @@ class Registry:
         }
         files[MERGEKIT_CONFIG_FILE] = write_durably(staging / MERGEKIT_CONFIG_FILE, run.best_text.encode())
         files[RECIPE_FILE] = write_durably(staging / RECIPE_FILE, run.recipe_text.encode())
-        files[SUMMARY_FILE] = copy_durably(run.path / SUMMARY_FILE, staging / SUMMARY_FILE)
+        files[SUMMARY_FILE] = copy_durably(run.layout.summary, staging / SUMMARY_FILE)
         return files
 
     def _install(
-        self, name: str, run: RunDir, parents: list[Parent], staging: Path, files: dict[str, FileRecord]
+        self, name: str, run: FinishedRun, parents: list[Parent], staging: Path, files: dict[str, FileRecord]
     ) -> EntryRef:
         with self._index.transaction() as connection:
             version = idx.allocate_version(connection, name)
@@ -254,7 +254,7 @@ class Registry:
 
     @staticmethod
     def _row(
-        name: str, version: int, run: RunDir, parents: list[Parent], files: dict[str, FileRecord]
+        name: str, version: int, run: FinishedRun, parents: list[Parent], files: dict[str, FileRecord]
     ) -> EntryRow:
         return EntryRow(
             name=name,
@@ -262,10 +262,10 @@ class Registry:
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             method=run.method,
             fitness=run.fitness,
-            summary=run.summary,
+            summary=run.summary.model_dump(mode="json", exclude_unset=True),
             files=files,
             parents=parents,
-            scores=split_scores(run.winner),
+            scores=run.winner.by_split(),
         )
 
     def _remove_unrecorded_versions(self, connection: sqlite3.Connection, name: str) -> list[Path]:
