@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,7 +64,29 @@ def export_merge(
 ) -> None:
     """Write the merged checkpoint exactly as `mergekit-yaml` would (weights, config, tokenizer)."""
     options = _options(seed, trust_remote_code).model_copy(update={"copy_tokenizer": True})
-    run_merge(config, str(out_dir), options=options)
+    with _raising_logged_errors(logging.getLogger("mergekit.merge")):
+        run_merge(config, str(out_dir), options=options)
+
+
+@contextmanager
+def _raising_logged_errors(logger: logging.Logger) -> Iterator[None]:
+    """Raise an error that `logger` reports and swallows (mergekit logs a failed tokenizer copy and calls
+    the merge successful; an export without its tokenizer, say on a full disk, is not)."""
+    swallowed: list[BaseException] = []
+
+    def keep_error(record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            swallowed.append(record.exc_info[1])
+            return False
+        return True
+
+    logger.addFilter(keep_error)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep_error)
+    if swallowed:
+        raise swallowed[0]
 
 
 class MergekitEngine:
