@@ -15,6 +15,7 @@ from typing import Any
 
 from merger.errors import MergerError
 from merger.recipe import BUNDLED_EVALS, EvalSet, Recipe, TaskSpec
+from merger.taskdata import check_task_data
 
 FEWSHOT_SEED = 1234
 NON_METRIC_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
@@ -48,8 +49,9 @@ def eval_sets(recipe: Recipe) -> dict[str, EvalSet]:
 
 
 def check_tasks(recipe: Recipe) -> None:
-    """Every task of the recipe exists (before any model is loaded)."""
+    """Every task of the recipe exists and its local data reads (before any model is loaded)."""
     paths = task_paths(recipe)
+    configs = []
     for set_name, eval_set in eval_sets(recipe).items():
         manager = task_manager_for([t.name for t in eval_set.tasks], paths)
         for index, task in enumerate(eval_set.tasks):
@@ -58,6 +60,8 @@ def check_tasks(recipe: Recipe) -> None:
                     f"{set_name}.tasks.{index}.name: unknown task {task.name!r} "
                     f"(not under {', '.join(paths) or 'any task path'} nor an lm-eval built-in)"
                 )
+        configs += anchored_task_configs(manager, [t.name for t in eval_set.tasks])
+    check_task_data(configs)
 
 
 def metric_key(results: Mapping[str, Any], task: TaskSpec) -> str:
