@@ -43,6 +43,8 @@ def full_disk_is_an_error(doing: str) -> Iterator[None]:
     """Turn running out of space inside the block into a MergerError: '<what ran out> while <doing>'."""
     try:
         yield
+    except MergerError:
+        raise
     except Exception as error:
         lack = out_of_space(error)
         if lack is None:

@@ -70,12 +70,12 @@ def export_merge(
 
 @contextmanager
 def _raising_logged_errors(logger: logging.Logger) -> Iterator[None]:
-    """Raise an error that `logger` reports and swallows (mergekit logs a failed tokenizer copy and calls
-    the merge successful; an export without its tokenizer, say on a full disk, is not)."""
+    """Raise an error that `logger` logs as an ERROR and swallows (mergekit logs a failed tokenizer copy
+    and calls the merge successful; an export without its tokenizer, say on a full disk, is not)."""
     swallowed: list[BaseException] = []
 
     def keep_error(record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
+        if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None:
             swallowed.append(record.exc_info[1])
             return False
         return True

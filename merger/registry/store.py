@@ -9,7 +9,8 @@ Layout of a registry root:
 Publishing stages a complete copy (fsynced) in `.staging/`, then, holding SQLite's write lock,
 allocates the version, renames the copy to `entries/NAME/VERSION` and commits the index rows. A
 version is visible only through its committed row, so a crash anywhere leaves either the whole
-version or an invisible leftover that the next writer removes.
+version or an invisible leftover that the next writer removes. Running out of space anywhere is one
+MergerError (merger/diskspace.py) that leaves the registry as it was.
 """
 
 from __future__ import annotations
