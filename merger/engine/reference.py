@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +12,8 @@ from mergekit.io.tasks import LoaderCache
 from mergekit.merge import _model_out_config, run_merge
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
+
+from merger.engine.logged_errors import raising_logged_errors
 
 
 def _options(seed: int | None, trust_remote_code: bool, device: str = "cpu") -> MergeOptions:
@@ -64,29 +63,8 @@ def export_merge(
 ) -> None:
     """Write the merged checkpoint exactly as `mergekit-yaml` would (weights, config, tokenizer)."""
     options = _options(seed, trust_remote_code).model_copy(update={"copy_tokenizer": True})
-    with _raising_logged_errors(logging.getLogger("mergekit.merge")):
+    with raising_logged_errors("mergekit.merge"):  # a failed tokenizer copy is only logged there
         run_merge(config, str(out_dir), options=options)
-
-
-@contextmanager
-def _raising_logged_errors(logger: logging.Logger) -> Iterator[None]:
-    """Raise an error that `logger` logs as an ERROR and swallows (mergekit logs a failed tokenizer copy
-    and calls the merge successful; an export without its tokenizer, say on a full disk, is not)."""
-    swallowed: list[BaseException] = []
-
-    def keep_error(record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None:
-            swallowed.append(record.exc_info[1])
-            return False
-        return True
-
-    logger.addFilter(keep_error)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep_error)
-    if swallowed:
-        raise swallowed[0]
 
 
 class MergekitEngine:
