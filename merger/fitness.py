@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from merger.errors import MergerError
-from merger.lm_eval_bridge import evaluate_tasks, is_mean_aggregation, load_tasks, quiet_lm, task_manager_for
+from merger.lm_eval_bridge import (
+    anchored_task_configs,
+    evaluate_tasks,
+    is_mean_aggregation,
+    load_tasks,
+    quiet_lm,
+    task_manager_for,
+)
 from merger.recipe import BUNDLED_EVALS, EvalSet, Recipe, TaskSpec
+from merger.taskdata import check_task_data
 
 NON_METRIC_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
 ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
@@ -34,8 +42,9 @@ def eval_sets(recipe: Recipe) -> dict[str, EvalSet]:
 
 
 def check_tasks(recipe: Recipe) -> None:
-    """Every task of the recipe exists (before any model is loaded)."""
+    """Every task of the recipe exists and its local data reads (before any model is loaded)."""
     paths = task_paths(recipe)
+    configs = []
     for set_name, eval_set in eval_sets(recipe).items():
         manager = task_manager_for([t.name for t in eval_set.tasks], paths)
         for index, task in enumerate(eval_set.tasks):
@@ -44,6 +53,8 @@ def check_tasks(recipe: Recipe) -> None:
                     f"{set_name}.tasks.{index}.name: unknown task {task.name!r} "
                     f"(not under {', '.join(paths) or 'any task path'} nor an lm-eval built-in)"
                 )
+        configs += anchored_task_configs(manager, [t.name for t in eval_set.tasks])
+    check_task_data(configs)
 
 
 def metric_key(results: Mapping[str, Any], task: TaskSpec) -> str:

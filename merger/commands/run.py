@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from merger.diskspace import full_disk_is_an_error
 from merger.errors import MergerError
 
 
@@ -54,7 +55,9 @@ def run_command(args: argparse.Namespace) -> int:
         recipe = recipe.model_copy(
             update={"output": recipe.output.model_copy(update={"run_dir": str(args.run_dir)})}
         )
-    return execute(recipe, Path(recipe.output.run_dir), progress=not args.no_progress)
+    run_dir = Path(recipe.output.run_dir)
+    with full_disk_is_an_error(f"running {args.recipe} in {run_dir}"):
+        return execute(recipe, run_dir, progress=not args.no_progress)
 
 
 def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:

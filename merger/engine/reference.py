@@ -14,6 +14,8 @@ from mergekit.merge import _model_out_config, run_merge
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
+from merger.engine.logged_errors import raising_logged_errors
+
 
 def _options(seed: int | None, trust_remote_code: bool, device: str = "cpu") -> MergeOptions:
     return MergeOptions(
@@ -62,7 +64,8 @@ def export_merge(
 ) -> None:
     """Write the merged checkpoint exactly as `mergekit-yaml` would (weights, config, tokenizer)."""
     options = _options(seed, trust_remote_code).model_copy(update={"copy_tokenizer": True})
-    run_merge(config, str(out_dir), options=options)
+    with raising_logged_errors("mergekit.merge"):  # a failed tokenizer copy is only logged there
+        run_merge(config, str(out_dir), options=options)
 
 
 class MergekitEngine:

@@ -129,10 +129,12 @@ class Index:
             connection.execute("BEGIN IMMEDIATE")
             try:
                 yield connection
+                connection.execute("COMMIT")
             except BaseException:
-                connection.execute("ROLLBACK")
+                # After some errors (a full disk, an I/O error) SQLite has already rolled back by itself.
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
                 raise
-            connection.execute("COMMIT")
         finally:
             connection.close()
 

@@ -9,11 +9,13 @@ Layout of a registry root:
 Publishing stages a complete copy (fsynced) in `.staging/`, then, holding SQLite's write lock,
 allocates the version, renames the copy to `entries/NAME/VERSION` and commits the index rows. A
 version is visible only through its committed row, so a crash anywhere leaves either the whole
-version or an invisible leftover that the next writer removes.
+version or an invisible leftover that the next writer removes. Running out of space anywhere is one
+MergerError (merger/diskspace.py) that leaves the registry as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -25,6 +27,7 @@ from typing import Any
 
 import platformdirs
 
+from merger.diskspace import full_disk_is_an_error
 from merger.errors import MergerError
 from merger.registry import index as idx
 from merger.registry.card import render_card
@@ -170,10 +173,16 @@ class Registry:
         validate_name(name)
         run = read_run(Path(run_dir))
         parents = self._lineage(run)
-        clean_orphans(self._staging_root)
-        with staging_directory(self._staging_root) as staging:
-            files = self._stage(run, staging)
-            return self._install(name, run, parents, staging, files)
+        with full_disk_is_an_error(f"publishing {run.path} as {name} in the registry at {self.root}"):
+            clean_orphans(self._staging_root)
+            with staging_directory(self._staging_root) as staging:
+                files = self._stage(run, staging)
+                try:
+                    return self._install(name, run, parents, staging, files)
+                except sqlite3.Error:
+                    # A failed COMMIT (a full disk) leaves the renamed copy behind, invisible: free its space.
+                    self._remove_unrecorded_versions_of(name)
+                    raise
 
     def _lineage(self, run: FinishedRun) -> list[Parent]:
         """Parents from the summary's lineage, falling back on the recipe's sources."""
@@ -281,6 +290,10 @@ class Registry:
                 removed.append(directory)
         return removed
 
+    def _remove_unrecorded_versions_of(self, name: str) -> None:
+        with contextlib.suppress(sqlite3.Error), self._index.transaction() as connection:
+            self._remove_unrecorded_versions(connection, name)
+
     def collect_garbage(self) -> list[Path]:
         """Remove leftovers of crashed writers (staging directories, unrecorded versions)."""
         removed = clean_orphans(self._staging_root)
@@ -369,13 +382,14 @@ class Registry:
             raise MergerError(
                 f"export destination {destination} already exists and is not an empty directory"
             )
-        destination.parent.mkdir(parents=True, exist_ok=True)
         partial = destination.with_name(f".{destination.name}.partial-{uuid.uuid4().hex}")
-        try:
-            self._copy_verified(entry, partial)
-            os.replace(partial, destination)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        with full_disk_is_an_error(f"exporting {entry.ref} to {destination}"):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._copy_verified(entry, partial)
+                os.replace(partial, destination)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
         return destination
 
     @staticmethod
@@ -398,7 +412,8 @@ class Registry:
         parsed = parse_reference(reference)
         if parsed.version is None:
             raise MergerError(f"removing needs an explicit version: {parsed.name}@VERSION")
-        with self._index.transaction() as connection:
+        doing = f"removing {parsed} from the index {self._index.path}"
+        with full_disk_is_an_error(doing), self._index.transaction() as connection:
             if not idx.delete_entry(connection, parsed.name, parsed.version):
                 raise MergerError(f"registry entry {parsed} not found")
         ref = self._ref(parsed.name, parsed.version)
