@@ -12,6 +12,7 @@ import numpy as np
 from merger.engine.reference import export_merge
 from merger.fitness import eval_sets
 from merger.registry import weights_digest
+from merger.scored_export import match_scored_weights
 from merger.search import Search, SearchResult, write_atomic
 from merger.sources import resolve_sources
 
@@ -30,6 +31,7 @@ def export_winner(search: Search, result: SearchResult) -> Path:
     export_merge(
         config, staging, seed=search.recipe.optimizer.seed, trust_remote_code=search.recipe.trust_remote_code
     )
+    match_scored_weights(search.executor, result.best, staging, search.recipe.trust_remote_code)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final

@@ -262,8 +262,14 @@ def open_search(
     num_layers = check_compatible(source_paths, recipe.trust_remote_code)
     genome = Genome(recipe, source_paths, num_layers)
     check_tasks(recipe)
-    resuming = prepare_run_dir(recipe, run_dir)
-    ledger = Ledger(run_dir)
+    # loading the sources is the last check (a NaN/inf tensor is refused): before the run directory
+    executor = make_executor(recipe, source_paths, num_layers)
+    try:
+        resuming = prepare_run_dir(recipe, run_dir)
+        ledger = Ledger(run_dir)
+    except BaseException:
+        executor.close()
+        raise
     ledger.set_meta(
         seed=recipe.optimizer.seed,
         dimension=genome.dimension,
@@ -272,5 +278,4 @@ def open_search(
         max_evaluations=recipe.optimizer.max_evaluations,
         max_seconds=recipe.optimizer.max_seconds,
     )
-    executor = make_executor(recipe, source_paths, num_layers)
     return Search(recipe, run_dir, genome, executor, ledger, on_progress), resuming

@@ -71,10 +71,22 @@ class MergekitEngine:
     """
 
     def __init__(
-        self, sources: dict[str, Path], base: str | None, *, dtype: torch.dtype, device: str, seed: int
+        self,
+        sources: dict[str, Path],
+        base: str | None,
+        *,
+        dtype: torch.dtype,
+        device: str,
+        seed: int,
+        allow_nonfinite: bool = False,
     ):
         from transformers import AutoModelForCausalLM
 
+        from merger.engine.weights import check_checkpoint_finite
+
+        if not allow_nonfinite:  # mergekit reads the sources per candidate: one pass over them here
+            for name, path in sources.items():
+                check_checkpoint_finite(name, Path(path))
         self.seed = seed
         first = sources[base] if base else next(iter(sources.values()))
         self.model = AutoModelForCausalLM.from_pretrained(first, dtype=dtype).to(device).eval()

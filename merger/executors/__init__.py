@@ -33,6 +33,10 @@ class Executor(Protocol):
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]: ...
 
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        """The candidate merged again, written over `checkpoint`'s weights; returns its digest."""
+        ...
+
     def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
         """Scores of each (checkpoint, eval set), in the order given (on as many workers as there are)."""
         ...

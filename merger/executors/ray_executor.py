@@ -65,6 +65,9 @@ class WorkerActor:
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         return self.worker.score_checkpoint(path, set_name)
 
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        return self.worker.write_scored_weights(genotype, checkpoint)
+
 
 def worker_runtime_env() -> dict[str, Any]:
     """Environment for the actors: the driver's offline/quiet settings and where `merger` lives."""
@@ -224,6 +227,9 @@ class RayExecutor:
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self._on_one_actor("score_genotype", genotype, set_name)
+
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        return self._on_one_actor("write_scored_weights", genotype, checkpoint)
 
     def score_checkpoints(self, jobs: Sequence[tuple[Path, str]]) -> list[dict[str, float]]:
         """Each job on the next free worker; a lost worker is replaced and its job tried again."""

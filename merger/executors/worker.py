@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from merger.engine.plan import resolve_plan
-from merger.engine.weights import load_into
+from merger.engine.weights import load_into, model_digest, rewrite_tensors
 from merger.fitness import Scorer, load_tokenizer
 from merger.genome import Genome
 from merger.ledger import EvaluationRecord
@@ -51,7 +51,7 @@ class CandidateWorker:
 
             return MergekitEngine(
                 self.source_paths, self.recipe.base_model, dtype=dtype, device=self.device,
-                seed=self.recipe.optimizer.seed,
+                seed=self.recipe.optimizer.seed, allow_nonfinite=self.recipe.allow_nonfinite,
             )
         from merger.engine.resident import ResidentEngine
 
@@ -72,8 +72,10 @@ class CandidateWorker:
         if self.recipe.engine.kind == "mergekit":
             self.engine.apply_config(config)
         else:
+            from merger.engine.resident import draw_key
+
             plan = resolve_plan(config, self.engine.tensor_names, self.source_names, self.engine.num_layers)
-            self.engine.apply(plan)
+            self.engine.apply(plan, draw=draw_key(genotype))
         return config.to_yaml()
 
     def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:
@@ -83,6 +85,7 @@ class CandidateWorker:
         try:
             record.config = self.merge(genotype)
             record.merge_seconds = time.perf_counter() - started
+            record.digest = model_digest(self.model)
             bad = self.nonfinite_tensor()
             if bad is not None:
                 raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
@@ -109,6 +112,13 @@ class CandidateWorker:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         self.merge(genotype)
         return self.scorer.score(set_name)
+
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        """Merge the candidate again and write its weights over `checkpoint`'s (same files, names and
+        dtypes); returns the digest of what was written, as `evaluate` recorded it."""
+        self.merge(genotype)
+        rewrite_tensors(checkpoint, self.model.state_dict())  # tied names too, as mergekit may write them
+        return model_digest(self.model)
 
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         """Scores of a checkpoint on disk (a source alone, or the exported winner)."""
