@@ -73,7 +73,7 @@ def test_sigkill_and_resume_with_fresh_randomness_gives_the_uninterrupted_ledger
     run_dir = tmp_path / "interrupted"
     data = {**data, "output": {"run_dir": str(run_dir)}}
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(data))
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     process = start_run(recipe)
     wait_for_rows(process, run_dir, 2)
     process.kill()
