@@ -58,7 +58,7 @@ def main() -> int:
         parameters = None
         for method in args.methods.split(","):
             sources = paths if method != "slerp" else {k: paths[k] for k in ("base", "specialist1")}
-            engine = ResidentEngine(sources, "base", method, compile_kernels=False)
+            engine = ResidentEngine(sources, "base", method)  # kernels compiled as a run would
             parameters = sum(p.numel() for p in engine.model.parameters())
             plans = [
                 resolve_plan(config, engine.tensor_names, names, engine.num_layers)

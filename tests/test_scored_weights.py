@@ -220,3 +220,19 @@ def test_match_scored_weights_on_a_tampered_export(tiny_sources, tiny_evals, tmp
     record.digest = "xxh3-128:0"
     with pytest.raises(MergerError, match="is not the model that was scored"):
         match_scored_weights(executor, record, staging)
+
+
+def test_a_ledger_from_before_digests_gains_the_column_and_keeps_its_rows(tmp_path):
+    from merger.ledger import SCHEMA, EvaluationRecord, Ledger
+
+    old_schema = SCHEMA.replace("    digest TEXT,\n", "")
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO evaluations VALUES (0, 0, '[0.5]', 'x', '{}', 0.5, -0.5, 1, 1, NULL, 0)")
+    ledger = Ledger(tmp_path)
+    ledger.record_evaluation(EvaluationRecord(0, 1, [0.25], "y", score=0.75, digest="xxh3-128:1"))
+    assert [(r.index, r.score, r.digest) for r in ledger.evaluations()] == [
+        (0, 0.5, None),
+        (1, 0.75, "xxh3-128:1"),
+    ]
+    ledger.close()
