@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from merger.engine.resident import ResidentEngine, draw_key
+from merger.engine.factory import build_engine, draw_key
 from tests.test_overnight import recipe_data, run_here, start_run, wait_for_rows
 from tests.test_scored_weights import final_digest, winner_digest
 
@@ -38,8 +38,9 @@ def ledger(run_dir: Path) -> list[tuple]:
         ).fetchall()
 
 
-def test_draws_follow_the_genotype_not_the_order_of_merges(tiny_sources):
-    from tests.test_engine import _config, _plan, _weights
+@pytest.mark.parametrize("kind", ["resident", "mergekit"])
+def test_draws_follow_the_genotype_not_the_order_of_merges(tiny_sources, kind):
+    from tests.test_engine import _config
 
     paths = {name: tiny_sources[name] for name in ("base", "specialist1", "specialist2")}
     config = _config(
@@ -47,18 +48,18 @@ def test_draws_follow_the_genotype_not_the_order_of_merges(tiny_sources):
     )
     first, second = draw_key(np.array([0.25, 0.5])), draw_key([0.25, 0.5000000001])
     assert first == draw_key([0.25, 0.5]) and first != second
-    one = ResidentEngine(paths, "base", "dare_ties", fresh_randomness=True)
-    other = ResidentEngine(paths, "base", "dare_ties", fresh_randomness=True)
-    plan = _plan(one, config, paths)
-    one.apply(plan, draw=first)
-    after_first = _weights(one)
-    one.apply(plan, draw=second)
-    assert any(
-        not torch.equal(a, b) for a, b in zip(after_first.values(), _weights(one).values(), strict=True)
+    one, other = (
+        build_engine(paths, "base", "dare_ties", kind=kind, fresh_randomness=True) for _ in range(2)
     )
-    other.apply(plan, draw=second)
-    other.apply(plan, draw=first)
-    assert all(torch.equal(a, b) for a, b in zip(after_first.values(), _weights(other).values(), strict=True))
+    one.apply_config(config, draw=first)
+    after_first = {name: tensor.clone() for name, tensor in one.model.state_dict().items()}
+    one.apply_config(config, draw=second)
+    now = one.model.state_dict()
+    assert any(not torch.equal(tensor, now[name]) for name, tensor in after_first.items())
+    other.apply_config(config, draw=second)
+    other.apply_config(config, draw=first)
+    now = other.model.state_dict()
+    assert all(torch.equal(tensor, now[name]) for name, tensor in after_first.items())
 
 
 @pytest.mark.slow  # `merger run` subprocesses

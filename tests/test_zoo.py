@@ -118,13 +118,14 @@ def test_committed_eval_data_matches_the_generator(tmp_path: Path) -> None:
         assert committed.read_text() == (tmp_path / "zoo" / f"{task}.yaml").read_text(), task
 
 
-def test_tasks_load_in_lm_eval_and_match_the_training_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lm_eval.tasks import TaskManager
+def test_tasks_load_in_lm_eval_and_match_the_training_prompt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from merger.lm_eval_bridge import load_tasks
 
-    monkeypatch.chdir(REPO_ROOT)  # the YAML's data_files are relative to the repository root
-    manager = TaskManager(include_path=str(REPO_ROOT / "evals" / "zoo"), include_defaults=False)
+    monkeypatch.chdir(tmp_path)  # the YAML's data_files (evals/zoo/data/...) are anchored, not cwd-relative
     names = data.task_names()
-    tasks = manager.load(names)["tasks"]
+    tasks = load_tasks(names, (str(REPO_ROOT / "evals" / "zoo"),))["tasks"]
     assert set(tasks) == set(names)
     combo = tasks["zoo_combo_val"]
     docs = list(combo.test_docs())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,19 +66,22 @@ def export_merge(
 
 
 class MergekitEngine:
-    """The search loop's engine backed by mergekit's own executor: slow, but the reference.
+    """The search loop's engine backed by mergekit's own executor: every registered method, correct first.
 
-    Each candidate is merged by mergekit in memory and copied into one resident model.
+    Each candidate is merged by mergekit in memory and copied into one resident model. Random methods
+    draw with the run's seed for every candidate (common random numbers), or with `fresh_randomness` a
+    seed keyed by the candidate's draw (`factory.draw_key`), the same in every process.
     """
 
     def __init__(
         self,
-        sources: dict[str, Path],
+        sources: Mapping[str, Path],
         base: str | None,
         *,
         dtype: torch.dtype,
         device: str,
         seed: int,
+        fresh_randomness: bool = False,
         allow_nonfinite: bool = False,
     ):
         from transformers import AutoModelForCausalLM
@@ -88,14 +92,17 @@ class MergekitEngine:
             for name, path in sources.items():
                 check_checkpoint_finite(name, Path(path))
         self.seed = seed
+        self.fresh_randomness = fresh_randomness
         first = sources[base] if base else next(iter(sources.values()))
         self.model = AutoModelForCausalLM.from_pretrained(first, dtype=dtype).to(device).eval()
         self.num_layers = int(self.model.config.num_hidden_layers)
         self.device = device
 
-    def apply_config(self, config: MergeConfiguration) -> None:
-        merged = merge_in_memory(config, seed=self.seed, device=self.device)
+    def apply_config(self, config: MergeConfiguration, draw: int = 0) -> None:
+        seed = (self.seed + draw) % 2**63 if self.fresh_randomness else self.seed
+        merged = merge_in_memory(config, seed=seed, device=self.device)
         parameters = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, tensor in merged.items():
-                parameters[name].data.copy_(tensor)
+                if name in parameters:  # a tied lm_head is the embeddings' parameter
+                    parameters[name].data.copy_(tensor)

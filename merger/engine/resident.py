@@ -5,7 +5,7 @@ kind, so a candidate is one fused kernel call per tensor kind (`methods.py`). Wh
 between candidates is computed once: the sources themselves (task vectors are formed inside the
 kernel, where they cost no extra memory traffic), sorted magnitudes for TIES / breadcrumbs thresholds,
 DARE / DELLA random fields keyed by run seed (common random numbers; with `fresh_randomness` also by
-the candidate's `draw_key`, so any process draws the same masks for the same candidate) and DELLA's
+the candidate's `factory.draw_key`, so any process draws the same masks for the same candidate) and DELLA's
 quantized magnitude ranks (bytes packed four per 32-bit word: 1 byte per element and source for DARE,
 2 for DELLA), the kept-l1 tables that make DARE / DELLA's l1 rescale a lookup, and slerp's angles.
 `streaming=True` keeps only the model and rebuilds those per candidate from the safetensors files
@@ -30,14 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from mergekit.config import MergeConfiguration
 from safetensors import safe_open
 
 from merger.engine.methods import (
     DELLA_ALWAYS,
     DIVISOR_EPS,
-    METHODS,
     RANDOM_LEVELS,
     RANK_LEVELS,
+    RESIDENT_METHODS,
     KernelCache,
     della_level_counts,
     della_terms,
@@ -50,7 +51,7 @@ from merger.engine.methods import (
     slerp_coefficients,
     weighted_sum,
 )
-from merger.engine.plan import LAYER_PATTERN, MergePlan, TensorMerge, layer_index
+from merger.engine.plan import LAYER_PATTERN, MergePlan, TensorMerge, layer_index, resolve_plan
 from merger.engine.weights import check_checkpoint_finite, check_finite
 from merger.errors import MergerError
 
@@ -150,14 +151,6 @@ def _stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def draw_key(genotype: Any) -> int:
-    """The random draw of a candidate under `fresh_randomness`: a hash of its genotype's float64 values,
-    so a candidate draws the same masks whichever worker merges it, after a resume, and when the winner is
-    merged again for validation or export."""
-    values = np.ascontiguousarray(np.asarray(genotype, dtype=np.float64))
-    return _stable_seed("genotype", values.tobytes().hex())
-
-
 def _group_key(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     return LAYER_PATTERN.sub(".layers.*.", name), shape
 
@@ -176,12 +169,12 @@ class ResidentEngine:
         streaming: bool = False,
         compile_kernels: bool | None = None,
     ) -> None:
-        if method not in METHODS:
+        if method not in RESIDENT_METHODS:
             raise MergerError(
-                f"merge method {method!r} is not supported by the engine; use one of {', '.join(METHODS)}"
+                f"merge method {method!r} has no resident kernel; use one of {', '.join(RESIDENT_METHODS)}"
             )
         self.method = method
-        self.traits = METHODS[method]
+        self.traits = RESIDENT_METHODS[method]
         if self.traits.needs_base and base is None:
             raise MergerError(f"merge method {method} needs a base model")
         if base is not None and base not in sources:
@@ -196,6 +189,7 @@ class ResidentEngine:
         self.base_name = base
         self.other_names = [name for name in sources if name != base]
         self.checkpoints = {name: Checkpoint(Path(path)) for name, path in sources.items()}
+        self.names_by_path = {str(path): name for name, path in sources.items()}
         first = base if base is not None else next(iter(sources))
         self.model = self._build_model(Path(sources[first]))
         self.num_layers = int(self.model.config.num_hidden_layers)
@@ -365,11 +359,15 @@ class ResidentEngine:
         sizes["total"] = sum(sizes.values())
         return sizes
 
+    def apply_config(self, config: MergeConfiguration, draw: int = 0) -> None:
+        """Write the candidate of a mergekit config (its model paths: this engine's sources) in place."""
+        self.apply(resolve_plan(config, self.tensor_names, self.names_by_path, self.num_layers), draw)
+
     def apply(self, plan: MergePlan, draw: int = 0) -> None:
         """Write the candidate described by `plan` into the model's parameters in place.
 
-        With `fresh_randomness`, DARE / DELLA masks are keyed by `draw` (see `draw_key`): the same plan and
-        draw give the same weights in any process, in any order; otherwise every candidate shares draw 0.
+        With `fresh_randomness`, DARE / DELLA masks are keyed by `draw` (`factory.draw_key`): the same plan
+        and draw give the same weights in any process, in any order; otherwise every candidate has draw 0.
         """
         self._check_plan(plan)
         draw = draw if self.fresh_randomness else 0

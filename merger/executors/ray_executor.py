@@ -12,6 +12,7 @@ and run directory at the same paths as the driver (shared storage).
 from __future__ import annotations
 
 import os
+import site
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ FORWARDED_ENV = (
     "HF_HUB_DISABLE_PROGRESS_BARS",
     "MERGER_HOME",
 )
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+MERGER_IMPORT_ROOT = Path(__file__).resolve().parents[2]  # the directory the driver imported merger from
 
 
 class WorkerActor:
@@ -69,11 +70,22 @@ class WorkerActor:
         return self.worker.write_scored_weights(genotype, checkpoint)
 
 
-def worker_runtime_env() -> dict[str, Any]:
-    """Environment for the actors: the driver's offline/quiet settings and where `merger` lives."""
+def source_tree_for_workers(import_root: Path = MERGER_IMPORT_ROOT) -> Path | None:
+    """Where the actors must import `merger` from: None when the driver's `merger` is installed (the
+    actors import the same installed package), else the source tree the driver runs from."""
+    installed = {Path(p).resolve() for p in (*site.getsitepackages(), site.getusersitepackages())}
+    return None if import_root.resolve() in installed else import_root
+
+
+def worker_runtime_env(import_root: Path = MERGER_IMPORT_ROOT) -> dict[str, Any]:
+    """Environment for the actors: the driver's offline/quiet settings and, when the driver runs
+    `merger` from a source tree, that tree first on their path."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    python_path = [PACKAGE_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
+    source_tree = source_tree_for_workers(import_root)
+    python_path = [str(source_tree)] if source_tree is not None else []
+    python_path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
     return {"env_vars": env}
 
 

@@ -10,12 +10,11 @@ import math
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from merger.engine.plan import resolve_plan
+from merger.engine.factory import Engine, build_engine, draw_key
 from merger.engine.weights import load_into, model_digest, rewrite_tensors
 from merger.fitness import Scorer, load_tokenizer
 from merger.genome import Genome
@@ -39,43 +38,29 @@ class CandidateWorker:
         self.device = pick_device(recipe.engine.device)
         self.engine = self._build_engine()
         self.model = self.engine.model
-        self.source_names = {str(path): name for name, path in source_paths.items()}
         tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
         self.tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
         self.scorer = Scorer(recipe, self.model, self.tokenizer)
 
-    def _build_engine(self) -> Any:
-        dtype = getattr(torch, self.recipe.engine.dtype)
-        if self.recipe.engine.kind == "mergekit":
-            from merger.engine.reference import MergekitEngine
-
-            return MergekitEngine(
-                self.source_paths, self.recipe.base_model, dtype=dtype, device=self.device,
-                seed=self.recipe.optimizer.seed, allow_nonfinite=self.recipe.allow_nonfinite,
-            )
-        from merger.engine.resident import ResidentEngine
-
-        return ResidentEngine(
+    def _build_engine(self) -> Engine:
+        settings = self.recipe.engine
+        return build_engine(
             self.source_paths,
             self.recipe.base_model,
             self.recipe.genome.method,
-            dtype=dtype,
+            kind=settings.kind,
+            dtype=getattr(torch, settings.dtype),
             device=self.device,
             seed=self.recipe.optimizer.seed,
-            fresh_randomness=self.recipe.engine.fresh_randomness,
-            streaming=self.recipe.engine.streaming,
+            fresh_randomness=settings.fresh_randomness,
+            streaming=settings.streaming,
+            allow_nonfinite=self.recipe.allow_nonfinite,
         )
 
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""
         config = self.genome.to_config(genotype)
-        if self.recipe.engine.kind == "mergekit":
-            self.engine.apply_config(config)
-        else:
-            from merger.engine.resident import draw_key
-
-            plan = resolve_plan(config, self.engine.tensor_names, self.source_names, self.engine.num_layers)
-            self.engine.apply(plan, draw=draw_key(genotype))
+        self.engine.apply_config(config, draw=draw_key(genotype))
         return config.to_yaml()
 
     def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from merger.errors import MergerError
+from merger.lm_eval_bridge import chat_completions_lm, evaluate_tasks, load_tasks, quiet_lm
 from merger.router.pool import Member, Pool, TaskSet
 from merger.router.sources import member_checkpoint, member_content_key
 
@@ -142,36 +143,19 @@ def _correctness_of(sample: dict[str, Any]) -> float:
 
 
 class _Evaluator:
-    """One TaskManager per process (building it is the slow part); one lm per member."""
+    """One lm per member; the bridge keeps one TaskManager per process (building it is the slow part)."""
 
     def __init__(self, tasks: TaskSet, registry_root: Path | None = None) -> None:
-        from lm_eval.tasks import TaskManager
-
         self.tasks = tasks
         self.registry_root = registry_root
-        include = str(tasks.include_path) if tasks.include_path is not None else None
-        self.task_manager = TaskManager(include_path=include, include_defaults=include is None)
+        self.include_paths = (str(tasks.include_path),) if tasks.include_path is not None else ()
 
     def _language_model(self, member: Member) -> tuple[Any, bool]:
         if member.remote is not None:
-            from lm_eval.models.openai_completions import LocalChatCompletion
-
             key = os.environ.get(member.remote.api_key_env or "", "") if member.remote.api_key_env else ""
-            lm = LocalChatCompletion(
-                base_url=f"{member.remote.base_url}/chat/completions",
-                model=member.remote.model,
-                tokenized_requests=False,
-                tokenizer_backend=None,
-                header={"Authorization": f"Bearer {key}"} if key else None,
-                max_retries=1,
-            )
-            return lm, True
-        from lm_eval.models.huggingface import HFLM
-
+            return chat_completions_lm(member.remote.base_url, member.remote.model, key), True
         checkpoint = member_checkpoint(member, self.registry_root)
-        return HFLM(
-            pretrained=str(checkpoint), batch_size=self.tasks.batch_size, device=self.tasks.device
-        ), False
+        return quiet_lm(str(checkpoint), batch_size=self.tasks.batch_size, device=self.tasks.device), False
 
     def rows(self, member: Member, tasks: list[str]) -> Iterator[tuple[str, list[MemberRow]]]:
         """(task, the member's rows on it) as each task finishes, one model load for all of them."""
@@ -180,21 +164,11 @@ class _Evaluator:
             yield task, self._task_rows(lm, chat, member, task)
 
     def _task_rows(self, lm: Any, chat: bool, member: Member, task: str) -> list[MemberRow]:
-        import lm_eval
-
-        from merger.fitness import anchored_task_configs
-
         started = time.perf_counter()
         try:
-            # as configs with anchored data files: a task's relative data paths work from any directory
-            result = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=anchored_task_configs(self.task_manager, [task]),
-                task_manager=self.task_manager,
-                limit=self.tasks.limit,
-                log_samples=True,
-                apply_chat_template=chat,
-            )
+            # loaded as configs with anchored data files: a task's relative data paths work from any directory
+            loaded = load_tasks([task], self.include_paths)
+            result = evaluate_tasks(lm, loaded, limit=self.tasks.limit, log_samples=True, apply_chat_template=chat)
         except Exception as error:  # lm-eval raises bare exceptions for unknown tasks, bad data...
             raise MergerError(
                 f"lm-eval failed on task {task!r} for member {member.name!r}: {error}"

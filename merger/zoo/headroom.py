@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
+from merger.bundled import bundled_dir
+from merger.lm_eval_bridge import evaluate_tasks, load_tasks, quiet_lm
 from merger.zoo.data import task_names
-
-EVALS_DIR = Path(__file__).resolve().parents[2] / "evals"
 
 
 def task_arithmetic(base_state: dict, specialist_states: list[dict], weights: list[float]) -> dict:
@@ -29,10 +29,8 @@ def task_arithmetic(base_state: dict, specialist_states: list[dict], weights: li
     return merged
 
 
-def evaluate_all(lm, task_dict, limit: int | None) -> dict[str, float]:
-    from lm_eval.evaluator import evaluate
-
-    results = evaluate(lm=lm, task_dict=task_dict, limit=limit, verbosity="ERROR")["results"]
+def evaluate_all(lm, loaded_tasks, limit: int | None) -> dict[str, float]:
+    results = evaluate_tasks(lm, loaded_tasks, limit=limit)["results"]
     return {task: metrics["exact_match,none"] for task, metrics in results.items()}
 
 
@@ -40,8 +38,6 @@ def main() -> None:
     import os
 
     import torch
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merger.zoo.build import build_zoo
@@ -65,10 +61,10 @@ def main() -> None:
         paths = {"base": base_checkpoint(), **{skill: args.zoo_dir / skill for skill in skills}}
     print(f"zoo ready in {time.perf_counter() - started:.1f} s: {paths}", flush=True)
     names = args.tasks or task_names()
-    task_dict = get_task_dict(names, TaskManager(include_path=str(EVALS_DIR), include_defaults=False))
+    loaded_tasks = load_tasks(names, (str(bundled_dir("evals")),))
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32).eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    lm = quiet_lm(model, tokenizer, args.batch_size)
     states = {
         name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
         for name, path in paths.items()
@@ -89,7 +85,7 @@ def main() -> None:
             continue
         model.load_state_dict(state)
         began = time.perf_counter()
-        scores = evaluate_all(lm, task_dict, args.limit)
+        scores = evaluate_all(lm, loaded_tasks, args.limit)
         cells = " | ".join(f"{scores[name]:.3f}" for name in names)
         print(f"{label} | {cells} | {time.perf_counter() - began:.0f} s", flush=True)
 

@@ -1,0 +1,74 @@
+"""One way into lm-eval: only merger.lm_eval_bridge imports it, and fitness, the router's outcome table and
+the zoo all score through it (same task loading, same numbers)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from merger import lm_eval_bridge
+from merger.fitness import TaskSuite, load_tokenizer
+from merger.recipe import EvalSet
+from merger.router.outcomes import build_outcome_table
+from merger.router.pool import load_pool
+
+PACKAGE = Path(lm_eval_bridge.__file__).resolve().parent
+ITEMS = 8
+
+
+def _imports_lm_eval(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        if any(name == "lm_eval" or name.startswith("lm_eval.") for name in names):
+            return True
+    return False
+
+
+def test_only_the_bridge_imports_lm_eval() -> None:
+    importers = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if _imports_lm_eval(p))
+    assert importers == ["lm_eval_bridge.py"]
+
+
+def test_fitness_and_router_outcomes_score_the_same_items_alike(
+    tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fitness score of a checkpoint is the mean of the router's per-item outcomes for it."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tiny_sources["specialist1"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    lm = lm_eval_bridge.quiet_lm(model, load_tokenizer(checkpoint), batch_size=4)
+    suite = TaskSuite(EvalSet(tasks=[{"name": "tiny_mc", "metric": "acc"}], limit=ITEMS), (str(tiny_evals),))
+    fitness_score = suite.score(lm)["tiny_mc"]
+
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(
+        f"members:\n  - {{name: a, path: {checkpoint}}}\n  - {{name: b, path: {tiny_sources['base']}}}\n"
+        f"tasks: {{names: [tiny_mc], include_path: {tiny_evals}, limit: {ITEMS}, batch_size: 4}}\n"
+        "work_dir: work\n"
+    )
+    table = build_outcome_table(load_pool(pool_file))
+    assert table.correct.shape == (ITEMS, 2)
+    assert float(np.mean(table.correct[:, 0])) == pytest.approx(fitness_score)
+
+
+def test_a_task_manager_is_built_once_per_process_and_path_set(tiny_evals: Path) -> None:
+    paths = (str(tiny_evals),)
+    manager = lm_eval_bridge.task_manager_for(["tiny_mc"], paths)
+    assert lm_eval_bridge.task_manager_for(["tiny_gen"], paths) is manager
+    assert "tiny_mc" in manager.all_tasks and "hellaswag" not in manager.all_tasks  # no built-ins needed
+
+
+def test_num_fewshot_overrides_unless_a_task_pins_zero(tiny_evals: Path) -> None:
+    loaded = lm_eval_bridge.load_tasks(["tiny_mc", "tiny_gen"], (str(tiny_evals),), num_fewshot=2)
+    assert {name: task.get_config("num_fewshot") for name, task in loaded["tasks"].items()} == {
+        "tiny_mc": 2, "tiny_gen": 2,
+    }
+    plain = lm_eval_bridge.load_tasks(["tiny_mc"], (str(tiny_evals),))
+    assert plain["tasks"]["tiny_mc"].get_config("num_fewshot") == 0
