@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from merger.errors import MergerError
-from merger.lm_eval_bridge import evaluate_tasks, load_tasks, quiet_lm, task_manager_for
+from merger.lm_eval_bridge import evaluate_tasks, is_mean_aggregation, load_tasks, quiet_lm, task_manager_for
 from merger.recipe import BUNDLED_EVALS, EvalSet, Recipe, TaskSpec
 
 NON_METRIC_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
+ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
 
 
 def task_paths(recipe: Recipe) -> tuple[str, ...]:
@@ -70,6 +71,8 @@ class TaskSuite:
     def __init__(self, eval_set: EvalSet, include_paths: tuple[str, ...]):
         self.eval_set = eval_set
         self.loaded = load_tasks([task.name for task in eval_set.tasks], include_paths, eval_set.num_fewshot)
+        for task in self.loaded["tasks"].values():
+            _cap_generation(task, getattr(eval_set, "max_gen_toks", None))
         self.samples = self._subsample() if eval_set.subsample_seed is not None else None
 
     def _subsample(self) -> dict[str, list[int]]:
@@ -81,23 +84,85 @@ class TaskSuite:
             chosen[name] = sorted(rng.sample(range(size), count))
         return chosen
 
-    def run(self, lm: Any, log_samples: bool = False) -> dict[str, Any]:
+    def run(
+        self, lm: Any, log_samples: bool = False, items: Mapping[str, list[int]] | None = None
+    ) -> dict[str, Any]:
+        """lm-eval on the set's items, or on the given items only (task -> sorted doc ids)."""
+        task_dict = self.loaded
+        if items is not None:
+            task_dict = {**self.loaded, "tasks": {name: self.loaded["tasks"][name] for name in items}}
         return evaluate_tasks(
             lm,
-            self.loaded,
+            task_dict,
             limit=self.eval_set.limit,
-            samples=self.samples,
+            samples=self.samples if items is None else dict(items),
             log_samples=log_samples,
             apply_chat_template=self.eval_set.apply_chat_template,
         )
 
+    def check_itemwise(self, why: str) -> None:
+        """Each task is a single task whose metric is a per-item mean (what item-wise scoring needs)."""
+        for spec in self.eval_set.tasks:
+            task = self.loaded["tasks"].get(spec.name)
+            if task is None:
+                raise MergerError(f"{why} scores single tasks item by item; {spec.name!r} is a group")
+            aggregation = task.aggregation()
+            metric = spec.metric or next(iter(aggregation), None)
+            if not is_mean_aggregation(aggregation.get(metric)):
+                raise MergerError(f"{why} needs a mean-aggregated metric; {spec.name}'s {metric!r} is not")
+
+    def item_ids(self) -> dict[str, list[int]]:
+        """Every item this set scores, per task, in document order (what `run` scores)."""
+        if self.samples is not None:
+            return {name: list(ids) for name, ids in self.samples.items()}
+        ids = {}
+        for name, task in self.loaded["tasks"].items():
+            size = len(task.eval_docs)
+            ids[name] = list(range(min(self.eval_set.limit or size, size)))
+        return ids
+
+    def score_items(self, lm: Any, items: Mapping[str, list[int]]) -> ItemScores:
+        """Per task, each given item's metric value (from lm-eval's logged samples); only those are scored."""
+        chosen = {name: sorted(ids) for name, ids in items.items() if ids}  # lm-eval maps ids in order
+        return self.item_values(self.run(lm, log_samples=True, items=chosen), list(chosen))
+
+    def item_values(self, output: Mapping[str, Any], names: list[str]) -> ItemScores:
+        values: dict[str, dict[int, float]] = {}
+        specs = {task.name: task for task in self.eval_set.tasks}
+        for name in names:
+            metric, _, filter_name = metric_key(output["results"][name], specs[name]).partition(",")
+            values[name] = {
+                int(sample["doc_id"]): _finite(float(sample[metric]))
+                for sample in output["samples"][name]
+                if sample.get("filter", filter_name) == filter_name
+            }
+        return values
+
     def score(self, lm: Any) -> dict[str, float]:
-        results = self.run(lm)["results"]
+        return self.score_logged(lm)[0]
+
+    def score_logged(self, lm: Any) -> tuple[dict[str, float], ItemScores]:
+        """The set's scores as lm-eval aggregates them, and each item's value (from its logged samples)."""
+        output = self.run(lm, log_samples=True)
+        results = output["results"]
         scores = {}
         for task in self.eval_set.tasks:
-            value = float(results[task.name][metric_key(results[task.name], task)])
-            scores[task.name] = value if math.isfinite(value) else 0.0
-        return scores
+            scores[task.name] = _finite(float(results[task.name][metric_key(results[task.name], task)]))
+        plain = [task.name for task in self.eval_set.tasks if task.name in output.get("samples", {})]
+        return scores, self.item_values(output, plain)
+
+
+def _cap_generation(task: Any, cap: int | None) -> None:
+    """At most `cap` generated tokens per item (a task's own smaller cap is kept)."""
+    if cap is None or task.get_config("output_type") != "generate_until":
+        return
+    kwargs = dict(task.get_config("generation_kwargs") or {})
+    kwargs["max_gen_toks"] = min(int(kwargs.get("max_gen_toks", cap)), cap)
+    task.set_config(key="generation_kwargs", value=kwargs)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
 
 
 class Scorer:
@@ -114,6 +179,14 @@ class Scorer:
     def score(self, set_name: str) -> dict[str, float]:
         suite = self.suites[set_name]
         return suite.score(self._lms[suite.eval_set.batch_size])
+
+    def score_logged(self, set_name: str) -> tuple[dict[str, float], ItemScores]:
+        suite = self.suites[set_name]
+        return suite.score_logged(self._lms[suite.eval_set.batch_size])
+
+    def score_items(self, set_name: str, items: Mapping[str, list[int]]) -> ItemScores:
+        suite = self.suites[set_name]
+        return suite.score_items(self._lms[suite.eval_set.batch_size], items)
 
     def fitness(self, scores: Mapping[str, float]) -> float:
         return weighted_score(scores, self.suites["fitness"].eval_set)

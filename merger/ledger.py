@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,24 @@ CREATE TABLE IF NOT EXISTS generations (
     ended REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS item_outcomes (
+    candidate TEXT NOT NULL,
+    task TEXT NOT NULL,
+    doc_id INTEGER NOT NULL,
+    value REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (candidate, task, doc_id)
+);
+CREATE TABLE IF NOT EXISTS fitness_estimates (
+    generation INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    strategy TEXT NOT NULL,
+    items INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    estimate REAL NOT NULL,
+    full_score REAL,
+    PRIMARY KEY (generation, idx)
+);
 """
 
 
@@ -57,10 +75,35 @@ class EvaluationRecord:
     eval_seconds: float = 0.0
     failure: str | None = None
     digest: str | None = None  # of the merged weights that were scored (`engine.weights.model_digest`)
+    # per task, each fitness item's value; carried from the worker to the ledger's item_outcomes table
+    items: dict[str, dict[int, float]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def failed(self) -> bool:
         return self.failure is not None
+
+    @property
+    def candidate(self) -> str:
+        return candidate_key(self.generation, self.index)
+
+
+def candidate_key(generation: int, index: int) -> str:
+    """How item_outcomes names a search candidate (sources are `source/NAME`)."""
+    return f"{generation}/{index}"
+
+
+@dataclass
+class FitnessEstimate:
+    """What a strategy other than `full` knew of a candidate: items scored of the total, its estimate,
+    and its full-set score once known (a race finished, or an anchor check)."""
+
+    generation: int
+    index: int
+    strategy: str
+    items: int
+    total: int
+    estimate: float
+    full_score: float | None = None
 
 
 @dataclass
@@ -119,6 +162,25 @@ class Ledger:
                 ),
             )
 
+    def record_items(self, candidate: str, values: dict[str, dict[int, float]]) -> None:
+        """Each item's outcome for a candidate; an outcome already there is kept (items are scored once)."""
+        now = time.time()
+        with self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO item_outcomes VALUES (?,?,?,?,?)",
+                [(candidate, task, doc, value, now) for task, docs in values.items() for doc, value in docs.items()],
+            )
+
+    def record_estimate(self, estimate: FitnessEstimate) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO fitness_estimates VALUES (?,?,?,?,?,?,?)",
+                (
+                    estimate.generation, estimate.index, estimate.strategy, estimate.items, estimate.total,
+                    estimate.estimate, estimate.full_score,
+                ),
+            )
+
     def set_meta(self, **values: Any) -> None:
         with self._db:
             self._db.executemany(
@@ -155,14 +217,47 @@ class Ledger:
             for row in rows
         ]
 
+    def item_outcomes(self, candidate: str | None = None) -> dict[str, dict[str, dict[int, float]]]:
+        """candidate -> task -> doc_id -> value, for one candidate or all."""
+        query, args = "SELECT candidate, task, doc_id, value FROM item_outcomes", ()
+        if candidate is not None:
+            query, args = query + " WHERE candidate = ?", (candidate,)
+        table: dict[str, dict[str, dict[int, float]]] = {}
+        for key, task, doc, value in self._db.execute(query + " ORDER BY rowid", args):
+            table.setdefault(key, {}).setdefault(task, {})[doc] = value
+        return table
+
+    def items_spent(self) -> dict[str, int]:
+        """Item-evaluations recorded: on search candidates, and on sources (anchor selection)."""
+        rows = self._db.execute(
+            "SELECT candidate LIKE 'source/%', COUNT(*) FROM item_outcomes GROUP BY 1"
+        ).fetchall()
+        counts = {bool(is_source): count for is_source, count in rows}
+        return {"candidates": counts.get(False, 0), "sources": counts.get(True, 0)}
+
+    def estimates(self) -> dict[tuple[int, int], FitnessEstimate]:
+        rows = self._db.execute("SELECT * FROM fitness_estimates ORDER BY generation, idx").fetchall()
+        return {(row[0], row[1]): FitnessEstimate(*row) for row in rows}
+
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
 
     def best(self) -> EvaluationRecord | None:
-        """The best successful evaluation; ties go to the earliest."""
-        successful = [r for r in self.evaluations() if not r.failed]
+        """The best successful evaluation scored on the whole fitness set; ties go to the earliest.
+
+        A candidate a strategy only estimated (cut from a race, scored on anchors) competes once its
+        full-set score is known, with that score."""
+        estimates = self.estimates()
+        successful = []
+        for record in self.evaluations():
+            known = estimates.get((record.generation, record.index))
+            if record.failed or (known is not None and known.full_score is None):
+                continue
+            successful.append(record if known is None else replace(record, score=known.full_score))
         return max(successful, key=lambda r: r.score, default=None)
 
 
 def record_as_dict(record: EvaluationRecord) -> dict[str, Any]:
-    return asdict(record)
+    data = asdict(record)
+    data.pop("items", None)
+    return data

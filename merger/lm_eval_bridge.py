@@ -109,6 +109,13 @@ def evaluate_tasks(
     return output
 
 
+def is_mean_aggregation(aggregation: Any) -> bool:
+    """Whether a task's aggregation function is lm-eval's per-item mean."""
+    from lm_eval.api.metrics import mean
+
+    return aggregation is mean
+
+
 def quiet_lm(pretrained: Any, tokenizer: Any = None, batch_size: int = 1, device: str | None = None) -> Any:
     """lm-eval's HFLM on a model object (or a checkpoint path), without its per-request progress bars."""
     from lm_eval.models.huggingface import HFLM

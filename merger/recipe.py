@@ -23,6 +23,7 @@ from merger.method_registry import METHODS, searchable_method
 from merger.yamlsafe import read_yaml_file
 
 BUNDLED_EVALS = bundled_dir("evals")
+X0_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # optimizer.x0: grid, as fractions of each gene's searched range
 
 
 class StrictModel(BaseModel):
@@ -113,15 +114,17 @@ class Optimizer(StrictModel):
     popsize: Annotated[int, Field(ge=2)] = 8
     sigma0: Annotated[float, Field(gt=0, le=1)] = 0.25
     seed: Annotated[int, Field(ge=1)] = 1
-    x0: Literal["center"] | dict[str, float | dict[str, float]] = "center"
+    # grid: start from the best merge that gives every gene one value of X0_GRID (evaluated first)
+    x0: Literal["center", "grid"] | dict[str, float | dict[str, float]] = "center"
     max_evaluations: Annotated[int, Field(ge=1)] | None = 64
     max_seconds: Annotated[float, Field(gt=0)] | None = None
+    max_items: Annotated[int, Field(ge=1)] | None = None  # item-evaluations (see fitness.strategy)
     diagonal: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _has_budget(self) -> Optimizer:
-        if self.max_evaluations is None and self.max_seconds is None:
-            raise ValueError("give a budget: max_evaluations and/or max_seconds")
+        if self.max_evaluations is None and self.max_seconds is None and self.max_items is None:
+            raise ValueError("give a budget: max_evaluations, max_seconds and/or max_items")
         if self.max_evaluations is not None and self.max_evaluations < self.popsize:
             raise ValueError(
                 f"max_evaluations ({self.max_evaluations}) is below popsize ({self.popsize}): "
@@ -150,6 +153,25 @@ class EvalSet(StrictModel):
         if isinstance(tasks, list):
             return [{"name": t} if isinstance(t, str) else t for t in tasks]
         return tasks
+
+
+class Racing(StrictModel):
+    block: Annotated[int, Field(ge=1)] = 8  # items per block; every candidate of a generation sees the same
+    bound: Literal["exact", "hoeffding"] = "hoeffding"
+    delta: Annotated[float, Field(gt=0, lt=1)] = 0.1  # hoeffding: chance that one bound is wrong
+
+
+class Anchors(StrictModel):
+    count: Annotated[int, Field(ge=1)] = 12  # anchor items (k-means clusters of the items' outcomes)
+
+
+class FitnessSet(EvalSet):
+    """The fitness set, and how much of it each candidate pays for (README: search efficiency)."""
+
+    strategy: Literal["full", "racing", "anchors"] = "full"
+    racing: Racing = Racing()
+    anchors: Anchors = Anchors()
+    max_gen_toks: Annotated[int, Field(ge=1)] | None = None  # caps generation (lm-eval's default: 256)
 
 
 class Engine(StrictModel):
@@ -183,7 +205,7 @@ class Recipe(StrictModel):
     trust_remote_code: bool = False
     genome: Genome
     optimizer: Optimizer = Optimizer()
-    fitness: EvalSet
+    fitness: FitnessSet
     validation: EvalSet | None = None
     test: EvalSet | None = None
     task_paths: list[str] = Field(default_factory=list)

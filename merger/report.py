@@ -10,13 +10,14 @@ import html
 import json
 import math
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from merger.errors import MergerError
+from merger.items import item_accounting
 from merger.ledger import LEDGER_FILE, EvaluationRecord, GenerationRecord, Ledger
 from merger.recipe import Recipe, parse_recipe
 from merger.yamlsafe import read_yaml_file
@@ -40,6 +41,7 @@ class RunData:
     generations: list[GenerationRecord]
     best: EvaluationRecord | None
     summary: dict[str, Any] | None
+    items_spent: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +71,7 @@ def load_run(run_dir: Path) -> RunData:
                 ledger.generations(),
                 ledger.best(),
                 None,
+                ledger.items_spent(),
             )
         finally:
             ledger.close()
@@ -292,6 +295,8 @@ def overview_rows(run: RunData) -> list[list[str]]:
         ["seed", str(run.recipe.optimizer.seed)],
         ["evaluations", f"{len(run.evaluations)} ({failures} failed)"],
         ["generations closed", str(len(run.generations))],
+        ["item-evaluations", item_accounting(run.items_spent, len(run.evaluations), run.meta.get("fitness_items"))
+         .removeprefix("item-evaluations: ")],
         ["state", "finished" if run.summary is not None else "not finished (running, stopped or killed)"],
     ]
     if run.generations:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,10 @@ from merger.errors import MergerError
 from merger.executors import CandidateTask, Executor, make_executor
 from merger.genome import Genome
 from merger.ledger import EvaluationRecord, GenerationRecord, Ledger
-from merger.recipe import Recipe, recipe_to_yaml
+from merger.recipe import X0_GRID, Recipe, recipe_to_yaml
+
+if TYPE_CHECKING:
+    from merger.strategies import ItemStrategy
 
 CHECKPOINT_FILE = "search_state.pkl"
 RECIPE_FILE = "recipe.yaml"
@@ -47,7 +50,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def new_state(recipe: Recipe, genome: Genome) -> SearchState:
+def new_state(recipe: Recipe, genome: Genome, x0: np.ndarray | None = None) -> SearchState:
     import cma
 
     optimizer = recipe.optimizer
@@ -68,7 +71,11 @@ def new_state(recipe: Recipe, genome: Genome) -> SearchState:
         "tolfun": 0,
         "tolfunhist": 0,
     }
-    es = cma.CMAEvolutionStrategy(genome.initial(), optimizer.sigma0, options)
+    if recipe.fitness.strategy == "racing":
+        # The negative (active) update weighs the worst candidates by their order; a race leaves the
+        # order of the cut candidates to a few items each, so it must not steer the covariance.
+        options["CMA_active"] = False
+    es = cma.CMAEvolutionStrategy(genome.initial() if x0 is None else x0, optimizer.sigma0, options)
     return SearchState(generation=0, es=es)
 
 
@@ -171,19 +178,85 @@ class Search:
         self.executor = executor
         self.ledger = ledger
         self.on_progress = on_progress or (lambda info: None)
+        self._items: ItemStrategy | None = None
+
+    @property
+    def items(self) -> ItemStrategy:
+        """Racing and anchors (built on first use: asking the executor for the fitness items)."""
+        if self._items is None:
+            from merger.strategies import ItemStrategy
+
+            self._items = ItemStrategy(self.recipe, self.genome, self.executor, self.ledger, self._progress)
+        return self._items
+
+    def _progress(self, info: dict[str, Any]) -> None:
+        self.on_progress(info)
 
     def _budget_left(self, state: SearchState) -> bool:
         """Whether to start another generation; a pending (asked) generation is always finished."""
         if state.pending is not None:
             return True
         optimizer = self.recipe.optimizer
-        next_total = (state.generation + 1) * optimizer.popsize
+        grid = len(X0_GRID) if optimizer.x0 == "grid" else 0
+        next_total = (state.generation + 1) * optimizer.popsize + grid
         if optimizer.max_evaluations is not None and next_total > optimizer.max_evaluations:
             return False
+        if (
+            optimizer.max_items is not None
+            and state.generation > 0  # a run scores at least one generation, whatever the sources cost
+            and sum(self.ledger.items_spent().values()) >= optimizer.max_items
+        ):
+            return False  # a started generation is finished, so the budget can be passed by one generation
         return optimizer.max_seconds is None or state.seconds < optimizer.max_seconds
 
+    def _start(self, should_stop: Callable[[], bool]) -> SearchState | None:
+        """A new run's state: sources scored (anchors), the warm-start grid, anchors chosen; None if stopped.
+
+        Each step is recorded in the ledger as it goes, so a stop or kill here resumes where it was."""
+        strategy = self.recipe.fitness.strategy
+        if strategy == "anchors" and not self.items.score_sources(self.genome.source_paths, should_stop):
+            return None
+        x0 = None
+        grid_keys: list[str] = []
+        if self.recipe.optimizer.x0 == "grid":
+            genotypes = [np.full(self.genome.dimension, value) for value in X0_GRID]
+            records = self._evaluate(-1, genotypes, 1, should_stop, grid=True)
+            if records is None:
+                return None
+            grid_keys = [r.candidate for r in records if not r.failed]
+            best = best_complete(self.ledger, -1)
+            x0 = np.asarray(best.genotype) if best is not None else None
+        if strategy == "anchors":
+            self.items.choose_anchors(grid_keys)
+        return new_state(self.recipe, self.genome, x0)
+
+    def _evaluate(
+        self, generation: int, genotypes: list[np.ndarray], mu: int, should_stop: Callable[[], bool],
+        grid: bool = False,
+    ) -> list[EvaluationRecord] | None:
+        """The generation's records in candidate order by the recipe's strategy; None if a stop came first."""
+        strategy = self.recipe.fitness.strategy
+        if strategy == "racing":
+            return self.items.race(generation, genotypes, mu, should_stop)
+        if strategy == "anchors" and not grid:  # the grid is scored in full: it helps choose the anchors
+            if self.items.anchors is None:
+                self.items.choose_anchors()
+            return self.items.anchored(generation, genotypes, should_stop)
+        return self._evaluate_generation(generation, genotypes, should_stop)
+
     def run(self, stop: StopRequest | None = None) -> SearchResult:
-        state = load_state(self.run_dir) or new_state(self.recipe, self.genome)
+        def should_stop() -> bool:
+            return stop is not None and stop.requested
+
+        state = load_state(self.run_dir)
+        if state is None:
+            state = self._start(should_stop)
+            if state is None:
+                best = self.ledger.best()
+                if best is None:
+                    raise MergerError("stopped before any candidate was scored; run the same command again to resume")
+                return SearchResult(best, self.ledger.count(), 0, True)
+            save_state(self.run_dir, state)
         stopped_early = False
         while self._budget_left(state) and (state.pending is not None or not state.es.stop()):
             if stop is not None and stop.requested:
@@ -193,7 +266,8 @@ class Search:
             if state.pending is None:
                 state.pending = [np.asarray(x) for x in state.es.ask()]
                 save_state(self.run_dir, state)
-            records = self._evaluate_generation(state, stop)
+            mu = int(state.es.sp.weights.mu)
+            records = self._evaluate(state.generation, state.pending, mu, should_stop)
             if records is None:
                 stopped_early = True
                 state.seconds += time.time() - started
@@ -211,30 +285,32 @@ class Search:
         return SearchResult(best, self.ledger.count(), state.generation, stopped_early)
 
     def _evaluate_generation(
-        self, state: SearchState, stop: StopRequest | None
+        self, generation: int, genotypes: list[np.ndarray], should_stop: Callable[[], bool]
     ) -> list[EvaluationRecord] | None:
-        """All records of the pending generation, or None when a stop request came first."""
-        assert state.pending is not None
-        done = {r.index: r for r in self.ledger.evaluations(state.generation)}
+        """All records of a generation scored in full, or None when a stop request came first."""
+        done = {r.index: r for r in self.ledger.evaluations(generation)}
         tasks = [
-            CandidateTask(state.generation, index, genotype)
-            for index, genotype in enumerate(state.pending)
+            CandidateTask(generation, index, genotype)
+            for index, genotype in enumerate(genotypes)
             if index not in done
         ]
 
         def record(result: EvaluationRecord) -> None:
+            if result.items:  # the outcomes first: a record in the ledger means its candidate is done
+                self.ledger.record_items(result.candidate, result.items)
             self.ledger.record_evaluation(result)
             done[result.index] = result
-            self.on_progress({"generation": state.generation, "record": result})
+            self.on_progress({"generation": generation, "record": result})
 
-        self.executor.evaluate(tasks, record, lambda: stop is not None and stop.requested)
-        if len(done) < len(state.pending):
+        self.executor.evaluate(tasks, record, should_stop)
+        if len(done) < len(genotypes):
             return None
-        return [done[index] for index in range(len(state.pending))]
+        return [done[index] for index in range(len(genotypes))]
 
     def _close_generation(self, state: SearchState, records: list[EvaluationRecord], seconds: float) -> None:
         scores = [r.score for r in records]
-        best_idx = int(np.argmax(scores))
+        # what pycma was told decides: under racing a cut candidate's estimate may exceed a full score
+        best_idx = int(np.argmin([r.objective for r in records]))
         validation = None
         if self.recipe.validation is not None and not records[best_idx].failed:
             validation = self.executor.score_genotype(np.asarray(records[best_idx].genotype), "validation")
@@ -249,6 +325,17 @@ class Search:
             )
         )
         self.on_progress({"generation": state.generation, "closed": True, "validation": validation})
+
+
+def best_complete(ledger: Ledger, generation: int) -> EvaluationRecord | None:
+    """A generation's best candidate among those scored on the whole fitness set."""
+    estimates = ledger.estimates()
+    complete = [
+        r for r in ledger.evaluations(generation)
+        if not r.failed and (estimates.get((generation, r.index)) is None
+                             or estimates[(generation, r.index)].full_score is not None)
+    ]
+    return max(complete, key=lambda r: r.score, default=None)
 
 
 def open_search(
@@ -277,5 +364,8 @@ def open_search(
         popsize=recipe.optimizer.popsize,
         max_evaluations=recipe.optimizer.max_evaluations,
         max_seconds=recipe.optimizer.max_seconds,
+        max_items=recipe.optimizer.max_items,
+        strategy=recipe.fitness.strategy,
     )
+    ledger.set_meta(fitness_items=sum(len(ids) for ids in executor.fitness_items().values()))
     return Search(recipe, run_dir, genome, executor, ledger, on_progress), resuming

@@ -117,6 +117,20 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def item_lines(ledger: Any, evaluations: int) -> list[str]:
+    """Item-evaluations spent and saved; each anchor check (estimate against the full-set score)."""
+    from merger.items import item_accounting
+
+    lines = [item_accounting(ledger.items_spent(), evaluations, ledger.meta().get("fitness_items"))]
+    for (generation, index), estimate in ledger.estimates().items():
+        if estimate.strategy == "anchors" and estimate.full_score is not None:
+            lines.append(
+                f"anchor check, generation {generation} best (index {index}): estimate {estimate.estimate:.4f}, "
+                f"full set {estimate.full_score:.4f} ({estimate.estimate - estimate.full_score:+.4f})"
+            )
+    return lines
+
+
 def status_text(ledger: Any, show_all: bool = False) -> str:
     import math
 
@@ -132,6 +146,7 @@ def status_text(ledger: Any, show_all: bool = False) -> str:
         )
     best = ledger.best()
     lines.append(f"evaluations: {len(records)}  generations closed: {len(generations)}")
+    lines.extend(item_lines(ledger, len(records)))
     if generations:
         per_generation = sum(g.seconds for g in generations) / len(generations)
         lines.append(f"seconds per generation: {per_generation:.1f}")
@@ -139,6 +154,11 @@ def status_text(ledger: Any, show_all: bool = False) -> str:
         left_by_budget = []
         if meta.get("max_evaluations") and meta.get("popsize"):
             left_by_budget.append(max(0, meta["max_evaluations"] // meta["popsize"] - len(generations)))
+        if meta.get("max_items"):
+            spent = sum(ledger.items_spent().values())
+            per_generation_items = spent / len(generations)
+            items_left = max(0, meta["max_items"] - spent)
+            left_by_budget.append(math.ceil(items_left / per_generation_items) if per_generation_items else 0)
         state = load_state(ledger.path.parent)
         if meta.get("max_seconds") and state is not None:
             # the clock is checked between generations, so a started generation always runs to its end

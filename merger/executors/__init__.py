@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -18,6 +19,26 @@ class CandidateTask(NamedTuple):
     genotype: np.ndarray
 
 
+class ItemJob(NamedTuple):
+    """Score some fitness items of one model: a genotype (merged first) or a checkpoint on disk."""
+
+    candidate: str  # the ledger's key for the model (ledger.candidate_key, or source/NAME)
+    genotype: np.ndarray | None
+    checkpoint: Path | None
+    items: dict[str, list[int]]  # task -> doc ids
+
+
+@dataclass
+class ItemResult:
+    candidate: str
+    values: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> doc id -> value
+    config: str = ""
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    failure: str | None = None
+    digest: str | None = None  # of the merged weights (`engine.weights.model_digest`), when merged
+
+
 class Executor(Protocol):
     def evaluate(
         self,
@@ -29,6 +50,19 @@ class Executor(Protocol):
 
         Once `should_stop()` is true no new candidate starts; those in flight finish and are recorded.
         """
+        ...
+
+    def score_items(
+        self, jobs: Sequence[ItemJob], on_result: Callable[[ItemResult], None], should_stop: Callable[[], bool]
+    ) -> None:
+        """Score each job's items, calling `on_result` as each finishes (failures come back as results).
+
+        Once `should_stop()` is true no new job starts; those in flight finish and are reported.
+        """
+        ...
+
+    def fitness_items(self) -> dict[str, list[int]]:
+        """Every item of the fitness set, per task (what a full evaluation scores)."""
         ...
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]: ...

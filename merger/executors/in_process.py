@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merger.executors import CandidateTask
+from merger.executors import CandidateTask, ItemJob, ItemResult
 from merger.executors.worker import CandidateWorker
 from merger.ledger import EvaluationRecord
 from merger.recipe import Recipe
@@ -31,6 +31,17 @@ class InProcessExecutor:
             on_record(record)
             records.append(record)
         return records
+
+    def score_items(
+        self, jobs: Sequence[ItemJob], on_result: Callable[[ItemResult], None], should_stop: Callable[[], bool]
+    ) -> None:
+        for job in jobs:
+            if should_stop():
+                break
+            on_result(self.worker.score_items(job))
+
+    def fitness_items(self) -> dict[str, list[int]]:
+        return self.worker.fitness_items()
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self.worker.score_genotype(genotype, set_name)

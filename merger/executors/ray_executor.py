@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from merger.errors import MergerError
-from merger.executors import CandidateTask
+from merger.executors import CandidateTask, ItemJob, ItemResult
 from merger.executors.worker import WORST_OBJECTIVE, CandidateWorker
 from merger.ledger import EvaluationRecord
 from merger.recipe import Recipe
@@ -59,6 +59,12 @@ class WorkerActor:
 
     def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:
         return self.worker.evaluate(generation, index, genotype)
+
+    def score_items(self, job: ItemJob) -> ItemResult:
+        return self.worker.score_items(job)
+
+    def fitness_items(self) -> dict[str, list[int]]:
+        return self.worker.fitness_items()
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self.worker.score_genotype(genotype, set_name)
@@ -223,6 +229,24 @@ class RayExecutor:
             should_stop,
         )
         return [records[job] for job in range(len(tasks)) if job in records]
+
+    def score_items(
+        self, jobs: Sequence[ItemJob], on_result: Callable[[ItemResult], None], should_stop: Callable[[], bool]
+    ) -> None:
+        def give_up(job: int, error: BaseException) -> None:
+            reason = f"worker died {MAX_ATTEMPTS} times scoring these items ({root_cause(error)})"
+            on_result(ItemResult(jobs[job].candidate, failure=reason))
+
+        self._spread(
+            len(jobs),
+            lambda actor, job: actor.score_items.remote(jobs[job]),
+            lambda job, result: on_result(result),
+            give_up,
+            should_stop,
+        )
+
+    def fitness_items(self) -> dict[str, list[int]]:
+        return self._on_one_actor("fitness_items")
 
     def _on_one_actor(self, method: str, *args: Any) -> Any:
         """Run one call on the first actor, replacing the actor if it dies underneath."""

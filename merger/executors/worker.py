@@ -16,6 +16,7 @@ import torch
 
 from merger.engine.factory import Engine, build_engine, draw_key
 from merger.engine.weights import load_into, model_digest, rewrite_tensors
+from merger.executors import ItemJob, ItemResult
 from merger.fitness import Scorer, load_tokenizer
 from merger.genome import Genome
 from merger.ledger import EvaluationRecord
@@ -41,6 +42,8 @@ class CandidateWorker:
         tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
         self.tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
         self.scorer = Scorer(recipe, self.model, self.tokenizer)
+        if recipe.fitness.strategy != "full":
+            self.scorer.suites["fitness"].check_itemwise(f"fitness.strategy {recipe.fitness.strategy}")
 
     def _build_engine(self) -> Engine:
         settings = self.recipe.engine
@@ -75,7 +78,7 @@ class CandidateWorker:
             if bad is not None:
                 raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
             started = time.perf_counter()
-            record.scores = self.scorer.score("fitness")
+            record.scores, record.items = self.scorer.score_logged("fitness")
             record.score = self.scorer.fitness(record.scores)
             record.objective = -record.score
             record.eval_seconds = time.perf_counter() - started
@@ -86,6 +89,30 @@ class CandidateWorker:
         if not math.isfinite(record.objective):
             record.failure, record.objective, record.score = "non-finite fitness", WORST_OBJECTIVE, 0.0
         return record
+
+    def score_items(self, job: ItemJob) -> ItemResult:
+        """Merge the job's genotype (or load its checkpoint) and score its items; failures are recorded."""
+        result = ItemResult(job.candidate)
+        started = time.perf_counter()
+        try:
+            if job.genotype is not None:
+                result.config = self.merge(job.genotype)
+                result.digest = model_digest(self.model)
+            elif job.checkpoint is not None:
+                load_into(self.model, job.checkpoint)
+            result.merge_seconds = time.perf_counter() - started
+            bad = self.nonfinite_tensor()
+            if bad is not None:
+                raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
+            started = time.perf_counter()
+            result.values = self.scorer.score_items("fitness", job.items)
+            result.eval_seconds = time.perf_counter() - started
+        except Exception as error:  # a bad candidate must not stop the run
+            result.failure = _describe(error)
+        return result
+
+    def fitness_items(self) -> dict[str, list[int]]:
+        return self.scorer.suites["fitness"].item_ids()
 
     def nonfinite_tensor(self) -> str | None:
         with torch.no_grad():
