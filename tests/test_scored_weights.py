@@ -259,3 +259,14 @@ def test_which_methods_mergekit_reproduces_bit_for_bit(tiny_sources, method):
     assert identical == (method in BIT_IDENTICAL)
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-6, atol=3e-7)
+
+
+def test_racing_records_carry_digests_and_the_export_is_verified(tiny_sources, tiny_evals, tmp_path):
+    """fitness.strategy racing merges a candidate per item block: its record still has the merge's digest."""
+    run_dir = tmp_path / "run"
+    data = tiny_recipe(tiny_sources, tiny_evals, run_dir, genome=DARE, fitness={"strategy": "racing"})
+    process = run_merger("run", str(write_recipe(tmp_path / "recipe.yaml", data)), "--no-progress")
+    assert process.returncode == 0, process.stderr[-2000:]
+    digests = [row[3] for row in ledger_rows(run_dir)]
+    assert digests and all(d and d.startswith("xxh3-128:") for d in digests)
+    assert final_digest(run_dir) == winner_digest(run_dir)
