@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from merger.fitness import eval_sets
 from merger.ledger import FinalScore
 from merger.lineage import LINEAGE_META, summary_lineage
 from merger.rundir import Baseline, RunDir, Scores, Summary, Winner, write_atomic
+from merger.scored_export import match_scored_weights
 from merger.search import Search, SearchResult
 
 WINNER_KEY = "winner"
@@ -49,11 +51,14 @@ def merge_yaml(config: MergeConfiguration) -> str:
     return config.to_yaml() + "\n"
 
 
-def export_once(model: FinalModel, search: Search) -> None:
+def export_once(
+    model: FinalModel, search: Search, check: Callable[[Path], None] | None = None
+) -> None:
     """mergekit's export of `model.config` into `model.path`, its YAML into `model.config_file`.
 
     An export already there from the same YAML is kept; otherwise it is written to a staging
-    directory and renamed into place, so a finished directory is always a whole export.
+    directory, given to `check` (which may refuse it or rewrite its weights), and renamed into
+    place, so a finished directory is always a whole, checked export.
     """
     assert model.config is not None and model.config_file is not None
     text = merge_yaml(model.config)
@@ -67,6 +72,8 @@ def export_once(model: FinalModel, search: Search) -> None:
     recipe = search.recipe
     config = model.config.model_copy(deep=True)  # mergekit's export rewrites the config it is given
     export_merge(config, staging, seed=recipe.optimizer.seed, trust_remote_code=recipe.trust_remote_code)
+    if check is not None:
+        check(staging)
     staging.rename(model.path)
 
 
@@ -77,7 +84,13 @@ def export_winner(search: Search, result: SearchResult) -> Path:
     winner = FinalModel(
         WINNER_KEY, layout.final, config_identity(merge_yaml(config)), config, layout.best_config
     )
-    export_once(winner, search)
+    export_once(
+        winner,
+        search,
+        check=lambda staging: match_scored_weights(
+            search.executor, result.best, staging, search.recipe.trust_remote_code
+        ),
+    )
     return winner.path
 
 

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     eval_seconds REAL NOT NULL,
     failure TEXT,
     created REAL NOT NULL,
+    digest TEXT,
     PRIMARY KEY (generation, idx)
 );
 CREATE TABLE IF NOT EXISTS generations (
@@ -81,6 +82,7 @@ class EvaluationRecord:
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     failure: str | None = None
+    digest: str | None = None  # of the merged weights that were scored (`engine.weights.model_digest`)
     # per task, each fitness item's value; carried from the worker to the ledger's item_outcomes table
     items: dict[str, dict[int, float]] | None = field(default=None, repr=False, compare=False)
 
@@ -139,7 +141,14 @@ class Ledger:
         self._db = sqlite3.connect(self.path, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._add_digest_column()
         self._db.commit()
+
+    def _add_digest_column(self) -> None:
+        """Ledgers written before evaluations had a `digest` column get one (empty for old rows)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(evaluations)")}
+        if "digest" not in columns:
+            self._db.execute("ALTER TABLE evaluations ADD COLUMN digest TEXT")
 
     @classmethod
     def open_existing(cls, run_dir: Path) -> Ledger | None:
@@ -153,11 +162,11 @@ class Ledger:
         """Insert once; a record already there (the same generation and index) is kept as it is."""
         with self._db:
             self._db.execute(
-                "INSERT OR IGNORE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.generation, record.index, json.dumps(record.genotype), record.config,
                     json.dumps(record.scores), record.score, record.objective, record.merge_seconds,
-                    record.eval_seconds, record.failure, time.time(),
+                    record.eval_seconds, record.failure, time.time(), record.digest,
                 ),
             )
 
@@ -226,7 +235,7 @@ class Ledger:
             EvaluationRecord(
                 generation=row[0], index=row[1], genotype=json.loads(row[2]), config=row[3],
                 scores=json.loads(row[4]), score=row[5], objective=row[6], merge_seconds=row[7],
-                eval_seconds=row[8], failure=row[9],
+                eval_seconds=row[8], failure=row[9], digest=row[11],
             )
             for row in rows
         ]

@@ -205,6 +205,7 @@ class Recipe(StrictModel):
     base_model: str | None = None
     tokenizer_source: str | None = None
     allow_pickle: bool = False
+    allow_nonfinite: bool = False  # merge sources holding NaN/inf (only mergekit's engine computes on them)
     trust_remote_code: bool = False
     genome: Genome
     optimizer: Optimizer = Optimizer()
@@ -234,6 +235,15 @@ class Recipe(StrictModel):
         problem = info.source_count_problem(len(names), self.base_model is not None and info.takes_base)
         if problem:
             raise ValueError(f"sources: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _nonfinite_needs_mergekit(self) -> Recipe:
+        if self.allow_nonfinite and self.engine.kind != "mergekit":
+            raise ValueError(
+                "allow_nonfinite: true needs engine.kind: mergekit (the resident engine refuses NaN/inf "
+                "sources rather than compute something mergekit's export would not)"
+            )
         return self
 
     @property

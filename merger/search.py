@@ -350,9 +350,15 @@ def open_search(
     num_layers = check_compatible(source_paths, recipe.trust_remote_code)
     genome = Genome(recipe, source_paths, num_layers)
     check_tasks(recipe)
-    resuming = prepare_run_dir(recipe, run_dir)
-    ledger = Ledger(run_dir)
-    lineage = source_lineage(recipe, source_paths, ledger.meta().get(LINEAGE_META))
+    # loading the sources is the last check (a NaN/inf tensor is refused): before the run directory
+    executor = make_executor(recipe, source_paths, num_layers)
+    try:
+        resuming = prepare_run_dir(recipe, run_dir)
+        ledger = Ledger(run_dir)
+        lineage = source_lineage(recipe, source_paths, ledger.meta().get(LINEAGE_META))
+    except BaseException:
+        executor.close()
+        raise
     ledger.set_meta(
         **{LINEAGE_META: lineage},
         seed=recipe.optimizer.seed,
@@ -364,6 +370,5 @@ def open_search(
         max_items=recipe.optimizer.max_items,
         strategy=recipe.fitness.strategy,
     )
-    executor = make_executor(recipe, source_paths, num_layers)
     ledger.set_meta(fitness_items=sum(len(ids) for ids in executor.fitness_items().values()))
     return Search(recipe, run_dir, genome, executor, ledger, on_progress), resuming

@@ -46,6 +46,7 @@ class ItemStrategy:
         self.item_set = ItemSet.of(executor.fitness_items(), recipe.fitness)
         self.anchors: Anchors | None = None
         self._seconds: dict[str, tuple[float, float]] = {}  # merge and scoring seconds in this session
+        self._digests: dict[str, str] = {}  # weights digest of each candidate merged in this session
 
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, jobs: list[ItemJob], should_stop: Callable[[], bool]) -> dict[str, ItemResult] | None:
@@ -57,6 +58,8 @@ class ItemStrategy:
             self._seconds[result.candidate] = (merge + result.merge_seconds, scoring + result.eval_seconds)
             if result.failure is None:
                 self.ledger.record_items(result.candidate, result.values)
+            if result.digest is not None:
+                self._digests[result.candidate] = result.digest
             results[result.candidate] = result
 
         if jobs:
@@ -124,6 +127,8 @@ class ItemStrategy:
                 objective=objective[index],
             )
             record.merge_seconds, record.eval_seconds = self._seconds.pop(record.candidate, (0.0, 0.0))
+            # None when every item was scored before a resume (the export then merges it again unchecked)
+            record.digest = self._digests.pop(record.candidate, None)
             self.ledger.record_evaluation(record)
             self.on_progress({"generation": generation, "record": record})
             records.append(record)

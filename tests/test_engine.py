@@ -329,8 +329,8 @@ def test_dare_expectation_over_fresh_draws(paths: dict[str, Path]) -> None:
     delta = _deltas(engine, paths, "specialist1").double()
     plan = _plan(engine, config, paths)
     total = torch.zeros_like(delta)
-    for _ in range(draws):
-        engine.apply(plan)
+    for draw in range(1, draws + 1):  # a fresh draw each (keyed as a genotype's `draw_key` would be)
+        engine.apply(plan, draw=draw)
         merged = _merged_delta(engine, paths).double()
         total += merged
     kept = merged != 0
@@ -356,8 +356,8 @@ def test_della_keep_probability_follows_magnitude_rank(paths: dict[str, Path]) -
     delta = load_file(paths["specialist1"] / "model.safetensors")[name] - base
     plan = _plan(engine, config, paths)
     kept = torch.zeros_like(delta)
-    for _ in range(draws):
-        engine.apply(plan)
+    for draw in range(1, draws + 1):  # a fresh draw each (keyed as a genotype's `draw_key` would be)
+        engine.apply(plan, draw=draw)
         kept += (dict(engine.model.named_parameters())[name] != base).float()
     order = delta.abs().argsort(dim=1)
     rows = torch.arange(delta.shape[0])
@@ -382,8 +382,8 @@ def test_consensus_random_methods_match_mergekit_in_expectation(paths: dict[str,
     engine = _engine(paths, method, fresh_randomness=True)
     plan = _plan(engine, config, paths)
     ours, theirs = [], []
-    for _ in range(ours_draws):
-        engine.apply(plan)
+    for draw in range(1, ours_draws + 1):
+        engine.apply(plan, draw=draw)
         ours.append(torch.cat([t.reshape(-1) for t in _weights(engine).values()]))
     for seed in range(mergekit_draws):
         merged = merge_in_memory(config, seed=seed)

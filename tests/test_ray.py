@@ -148,3 +148,16 @@ def test_a_worker_that_cannot_load_is_a_clear_error(ray_session, search_data, ti
     recipe = parse_recipe({**search_data, "executor": RAY, "engine": {"device": "cuda:99"}})
     with pytest.raises(MergerError, match="a Ray worker could not load the sources and tasks: .*Error"):
         RayExecutor(recipe, tiny_sources, 4)
+
+
+def test_ray_with_fresh_randomness_draws_what_in_process_draws(ray_session, tiny_sources, tiny_evals, tmp_path):
+    """DARE masks keyed by genotype: two workers, each merging some candidates, give the in-process ledger
+    (every candidate's weights digest included)."""
+    from tests.test_fresh_randomness import fresh_data
+
+    data = fresh_data(tiny_sources, tiny_evals)
+    in_process = run_search(data, tmp_path / "in_process")
+    ray_run = run_search({**data, "executor": RAY}, tmp_path / "ray")
+    assert_same_search(ray_run, in_process)
+    digests = [[r.digest for r in run[1]] for run in (ray_run, in_process)]
+    assert digests[0] == digests[1] and len(set(digests[0])) == len(digests[0])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from mergekit.config import MergeConfiguration
 
@@ -18,8 +20,17 @@ log = logging.getLogger(__name__)
 class Engine(Protocol):
     model: torch.nn.Module
 
-    def apply_config(self, config: MergeConfiguration) -> None:
-        """Write the candidate described by `config` into `model` in place."""
+    def apply_config(self, config: MergeConfiguration, draw: int = 0) -> None:
+        """Write the candidate described by `config` into `model` in place; with fresh randomness its
+        random methods draw by `draw` (`draw_key`), else every candidate shares the run's draw."""
+
+
+def draw_key(genotype: Any) -> int:
+    """A candidate's random draw under `fresh_randomness`: a hash of its genotype's float64 values, so
+    a candidate draws the same masks whichever worker merges it, after a resume, and when the winner is
+    merged again for validation or export."""
+    values = np.ascontiguousarray(np.asarray(genotype, dtype=np.float64))
+    return int.from_bytes(hashlib.sha256(b"genotype:" + values.tobytes()).digest()[:8], "little") >> 1
 
 
 def build_engine(
@@ -33,6 +44,7 @@ def build_engine(
     seed: int = 0,
     fresh_randomness: bool = False,
     streaming: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Engine:
     """The resident engine where it has kernels for `method` (unless `kind` is "mergekit"); otherwise
     mergekit's executor per candidate."""
@@ -47,4 +59,7 @@ def build_engine(
         log.info("%s has no resident kernel: candidates merge through mergekit's executor", method)
     from merger.engine.reference import MergekitEngine
 
-    return MergekitEngine(sources, base, dtype=dtype, device=device, seed=seed, fresh_randomness=fresh_randomness)
+    return MergekitEngine(
+        sources, base, dtype=dtype, device=device, seed=seed, fresh_randomness=fresh_randomness,
+        allow_nonfinite=allow_nonfinite,
+    )

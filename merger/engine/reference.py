@@ -72,8 +72,8 @@ class MergekitEngine:
     """The search loop's engine backed by mergekit's own executor: every registered method, correct first.
 
     Each candidate is merged by mergekit in memory and copied into one resident model. Random methods
-    draw with the run's seed for every candidate (common random numbers), or a new seed per candidate
-    with `fresh_randomness`.
+    draw with the run's seed for every candidate (common random numbers), or with `fresh_randomness` a
+    seed keyed by the candidate's draw (`factory.draw_key`), the same in every process.
     """
 
     def __init__(
@@ -85,21 +85,25 @@ class MergekitEngine:
         device: str,
         seed: int,
         fresh_randomness: bool = False,
+        allow_nonfinite: bool = False,
     ):
         from transformers import AutoModelForCausalLM
 
+        from merger.engine.weights import check_checkpoint_finite
+
+        if not allow_nonfinite:  # mergekit reads the sources per candidate: one pass over them here
+            for name, path in sources.items():
+                check_checkpoint_finite(name, Path(path))
         self.seed = seed
         self.fresh_randomness = fresh_randomness
-        self._draw = 0
         first = sources[base] if base else next(iter(sources.values()))
         self.model = AutoModelForCausalLM.from_pretrained(first, dtype=dtype).to(device).eval()
         self.num_layers = int(self.model.config.num_hidden_layers)
         self.device = device
 
-    def apply_config(self, config: MergeConfiguration) -> None:
-        if self.fresh_randomness:
-            self._draw += 1
-        merged = merge_in_memory(config, seed=self.seed + self._draw, device=self.device)
+    def apply_config(self, config: MergeConfiguration, draw: int = 0) -> None:
+        seed = (self.seed + draw) % 2**63 if self.fresh_randomness else self.seed
+        merged = merge_in_memory(config, seed=seed, device=self.device)
         parameters = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, tensor in merged.items():

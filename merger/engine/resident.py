@@ -4,11 +4,17 @@ One model lives in memory; its parameters are views into one `[layers, elements]
 kind, so a candidate is one fused kernel call per tensor kind (`methods.py`). What does not change
 between candidates is computed once: the sources themselves (task vectors are formed inside the
 kernel, where they cost no extra memory traffic), sorted magnitudes for TIES / breadcrumbs thresholds,
-DARE / DELLA random fields keyed by run seed (common random numbers) and DELLA's quantized magnitude
-ranks (bytes packed four per 32-bit word: 1 byte per element and source for DARE, 2 for DELLA), the
-kept-l1 tables that make DARE / DELLA's l1 rescale a lookup, and slerp's angles. `streaming=True` keeps
-only the model and rebuilds those per candidate from the safetensors files (hashing the random fields
-inside the kernels, as `fresh_randomness=True` does, and a second pass for the kept l1).
+DARE / DELLA random fields keyed by run seed (common random numbers; with `fresh_randomness` also by
+the candidate's `factory.draw_key`, so any process draws the same masks for the same candidate) and DELLA's
+quantized magnitude ranks (bytes packed four per 32-bit word: 1 byte per element and source for DARE,
+2 for DELLA), the kept-l1 tables that make DARE / DELLA's l1 rescale a lookup, and slerp's angles.
+`streaming=True` keeps only the model and rebuilds those per candidate from the safetensors files
+(hashing the random fields inside the kernels, as `fresh_randomness=True` does, and a second pass for
+the kept l1).
+
+Source tensors holding NaN or inf are refused as they load: mergekit's results on them are not the
+engine's (sorting, thresholds and consensus treat NaN differently), and the engine must never differ
+silently from the export.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from merger.engine.methods import (
     weighted_sum,
 )
 from merger.engine.plan import LAYER_PATTERN, MergePlan, TensorMerge, layer_index, resolve_plan
+from merger.engine.weights import check_checkpoint_finite, check_finite
 from merger.errors import MergerError
 
 PREFIX_BLOCK = 1024  # block size of the prefix sums over sorted magnitudes (rescaled TIES/breadcrumbs)
@@ -183,7 +190,6 @@ class ResidentEngine:
         self.other_names = [name for name in sources if name != base]
         self.checkpoints = {name: Checkpoint(Path(path)) for name, path in sources.items()}
         self.names_by_path = {str(path): name for name, path in sources.items()}
-        self._draw = 0
         first = base if base is not None else next(iter(sources))
         self.model = self._build_model(Path(sources[first]))
         self.num_layers = int(self.model.config.num_hidden_layers)
@@ -196,9 +202,12 @@ class ResidentEngine:
         _raise_recompile_limit()
         self.kernels = KernelCache(compile_kernels)
         with torch.no_grad():
-            if not streaming:
+            if streaming:  # sources are read per candidate; checked once here
+                for name, path in sources.items():
+                    check_checkpoint_finite(name, Path(path))
+            else:
                 for group in self.groups:
-                    group.inputs = self._read_inputs(group)
+                    group.inputs = self._read_inputs(group, check=True)
                     group.stats = self._prepare(group, group.inputs, draw=0)
             self.load_source(first)
 
@@ -255,19 +264,22 @@ class ResidentEngine:
             groups.append(Group(names=names, shape=shape, output=output))
         return groups
 
-    def _read_source(self, source: str, group: Group, into: torch.Tensor) -> None:
+    def _read_source(self, source: str, group: Group, into: torch.Tensor, check: bool = False) -> None:
         for row, name in enumerate(group.names):
-            into[row].copy_(self.checkpoints[source].get(name).reshape(-1))
+            tensor = self.checkpoints[source].get(name)
+            if check:
+                check_finite(source, name, tensor)
+            into[row].copy_(tensor.reshape(-1))
 
-    def _read_inputs(self, group: Group) -> GroupInputs:
+    def _read_inputs(self, group: Group, check: bool = False) -> GroupInputs:
         size = (len(group.names), group.elements)
         base = None
         if self.base_name is not None:
             base = torch.empty(size, dtype=self.dtype, device=self.device)
-            self._read_source(self.base_name, group, base)
+            self._read_source(self.base_name, group, base, check)
         others = torch.empty((len(self.other_names), *size), dtype=self.dtype, device=self.device)
         for index, source in enumerate(self.other_names):
-            self._read_source(source, group, others[index])
+            self._read_source(source, group, others[index], check)
         return GroupInputs(base=base, others=others)
 
     def _prepare(self, group: Group, inputs: GroupInputs, draw: int) -> GroupStats:
@@ -347,24 +359,27 @@ class ResidentEngine:
         sizes["total"] = sum(sizes.values())
         return sizes
 
-    def apply_config(self, config: MergeConfiguration) -> None:
+    def apply_config(self, config: MergeConfiguration, draw: int = 0) -> None:
         """Write the candidate of a mergekit config (its model paths: this engine's sources) in place."""
-        self.apply(resolve_plan(config, self.tensor_names, self.names_by_path, self.num_layers))
+        self.apply(resolve_plan(config, self.tensor_names, self.names_by_path, self.num_layers), draw)
 
-    def apply(self, plan: MergePlan) -> None:
-        """Write the candidate described by `plan` into the model's parameters in place."""
+    def apply(self, plan: MergePlan, draw: int = 0) -> None:
+        """Write the candidate described by `plan` into the model's parameters in place.
+
+        With `fresh_randomness`, DARE / DELLA masks are keyed by `draw` (`factory.draw_key`): the same plan
+        and draw give the same weights in any process, in any order; otherwise every candidate has draw 0.
+        """
         self._check_plan(plan)
-        if self.fresh_randomness and self.traits.sparsification in ("random", "della"):
-            self._draw += 1
+        draw = draw if self.fresh_randomness else 0
         with torch.no_grad():
             for group in self.groups:
                 if group.inputs is None:
                     inputs = self._read_inputs(group)
-                    stats = self._prepare(group, inputs, self._draw)
+                    stats = self._prepare(group, inputs, draw)
                 else:
                     inputs, stats = group.inputs, group.stats
-                    if self._draw and stats.keys is not None:
-                        stats.keys = self._random_keys(group, self._draw)
+                    if self.fresh_randomness and stats.keys is not None:
+                        stats.keys = self._random_keys(group, draw)
                 self._merge_group(group, inputs, stats, [plan.tensors[name] for name in group.names])
 
     def _check_plan(self, plan: MergePlan) -> None:

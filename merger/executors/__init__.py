@@ -36,6 +36,7 @@ class ItemResult:
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     failure: str | None = None
+    digest: str | None = None  # of the merged weights (`engine.weights.model_digest`), when merged
 
 
 class Executor(Protocol):
@@ -65,6 +66,10 @@ class Executor(Protocol):
         ...
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]: ...
+
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        """The candidate merged again, written over `checkpoint`'s weights; returns its digest."""
+        ...
 
     def score_checkpoints(
         self,

@@ -46,6 +46,9 @@ class InProcessExecutor:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self.worker.score_genotype(genotype, set_name)
 
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        return self.worker.write_scored_weights(genotype, checkpoint)
+
     def score_checkpoints(
         self,
         jobs: Sequence[tuple[Path, str]],

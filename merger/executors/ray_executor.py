@@ -72,6 +72,9 @@ class WorkerActor:
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         return self.worker.score_checkpoint(path, set_name)
 
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        return self.worker.write_scored_weights(genotype, checkpoint)
+
 
 def source_tree_for_workers(import_root: Path = MERGER_IMPORT_ROOT) -> Path | None:
     """Where the actors must import `merger` from: None when the driver's `merger` is installed (the
@@ -260,6 +263,9 @@ class RayExecutor:
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self._on_one_actor("score_genotype", genotype, set_name)
+
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        return self._on_one_actor("write_scored_weights", genotype, checkpoint)
 
     def score_checkpoints(
         self,

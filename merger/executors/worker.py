@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merger.engine.factory import Engine, build_engine
-from merger.engine.weights import load_into
+from merger.engine.factory import Engine, build_engine, draw_key
+from merger.engine.weights import load_into, model_digest, rewrite_tensors
 from merger.executors import ItemJob, ItemResult
 from merger.fitness import Scorer, load_tokenizer
 from merger.genome import Genome
@@ -57,12 +57,13 @@ class CandidateWorker:
             seed=self.recipe.optimizer.seed,
             fresh_randomness=settings.fresh_randomness,
             streaming=settings.streaming,
+            allow_nonfinite=self.recipe.allow_nonfinite,
         )
 
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""
         config = self.genome.to_config(genotype)
-        self.engine.apply_config(config)
+        self.engine.apply_config(config, draw=draw_key(genotype))
         return config.to_yaml()
 
     def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:
@@ -72,6 +73,7 @@ class CandidateWorker:
         try:
             record.config = self.merge(genotype)
             record.merge_seconds = time.perf_counter() - started
+            record.digest = model_digest(self.model)
             bad = self.nonfinite_tensor()
             if bad is not None:
                 raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
@@ -95,6 +97,7 @@ class CandidateWorker:
         try:
             if job.genotype is not None:
                 result.config = self.merge(job.genotype)
+                result.digest = model_digest(self.model)
             elif job.checkpoint is not None:
                 load_into(self.model, job.checkpoint)
             result.merge_seconds = time.perf_counter() - started
@@ -121,6 +124,13 @@ class CandidateWorker:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         self.merge(genotype)
         return self.scorer.score(set_name)
+
+    def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
+        """Merge the candidate again and write its weights over `checkpoint`'s (same files, names and
+        dtypes); returns the digest of what was written, as `evaluate` recorded it."""
+        self.merge(genotype)
+        rewrite_tensors(checkpoint, self.model.state_dict())  # tied names too, as mergekit may write them
+        return model_digest(self.model)
 
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         """Scores of a checkpoint on disk (a source alone, or the exported winner)."""

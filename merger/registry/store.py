@@ -21,7 +21,7 @@ import shutil
 import sqlite3
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +268,7 @@ class Registry:
         return EntryRow(
             name=name,
             version=version,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             method=run.method,
             fitness=run.fitness,
             summary=run.summary.model_dump(mode="json", exclude_unset=True),

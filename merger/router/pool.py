@@ -15,7 +15,7 @@ MEMBER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_HEAD_PARAMETERS = 20_000
 
 
-class Role(str, Enum):
+class Role(str, Enum):  # noqa: UP042 (str(role) stays "Role.X", as before)
     THINKER = "thinker"
     WORKER = "worker"
     VERIFIER = "verifier"
