@@ -11,6 +11,7 @@ import numpy as np
 
 from merger.engine.reference import export_merge
 from merger.fitness import eval_sets
+from merger.layer_path import path_card_lines
 from merger.registry import weights_digest
 from merger.search import Search, SearchResult, write_atomic
 from merger.sources import resolve_sources
@@ -121,6 +122,7 @@ def model_card(search: Search, summary: dict[str, Any], config_yaml: str) -> str
             "## Sources",
             sources,
             "",
+            *path_card_lines(summary["winner"]["genes"]),
             "## Scores",
             "```",
             score_table(summary),

@@ -117,15 +117,15 @@ def best_genes(run: RunData) -> list[dict[str, Any]] | None:
         return run.summary["winner"]["genes"]
     if run.best is None:
         return None
-    from merger.genome import Genome
     from merger.sources import check_compatible, resolve_sources
+    from merger.spaces import make_genome
 
     try:
         source_paths = resolve_sources(run.recipe)
         num_layers = check_compatible(source_paths, run.recipe.trust_remote_code)
     except MergerError as error:
         raise MergerError(f"cannot decode the best genotype without the run's sources: {error}") from None
-    genome = Genome(run.recipe, source_paths, num_layers)
+    genome = make_genome(run.recipe, source_paths, num_layers)
     return genome.table(np.asarray(run.best.genotype))
 
 

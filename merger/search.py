@@ -20,9 +20,9 @@ import numpy as np
 
 from merger.errors import MergerError
 from merger.executors import CandidateTask, Executor, make_executor
-from merger.genome import Genome
 from merger.ledger import EvaluationRecord, GenerationRecord, Ledger
 from merger.recipe import Recipe, recipe_to_yaml
+from merger.spaces import SearchSpace, make_genome
 
 CHECKPOINT_FILE = "search_state.pkl"
 RECIPE_FILE = "recipe.yaml"
@@ -47,7 +47,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def new_state(recipe: Recipe, genome: Genome) -> SearchState:
+def new_state(recipe: Recipe, genome: SearchSpace) -> SearchState:
     import cma
 
     optimizer = recipe.optimizer
@@ -160,7 +160,7 @@ class Search:
         self,
         recipe: Recipe,
         run_dir: Path,
-        genome: Genome,
+        genome: SearchSpace,
         executor: Executor,
         ledger: Ledger,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
@@ -260,7 +260,7 @@ def open_search(
 
     source_paths = resolve_sources(recipe)
     num_layers = check_compatible(source_paths, recipe.trust_remote_code)
-    genome = Genome(recipe, source_paths, num_layers)
+    genome = make_genome(recipe, source_paths, num_layers)
     check_tasks(recipe)
     resuming = prepare_run_dir(recipe, run_dir)
     ledger = Ledger(run_dir)

@@ -18,9 +18,9 @@ import torch
 from merger.engine.plan import resolve_plan
 from merger.engine.weights import load_into
 from merger.fitness import Scorer, load_tokenizer
-from merger.genome import Genome
 from merger.ledger import EvaluationRecord
 from merger.recipe import Recipe
+from merger.spaces import make_genome
 
 WORST_OBJECTIVE = 1.0  # pycma minimises -score, so a failure ranks below every real score in [0, 1]
 
@@ -35,7 +35,8 @@ class CandidateWorker:
     def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
         self.recipe = recipe
         self.source_paths = source_paths
-        self.genome = Genome(recipe, source_paths, num_layers)
+        self.genome = make_genome(recipe, source_paths, num_layers)
+        self.layer_path = recipe.genome.space == "layer_path"
         self.device = pick_device(recipe.engine.device)
         self.engine = self._build_engine()
         self.model = self.engine.model
@@ -46,6 +47,13 @@ class CandidateWorker:
 
     def _build_engine(self) -> Any:
         dtype = getattr(torch, self.recipe.engine.dtype)
+        if self.layer_path:
+            from merger.engine.layer_path import LayerPathEngine
+
+            return LayerPathEngine(
+                self.source_paths, self.recipe.anchor, dtype=dtype, device=self.device,
+                trust_remote_code=self.recipe.trust_remote_code,
+            )
         if self.recipe.engine.kind == "mergekit":
             from merger.engine.reference import MergekitEngine
 
@@ -69,7 +77,7 @@ class CandidateWorker:
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""
         config = self.genome.to_config(genotype)
-        if self.recipe.engine.kind == "mergekit":
+        if self.recipe.engine.kind == "mergekit" or self.layer_path:
             self.engine.apply_config(config)
         else:
             plan = resolve_plan(config, self.engine.tensor_names, self.source_names, self.engine.num_layers)
@@ -112,7 +120,10 @@ class CandidateWorker:
 
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         """Scores of a checkpoint on disk (a source alone, or the exported winner)."""
-        load_into(self.model, path)
+        if self.layer_path:  # its model is a view of the sources: never written into
+            self.engine.load_checkpoint(path)
+        else:
+            load_into(self.model, path)
         return self.scorer.score(set_name)
 
 
