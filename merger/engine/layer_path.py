@@ -30,6 +30,7 @@ from merger.layer_path import PathLayer
 
 # (sub-module of a decoder layer, its output projection): the residual contributions a scale multiplies
 SCALED_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+PROBE_TOKENS = 8  # a fixed input every candidate's logits must be finite on
 
 
 class ScaledOutput(nn.Module):
@@ -68,9 +69,10 @@ def slot_layer(layer: nn.Module, index: int, scale: float) -> nn.Module:
 
 def path_of_config(
     config: MergeConfiguration, source_names: Mapping[str, str], num_layers: int
-) -> list[PathLayer]:
-    """The layer path a passthrough config describes, each layer's o_proj/down_proj `scale` resolved by
-    mergekit's own parameter rules."""
+) -> tuple[str, list[PathLayer]]:
+    """The anchor and the layer path a passthrough config describes. As in mergekit, the embeddings come
+    from the first slice's model and the final norm and lm_head from the last one's (one anchor here);
+    each layer's o_proj/down_proj `scale` is resolved by mergekit's own parameter rules."""
     if config.merge_method != "passthrough" or not config.slices:
         raise MergerError("the layer-path engine takes a passthrough config with slices")
     path: list[tuple[str, int]] = []
@@ -80,6 +82,9 @@ def path_of_config(
         source = out_slice.sources[0]
         start, end = source.layer_range
         path += [(source_names[str(source.model.model)], layer) for layer in range(start, end)]
+    first, last = (source_names[str(s.sources[0].model.model)] for s in (config.slices[0], config.slices[-1]))
+    if first != last:
+        raise MergerError(f"the embeddings ({first}) and the head ({last}) must come from one anchor")
     names = [
         f"model.layers.{index}.{part}.{projection}.weight"
         for index in range(len(path))
@@ -99,7 +104,7 @@ def path_of_config(
                 "a layer path scales both residual contributions alike"
             )
         layers.append(PathLayer(source, layer, scales.pop()))
-    return layers
+    return first, layers
 
 
 class LayerPathEngine:
@@ -114,7 +119,7 @@ class LayerPathEngine:
         self.trust_remote_code = trust_remote_code
         self.source_models = {name: self._load(Path(path)) for name, path in sources.items()}
         self.source_names = {str(path): name for name, path in sources.items()}
-        self.anchor = anchor
+        self.anchor = anchor  # until a config names another
         self.num_layers = int(self.source_models[anchor].config.num_hidden_layers)
         donor = self.source_models[anchor]
         self.prefix = donor.base_model_prefix
@@ -146,21 +151,34 @@ class LayerPathEngine:
 
     # ---- public interface ---------------------------------------------------------------------
 
-    def assemble(self, path: list[PathLayer]) -> None:
+    def assemble(self, path: list[PathLayer], anchor: str | None = None) -> None:
         """The model becomes the anchor around `path`'s source layers, each at its own position."""
         self._loaded = None
+        anchor = anchor or self.anchor
         layers = []
         for index, step in enumerate(path):
             source = self.source_models[step.source]
             layer = getattr(source, self.prefix).layers[step.layer]
             layers.append(slot_layer(layer, index, step.scale))
-        types = getattr(self.source_models[self.anchor].config, "layer_types", None)
+        types = getattr(self.source_models[anchor].config, "layer_types", None)
         if types is not None:
             types = [self.source_models[s.source].config.layer_types[s.layer] for s in path]
-        self._point_at(self.source_models[self.anchor], layers, types)
+        self._point_at(self.source_models[anchor], layers, types)
 
     def apply_config(self, config: MergeConfiguration) -> None:
-        self.assemble(path_of_config(config, self.source_names, self.num_layers))
+        anchor, path = path_of_config(config, self.source_names, self.num_layers)
+        self.assemble(path, anchor)
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Refuse a path whose activations overflow: the sources' weights are finite, but a path that
+        repeats or scales layers can drive the hidden states to inf (then every score is noise)."""
+        vocab = int(self.model.config.vocab_size)
+        probe = (torch.arange(PROBE_TOKENS, device=self.device) * 7919 % vocab).unsqueeze(0)
+        with torch.no_grad():
+            logits = self.model(probe, use_cache=False).logits
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("the path's activations overflow: non-finite logits on a probe input")
 
     def load_checkpoint(self, path: Path) -> None:
         """The model becomes a checkpoint on disk (a source is used as resident; others are loaded)."""
