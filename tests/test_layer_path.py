@@ -273,8 +273,8 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     data.pop("base_model")
     data["output"] = {"run_dir": str(tmp_path / "dfs"), "publish": "dfs-winner", "registry": str(registry)}
     assert main(["run", str(write_recipe(tmp_path / "dfs.yaml", data)), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "a layer path over 24 slots" in out and "published dfs-winner@1" in out
+    captured = capsys.readouterr()
+    assert "a layer path over 24 slots" in captured.err and "published dfs-winner@1" in captured.out
 
     run_dir = tmp_path / "dfs"
     summary = json.loads((run_dir / "summary.json").read_text())
