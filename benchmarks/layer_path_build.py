@@ -3,7 +3,8 @@
 Both on the quickstart's sources (the zoo: SmolLM2-135M-Instruct, add, cap; built and cached on first
 use). PS: `recipes/quickstart.yaml`'s task-arithmetic genome on the resident engine (config -> plan ->
 fused in-place merge). DFS: `recipes/dfs-zoo.yaml`'s layer path on the layer-path engine (config ->
-path -> views of the sources' layers, and the probe forward that refuses overflowing paths). The
+path -> views of the sources' layers); the probe forward with which `apply_config` refuses a path whose
+activations overflow is timed apart. The
 candidates are drawn as CMA-ES's first generation would be: x0 plus sigma0 noise, clipped to the cube.
 Each engine runs in its own fresh process, so its resident set is measured alone.
 
@@ -60,12 +61,12 @@ def measure(space: str, count: int, threads: int) -> dict[str, Any]:
     before = rss_bytes()
     started = time.perf_counter()
     if space == "dfs":
-        from merger.engine.layer_path import LayerPathEngine
+        from merger.engine.layer_path import LayerPathEngine, path_of_config
 
         engine = LayerPathEngine(paths, recipe.anchor, dtype=torch.float32, device="cpu")
 
-        def build(x: np.ndarray) -> None:
-            engine.apply_config(genome.to_config(x))
+        def build(x: np.ndarray) -> None:  # apply_config without its probe forward (timed apart)
+            engine.assemble(*reversed(path_of_config(genome.to_config(x), engine.source_names, num_layers)))
     else:
         from merger.engine.plan import resolve_plan
         from merger.engine.resident import ResidentEngine
@@ -91,7 +92,6 @@ def measure(space: str, count: int, threads: int) -> dict[str, Any]:
         "candidate_s_median": statistics.median(seconds),
         "candidate_s_max": max(seconds),
         "engine_bytes": engine.resident_bytes()["total"],
-        "rss_growth_bytes": rss_bytes() - before,
         "threads": threads,
     }
     if space == "dfs":
@@ -104,6 +104,9 @@ def measure(space: str, count: int, threads: int) -> dict[str, Any]:
             probe.append(time.perf_counter() - started)
         result["probe_s_median"] = statistics.median(probe)
         result["layers"] = layers
+    # after every candidate ran (DFS: forward passes too): transformers memory-maps the sources'
+    # safetensors, so a layer-path engine's resident set grows with the layers its candidates touch
+    result["rss_growth_bytes"] = rss_bytes() - before
     return result
 
 
@@ -138,7 +141,8 @@ def main() -> int:
     for label, key, unit, form in rows:
         ratio = ps[key] / dfs[key] if dfs[key] else float("inf")
         print(f"{label:28}{ps[key] / unit:>22{form}}{dfs[key] / unit:>20{form}}{ratio:>10.2f}")
-    print(f"DFS probe forward (part of its build), median s: {dfs['probe_s_median']:.4f}")
+    print(f"DFS probe forward (apply_config's overflow check, once per candidate), median s: {dfs['probe_s_median']:.4f}")
+    print(f"DFS path lengths: {dfs['layers']}")
     ratios = {key: ps[key] / dfs[key] for _, key, _, _ in rows if dfs[key]}
     print(json.dumps({"ps": ps, "dfs": dfs, "ratios_ps_over_dfs": ratios}))
     return 0

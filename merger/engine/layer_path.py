@@ -172,13 +172,14 @@ class LayerPathEngine:
 
     def check_finite(self) -> None:
         """Refuse a path whose activations overflow: the sources' weights are finite, but a path that
-        repeats or scales layers can drive the hidden states to inf (then every score is noise)."""
+        repeats or scales layers can drive the hidden states to inf (then every score is noise). One
+        forward of a few fixed tokens through the layers and the final norm (lm_head skipped)."""
         vocab = int(self.model.config.vocab_size)
         probe = (torch.arange(PROBE_TOKENS, device=self.device) * 7919 % vocab).unsqueeze(0)
         with torch.no_grad():
-            logits = self.model(probe, use_cache=False).logits
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError("the path's activations overflow: non-finite logits on a probe input")
+            hidden = self._inner(probe, use_cache=False).last_hidden_state
+        if not torch.isfinite(hidden).all():
+            raise FloatingPointError("the path's activations overflow: non-finite hidden states on a probe input")
 
     def load_checkpoint(self, path: Path) -> None:
         """The model becomes a checkpoint on disk (a source is used as resident; others are loaded)."""
