@@ -139,7 +139,7 @@ class Genome(StrictModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method not in METHODS:
+        if method not in METHODS and method != PASSTHROUGH:  # passthrough: checked with the space
             raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
         return method
 
@@ -173,6 +173,8 @@ class Genome(StrictModel):
         if self.space != "layer_path":
             if self.layer_path is not None:
                 raise ValueError("layer_path settings need space: layer_path")
+            if "method" in self.model_fields_set:
+                raise ValueError("method passthrough is the layer-path space's: give space: layer_path")
             raise ValueError("method is required (a merge method, or space: layer_path)")
         if self.method != PASSTHROUGH:
             raise ValueError(f"space layer_path merges with passthrough; drop method {self.method!r}")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +26,7 @@ from merger.engine.layer_path import LayerPathEngine, path_of_config
 from merger.engine.reference import export_merge
 from merger.errors import MergerError
 from merger.layer_path import LayerPathGenome, PathLayer, passthrough_config
-from merger.recipe import load_recipe, parse_recipe
+from merger.recipe import load_recipe, parse_recipe, recipe_to_yaml
 from merger.search import open_search
 from tests.recipes import tiny_recipe, write_recipe
 from tests.test_search import ledger_count, run_in_process
@@ -77,6 +78,7 @@ def test_bad_layer_path_settings_are_one_line(tiny_sources, tiny_evals, tmp_path
         ({"space": "layer_path", "layer_granularity": 2}, "takes its settings under layer_path, not layer_granularity"),
         ({"layer_path": {"repeats": 2}}, "layer_path settings need space: layer_path"),
         ({"parameters": {"weight": 1.0}}, "method is required"),
+        ({"method": "passthrough"}, "method passthrough is the layer-path space's: give space: layer_path"),
     ],
 )
 def test_genome_space_mistakes_are_one_line(tiny_sources, tiny_evals, tmp_path, genome, expected):
@@ -84,6 +86,12 @@ def test_genome_space_mistakes_are_one_line(tiny_sources, tiny_evals, tmp_path, 
     data["genome"] = genome
     with pytest.raises(MergerError, match=re.escape(expected)):
         parse_recipe(data)
+
+
+def test_a_layer_path_recipe_reads_back_as_written(tiny_sources, tiny_evals, tmp_path):
+    """The run directory keeps recipe_to_yaml's text (method: passthrough spelled out); it parses again."""
+    recipe = parse_recipe(dfs_recipe(tiny_sources, tiny_evals, tmp_path, scales="per_slot"))
+    assert parse_recipe(yaml.safe_load(recipe_to_yaml(recipe))) == recipe
 
 
 def test_sources_of_different_hidden_sizes_are_refused(tiny_sources, tiny_evals, tmp_path, capsys):
@@ -286,6 +294,7 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     card = (run_dir / "final" / "README.md").read_text()
     assert f"## Layer path\n\n{len(path)} layers: ps.0 → " in card
     assert_reproduced_by_mergekit(run_dir, tmp_path / "reproduced")
+    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
 
     from merger.registry import Registry
     from merger.router.backends import Generation, build_backend
