@@ -71,7 +71,9 @@ def measure(space: str, count: int, threads: int) -> dict[str, Any]:
         from merger.engine.plan import resolve_plan
         from merger.engine.resident import ResidentEngine
 
-        engine = ResidentEngine(paths, recipe.base_model, recipe.genome.method, dtype=torch.float32, device="cpu")
+        engine = ResidentEngine(
+            paths, recipe.base_model, recipe.genome.method, dtype=torch.float32, device="cpu"
+        )
         names = {str(path): name for name, path in paths.items()}
 
         def build(x: np.ndarray) -> None:
@@ -123,9 +125,20 @@ def main() -> int:
     for space in ("ps", "dfs"):
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
         child = subprocess.run(
-            [sys.executable, __file__, "--only", space, "--candidates", str(args.candidates),
-             "--threads", str(args.threads)],
-            env=env, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--only",
+                space,
+                "--candidates",
+                str(args.candidates),
+                "--threads",
+                str(args.threads),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results[space] = json.loads(child.stdout.strip().splitlines()[-1])
     ps, dfs = results["ps"], results["dfs"]
@@ -141,7 +154,10 @@ def main() -> int:
     for label, key, unit, form in rows:
         ratio = ps[key] / dfs[key] if dfs[key] else float("inf")
         print(f"{label:28}{ps[key] / unit:>22{form}}{dfs[key] / unit:>20{form}}{ratio:>10.2f}")
-    print(f"DFS probe forward (apply_config's overflow check, once per candidate), median s: {dfs['probe_s_median']:.4f}")
+    print(
+        "DFS probe forward (apply_config's overflow check, once per candidate), median s: "
+        f"{dfs['probe_s_median']:.4f}"
+    )
     print(f"DFS path lengths: {dfs['layers']}")
     ratios = {key: ps[key] / dfs[key] for _, key, _, _ in rows if dfs[key]}
     print(json.dumps({"ps": ps, "dfs": dfs, "ratios_ps_over_dfs": ratios}))

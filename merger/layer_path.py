@@ -1,4 +1,4 @@
-"""The layer-path search space (data-flow merging, DFS): unit cube <-> a path of source layers <-> passthrough.
+"""The layer-path space (data-flow merging, DFS): unit cube <-> a path of source layers <-> passthrough.
 
 A path is read from T = layers x sources x repeats slots in a fixed order: layers 0..L-1 of the first
 source, then of the second, ..., the whole sequence repeated. A slot is in the path when its indicator
@@ -66,8 +66,8 @@ class LayerPathGenome:
         self.max_layers = self.settings.max_layers or len(self.slots) + self.fixed
         if self.min_layers > len(self.slots) + self.fixed:
             raise MergerError(
-                f"genome.layer_path.min_layers: {self.min_layers} is more than the {len(self.slots) + self.fixed} "
-                "layers a path can hold"
+                f"genome.layer_path.min_layers: {self.min_layers} is more than the "
+                f"{len(self.slots) + self.fixed} layers a path can hold"
             )
 
     @property
@@ -95,12 +95,15 @@ class LayerPathGenome:
     def initial(self) -> np.ndarray:
         """x0: the anchor's own layers (`start: anchor`) or every gene at the centre (`start: center`)."""
         if self.recipe.optimizer.x0 != "center":
-            raise MergerError("optimizer.x0: a layer-path genome starts from genome.layer_path.start; give x0: center")
+            raise MergerError(
+                "optimizer.x0: a layer-path genome starts from genome.layer_path.start; give x0: center"
+            )
         x = np.full(self.dimension, THRESHOLD)
         if self.settings.start == "anchor":
             ends = {0, self.num_layers - 1} if self.fixed else set()
             own = [
-                slot.source == self.anchor and slot.repeat == 0 and slot.layer not in ends for slot in self.slots
+                slot.source == self.anchor and slot.repeat == 0 and slot.layer not in ends
+                for slot in self.slots
             ]
             x[: len(self.slots)] = np.where(own, THRESHOLD + START_MARGIN, THRESHOLD - START_MARGIN)
         if self.scaled:
@@ -151,9 +154,14 @@ class LayerPathGenome:
         """One row per path position, in the gene-table shape reports plot (group = position)."""
         return [
             {
-                "gene": f"path.{position}", "parameter": "scale", "source": layer.source,
-                "tensor_class": "residual", "group": position, "value": layer.scale,
-                "layer": layer.layer, "slot": layer.slot,
+                "gene": f"path.{position}",
+                "parameter": "scale",
+                "source": layer.source,
+                "tensor_class": "residual",
+                "group": position,
+                "value": layer.scale,
+                "layer": layer.layer,
+                "slot": layer.slot,
             }
             for position, layer in enumerate(self.decode(x))
         ]

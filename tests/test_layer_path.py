@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from merger.cli import main
@@ -29,8 +25,8 @@ from merger.layer_path import LayerPathGenome, PathLayer, passthrough_config
 from merger.recipe import load_recipe, parse_recipe, recipe_to_yaml
 from merger.search import open_search
 from tests.recipes import tiny_recipe, write_recipe
-from tests.test_search import ledger_count, run_in_process
-from tests.tiny_models import build_tokenizer, tiny_config
+from tests.test_search import assert_resume_after_sigkill_equals_an_uninterrupted_run, run_in_process
+from tests.tiny_models import build_tokenizer, tiny_config, with_tensor_filled
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
@@ -64,7 +60,9 @@ def steps(path: list[PathLayer]) -> list[tuple[str, int]]:
     ],
 )
 def test_bad_layer_path_settings_are_one_line(tiny_sources, tiny_evals, tmp_path, capsys, settings, expected):
-    recipe = write_recipe(tmp_path / "recipe.yaml", dfs_recipe(tiny_sources, tiny_evals, tmp_path / "run", **settings))
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", dfs_recipe(tiny_sources, tiny_evals, tmp_path / "run", **settings)
+    )
     assert main(["run", str(recipe), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("merger: error: ") and err.count("\n") == 1 and expected in err, err
@@ -74,8 +72,14 @@ def test_bad_layer_path_settings_are_one_line(tiny_sources, tiny_evals, tmp_path
 @pytest.mark.parametrize(
     ("genome", "expected"),
     [
-        ({"space": "layer_path", "method": "ties"}, "space layer_path merges with passthrough; drop method 'ties'"),
-        ({"space": "layer_path", "layer_granularity": 2}, "takes its settings under layer_path, not layer_granularity"),
+        (
+            {"space": "layer_path", "method": "ties"},
+            "space layer_path merges with passthrough; drop method 'ties'",
+        ),
+        (
+            {"space": "layer_path", "layer_granularity": 2},
+            "takes its settings under layer_path, not layer_granularity",
+        ),
         ({"layer_path": {"repeats": 2}}, "layer_path settings need space: layer_path"),
         ({"parameters": {"weight": 1.0}}, "method is required"),
         ({"method": "passthrough"}, "method passthrough is the layer-path space's: give space: layer_path"),
@@ -115,7 +119,11 @@ def test_bundled_dfs_recipes_validate() -> None:
     from merger.fitness import check_tasks
 
     dfs = load_recipe(REPO / "recipes" / "dfs-zoo.yaml")
-    assert dfs.genome.space == "layer_path" and [s.path for s in dfs.sources] == ["zoo:base", "zoo:add", "zoo:cap"]
+    assert dfs.genome.space == "layer_path" and [s.path for s in dfs.sources] == [
+        "zoo:base",
+        "zoo:add",
+        "zoo:cap",
+    ]
     ps_dfs = load_recipe(REPO / "recipes" / "ps-dfs-zoo.yaml")
     assert ps_dfs.sources[0].path == "registry:quickstart-winner" and ps_dfs.anchor == ps_dfs.sources[0].name
     assert ps_dfs.genome.path_settings.fix_ends and ps_dfs.genome.path_settings.scales == "per_slot"
@@ -128,7 +136,11 @@ def test_slots_threshold_and_order(tiny_sources, tiny_evals, tmp_path):
     genome = genome_of(dfs_recipe(tiny_sources, tiny_evals, tmp_path), tiny_sources)
     assert genome.dimension == 24
     assert [(s.source, s.layer, s.repeat) for s in genome.slots[:5]] == [
-        ("base", 0, 0), ("base", 1, 0), ("base", 2, 0), ("base", 3, 0), ("specialist1", 0, 0)
+        ("base", 0, 0),
+        ("base", 1, 0),
+        ("base", 2, 0),
+        ("base", 3, 0),
+        ("specialist1", 0, 0),
     ]
     assert genome.slots[12].repeat == 1 and genome.slots[12].source == "base"
     x = np.zeros(24)
@@ -139,7 +151,9 @@ def test_slots_threshold_and_order(tiny_sources, tiny_evals, tmp_path):
 
 
 def test_paths_outside_the_limits_are_repaired_deterministically(tiny_sources, tiny_evals, tmp_path):
-    genome = genome_of(dfs_recipe(tiny_sources, tiny_evals, tmp_path, min_layers=3, max_layers=5), tiny_sources)
+    genome = genome_of(
+        dfs_recipe(tiny_sources, tiny_evals, tmp_path, min_layers=3, max_layers=5), tiny_sources
+    )
     x = np.full(24, 0.1)
     x[[2, 9, 17]] = [0.45, 0.3, 0.45]  # nothing in: the three highest join, ties to the earlier slot
     assert [layer.slot for layer in genome.decode(x)] == [2, 9, 17]
@@ -152,7 +166,12 @@ def test_paths_outside_the_limits_are_repaired_deterministically(tiny_sources, t
 
 def test_fixed_ends_and_scales_reach_the_passthrough_config(tiny_sources, tiny_evals, tmp_path):
     data = dfs_recipe(
-        tiny_sources, tiny_evals, tmp_path, anchor="specialist1", fix_ends=True, scales="per_slot",
+        tiny_sources,
+        tiny_evals,
+        tmp_path,
+        anchor="specialist1",
+        fix_ends=True,
+        scales="per_slot",
         scale_range={"min": 0.5, "max": 1.5},
     )
     genome = genome_of(data, tiny_sources)
@@ -161,19 +180,39 @@ def test_fixed_ends_and_scales_reach_the_passthrough_config(tiny_sources, tiny_e
     x[[1, 2, 18]] = 0.8  # base 1, base 2 (consecutive: one slice), specialist1 2 of the second repeat
     x[24 + 18] = 1.0  # its scale: 1.5
     path = genome.decode(x)
-    assert steps(path) == [("specialist1", 0), ("base", 1), ("base", 2), ("specialist1", 2), ("specialist1", 3)]
+    assert steps(path) == [
+        ("specialist1", 0),
+        ("base", 1),
+        ("base", 2),
+        ("specialist1", 2),
+        ("specialist1", 3),
+    ]
     assert [layer.scale for layer in path] == [1.0, 0.7, 0.7, 1.5, 1.0]
     config = genome.to_config(x)
     ranges = [(str(s.sources[0].model.model), tuple(s.sources[0].layer_range)) for s in config.slices]
     spec1, base = str(tiny_sources["specialist1"]), str(tiny_sources["base"])
-    assert ranges == [(spec1, (0, 0)), (spec1, (0, 1)), (base, (1, 3)), (spec1, (2, 3)), (spec1, (3, 4)), (spec1, (4, 4))]
+    assert ranges == [
+        (spec1, (0, 0)),
+        (spec1, (0, 1)),
+        (base, (1, 3)),
+        (spec1, (2, 3)),
+        (spec1, (3, 4)),
+        (spec1, (4, 4)),
+    ]
     names = {str(path): name for name, path in tiny_sources.items()}
-    assert path_of_config(config, names, 4) == ("specialist1", [
-        PathLayer(layer.source, layer.layer, layer.scale) for layer in path
-    ])
+    assert path_of_config(config, names, 4) == (
+        "specialist1",
+        [PathLayer(layer.source, layer.layer, layer.scale) for layer in path],
+    )
     assert genome.table(x)[3] == {
-        "gene": "path.3", "parameter": "scale", "source": "specialist1", "tensor_class": "residual",
-        "group": 3, "value": 1.5, "layer": 2, "slot": 18,
+        "gene": "path.3",
+        "parameter": "scale",
+        "source": "specialist1",
+        "tensor_class": "residual",
+        "group": 3,
+        "value": 1.5,
+        "layer": 2,
+        "slot": 18,
     }
 
 
@@ -212,8 +251,13 @@ def test_candidate_equals_mergekit_passthrough_export_and_copies_no_weight(
 def test_generation_with_a_cache_when_a_layer_repeats(engine, tiny_sources, tmp_path):
     """base.1 three times (once scaled), specialist1.2 twice: each position keeps its own cache entry."""
     path = [
-        PathLayer("base", 0), PathLayer("base", 1), PathLayer("specialist1", 2), PathLayer("base", 1, 0.75),
-        PathLayer("specialist1", 2), PathLayer("base", 1), PathLayer("base", 3),
+        PathLayer("base", 0),
+        PathLayer("base", 1),
+        PathLayer("specialist1", 2),
+        PathLayer("base", 1, 0.75),
+        PathLayer("specialist1", 2),
+        PathLayer("base", 1),
+        PathLayer("base", 3),
     ]
     paths = {name: str(p) for name, p in tiny_sources.items()}
     config = passthrough_config(path, paths, anchor="base", num_layers=4, dtype="float32")
@@ -222,8 +266,13 @@ def test_generation_with_a_cache_when_a_layer_repeats(engine, tiny_sources, tmp_
 
     def generate(model, use_cache: bool) -> tuple[list[int], torch.Tensor]:
         out = model.generate(
-            PROMPT, max_new_tokens=12, do_sample=False, use_cache=use_cache, pad_token_id=0,
-            output_logits=True, return_dict_in_generate=True,
+            PROMPT,
+            max_new_tokens=12,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         return out.sequences[0].tolist(), torch.stack(out.logits)
 
@@ -239,14 +288,21 @@ def test_generation_with_a_cache_when_a_layer_repeats(engine, tiny_sources, tmp_
 def test_scoring_a_checkpoint_leaves_the_sources_as_they_were(engine, tiny_sources, tmp_path):
     paths = {name: str(p) for name, p in tiny_sources.items()}
     config = passthrough_config(
-        [PathLayer("specialist1", 3, 1.3), PathLayer("base", 0)], paths, anchor="base", num_layers=4, dtype="float32"
+        [PathLayer("specialist1", 3, 1.3), PathLayer("base", 0)],
+        paths,
+        anchor="base",
+        num_layers=4,
+        dtype="float32",
     )
     engine.apply_config(config)
     with torch.no_grad():
         before = engine.model(PROMPT).logits
-    exported = export(tmp_path, passthrough_config(
-        [PathLayer("specialist2", 1, 2.0)], paths, anchor="specialist2", num_layers=4, dtype="float32"
-    ))
+    exported = export(
+        tmp_path,
+        passthrough_config(
+            [PathLayer("specialist2", 1, 2.0)], paths, anchor="specialist2", num_layers=4, dtype="float32"
+        ),
+    )
     engine.load_checkpoint(tmp_path / "exported")
     with torch.no_grad():
         torch.testing.assert_close(engine.model(PROMPT).logits, exported(PROMPT).logits)
@@ -272,9 +328,12 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     """A parameter merge is published; a layer-path search over it and the specialists (PS+DFS) runs from
     the CLI, its best.yaml reproduces final/, and the registry and a router backend serve its winner."""
     registry = tmp_path / "registry"
-    ps = tiny_recipe(tiny_sources, tiny_evals, tmp_path / "ps", output={
-        "run_dir": str(tmp_path / "ps"), "publish": "ps-winner", "registry": str(registry)
-    })
+    ps = tiny_recipe(
+        tiny_sources,
+        tiny_evals,
+        tmp_path / "ps",
+        output={"run_dir": str(tmp_path / "ps"), "publish": "ps-winner", "registry": str(registry)},
+    )
     assert main(["run", str(write_recipe(tmp_path / "ps.yaml", ps)), "--no-progress"]) == 0
     sources = {"ps": "registry:ps-winner", **{k: v for k, v in tiny_sources.items() if k != "base"}}
     data = dfs_recipe(sources, tiny_evals, tmp_path / "dfs", anchor="ps", fix_ends=True, scales="per_slot")
@@ -303,9 +362,13 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     entry = Registry(registry).resolve("dfs-winner")
     loaded = AutoModelForCausalLM.from_pretrained(entry).eval()
     assert loaded.config.num_hidden_layers == len(path)
-    pool = parse_pool({"members": [{"name": "dfs", "registry": "dfs-winner", "chat_template": False}]}, tmp_path)
+    pool = parse_pool(
+        {"members": [{"name": "dfs", "registry": "dfs-winner", "chat_template": False}]}, tmp_path
+    )
     backend = build_backend(pool.members[0], registry)
-    answer = asyncio.run(backend.complete([{"role": "user", "content": "The capital of Peru is"}], Generation(4), 60))
+    answer = asyncio.run(
+        backend.complete([{"role": "user", "content": "The capital of Peru is"}], Generation(4), 60)
+    )
     assert isinstance(answer, str)
 
 
@@ -313,41 +376,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_eva
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "killed", scales="per_slot")
     data["optimizer"]["max_evaluations"] = 12
     data["validation"] = None
-    reference, _ = run_in_process(data, tmp_path / "uninterrupted")
-    recipe = write_recipe(tmp_path / "recipe.yaml", data)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "merger.cli", "run", str(recipe), "--no-progress"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while ledger_count(tmp_path / "killed") < 5:  # inside the second generation
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    finished_before = ledger_count(tmp_path / "killed")
-    assert 4 < finished_before < 12
-    resumed, evaluated = run_in_process(data, tmp_path / "killed")
-    assert len(evaluated) == 12 - finished_before
-    assert resumed.evaluations == 12
-    assert resumed.best.genotype == pytest.approx(reference.best.genotype)
-    assert (resumed.best.score, resumed.best.generation, resumed.best.index) == (
-        reference.best.score, reference.best.generation, reference.best.index
-    )
+    assert_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path, popsize=4, total=12)
 
 
 def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources, tiny_evals, tmp_path):
     """specialist2's layer 1 has a huge (finite) norm weight: any path through it overflows."""
-    huge = tmp_path / "huge"
-    huge.mkdir()
-    for item in tiny_sources["specialist2"].iterdir():
-        (huge / item.name).write_bytes(item.read_bytes())
-    tensors = load_file(huge / "model.safetensors")
     key = "model.layers.1.post_attention_layernorm.weight"
-    tensors[key] = torch.full_like(tensors[key], 3e38)
-    save_file(tensors, huge / "model.safetensors", metadata={"format": "pt"})
+    huge = with_tensor_filled(tiny_sources["specialist2"], tmp_path / "huge", key, 3e38)
     sources = {**tiny_sources, "specialist2": huge}
     data = dfs_recipe(sources, tiny_evals, tmp_path / "run", start="center", max_layers=12)
     data["optimizer"] = {"popsize": 6, "max_evaluations": 12, "sigma0": 0.3, "seed": 3}
@@ -358,13 +393,17 @@ def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources,
     records = search.ledger.evaluations()
     genome = search.genome
     through_huge = [
-        any((layer.source, layer.layer) == ("specialist2", 1) for layer in genome.decode(np.asarray(r.genotype)))
+        any(
+            (layer.source, layer.layer) == ("specialist2", 1)
+            for layer in genome.decode(np.asarray(r.genotype))
+        )
         for r in records
     ]
     assert any(through_huge) and not all(through_huge)
     for record, overflows in zip(records, through_huge, strict=True):
         assert record.failed == overflows
         if overflows:
-            assert "activations overflow" in record.failure and record.objective == 1.0 and record.score == 0.0
+            assert (
+                "activations overflow" in record.failure and record.objective == 1.0 and record.score == 0.0
+            )
     assert not result.best.failed
-

@@ -10,13 +10,21 @@ from typing import Any
 import pytest
 
 from tests.test_layer_path import dfs_recipe
-from tests.test_ray import RAY, assert_same_search, ray_session, run_search  # noqa: F401 - a fixture
+from tests.test_ray import (  # noqa: F401 - ray_session is a fixture
+    RAY,
+    assert_same_search,
+    ray_session,
+    run_search,
+)
 
 pytestmark = pytest.mark.slow  # local Ray and several worker processes
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_layer_path_on_ray_with_workers_killed_gives_the_in_process_result(
-    ray_session, tiny_sources, tiny_evals, tmp_path  # noqa: F811 - the imported fixture
+    tiny_sources,
+    tiny_evals,
+    tmp_path,
 ):
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "run", scales="per_slot", fix_ends=True)
     in_process = run_search(data, tmp_path / "in_process")

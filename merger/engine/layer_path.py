@@ -109,7 +109,12 @@ def path_of_config(
 
 class LayerPathEngine:
     def __init__(
-        self, sources: Mapping[str, Path], anchor: str, *, dtype: torch.dtype, device: str,
+        self,
+        sources: Mapping[str, Path],
+        anchor: str,
+        *,
+        dtype: torch.dtype,
+        device: str,
         trust_remote_code: bool = False,
     ):
         if anchor not in sources:
@@ -179,13 +184,17 @@ class LayerPathEngine:
         with torch.no_grad():
             hidden = self._inner(probe, use_cache=False).last_hidden_state
         if not torch.isfinite(hidden).all():
-            raise FloatingPointError("the path's activations overflow: non-finite hidden states on a probe input")
+            raise FloatingPointError(
+                "the path's activations overflow: non-finite hidden states on a probe input"
+            )
 
     def load_checkpoint(self, path: Path) -> None:
         """The model becomes a checkpoint on disk (a source is used as resident; others are loaded)."""
         name = self.source_names.get(str(Path(path).resolve())) or self.source_names.get(str(path))
         donor = self.source_models[name] if name is not None else self._load(Path(path))
-        self._point_at(donor, list(getattr(donor, self.prefix).layers), getattr(donor.config, "layer_types", None))
+        self._point_at(
+            donor, list(getattr(donor, self.prefix).layers), getattr(donor.config, "layer_types", None)
+        )
         self._loaded = None if name is not None else donor
 
     def resident_bytes(self) -> dict[str, int]:
