@@ -30,7 +30,7 @@ from merger.layer_path import PathLayer
 
 # (sub-module of a decoder layer, its output projection): the residual contributions a scale multiplies
 SCALED_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
-PROBE_TOKENS = 8  # a fixed input every candidate's logits must be finite on
+PROBE_TOKENS = 8  # a fixed input every candidate's hidden states must be finite on
 
 
 class ScaledOutput(nn.Module):
@@ -132,7 +132,6 @@ class LayerPathEngine:
         self.model.config = copy.deepcopy(donor.config)
         self._inner = _view(getattr(donor, self.prefix))
         self._inner.config = self.model.config
-        self._loaded: nn.Module | None = None  # a checkpoint being scored (not a source)
         self.assemble([PathLayer(anchor, layer) for layer in range(self.num_layers)])
 
     def _load(self, path: Path) -> nn.Module:
@@ -158,7 +157,6 @@ class LayerPathEngine:
 
     def assemble(self, path: list[PathLayer], anchor: str | None = None) -> None:
         """The model becomes the anchor around `path`'s source layers, each at its own position."""
-        self._loaded = None
         anchor = anchor or self.anchor
         layers = []
         for index, step in enumerate(path):
@@ -195,7 +193,6 @@ class LayerPathEngine:
         self._point_at(
             donor, list(getattr(donor, self.prefix).layers), getattr(donor.config, "layer_types", None)
         )
-        self._loaded = None if name is not None else donor
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes held: each source model (the candidate itself holds none of its own)."""
