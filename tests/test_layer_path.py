@@ -360,6 +360,7 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     from merger.router.pool import parse_pool
 
     entry = Registry(registry).resolve("dfs-winner")
+    assert f"## Layer path\n\n{len(path)} layers: ps.0 → " in (entry / "README.md").read_text()
     loaded = AutoModelForCausalLM.from_pretrained(entry).eval()
     assert loaded.config.num_hidden_layers == len(path)
     pool = parse_pool(
