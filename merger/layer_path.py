@@ -94,10 +94,6 @@ class LayerPathGenome:
     # -- unit cube <-> path ----------------------------------------------------------------------
     def initial(self) -> np.ndarray:
         """x0: the anchor's own layers (`start: anchor`) or every gene at the centre (`start: center`)."""
-        if self.recipe.optimizer.x0 != "center":
-            raise MergerError(
-                "optimizer.x0: a layer-path genome starts from genome.layer_path.start; give x0: center"
-            )
         x = np.full(self.dimension, THRESHOLD)
         if self.settings.start == "anchor":
             ends = {0, self.num_layers - 1} if self.fixed else set()

@@ -285,7 +285,7 @@ class Recipe(StrictModel):
             if value is not None and value not in names:
                 raise ValueError(f"{field}: {value!r} is not one of the sources ({', '.join(names)})")
         if self.genome.space == "layer_path":
-            return self._anchor_is_a_source(names)
+            return self._layer_path_fits(names)
         info = METHODS[self.genome.method]
         if info.needs_base and self.base_model is None:
             raise ValueError(f"base_model is required for {self.genome.method}")
@@ -295,12 +295,14 @@ class Recipe(StrictModel):
             )
         return self
 
-    def _anchor_is_a_source(self, names: list[str]) -> Recipe:
+    def _layer_path_fits(self, names: list[str]) -> Recipe:
         anchor = self.genome.path_settings.anchor
         if anchor is not None and anchor not in names:
             raise ValueError(
                 f"genome.layer_path.anchor: {anchor!r} is not one of the sources ({', '.join(names)})"
             )
+        if self.optimizer.x0 != "center":
+            raise ValueError("optimizer.x0: a layer path starts from genome.layer_path.start; give x0: center")
         return self
 
     @property

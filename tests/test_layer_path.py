@@ -49,6 +49,13 @@ def steps(path: list[PathLayer]) -> list[tuple[str, int]]:
 
 
 # -- recipe ------------------------------------------------------------------------------------------
+def test_a_given_x0_is_refused_for_a_layer_path(tiny_sources, tiny_evals, tmp_path):
+    data = dfs_recipe(tiny_sources, tiny_evals, tmp_path)
+    data["optimizer"]["x0"] = {"weight": 0.5}
+    with pytest.raises(MergerError, match="optimizer.x0: a layer path starts from genome.layer_path.start"):
+        parse_recipe(data)
+
+
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
