@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from merge_speed import METHODS, SHAPES, build_base, build_specialist, method_raw, synchronize  # noqa: E402
 
-from merger.engine.methods import METHODS as TRAITS  # noqa: E402
+from merger.engine.methods import RESIDENT_METHODS as TRAITS  # noqa: E402
 from merger.engine.plan import resolve_plan  # noqa: E402
 from merger.engine.reference import merge_in_memory  # noqa: E402
 from merger.engine.resident import ResidentEngine  # noqa: E402

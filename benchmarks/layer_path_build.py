@@ -66,18 +66,15 @@ def measure(space: str, count: int, threads: int) -> dict[str, Any]:
         engine = LayerPathEngine(paths, recipe.anchor, dtype=torch.float32, device="cpu")
 
         def build(x: np.ndarray) -> None:  # apply_config without its probe forward (timed apart)
-            engine.assemble(*reversed(path_of_config(genome.to_config(x), engine.source_names, num_layers)))
+            anchor, path = path_of_config(genome.to_config(x), engine.source_names, num_layers)
+            engine.assemble(path, anchor)
     else:
-        from merger.engine.plan import resolve_plan
-        from merger.engine.resident import ResidentEngine
+        from merger.engine.factory import build_engine
 
-        engine = ResidentEngine(
-            paths, recipe.base_model, recipe.genome.method, dtype=torch.float32, device="cpu"
-        )
-        names = {str(path): name for name, path in paths.items()}
+        engine = build_engine(paths, recipe.base_model, recipe.genome.method, dtype=torch.float32, device="cpu")
 
         def build(x: np.ndarray) -> None:
-            engine.apply(resolve_plan(genome.to_config(x), engine.tensor_names, names, num_layers))
+            engine.apply_config(genome.to_config(x))
 
     setup = time.perf_counter() - started
     xs = candidates(genome, recipe.optimizer.sigma0, count + 1)

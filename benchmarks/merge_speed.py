@@ -10,7 +10,10 @@ size), timed between the engine's applies so that both see the same load on a sh
 
 Usage: python benchmarks/merge_speed.py [--device cuda] [--random] [--methods ties,linear] [--repeats 5]
        [--shape smollm2|llama7b|check|tiny] [--layers N]   (llama7b: 7B's hidden/intermediate/vocab, random values)
-The last line printed is one JSON object {method: {engine_s, mergekit_s, floor_s, speedup, over_floor}}.
+Methods without resident kernels (nuslerp, multislerp, sce, nearswap, ram, ramplus_tl) get a row of their
+per-candidate time through mergekit's executor, as the search loop runs them (`apply_config`).
+The last line printed is one JSON object {method: {engine_s, mergekit_s, floor_s, speedup, over_floor}}
+(executor methods: {candidate_s, setup_s, sources}).
 """
 
 from __future__ import annotations
@@ -37,22 +40,17 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from merger.engine.factory import build_engine  # noqa: E402
+from merger.engine.methods import RESIDENT_METHODS  # noqa: E402
 from merger.engine.plan import resolve_plan  # noqa: E402
 from merger.engine.reference import merge_in_memory  # noqa: E402
 from merger.engine.resident import ResidentEngine  # noqa: E402
+from merger.method_registry import METHODS as REGISTRY  # noqa: E402
+from merger.method_registry import SEARCHABLE_METHODS, untuned_config  # noqa: E402
 
-METHODS = [
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "slerp",
-    "della",
-    "della_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-]
+METHODS = list(RESIDENT_METHODS)  # merged by the resident engine's kernels
+# the other searchable methods: each candidate merged by mergekit's executor (MergekitEngine)
+EXECUTOR_METHODS = [m for m in SEARCHABLE_METHODS if m not in RESIDENT_METHODS]
 ATTENTION_MLP = [{"filter": "self_attn", "value": 0.4}, {"filter": "mlp", "value": 0.6}]
 
 
@@ -247,6 +245,82 @@ def time_mergekit(config: MergeConfiguration, device: str, repeats: int) -> floa
     return statistics.median(times)
 
 
+def measure_resident(
+    method: str, paths: dict[str, Path], args: argparse.Namespace
+) -> tuple[dict[str, float], tuple[float, float, float], float, int]:
+    """The resident engine's row: (result, (setup s, 1st apply s, resident GiB), copy bandwidth, elements)."""
+    names = {str(path): name for name, path in paths.items()}
+    sources = {k: v for k, v in paths.items() if method != "slerp" or k != "specialist2"}
+    started = time.perf_counter()
+    engine = ResidentEngine(sources, "base", method, device=args.device, compile_kernels=not args.no_compile)
+    setup = time.perf_counter() - started
+    configs = method_configs(method, paths)
+    plans = [resolve_plan(c, engine.tensor_names, names, engine.num_layers) for c in configs]
+    elements = sum(group.output.numel() for group in engine.groups)
+    itemsize = engine.groups[0].output.element_size()
+    probe = CopyProbe(elements * itemsize, args.device)
+    first, engine_s, copy_s = time_engine(engine, plans, probe, args.repeats)
+    del probe
+    bandwidth = 2 * elements * itemsize / copy_s
+    resident_gib = engine.resident_bytes()["total"] / 2**30
+    del engine
+    gc.collect()
+    mergekit_s = time_mergekit(configs[0], args.device, args.mergekit_repeats)
+    inputs = len(sources)  # every input tensor read once (base included), output written once
+    floor_s = (inputs + 1) * elements * itemsize / bandwidth
+    result = {
+        "engine_s": round(engine_s, 4),
+        "mergekit_s": round(mergekit_s, 3),
+        "floor_s": round(floor_s, 4),
+        "speedup": round(mergekit_s / engine_s, 1),
+        "over_floor": round(engine_s / floor_s, 2),
+    }
+    torch._dynamo.reset()
+    return result, (setup, first, resident_gib), bandwidth, elements
+
+
+def executor_configs(method: str, paths: dict[str, Path]) -> tuple[dict[str, Path], list[MergeConfiguration]]:
+    """Two candidates of a method without resident kernels, from the registry: its searchable parameters
+    at 50% and 60% of their search ranges, as many sources as its input contract allows."""
+    info = REGISTRY[method]
+    sources = dict(paths)
+    if info.source_count_problem(len(sources), info.takes_base) is not None:
+        sources.pop("specialist2")
+    base = "base" if info.takes_base else None
+    configs = []
+    for fraction in (0.5, 0.6):
+        values = {}
+        for name in info.searchable:
+            low, high = info.parameters[name].search_range
+            values[name] = round(low + fraction * (high - low), 6)
+        configs.append(untuned_config(method, sources, base=base, values=values))
+    return sources, configs
+
+
+def measure_executor(method: str, paths: dict[str, Path], args: argparse.Namespace) -> dict[str, float]:
+    """Per-candidate seconds of the search loop's engine for a method merged by mergekit's executor:
+    `apply_config` (mergekit's in-memory merge, copied into the resident model), median of the repeats."""
+    sources, configs = executor_configs(method, paths)
+    base = "base" if "base" in sources and REGISTRY[method].takes_base else None
+    started = time.perf_counter()
+    engine = build_engine(sources, base, method, device=args.device)
+    setup = time.perf_counter() - started
+    times = []
+    for index in range(max(1, args.mergekit_repeats)):
+        synchronize(args.device)
+        started = time.perf_counter()
+        engine.apply_config(configs[index % len(configs)])
+        synchronize(args.device)
+        times.append(time.perf_counter() - started)
+    del engine
+    gc.collect()
+    return {
+        "candidate_s": round(statistics.median(times), 3),
+        "setup_s": round(setup, 1),
+        "sources": len(sources),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -255,12 +329,15 @@ def main() -> int:
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2", help="model shapes (random)")
     parser.add_argument("--layers", type=int, help="number of layers (random model), default the shape's")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS + EXECUTOR_METHODS))
     parser.add_argument("--repeats", type=int, default=5, help="engine applies timed per method (median)")
     parser.add_argument("--mergekit-repeats", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="eager kernels (to see what fusion buys)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS + EXECUTOR_METHODS]
+    if unknown:
+        parser.error(f"{unknown[0]!r} is not a searchable method ({', '.join(METHODS + EXECUTOR_METHODS)})")
     torch.set_grad_enabled(False)
 
     with tempfile.TemporaryDirectory(prefix="merge-speed-") as scratch:
@@ -271,60 +348,45 @@ def main() -> int:
             "specialist1": build_specialist(base, root / "specialist1", seed=1, device=args.device),
             "specialist2": build_specialist(base, root / "specialist2", seed=2, device=args.device),
         }
-        names = {str(path): name for name, path in paths.items()}
         results: dict[str, dict[str, float]] = {}
         rows = []
         bandwidths: list[float] = []
         for method in methods:
-            sources = {k: v for k, v in paths.items() if method != "slerp" or k != "specialist2"}
-            started = time.perf_counter()
-            engine = ResidentEngine(
-                sources, "base", method, device=args.device, compile_kernels=not args.no_compile
-            )
-            setup = time.perf_counter() - started
-            configs = method_configs(method, paths)
-            plans = [resolve_plan(c, engine.tensor_names, names, engine.num_layers) for c in configs]
-            elements = sum(group.output.numel() for group in engine.groups)
-            itemsize = engine.groups[0].output.element_size()
-            probe = CopyProbe(elements * itemsize, args.device)
-            first, engine_s, copy_s = time_engine(engine, plans, probe, args.repeats)
-            del probe
-            bandwidth = 2 * elements * itemsize / copy_s
-            bandwidths.append(bandwidth)
-            resident_gib = engine.resident_bytes()["total"] / 2**30
-            del engine
-            gc.collect()
-            mergekit_s = time_mergekit(configs[0], args.device, args.mergekit_repeats)
-            inputs = len(sources)  # every input tensor read once (base included), output written once
-            floor_s = (inputs + 1) * elements * itemsize / bandwidth
-            results[method] = {
-                "engine_s": round(engine_s, 4),
-                "mergekit_s": round(mergekit_s, 3),
-                "floor_s": round(floor_s, 4),
-                "speedup": round(mergekit_s / engine_s, 1),
-                "over_floor": round(engine_s / floor_s, 2),
-            }
-            rows.append((method, setup, first, resident_gib))
-            torch._dynamo.reset()
+            if method in EXECUTOR_METHODS:
+                results[method] = measure_executor(method, paths, args)
+            else:
+                results[method], row, bandwidth, elements = measure_resident(method, paths, args)
+                rows.append((method, *row))
+                bandwidths.append(bandwidth)
             print(f"# {method}: {results[method]}", file=sys.stderr, flush=True)
 
     print(
         f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
         f"torch threads: {torch.get_num_threads()}, base: {base_label}"
     )
-    print(
-        f"copy bandwidth (read + write, measured between each method's applies): {min(bandwidths) / 1e9:.1f}"
-        f"-{max(bandwidths) / 1e9:.1f} GB/s; fp32, {elements / 1e6:.1f} M parameters"
-    )
-    header = f"{'method':<17}{'engine s':>10}{'mergekit s':>12}{'floor s':>9}{'speedup':>9}{'over floor':>11}"
-    header += f"{'setup s':>9}{'1st apply s':>12}{'resident GiB':>13}"
-    print(header)
+    if rows:
+        print(
+            f"copy bandwidth (read + write, measured between each method's applies): "
+            f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s; fp32, {elements / 1e6:.1f} M parameters"
+        )
+        header = (
+            f"{'method':<17}{'engine s':>10}{'mergekit s':>12}{'floor s':>9}{'speedup':>9}{'over floor':>11}"
+        )
+        header += f"{'setup s':>9}{'1st apply s':>12}{'resident GiB':>13}"
+        print(header)
     for method, setup, first, resident_gib in rows:
         r = results[method]
         print(
             f"{method:<17}{r['engine_s']:>10.4f}{r['mergekit_s']:>12.3f}{r['floor_s']:>9.4f}{r['speedup']:>9.1f}"
             f"{r['over_floor']:>11.2f}{setup:>9.1f}{first:>12.1f}{resident_gib:>13.2f}"
         )
+    executed = [m for m in methods if m in EXECUTOR_METHODS]
+    if executed:
+        print("no resident kernel: each candidate merged by mergekit's executor in memory (apply_config)")
+        print(f"{'method':<17}{'candidate s':>12}{'sources':>9}{'setup s':>9}")
+    for method in executed:
+        r = results[method]
+        print(f"{method:<17}{r['candidate_s']:>12.3f}{r['sources']:>9}{r['setup_s']:>9.1f}")
     print(json.dumps(results))
     return 0
 

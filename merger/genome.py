@@ -13,7 +13,8 @@ import numpy as np
 from mergekit.config import MergeConfiguration
 
 from merger.errors import MergerError
-from merger.recipe import METHODS, TENSOR_CLASS_FILTERS, Recipe
+from merger.method_registry import METHODS
+from merger.recipe import TENSOR_CLASS_FILTERS, Recipe
 
 DEFAULT_CLASS = "default"
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merger.errors import MAX_SHOWN_CHARS, MergerError, clip, shown
+from merger.method_registry import METHODS, searchable_method
 from merger.yamlsafe import read_yaml_file
 
 BUNDLED_EVALS = Path(__file__).resolve().parent.parent / "evals"
@@ -26,44 +27,6 @@ BUNDLED_EVALS = Path(__file__).resolve().parent.parent / "evals"
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-# Per method: its float parameters that can be searched or fixed, with the range mergekit accepts.
-# "source" parameters take one value per source (per non-base source for base methods);
-# "shared" parameters take one value per tensor.
-PARAMETER_RANGES: dict[str, tuple[float, float]] = {
-    "weight": (-2.0, 2.0),
-    "density": (0.0, 1.0),
-    "epsilon": (0.0, 0.5),
-    "gamma": (0.0, 0.5),
-    "t": (0.0, 1.0),
-    "lambda": (0.0, 4.0),
-}
-TASK_VECTOR_OPTIONS = ("normalize", "rescale", "int8_mask")
-
-
-class MethodInfo(StrictModel):
-    source_parameters: tuple[str, ...]
-    shared_parameters: tuple[str, ...]
-    required: tuple[str, ...]
-    options: tuple[str, ...] = ()
-    needs_base: bool = True
-    exact_sources: int | None = None
-
-
-_TASK_VECTOR = {"shared_parameters": ("lambda",), "required": ("weight",), "options": TASK_VECTOR_OPTIONS}
-METHODS: dict[str, MethodInfo] = {
-    "linear": MethodInfo(
-        source_parameters=("weight",), shared_parameters=(), required=("weight",),
-        options=("normalize",), needs_base=False,
-    ),
-    "task_arithmetic": MethodInfo(source_parameters=("weight",), **_TASK_VECTOR),
-    "ties": MethodInfo(source_parameters=("weight", "density"), **_TASK_VECTOR),
-    "dare_ties": MethodInfo(source_parameters=("weight", "density"), **_TASK_VECTOR),
-    "dare_linear": MethodInfo(source_parameters=("weight", "density"), **_TASK_VECTOR),
-    "della": MethodInfo(source_parameters=("weight", "density", "epsilon"), **_TASK_VECTOR),
-    "breadcrumbs_ties": MethodInfo(source_parameters=("weight", "density", "gamma"), **_TASK_VECTOR),
-    "slerp": MethodInfo(source_parameters=(), shared_parameters=("t",), required=("t",), exact_sources=2),
-}
 
 # Tensor classes a genome can give their own values, as mergekit filters (substring of the tensor
 # name, first match wins, so attention comes before norms to keep q_norm/k_norm with attention).
@@ -139,8 +102,12 @@ class Genome(StrictModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method not in METHODS and method != PASSTHROUGH:  # passthrough: checked with the space
-            raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+        if method == PASSTHROUGH:  # the layer-path space's method: checked with the space
+            return method
+        try:
+            searchable_method(method)
+        except MergerError as error:
+            raise ValueError(str(error)) from None
         return method
 
     @model_validator(mode="after")
@@ -154,7 +121,12 @@ class Genome(StrictModel):
                 raise ValueError(
                     f"parameters.{name}: {self.method} has no parameter {name!r} (it takes {', '.join(allowed)})"
                 )
-            low, high = PARAMETER_RANGES[name]
+            bounds = info.parameters[name].search_range
+            if bounds is None:
+                if isinstance(setting, SearchRange):
+                    raise ValueError(f"parameters.{name}: {self.method}'s {name} is not searched; give a number")
+                continue
+            low, high = bounds
             values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
             for value in values:
                 if not low <= value <= high:
@@ -289,10 +261,9 @@ class Recipe(StrictModel):
         info = METHODS[self.genome.method]
         if info.needs_base and self.base_model is None:
             raise ValueError(f"base_model is required for {self.genome.method}")
-        if info.exact_sources is not None and len(self.sources) != info.exact_sources:
-            raise ValueError(
-                f"sources: {self.genome.method} merges exactly {info.exact_sources} models, got {len(names)}"
-            )
+        problem = info.source_count_problem(len(names), self.base_model is not None and info.takes_base)
+        if problem:
+            raise ValueError(f"sources: {problem}")
         return self
 
     def _layer_path_fits(self, names: list[str]) -> Recipe:
@@ -317,9 +288,7 @@ class Recipe(StrictModel):
     @property
     def merged_sources(self) -> list[str]:
         """The sources that carry their own searched values (all but the base for base methods)."""
-        if METHODS[self.genome.method].needs_base:
-            return [name for name in self.source_names if name != self.base_model]
-        return self.source_names
+        return METHODS[self.genome.method].sources_with_values(self.source_names, self.base_model)
 
 
 def _location(loc: tuple[Any, ...]) -> str:

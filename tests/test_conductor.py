@@ -17,8 +17,7 @@ import numpy as np
 import openai
 import pytest
 import schemathesis
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 
 from merger.router.backends import LocalBackend, RemoteBackend
@@ -26,7 +25,7 @@ from merger.router.conductor import MEMBERS_HEADER, Conductor, create_app
 from merger.router.embeddings import Embedder, build_embedder
 from merger.router.head import RouterHead
 from merger.router.pool import ROLES, Pool, Role, parse_pool
-from tests.servers import ServerThread, start_member_server
+from tests.servers import ServerThread, fake_member, start_member_server
 
 CONDUCTOR_KEY = "sk-conductor-test-7f3a9c"
 REMOTE_KEY = "sk-remote-test-91be44"
@@ -34,66 +33,8 @@ ORDER = ["flaky", "steady", "local"]
 
 
 def fake_remote(model: str) -> tuple[FastAPI, dict[str, Any]]:
-    """An OpenAI-compatible endpoint whose behaviour `state['mode']` sets: ok, fail, stall,
-    break_before_first, break_after_first. Its 500 body echoes the Authorization header it got."""
-    state: dict[str, Any] = {"mode": "ok", "calls": 0, "verdict": "ACCEPT", "prompts": []}
-    app = FastAPI()
-
-    def chunk(content: str | None, finish: str | None = None) -> str:
-        delta = {} if content is None else {"role": "assistant", "content": content}
-        body = {
-            "id": "x",
-            "object": "chat.completion.chunk",
-            "created": 0,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        return f"data: {json.dumps(body)}\n\n"
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        state["calls"] += 1
-        authorization = request.headers.get("authorization", "")
-        if authorization != f"Bearer {REMOTE_KEY}":
-            return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
-        body = await request.json()
-        prompt = body["messages"][-1]["content"]
-        state["prompts"].append(prompt)
-        state["stop"] = body.get("stop")
-        mode = state["mode"]
-        if mode == "fail":
-            return JSONResponse(
-                {"error": {"message": f"internal failure, request had {authorization}"}}, status_code=500
-            )
-        if mode == "stall":
-            await asyncio.sleep(3)
-        text = state["verdict"] if "Proposed answer" in prompt else f"{model} answers"
-        if not body.get("stream"):
-            return {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": model,
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                ],
-            }
-
-        async def events() -> Any:
-            if mode == "break_before_first":
-                raise RuntimeError("stream broken before the first token")
-            words = text.split(" ")
-            yield chunk(words[0])
-            if mode == "break_after_first":
-                raise RuntimeError("stream broken after the first token")
-            for word in words[1:]:
-                yield chunk(" " + word)
-            yield chunk(None, "stop")
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app, state
+    """A fake member (tests.servers.fake_member) that wants the remote key."""
+    return fake_member(model, key=REMOTE_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -214,18 +155,26 @@ def ask(
     )
 
 
-def stream(
-    client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any
-) -> tuple[str, list[str], dict[str, Any]]:
+def stream_events(client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any) -> dict[str, Any]:
+    """A streamed answer: its pieces, last finish_reason, `merger` field and the members header."""
     raw = client.chat.completions.with_raw_response.create(
         model="merger", messages=[{"role": "user", "content": text}], stream=True, **kwargs
     )
-    pieces, merger = [], {}
+    pieces, finish, merger = [], None, {}
     for event in raw.parse():
         merger = (event.model_extra or {}).get("merger", merger)
         if event.choices and event.choices[0].delta.content:
             pieces.append(event.choices[0].delta.content)
-    return "".join(pieces), raw.headers[MEMBERS_HEADER].split(","), merger
+        if event.choices and event.choices[0].finish_reason:
+            finish = event.choices[0].finish_reason
+    return {"pieces": pieces, "finish": finish, "merger": merger, "member": raw.headers[MEMBERS_HEADER]}
+
+
+def stream(
+    client: openai.OpenAI, text: str = "Name a capital.", **kwargs: Any
+) -> tuple[str, list[str], dict[str, Any]]:
+    result = stream_events(client, text, **kwargs)
+    return "".join(result["pieces"]), result["member"].split(","), result["merger"]
 
 
 def test_routed_answer_says_which_member_answered(conductor_factory: Any) -> None:
@@ -470,7 +419,7 @@ def _post(url: str, body: bytes, key: str = CONDUCTOR_KEY) -> tuple[int, dict[st
         (
             b'{"model": "merger", "messages": [{"role": "user", "content": "x"}], "n": 3}',
             400,
-            "n: Input should be less",
+            "unsupported field 'n'",
         ),
         (
             b'{"model": "merger", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
@@ -611,3 +560,49 @@ def test_stop_sequences_cut_local_answers_and_reach_remote_members(
     _, _, client = conductor_factory()
     ask(client, stop=["\n", "END"])
     assert remotes["flaky"][1]["stop"] == ["\n", "END"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_local_member_stops_generating_when_its_call_is_abandoned(
+    tiny_sources: dict[str, Path], streaming: bool
+) -> None:
+    """A deadline or a client that left cancels the call; the generation thread stops at the next token."""
+    import threading
+
+    from merger.router.backends import Generation
+
+    backend = LocalBackend("local", tiny_sources["base"])
+    backend.model.generation_config.eos_token_id = None  # unless stopped, it generates all max_tokens
+    forward, calls = backend.model.forward, [0]
+    started, abandoned = threading.Event(), threading.Event()
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        started.set()
+        if calls[0] == 2:
+            abandoned.wait(60)  # token 2 waits until the call has been cancelled
+        return forward(*args, **kwargs)
+
+    backend.model.forward = counted
+    messages = [{"role": "user", "content": "Count:"}]
+
+    def call() -> Any:
+        if streaming:
+            return anext(aiter(backend.stream(messages, Generation(max_tokens=200), 60)))
+        return backend.complete(messages, Generation(max_tokens=200), 60)
+
+    async def abandon() -> None:
+        task = asyncio.ensure_future(call())
+        await asyncio.to_thread(started.wait, 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        abandoned.set()
+
+    asyncio.run(abandon())
+    assert backend._lock.acquire(timeout=60)  # the generation thread has finished
+    backend._lock.release()
+    assert calls[0] <= 3
+    calls[0] = 0
+    asyncio.run(backend.complete(messages, Generation(max_tokens=200), 60))
+    assert calls[0] == 200  # the control: not abandoned, it runs to max_tokens

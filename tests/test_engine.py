@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +15,21 @@ import torch
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
+from merger.engine.factory import build_engine
 from merger.engine.methods import (
     RANDOM_LEVELS,
     RANK_LEVELS,
+    RESIDENT_METHODS,
     della_level_counts,
     della_terms,
     make_task_arithmetic,
     pack_bytes,
 )
 from merger.engine.plan import MergePlan, resolve_plan
-from merger.engine.reference import merge_in_memory
+from merger.engine.reference import MergekitEngine, merge_in_memory
 from merger.engine.resident import ResidentEngine
 from merger.errors import MergerError
+from merger.method_registry import METHODS
 
 BY_CLASS = [{"filter": "self_attn", "value": 0.35}, {"filter": "mlp", "value": 0.8}, {"value": 0.55}]
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
@@ -468,3 +474,112 @@ def test_compiled_bfloat16_kernels_equal_eager(paths: dict[str, Path], method: s
     for engine in (eager, compiled):
         engine.apply(_plan(engine, config, paths))
     _assert_matches(compiled, _weights(eager), rtol=0, atol=0)
+
+
+# ---- every registered method, in memory, against the mergekit-yaml command ---------------------------
+
+SPREADS = {"epsilon", "gamma"}  # DELLA / breadcrumbs spreads: kept small so density +/- spread stays in (0, 1)
+
+
+def _registry_inputs(method: str, paths: dict[str, Path]) -> tuple[dict[str, Path], str | None]:
+    """As many of base, specialist1, specialist2 as the method's input contract allows, most first."""
+    info = METHODS[method]
+    for names in (("base", "specialist1", "specialist2"), ("base", "specialist1"), ("specialist1",)):
+        base = "base" if "base" in names and info.takes_base else None
+        if info.source_count_problem(len(names), base is not None) is None:
+            return {name: paths[name] for name in names}, base
+    raise AssertionError(f"no source set fits {method}")
+
+
+def _registry_config(method: str, paths: dict[str, Path], dense: bool = False) -> MergeConfiguration:
+    """A config giving every searchable parameter a value off its default, different per source (and per
+    tensor class for the first source); `dense` sets density 1 (random methods are then deterministic)."""
+    info = METHODS[method]
+    sources, base = _registry_inputs(method, paths)
+    carriers = info.sources_with_values(list(sources), base)
+
+    def value(name: str, fraction: float) -> float:
+        low, high = info.parameters[name].search_range
+        if name == "density" and dense:
+            return 1.0
+        return round(low + (0.2 if name in SPREADS else fraction) * (high - low), 6)
+
+    models = []
+    for name, path in sources.items():
+        entry: dict[str, Any] = {"model": str(path)}
+        if name in carriers:
+            index = carriers.index(name)
+            parameters: dict[str, Any] = {
+                p: value(p, 0.6 + 0.1 * index) for p in info.source_parameters if p in info.searchable
+            }
+            if index == 0 and "weight" in parameters:
+                parameters["weight"] = [{"filter": "self_attn", "value": 0.3}, {"value": parameters["weight"]}]
+            entry["parameters"] = parameters or None
+        models.append(entry)
+    raw: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32"}
+    shared = {p: value(p, 0.6) for p in info.shared_parameters if p in info.searchable}
+    if shared:
+        raw["parameters"] = shared
+    if base is not None:
+        raw["base_model"] = str(paths[base])
+    return MergeConfiguration.model_validate(raw)
+
+
+@functools.cache
+def _mergekit_yaml(config_yaml: str, scratch: Path) -> dict[str, torch.Tensor]:
+    """The weights the `mergekit-yaml` command writes for a config (seed 0)."""
+    digest = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+    config_file, out = scratch / f"{digest}.yaml", scratch / digest
+    config_file.write_text(config_yaml)
+    subprocess.run(
+        ["mergekit-yaml", str(config_file), str(out), "--random-seed", "0", "--quiet"],
+        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return load_file(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def yaml_scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mergekit_yaml")
+
+
+def _engine_weights(engine: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    parameters = dict(engine.model.named_parameters())
+    return {name: parameters[name].detach().clone() for name in names}
+
+
+def _assert_engine_equals_mergekit_yaml(
+    method: str, kind: str, config: MergeConfiguration, paths: dict[str, Path], scratch: Path
+) -> None:
+    sources, base = _registry_inputs(method, paths)
+    engine = build_engine(sources, base, method, kind=kind, seed=0)
+    engine.apply_config(config)
+    expected = _mergekit_yaml(config.to_yaml(), scratch)
+    merged = _engine_weights(engine, list(expected))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, **FP32, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_through_mergekit_executor_equals_mergekit_yaml(
+    paths: dict[str, Path], yaml_scratch: Path, method: str
+) -> None:
+    """Random methods too: the in-memory executor draws what the command does with the same seed."""
+    config = _registry_config(method, paths)
+    _assert_engine_equals_mergekit_yaml(method, "mergekit", config, paths, yaml_scratch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(RESIDENT_METHODS))
+def test_resident_methods_equal_mergekit_yaml(paths: dict[str, Path], yaml_scratch: Path, method: str) -> None:
+    random = RESIDENT_METHODS[method].sparsification in ("random", "della")
+    config = _registry_config(method, paths, dense=random)
+    _assert_engine_equals_mergekit_yaml(method, "resident", config, paths, yaml_scratch)
+
+
+def test_build_engine_uses_kernels_where_it_has_them(paths: dict[str, Path]) -> None:
+    sources = {name: paths[name] for name in ("base", "specialist1", "specialist2")}
+    assert isinstance(build_engine(sources, "base", "ties"), ResidentEngine)
+    assert isinstance(build_engine(sources, "base", "ties", kind="mergekit"), MergekitEngine)
+    assert isinstance(build_engine(sources, "base", "sce"), MergekitEngine)

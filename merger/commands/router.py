@@ -43,12 +43,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from merger.router.conductor import build_conductor, create_app
     from merger.router.pool import load_pool
+    from merger.router.serving import uvicorn_config
 
     pool = load_pool(args.pool)
-    app = create_app(build_conductor(pool))
-    _progress(f"merger conductor on http://{args.host}:{args.port}/v1 ({len(pool.members)} members)")
-    # access_log off: request lines are not needed and headers never reach the logs this way
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    conductor = build_conductor(pool)
+    app = create_app(conductor)
+    order = "routed by the trained head" if conductor.head is not None else "static order"
+    _progress(f"merger conductor on http://{args.host}:{args.port}/v1 ({len(pool.members)} members, {order})")
+    uvicorn.Server(uvicorn_config(app, pool.server, args.host, args.port)).run()
     return 0
 
 

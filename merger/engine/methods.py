@@ -29,6 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from mergekit import merge_methods
+from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
+from mergekit.sparsify import SparsificationMethod
+
+from merger.method_registry import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +68,36 @@ class MethodTraits:
     needs_base: bool
 
 
-METHODS: dict[str, MethodTraits] = {
-    "linear": MethodTraits("linear", None, False, False),
-    "slerp": MethodTraits("slerp", None, False, True),
-    "task_arithmetic": MethodTraits("task_arithmetic", None, False, True),
-    "ties": MethodTraits("task_arithmetic", "magnitude", True, True),
-    "dare_ties": MethodTraits("task_arithmetic", "random", True, True),
-    "dare_linear": MethodTraits("task_arithmetic", "random", False, True),
-    "breadcrumbs": MethodTraits("task_arithmetic", "outliers", False, True),
-    "breadcrumbs_ties": MethodTraits("task_arithmetic", "outliers", True, True),
-    "della": MethodTraits("task_arithmetic", "della", True, True),
-    "della_linear": MethodTraits("task_arithmetic", "della", False, True),
+# mergekit's sparsification methods that the kernels implement, by the kernels' name for them
+SPARSIFICATION_KINDS = {
+    SparsificationMethod.magnitude: "magnitude",
+    SparsificationMethod.magnitude_outliers: "outliers",
+    SparsificationMethod.random: "random",
+    SparsificationMethod.della_magprune: "della",
+}
+
+
+def _kernel_traits(name: str) -> MethodTraits | None:
+    """What the kernels need to know of a registered method; None when they do not implement it (those
+    methods merge through mergekit's executor)."""
+    method = merge_methods.get(name)
+    needs_base = METHODS[name].needs_base
+    if name in ("linear", "slerp"):
+        return MethodTraits(name, None, False, needs_base)
+    if not isinstance(method, GeneralizedTaskArithmeticMerge):
+        return None
+    sparsification = method.sparsification_method
+    if sparsification is not None and sparsification not in SPARSIFICATION_KINDS:
+        return None
+    if method.consensus_method not in (None, ConsensusMethod.sum):
+        return None
+    kind = SPARSIFICATION_KINDS.get(sparsification) if sparsification is not None else None
+    return MethodTraits("task_arithmetic", kind, method.consensus_method is not None, needs_base)
+
+
+# The methods the resident engine merges with its own kernels, derived from mergekit's registry.
+RESIDENT_METHODS: dict[str, MethodTraits] = {
+    name: traits for name in METHODS if (traits := _kernel_traits(name)) is not None
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,25 +66,39 @@ def export_merge(
 
 
 class MergekitEngine:
-    """The search loop's engine backed by mergekit's own executor: slow, but the reference.
+    """The search loop's engine backed by mergekit's own executor: every registered method, correct first.
 
-    Each candidate is merged by mergekit in memory and copied into one resident model.
+    Each candidate is merged by mergekit in memory and copied into one resident model. Random methods
+    draw with the run's seed for every candidate (common random numbers), or a new seed per candidate
+    with `fresh_randomness`.
     """
 
     def __init__(
-        self, sources: dict[str, Path], base: str | None, *, dtype: torch.dtype, device: str, seed: int
+        self,
+        sources: Mapping[str, Path],
+        base: str | None,
+        *,
+        dtype: torch.dtype,
+        device: str,
+        seed: int,
+        fresh_randomness: bool = False,
     ):
         from transformers import AutoModelForCausalLM
 
         self.seed = seed
+        self.fresh_randomness = fresh_randomness
+        self._draw = 0
         first = sources[base] if base else next(iter(sources.values()))
         self.model = AutoModelForCausalLM.from_pretrained(first, dtype=dtype).to(device).eval()
         self.num_layers = int(self.model.config.num_hidden_layers)
         self.device = device
 
     def apply_config(self, config: MergeConfiguration) -> None:
-        merged = merge_in_memory(config, seed=self.seed, device=self.device)
+        if self.fresh_randomness:
+            self._draw += 1
+        merged = merge_in_memory(config, seed=self.seed + self._draw, device=self.device)
         parameters = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, tensor in merged.items():
-                parameters[name].data.copy_(tensor)
+                if name in parameters:  # a tied lm_head is the embeddings' parameter
+                    parameters[name].data.copy_(tensor)

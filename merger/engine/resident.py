@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from mergekit.config import MergeConfiguration
 from safetensors import safe_open
 
 from merger.engine.methods import (
     DELLA_ALWAYS,
     DIVISOR_EPS,
-    METHODS,
     RANDOM_LEVELS,
     RANK_LEVELS,
+    RESIDENT_METHODS,
     KernelCache,
     della_level_counts,
     della_terms,
@@ -44,7 +45,7 @@ from merger.engine.methods import (
     slerp_coefficients,
     weighted_sum,
 )
-from merger.engine.plan import LAYER_PATTERN, MergePlan, TensorMerge, layer_index
+from merger.engine.plan import LAYER_PATTERN, MergePlan, TensorMerge, layer_index, resolve_plan
 from merger.errors import MergerError
 
 PREFIX_BLOCK = 1024  # block size of the prefix sums over sorted magnitudes (rescaled TIES/breadcrumbs)
@@ -161,12 +162,12 @@ class ResidentEngine:
         streaming: bool = False,
         compile_kernels: bool | None = None,
     ) -> None:
-        if method not in METHODS:
+        if method not in RESIDENT_METHODS:
             raise MergerError(
-                f"merge method {method!r} is not supported by the engine; use one of {', '.join(METHODS)}"
+                f"merge method {method!r} has no resident kernel; use one of {', '.join(RESIDENT_METHODS)}"
             )
         self.method = method
-        self.traits = METHODS[method]
+        self.traits = RESIDENT_METHODS[method]
         if self.traits.needs_base and base is None:
             raise MergerError(f"merge method {method} needs a base model")
         if base is not None and base not in sources:
@@ -181,6 +182,7 @@ class ResidentEngine:
         self.base_name = base
         self.other_names = [name for name in sources if name != base]
         self.checkpoints = {name: Checkpoint(Path(path)) for name, path in sources.items()}
+        self.names_by_path = {str(path): name for name, path in sources.items()}
         self._draw = 0
         first = base if base is not None else next(iter(sources))
         self.model = self._build_model(Path(sources[first]))
@@ -344,6 +346,10 @@ class ResidentEngine:
                     sizes[key] = sizes.get(key, 0) + value
         sizes["total"] = sum(sizes.values())
         return sizes
+
+    def apply_config(self, config: MergeConfiguration) -> None:
+        """Write the candidate of a mergekit config (its model paths: this engine's sources) in place."""
+        self.apply(resolve_plan(config, self.tensor_names, self.names_by_path, self.num_layers))
 
     def apply(self, plan: MergePlan) -> None:
         """Write the candidate described by `plan` into the model's parameters in place."""

@@ -10,12 +10,11 @@ import math
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from merger.engine.plan import resolve_plan
+from merger.engine.factory import Engine, build_engine
 from merger.engine.weights import load_into
 from merger.fitness import Scorer, load_tokenizer
 from merger.ledger import EvaluationRecord
@@ -40,48 +39,35 @@ class CandidateWorker:
         self.device = pick_device(recipe.engine.device)
         self.engine = self._build_engine()
         self.model = self.engine.model
-        self.source_names = {str(path): name for name, path in source_paths.items()}
         tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
         self.tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
         self.scorer = Scorer(recipe, self.model, self.tokenizer)
 
-    def _build_engine(self) -> Any:
-        dtype = getattr(torch, self.recipe.engine.dtype)
+    def _build_engine(self) -> Engine:
+        settings = self.recipe.engine
         if self.layer_path:
             from merger.engine.layer_path import LayerPathEngine
 
             return LayerPathEngine(
-                self.source_paths, self.recipe.anchor, dtype=dtype, device=self.device,
+                self.source_paths, self.recipe.anchor, dtype=getattr(torch, settings.dtype), device=self.device,
                 trust_remote_code=self.recipe.trust_remote_code,
             )
-        if self.recipe.engine.kind == "mergekit":
-            from merger.engine.reference import MergekitEngine
-
-            return MergekitEngine(
-                self.source_paths, self.recipe.base_model, dtype=dtype, device=self.device,
-                seed=self.recipe.optimizer.seed,
-            )
-        from merger.engine.resident import ResidentEngine
-
-        return ResidentEngine(
+        return build_engine(
             self.source_paths,
             self.recipe.base_model,
             self.recipe.genome.method,
-            dtype=dtype,
+            kind=settings.kind,
+            dtype=getattr(torch, settings.dtype),
             device=self.device,
             seed=self.recipe.optimizer.seed,
-            fresh_randomness=self.recipe.engine.fresh_randomness,
-            streaming=self.recipe.engine.streaming,
+            fresh_randomness=settings.fresh_randomness,
+            streaming=settings.streaming,
         )
 
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""
         config = self.genome.to_config(genotype)
-        if self.recipe.engine.kind == "mergekit" or self.layer_path:
-            self.engine.apply_config(config)
-        else:
-            plan = resolve_plan(config, self.engine.tensor_names, self.source_names, self.engine.num_layers)
-            self.engine.apply(plan)
+        self.engine.apply_config(config)
         return config.to_yaml()
 
     def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:

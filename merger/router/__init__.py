@@ -5,4 +5,5 @@ Public entry points (heavy dependencies load inside them):
     merger.router.pool.load_pool(path) -> Pool
     merger.router.training.train_router(pool) -> RouterHead ; evaluate_router(pool) -> dict
     merger.router.conductor.build_conductor(pool) -> Conductor ; create_app(conductor) -> FastAPI
+    merger.router.serving.uvicorn_config(app, pool.server, host, port) -> uvicorn.Config (client bounds)
 """

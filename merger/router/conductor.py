@@ -1,5 +1,8 @@
-"""The conductor: an OpenAI-compatible HTTP server that routes each request through the head, falls back
-to the next-ranked member on errors and timeouts, and keeps a circuit breaker per member."""
+"""The conductor: an OpenAI-compatible HTTP server that routes each request through the head (or a static
+order), falls back to the next-ranked member on member errors, and keeps a circuit breaker per member.
+
+Around it: the request schema (`api`), the breaker (`breaker`), a member call under its deadline
+(`upstream`) and what one client may send and hold (`serving`)."""
 
 from __future__ import annotations
 
@@ -10,111 +13,39 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from merger.errors import MergerError
-from merger.router.backends import Backend, Generation, MemberFailure, Messages
+from merger.errors import MergerError, shown
+from merger.router.api import (
+    AUTH_RESPONSES,
+    COMPLETION_RESPONSES,
+    ChatCompletionRequest,
+    error_response,
+    validation_message,
+)
+from merger.router.backends import Backend, Generation, MemberFailure, Messages, RequestRejected
+from merger.router.breaker import CircuitBreaker
 from merger.router.head import RouterHead, softmax
-from merger.router.pool import ROLES, BreakerSettings, Pool, Role
+from merger.router.pool import ROLES, Pool, Role, ServerSettings
+from merger.router.serving import RequestLimits
+from merger.router.upstream import CallLimits, PastTokenCap, close_quietly, complete_within, stream_within
+
+__all__ = ["MEMBERS_HEADER", "CircuitBreaker", "Conductor", "build_conductor", "create_app"]
 
 log = logging.getLogger("merger.conductor")
 MEMBERS_HEADER = "x-merger-members"
+# the encoders read at most 256 tokens; routing embeds this much of the prompt, however long it is
+ROUTED_PREFIX_CHARS = 8192
 _BEARER = HTTPBearer(auto_error=False)  # module level: FastAPI resolves the string annotations here
-
-
-# ---- request schema (OpenAI chat completions, the subset the conductor honours) ----
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: Annotated[str, Field(min_length=1)]
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    stream: bool = False
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
-    plan_execute_verify: bool | None = Field(
-        default=None, description="merger extension: force plan–execute–verify on (true) or off (false)"
-    )
-
-
-# ---- circuit breaker ----
-
-
-@dataclass
-class _MemberHealth:
-    failures: deque[float] = field(default_factory=deque)
-    open_until: float = 0.0
-    on_probation: bool = False  # cooled down after opening: the next failure reopens at once
-
-
-class CircuitBreaker:
-    """N failures within `window_s` open a member's circuit for `cooldown_s`. After the cooldown the member
-    is tried again; one more failure reopens it at once, one success closes it."""
-
-    def __init__(
-        self, settings: BreakerSettings, names: Sequence[str], clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.settings = settings
-        self.clock = clock
-        self._health = {name: _MemberHealth() for name in names}
-
-    def available(self, name: str) -> bool:
-        return self.clock() >= self._health[name].open_until
-
-    def record_success(self, name: str) -> None:
-        self._health[name] = _MemberHealth()
-
-    def record_failure(self, name: str) -> None:
-        health, now = self._health[name], self.clock()
-        health.failures.append(now)
-        while health.failures and now - health.failures[0] > self.settings.window_s:
-            health.failures.popleft()
-        if health.on_probation or len(health.failures) >= self.settings.failures:
-            health.open_until = now + self.settings.cooldown_s
-            health.failures.clear()
-            health.on_probation = True
-            log.warning("member %s: circuit open for %.0fs", name, self.settings.cooldown_s)
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "state": "closed" if self.available(name) else "open",
-                "recent_failures": len(health.failures),
-            }
-            for name, health in self._health.items()
-        }
 
 
 # ---- routing and fallback ----
@@ -124,6 +55,15 @@ class NoMemberAnswered(Exception):
     def __init__(self, attempts: list[dict[str, str]]) -> None:
         super().__init__("no pool member answered")
         self.attempts = attempts
+
+
+class Refused(Exception):
+    """A member refused the request itself; the client gets its status and message."""
+
+    def __init__(self, member: str, rejection: RequestRejected) -> None:
+        super().__init__(str(rejection))
+        self.member = member
+        self.rejection = rejection
 
 
 @dataclass
@@ -161,27 +101,34 @@ class Conductor:
         self.embed = embed
         self.backends = backends
         self.breaker = CircuitBreaker(pool.breaker, pool.names, clock)
-        self._embed_lock = asyncio.Lock()
         self.secrets = _configured_secrets(pool)
 
     async def route(self, query: str, pinned: str | None = None) -> Route:
-        if self.head is None or self.embed is None:  # a one-member pool: nothing to choose
-            return Route(ranking=list(self.pool.names), role_probabilities={Role.WORKER.value: 1.0})
-        async with self._embed_lock:
-            embedding = await asyncio.to_thread(self.embed, [query])
-        scores, role_logits = self.head.forward(embedding)
-        ranking = [self.head.members[i] for i in np.argsort(-scores[0], kind="stable")]
+        if self.head is None or self.embed is None:  # static order: one member, or `routing: static`
+            ranking = self.pool.static_order
+            role_probabilities = {Role.WORKER.value: 1.0}
+        else:
+            # no lock: requests embed concurrently, each a bounded prefix, in worker threads
+            embedding = await asyncio.to_thread(self.embed, [query[:ROUTED_PREFIX_CHARS]])
+            scores, role_logits = self.head.forward(embedding)
+            ranking = [self.head.members[i] for i in np.argsort(-scores[0], kind="stable")]
+            probabilities = softmax(role_logits)[0]
+            role_probabilities = {role.value: float(p) for role, p in zip(ROLES, probabilities, strict=True)}
         if pinned is not None:
             ranking = [pinned] + [name for name in ranking if name != pinned]
-        probabilities = softmax(role_logits)[0]
-        roles = {role.value: float(p) for role, p in zip(ROLES, probabilities, strict=True)}
         return Route(
-            ranking=ranking, role_probabilities=roles, confidence_threshold=self.pool.router.confidence
+            ranking=ranking,
+            role_probabilities=role_probabilities,
+            confidence_threshold=self.pool.router.confidence,
         )
 
-    def _timeout(self, name: str) -> float:
-        member = self.pool.member(name)
-        return (member.timeout_s if member and member.timeout_s else None) or self.pool.server.timeout_s
+    def _limits(self, name: str) -> CallLimits:
+        member, server = self.pool.member(name), self.pool.server
+        return CallLimits(
+            read_timeout_s=(member.timeout_s if member else None) or server.timeout_s,
+            deadline_s=(member.deadline_s if member else None) or server.deadline_s,
+            first_token_s=server.first_token_timeout_s,
+        )
 
     def _candidates(self, ranking: list[str], attempts: list[dict[str, str]]) -> list[str]:
         """Each member at most once (no cycles), open circuits skipped, at most `max_attempts`."""
@@ -197,7 +144,7 @@ class Conductor:
         message = self.redact(str(error))
         log.warning("member %s failed: %s", name, message)
         attempts.append({"member": name, "outcome": f"failed: {message}"})
-        self.breaker.record_failure(name)
+        self.breaker.record_failure(name, error.retry_after_s)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -210,10 +157,12 @@ class Conductor:
         attempts: list[dict[str, str]] = []
         for name in self._candidates(ranking, attempts):
             try:
-                text = await self.backends[name].complete(messages, generation, self._timeout(name))
+                text = await complete_within(self.backends[name], messages, generation, self._limits(name))
             except MemberFailure as error:
                 self.record_failure(name, error, attempts)
                 continue
+            except RequestRejected as rejection:
+                raise Refused(name, rejection) from None
             self.breaker.record_success(name)
             attempts.append({"member": name, "outcome": "answered"})
             return text, name, attempts
@@ -222,24 +171,19 @@ class Conductor:
     async def open_stream(
         self, ranking: list[str], messages: Messages, generation: Generation
     ) -> tuple[str, str, AsyncIterator[str], list[dict[str, str]]]:
-        """Fall back until a member yields its first token; return (member, first piece, rest, attempts)."""
+        """Fall back until a member yields its first piece; return (member, first piece, rest, attempts)."""
         attempts: list[dict[str, str]] = []
-        first_token_timeout = self.pool.server.first_token_timeout_s
         for name in self._candidates(ranking, attempts):
-            pieces = aiter(self.backends[name].stream(messages, generation, self._timeout(name)))
+            pieces = stream_within(self.backends[name], messages, generation, self._limits(name))
             try:
-                first = await asyncio.wait_for(anext(pieces), first_token_timeout)
+                first = await anext(pieces)
             except StopAsyncIteration:
                 first = ""
-            except TimeoutError:
-                await _close(pieces)
-                self.record_failure(
-                    name, MemberFailure(f"no first token within {first_token_timeout:g}s"), attempts
-                )
-                continue
             except MemberFailure as error:
                 self.record_failure(name, error, attempts)
                 continue
+            except RequestRejected as rejection:
+                raise Refused(name, rejection) from None
             attempts.append({"member": name, "outcome": "streaming"})
             return name, first, pieces, attempts
         raise NoMemberAnswered(attempts)
@@ -300,15 +244,6 @@ class Conductor:
         return Answer(draft, list(dict.fromkeys(answered)), all_attempts, "plan_execute_verify")
 
 
-async def _close(pieces: AsyncIterator[str]) -> None:
-    closer = getattr(pieces, "aclose", None)
-    if closer is not None:
-        try:
-            await closer()
-        except Exception:  # the member already failed; closing is best effort
-            log.debug("closing a failed stream raised", exc_info=True)
-
-
 def _configured_secrets(pool: Pool) -> list[str]:
     names = [pool.server.api_key_env] + [m.remote.api_key_env for m in pool.members if m.remote is not None]
     return [os.environ[name] for name in names if name and os.environ.get(name)]
@@ -317,26 +252,30 @@ def _configured_secrets(pool: Pool) -> list[str]:
 # ---- HTTP ----
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "code": status}}
-    )
-
-
-def _validation_message(error: RequestValidationError) -> str:
-    problems = []
-    for detail in error.errors():
-        where = ".".join(str(part) for part in detail.get("loc", ()) if part != "body") or "body"
-        problems.append(f"{where}: {detail.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(problems[:10])
+def expected_api_key(server: ServerSettings) -> str:
+    """The key clients must send ('' for none). A named variable that is unset is refused, not ignored:
+    serving without a key takes `auth: none`."""
+    if server.auth == "none" or not server.api_key_env:
+        return ""
+    key = os.environ.get(server.api_key_env, "")
+    if not key:
+        raise MergerError(
+            f"server.api_key_env names {shown(server.api_key_env)}, which is not set: set it, or say "
+            "`auth: none` in the pool's server settings to serve without a key"
+        )
+    return key
 
 
 def create_app(conductor: Conductor) -> FastAPI:
     pool = conductor.pool
+    settings = pool.server
     app = FastAPI(
         title="merger conductor", version="1", description="OpenAI-compatible router over a model pool"
     )
-    expected_key = os.environ.get(pool.server.api_key_env, "") if pool.server.api_key_env else ""
+    app.add_middleware(
+        RequestLimits, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s
+    )
+    expected_key = expected_api_key(settings)
 
     async def require_key(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
@@ -351,54 +290,51 @@ def create_app(conductor: Conductor) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _error(400, _validation_message(error))
+        return error_response(400, validation_message(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = "authentication_error" if error.status_code == 401 else "invalid_request_error"
-        return _error(error.status_code, str(error.detail), kind)
+        return error_response(error.status_code, str(error.detail), kind)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "members": conductor.breaker.state()}
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    @app.get("/v1/models", dependencies=[Depends(require_key)], responses=AUTH_RESPONSES)
     async def models() -> dict[str, Any]:
-        ids = [pool.server.model_name, *pool.names]
+        ids = [settings.model_name, *pool.names]
         return {
             "object": "list",
             "data": [{"id": i, "object": "model", "created": 0, "owned_by": "merger"} for i in ids],
         }
 
-    @app.post(
-        "/v1/chat/completions",
-        dependencies=[Depends(require_key)],
-        responses={
-            400: {"description": "invalid request"},
-            401: {"description": "missing or invalid API key"},
-            404: {"description": "unknown model"},
-            503: {"description": "no pool member could answer"},
-        },
-    )
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)], responses=COMPLETION_RESPONSES)
     async def chat_completions(request: ChatCompletionRequest) -> Any:
-        if request.model not in (pool.server.model_name, *pool.names):
-            return _error(
+        if request.model not in (settings.model_name, *pool.names):
+            return error_response(
                 404,
-                f"unknown model {request.model!r}; use {pool.server.model_name!r} or a member name",
+                f"unknown model {shown(request.model)}; use {settings.model_name!r} or a member name",
                 "not_found_error",
+            )
+        if request.prompt_chars() > settings.max_prompt_chars:
+            return error_response(
+                413,
+                f"prompt of {request.prompt_chars():,} characters, over the server's {settings.max_prompt_chars:,}",
+                "request_too_large",
             )
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         query = next(
             (m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"]
         )
         route = await conductor.route(
-            query, pinned=None if request.model == pool.server.model_name else request.model
+            query, pinned=None if request.model == settings.model_name else request.model
         )
-        limit = request.max_completion_tokens or request.max_tokens or pool.server.max_tokens
+        limit = request.max_completion_tokens or request.max_tokens or settings.max_tokens
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-        generation = Generation(min(limit, pool.server.max_tokens), request.temperature, stop)
+        generation = Generation(min(limit, settings.max_tokens), request.temperature, stop)
         pev = (
-            pool.server.plan_execute_verify
+            settings.plan_execute_verify
             if request.plan_execute_verify is None
             else request.plan_execute_verify
         )
@@ -409,7 +345,9 @@ def create_app(conductor: Conductor) -> FastAPI:
             answer = await conductor.answer(route, messages, generation, pev)
         except NoMemberAnswered as failure:
             return _no_member(failure)
-        body = _completion_body(completion_id, pool.server.model_name, answer, route)
+        except Refused as refused:
+            return _refused(conductor, refused)
+        body = _completion_body(completion_id, settings.model_name, answer, route)
         headers = {MEMBERS_HEADER: ",".join(answer.members)}
         if request.stream:  # plan–execute–verify runs to the end, then streams the final answer as one chunk
             return StreamingResponse(_replay_as_stream(body), media_type="text/event-stream", headers=headers)
@@ -420,7 +358,15 @@ def create_app(conductor: Conductor) -> FastAPI:
 
 def _no_member(failure: NoMemberAnswered) -> JSONResponse:
     tried = "; ".join(f"{attempt['member']} {attempt['outcome']}" for attempt in failure.attempts)
-    return _error(503, f"no pool member could answer: {tried or 'no members'}", "service_unavailable")
+    return error_response(503, f"no pool member could answer: {tried or 'no members'}", "service_unavailable")
+
+
+def _refused(conductor: Conductor, refused: Refused) -> JSONResponse:
+    rejection = refused.rejection
+    message = conductor.redact(f"member {refused.member} refused the request: {rejection}")
+    response = error_response(rejection.status, message, "invalid_request_error", rejection.code)
+    response.headers[MEMBERS_HEADER] = refused.member
+    return response
 
 
 def _merger_field(
@@ -488,16 +434,23 @@ async def _stream_response(
     extra = {"merger": _merger_field([member], attempts, "single", route)}
 
     async def events() -> AsyncIterator[str]:
-        yield _chunk(completion_id, model, {"role": "assistant", "content": first}, None, extra)
         try:
+            yield _chunk(completion_id, model, {"role": "assistant", "content": first}, None, extra)
             async for piece in pieces:
                 yield _chunk(completion_id, model, {"content": piece}, None)
+        except PastTokenCap as error:  # max_tokens pieces were relayed: the answer ends there
+            conductor.record_failure(member, error, attempts)
+            yield _chunk(completion_id, model, {}, "length", extra)
+            yield "data: [DONE]\n\n"
+            return
         except MemberFailure as error:
             # After the first token a fallback would splice two answers together; report instead.
             conductor.record_failure(member, error, attempts)
             message = f"member {member} broke its stream: {conductor.redact(str(error))}"
             yield f"data: {json.dumps({'error': {'message': message, 'type': 'upstream_error'}})}\n\n"
             return
+        finally:
+            await close_quietly(pieces)  # also when the client went away mid-stream
         conductor.breaker.record_success(member)
         yield _chunk(completion_id, model, {}, "stop", extra)
         yield "data: [DONE]\n\n"
@@ -509,15 +462,22 @@ def build_conductor(pool: Pool) -> Conductor:
     """Load the trained head, the encoder (lazily, on first request) and every member's backend.
 
     A one-member pool needs no head: it serves its member (with the breaker, timeouts and the same API),
-    which is how a local model becomes a `remote:` member of a conductor on another machine.
+    which is how a local model becomes a `remote:` member of a conductor on another machine. Nor does a
+    pool with `routing: static`: its members are tried in `priority` order (or the members' order).
     """
     from merger.router.backends import build_backend
     from merger.router.embeddings import build_embedder
     from merger.router.training import load_head
 
     head, embedder = None, None
-    if len(pool.members) > 1:
-        head = load_head(pool)
+    if len(pool.members) > 1 and not pool.static_routing:
+        try:
+            head = load_head(pool)
+        except MergerError as error:
+            raise MergerError(
+                f"{error}; or serve without a head, in a fixed order: `routing: static` in the pool "
+                "(members' order, or a `priority:` list)"
+            ) from None
         embedder = build_embedder(pool)
         if embedder.encoder_id != head.encoder_id:
             raise MergerError(

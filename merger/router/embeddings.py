@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -65,11 +66,13 @@ def _hidden_states_encoder(checkpoint: Path, batch_size: int) -> EncodeFn:
 
 
 class EmbeddingCache:
-    """One SQLite file of float32 vectors keyed by encoder id and the text's sha256."""
+    """One SQLite file of float32 vectors keyed by encoder id and the text's sha256. One connection,
+    used by any thread, one statement at a time (the lock is held for the database access only)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._connection = sqlite3.connect(path, check_same_thread=False)
+        self._lock = threading.Lock()
         self._connection.execute(
             "CREATE TABLE IF NOT EXISTS embeddings (encoder TEXT, text_hash TEXT, vector BLOB,"
             " PRIMARY KEY (encoder, text_hash))"
@@ -77,7 +80,8 @@ class EmbeddingCache:
 
     @staticmethod
     def text_hash(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()
+        # surrogatepass: any str has a key, even one with a lone surrogate that is not valid UTF-8
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
     def get_many(self, encoder: str, texts: Sequence[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
@@ -86,16 +90,17 @@ class EmbeddingCache:
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._connection.execute(
-                f"SELECT text_hash, vector FROM embeddings WHERE encoder = ? AND text_hash IN ({marks})",
-                [encoder, *chunk],
-            )
+            with self._lock:
+                rows = self._connection.execute(
+                    f"SELECT text_hash, vector FROM embeddings WHERE encoder = ? AND text_hash IN ({marks})",
+                    [encoder, *chunk],
+                ).fetchall()
             for text_hash, blob in rows:
                 found[hashes[text_hash]] = np.frombuffer(blob, dtype=np.float32)
         return found
 
     def put_many(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
-        with self._connection:
+        with self._lock, self._connection:
             self._connection.executemany(
                 "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
                 [
@@ -105,26 +110,37 @@ class EmbeddingCache:
             )
 
     def close(self) -> None:
-        self._connection.close()
+        with self._lock:
+            self._connection.close()
 
 
 class Embedder:
-    """Texts → unit vectors, computing only what the cache lacks. The encoder loads on first need."""
+    """Texts → unit vectors, computing only what the cache lacks. The encoder loads on first need.
+
+    Callable from several threads at once: only loading is serialized, and it ends with one warm-up
+    encoding, so that the tokenizer's padding and truncation are set before concurrent calls share it."""
 
     def __init__(self, encoder_id: str, load: Callable[[], EncodeFn], cache: EmbeddingCache | None) -> None:
         self.encoder_id = encoder_id
         self._load = load
         self._encode: EncodeFn | None = None
         self._cache = cache
+        self._load_lock = threading.Lock()
+
+    def _encoder(self) -> EncodeFn:
+        with self._load_lock:
+            if self._encode is None:
+                encode = self._load()
+                encode(["warm-up"])
+                self._encode = encode
+            return self._encode
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
         known = self._cache.get_many(self.encoder_id, texts) if self._cache else {}
         missing = list(dict.fromkeys(text for text in texts if text not in known))
         if missing:
-            if self._encode is None:
-                self._encode = self._load()
-            fresh = dict(zip(missing, self._encode(missing), strict=True))
+            fresh = dict(zip(missing, self._encoder()(missing), strict=True))
             if self._cache is not None:
                 self._cache.put_many(self.encoder_id, fresh)
             known.update(fresh)

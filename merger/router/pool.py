@@ -53,7 +53,8 @@ class Member(_Strict):
     remote: RemoteEndpoint | None = None
     roles: list[Role] = Field(default_factory=lambda: list(ROLES))
     cost_per_call: Annotated[float, Field(ge=0)] | None = None
-    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    timeout_s: Annotated[float, Field(gt=0)] | None = None  # per read; default server.timeout_s
+    deadline_s: Annotated[float, Field(gt=0)] | None = None  # the whole call; default server.deadline_s
     # local members: false sends a lone user message as the raw prompt (as lm-eval does without
     # apply_chat_template), for models tuned on plain prompts
     chat_template: bool = True
@@ -120,16 +121,34 @@ class BreakerSettings(_Strict):
     failures: Annotated[int, Field(ge=1)] = 3
     window_s: Annotated[float, Field(gt=0)] = 30.0
     cooldown_s: Annotated[float, Field(gt=0)] = 30.0
+    max_retry_after_s: Annotated[float, Field(gt=0)] = 300.0  # a member's 429 Retry-After, capped
 
 
 class ServerSettings(_Strict):
     api_key_env: str | None = None
-    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # `none` serves without a key even where api_key_env names an unset variable (otherwise refused)
+    auth: Literal["api_key", "none"] | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0  # per read of a member's answer
+    deadline_s: Annotated[float, Field(gt=0)] = 120.0  # a member call as a whole, streams included
     first_token_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
     max_tokens: Annotated[int, Field(ge=1)] = 256
     plan_execute_verify: bool = False
     model_name: str = "merger"
+    # what one client may send and hold
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 16_384
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # request line and headers, from their first byte
+    read_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # the request body, from the end of the headers
+    keep_alive_s: Annotated[int, Field(ge=1)] = 5
+    max_connections: Annotated[int, Field(ge=2)] = 128
+
+    @model_validator(mode="after")
+    def _auth_needs_a_key(self) -> ServerSettings:
+        if self.auth == "api_key" and not self.api_key_env:
+            raise ValueError("auth: api_key needs api_key_env (the variable holding the key)")
+        return self
 
 
 class Pool(_Strict):
@@ -140,6 +159,9 @@ class Pool(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     work_dir: Path = Path(".merger-router")
     registry_root: Path | None = None  # for `registry:` members; default: the registry's own default root
+    # `static`: no trained head, members tried in `priority` order (default: the members' order)
+    routing: Literal["head", "static"] | None = None
+    priority: list[str] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Pool:
@@ -149,6 +171,15 @@ class Pool(_Strict):
             raise ValueError(f"member names must be unique, repeated: {duplicates}")
         if self.server.model_name in names:
             raise ValueError(f"server.model_name {self.server.model_name!r} collides with a member name")
+        if self.routing == "head" and self.priority is not None:
+            raise ValueError("priority is the static order: it needs routing: static, not head")
+        if self.priority is not None:
+            unknown = [name for name in self.priority if name not in names]
+            repeated = sorted({name for name in self.priority if self.priority.count(name) > 1})
+            if unknown or repeated or not self.priority:
+                raise ValueError(
+                    f"priority must name pool members, each once (unknown: {unknown}, repeated: {repeated})"
+                )
         encoder = self.router.encoder
         if encoder.kind == "hidden_states":
             member = self.member(encoder.member or "")
@@ -164,6 +195,17 @@ class Pool(_Strict):
     @property
     def names(self) -> list[str]:
         return [member.name for member in self.members]
+
+    @property
+    def static_routing(self) -> bool:
+        """Routed in a fixed order, without a head: asked for, implied by `priority`, or one member."""
+        return self.routing == "static" or (self.routing is None and self.priority is not None)
+
+    @property
+    def static_order(self) -> list[str]:
+        """`priority` first, then the members it leaves out, in the members' order."""
+        first = list(self.priority or [])
+        return first + [name for name in self.names if name not in first]
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -1,0 +1,138 @@
+"""Every mergekit method with a numeric parameter is searchable from a recipe; the others are refused in
+one line, and their untuned configs come from the same registry."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from merger.cli import main
+from merger.engine.factory import build_engine
+from merger.engine.reference import merge_in_memory
+from merger.errors import MergerError
+from merger.method_registry import METHODS, SEARCHABLE_METHODS, untuned_config
+from merger.recipe import parse_recipe
+from tests.recipes import tiny_recipe, write_recipe
+
+RANGE = {"min": 0.2, "max": 0.8}
+# per method newly searchable: (sources, base model, searched / fixed parameters, options)
+NEW_METHODS: dict[str, tuple[tuple[str, ...], str | None, dict[str, Any], dict[str, bool]]] = {
+    "nuslerp": (("base", "specialist1", "specialist2"), "base", {"weight": RANGE}, {"nuslerp_row_wise": True}),
+    "multislerp": (("specialist1", "specialist2"), None, {"weight": RANGE}, {}),
+    "sce": (("base", "specialist1", "specialist2"), "base", {"select_topk": RANGE}, {}),
+    "nearswap": (("base", "specialist1"), "base", {"t": {"min": 0.0, "max": 0.01}}, {}),
+    "ram": (("base", "specialist1", "specialist2"), "base", {"epsilon": {"min": 0.0, "max": 0.01}}, {}),
+    "ramplus_tl": (("base", "specialist1", "specialist2"), "base", {"r": RANGE, "alpha": 0.3}, {}),
+    "breadcrumbs": (("base", "specialist1", "specialist2"), "base", {"weight": RANGE, "gamma": 0.02}, {}),
+    "della_linear": (
+        ("base", "specialist1", "specialist2"), "base", {"weight": RANGE, "density": 0.6, "epsilon": 0.1}, {}
+    ),
+}
+
+
+def method_recipe(tiny_sources, tiny_evals, run_dir: Path, method: str) -> dict[str, Any]:
+    names, base, parameters, options = NEW_METHODS[method]
+    sources = {name: tiny_sources[name] for name in names}
+    return tiny_recipe(
+        sources, tiny_evals, run_dir,
+        base_model=base,
+        genome={"method": method, "parameters": parameters, "options": options, "tensor_classes": []},
+        optimizer={"popsize": 2, "max_evaluations": 2},
+        fitness={"tasks": [{"name": "tiny_mc", "metric": "acc"}], "limit": 4},
+        validation=None,
+        test={"tasks": ["tiny_mc"], "limit": 4},
+    )
+
+
+def test_every_method_with_a_numeric_parameter_is_searchable():
+    assert set(NEW_METHODS) | {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della",
+                               "breadcrumbs_ties", "slerp"} <= set(SEARCHABLE_METHODS)
+    for name, info in METHODS.items():
+        assert (name in SEARCHABLE_METHODS) == bool(info.searchable)
+    assert set(METHODS) - set(SEARCHABLE_METHODS) == {"model_stock", "karcher", "arcee_fusion", "passthrough"}
+
+
+@pytest.mark.parametrize("method", list(NEW_METHODS))
+def test_a_recipe_of_each_new_method_runs_one_generation(tiny_sources, tiny_evals, tmp_path, capsys, method):
+    run_dir = tmp_path / "run"
+    recipe = method_recipe(tiny_sources, tiny_evals, run_dir, method)
+    parsed = parse_recipe(recipe)
+    assert parsed.genome.method == method
+    assert main(["run", str(write_recipe(tmp_path / "recipe.yaml", recipe)), "--no-progress"]) == 0
+    assert "WINNER" in capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["evaluations"] == 2
+    assert 0.0 <= summary["winner"]["test"]["tiny_mc"] <= 1.0
+    assert f"merge_method: {method}" in (run_dir / "best.yaml").read_text()
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        failures = db.execute("SELECT failure FROM evaluations WHERE failure IS NOT NULL").fetchall()
+    assert failures == []
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("model_stock", "merge method 'model_stock' has no numeric parameter to search"),
+        ("karcher", "merge method 'karcher' has no numeric parameter to search"),
+        ("arcee_fusion", "merge method 'arcee_fusion' has no numeric parameter to search"),
+        ("passthrough", "merge method 'passthrough' has no numeric parameter to search"),
+        ("frankenmerge", "unknown merge method 'frankenmerge'; mergekit registers"),
+    ],
+)
+def test_a_method_without_anything_to_search_is_refused_in_one_line(
+    tiny_sources, tiny_evals, tmp_path, capsys, method, expected
+):
+    recipe = tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run", genome={"method": method, "parameters": {}})
+    assert main(["run", str(write_recipe(tmp_path / "recipe.yaml", recipe))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"method": "multislerp", "parameters": {"weight": 1.0, "eps": {"min": 0.0, "max": 0.1}}},
+         "parameters.eps: multislerp's eps is not searched; give a number"),
+        ({"method": "nearswap", "parameters": {"t": {"min": 0.0, "max": 0.5}}},
+         "parameters.t: 0.5 is outside t's range [0.0, 0.01]"),
+        ({"method": "sce", "parameters": {"select_topk": 0.5}, "options": {"normalize": True}},
+         "options.normalize: sce has no option 'normalize'"),
+        ({"method": "nuslerp", "parameters": {"weight": RANGE}}, "sources: nuslerp merges exactly 2 models besides"),
+    ],
+)
+def test_registry_derived_bounds_and_contracts_name_the_field(
+    tiny_sources, tiny_evals, tmp_path, capsys, change, expected
+):
+    sources = dict(tiny_sources)
+    sources["specialist3"] = tiny_sources["specialist2"]
+    recipe = tiny_recipe(sources, tiny_evals, tmp_path / "run", genome=change)
+    assert main(["run", str(write_recipe(tmp_path / "recipe.yaml", recipe))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_untuned_baseline_configs_come_from_the_registry(tiny_sources):
+    sources = {name: tiny_sources[name] for name in ("base", "specialist1", "specialist2")}
+    stock = untuned_config("model_stock", sources, base="base")
+    assert stock.merge_method == "model_stock" and str(stock.base_model.model) == str(sources["base"])
+    ties = untuned_config("ties", sources, base="base", values={"density": 0.5})
+    weights = {str(m.model.model): m.parameters for m in ties.models}
+    assert weights[str(sources["specialist1"])] == {"weight": 0.5, "density": 0.5}
+    assert weights[str(sources["base"])] is None
+    karcher = untuned_config("karcher", sources)
+    engine = build_engine(sources, None, "karcher")
+    engine.apply_config(karcher)
+    expected = merge_in_memory(karcher)
+    merged = dict(engine.model.named_parameters())
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name].detach(), tensor)
+    with pytest.raises(MergerError, match="model_stock merges at least 3 models, got 2"):
+        untuned_config("model_stock", {k: sources[k] for k in ("base", "specialist1")}, base="base")
+    with pytest.raises(MergerError, match="slerp: give a value|slerp merges exactly 2"):
+        untuned_config("slerp", sources, base="base")
