@@ -146,7 +146,11 @@ class Genome(StrictModel):
             if self.layer_path is not None:
                 raise ValueError("layer_path settings need space: layer_path")
             if "method" in self.model_fields_set:
-                raise ValueError("method passthrough is the layer-path space's: give space: layer_path")
+                try:
+                    searchable_method(PASSTHROUGH)
+                except MergerError as error:
+                    hint = "passthrough needs space: layer_path; as a parameter merge,"
+                    raise ValueError(f"{hint} {error}") from None
             raise ValueError("method is required (a merge method, or space: layer_path)")
         if self.method != PASSTHROUGH:
             raise ValueError(f"space layer_path merges with passthrough; drop method {self.method!r}")
@@ -273,7 +277,9 @@ class Recipe(StrictModel):
                 f"genome.layer_path.anchor: {anchor!r} is not one of the sources ({', '.join(names)})"
             )
         if self.optimizer.x0 != "center":
-            raise ValueError("optimizer.x0: a layer path starts from genome.layer_path.start; give x0: center")
+            raise ValueError(
+                "optimizer.x0: a layer path starts from genome.layer_path.start; give x0: center"
+            )
         return self
 
     @property

@@ -89,7 +89,7 @@ def test_bad_layer_path_settings_are_one_line(tiny_sources, tiny_evals, tmp_path
         ),
         ({"layer_path": {"repeats": 2}}, "layer_path settings need space: layer_path"),
         ({"parameters": {"weight": 1.0}}, "method is required"),
-        ({"method": "passthrough"}, "method passthrough is the layer-path space's: give space: layer_path"),
+        ({"method": "passthrough"}, "passthrough needs space: layer_path; as a parameter merge, merge"),
     ],
 )
 def test_genome_space_mistakes_are_one_line(tiny_sources, tiny_evals, tmp_path, genome, expected):
