@@ -20,6 +20,7 @@ from mergekit.config import MergeConfiguration
 from merger.baselines import BaselinePlan, plan_baselines
 from merger.engine.reference import export_merge
 from merger.fitness import eval_sets
+from merger.layer_path import path_card_lines
 from merger.ledger import FinalScore
 from merger.lineage import LINEAGE_META, summary_lineage
 from merger.rundir import Baseline, RunDir, Scores, Summary, Winner, write_atomic
@@ -228,6 +229,7 @@ def model_card(search: Search, summary: Summary, config_yaml: str) -> str:
             "## Sources",
             sources,
             "",
+            *path_card_lines(summary.winner.genes or []),
             "## Scores",
             "```",
             score_table(summary),

@@ -59,17 +59,53 @@ class SearchRange(StrictModel):
 
 ParameterSetting = float | SearchRange
 
+PASSTHROUGH = "passthrough"  # the method of a layer-path genome (mergekit's passthrough)
+SCALE_RANGE = (0.0, 4.0)  # bounds a layer path's searched scales must lie in
+
+
+class LayerPath(StrictModel):
+    """`genome.space: layer_path`: which source layers a token passes through, in which order (DFS).
+
+    T = layers x sources x repeats slots in a fixed order (every layer of the first source, then of the
+    second, ..., the whole sequence `repeats` times); each slot is in the path or out of it.
+    """
+
+    repeats: Annotated[int, Field(ge=1)] = 1
+    scales: Literal["per_slot", "none"] = "none"
+    scale_range: SearchRange = SearchRange(min=0.5, max=1.5)
+    anchor: str | None = None  # embeddings, final norm, lm_head; default: base_model, else the first source
+    fix_ends: bool = False  # the path always starts with the anchor's first layer and ends with its last
+    min_layers: Annotated[int, Field(ge=1)] = 1
+    max_layers: Annotated[int, Field(ge=1)] | None = None
+    start: Literal["anchor", "center"] = "anchor"  # x0: the anchor's own layers, or every indicator at 0.5
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LayerPath:
+        if self.max_layers is not None and self.max_layers < self.min_layers:
+            raise ValueError(f"max_layers ({self.max_layers}) is below min_layers ({self.min_layers})")
+        low, high = SCALE_RANGE
+        if not low <= self.scale_range.min < self.scale_range.max <= high:
+            bounds = f"[{self.scale_range.min}, {self.scale_range.max}]"
+            raise ValueError(f"scale_range {bounds} is outside [{low}, {high}]")
+        if self.fix_ends and self.max_layers is not None and self.max_layers < 2:
+            raise ValueError(f"max_layers ({self.max_layers}) leaves no room for fix_ends' two layers")
+        return self
+
 
 class Genome(StrictModel):
-    method: str
+    method: str = PASSTHROUGH  # required unless space is layer_path (field validators skip defaults)
     parameters: dict[str, ParameterSetting] = Field(default_factory=dict)
     options: dict[str, bool] = Field(default_factory=dict)
     layer_granularity: Annotated[int, Field(ge=1)] = 1
     tensor_classes: list[TensorClass] = Field(default_factory=list)
+    space: Literal["parameters", "layer_path"] = "parameters"
+    layer_path: LayerPath | None = None
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
+        if method == PASSTHROUGH:  # the layer-path space's method: checked with the space
+            return method
         try:
             searchable_method(method)
         except MergerError as error:
@@ -78,6 +114,8 @@ class Genome(StrictModel):
 
     @model_validator(mode="after")
     def _parameters_fit_method(self) -> Genome:
+        if self.space == "layer_path" or self.layer_path is not None or self.method == PASSTHROUGH:
+            return self._fits_layer_path()
         info = METHODS[self.method]
         allowed = info.source_parameters + info.shared_parameters
         for name, setting in self.parameters.items():
@@ -104,6 +142,30 @@ class Genome(StrictModel):
         if len(set(self.tensor_classes)) != len(self.tensor_classes):
             raise ValueError(f"tensor_classes has a duplicate: {self.tensor_classes}")
         return self
+
+    def _fits_layer_path(self) -> Genome:
+        if self.space != "layer_path":
+            if self.layer_path is not None:
+                raise ValueError("layer_path settings need space: layer_path")
+            if "method" in self.model_fields_set:
+                try:
+                    searchable_method(PASSTHROUGH)
+                except MergerError as error:
+                    hint = "passthrough needs space: layer_path; as a parameter merge,"
+                    raise ValueError(f"{hint} {error}") from None
+            raise ValueError("method is required (a merge method, or space: layer_path)")
+        if self.method != PASSTHROUGH:
+            raise ValueError(f"space layer_path merges with passthrough; drop method {self.method!r}")
+        given = [name for name in ("parameters", "options", "tensor_classes") if getattr(self, name)]
+        if self.layer_granularity != 1:
+            given.append("layer_granularity")
+        if given:
+            raise ValueError(f"space layer_path takes its settings under layer_path, not {given[0]}")
+        return self
+
+    @property
+    def path_settings(self) -> LayerPath:
+        return self.layer_path or LayerPath()
 
     @property
     def searched(self) -> dict[str, SearchRange]:
@@ -225,11 +287,13 @@ class Recipe(StrictModel):
             raise ValueError(f"sources: names must be unique, got {names}")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"baselines: each name once, got {self.baselines}")
-        info = METHODS[self.genome.method]
         for field in ("base_model", "tokenizer_source"):
             value = getattr(self, field)
             if value is not None and value not in names:
                 raise ValueError(f"{field}: {value!r} is not one of the sources ({', '.join(names)})")
+        if self.genome.space == "layer_path":
+            return self._layer_path_fits(names)
+        info = METHODS[self.genome.method]
         if info.needs_base and self.base_model is None:
             raise ValueError(f"base_model is required for {self.genome.method}")
         problem = info.source_count_problem(len(names), self.base_model is not None and info.takes_base)
@@ -245,6 +309,23 @@ class Recipe(StrictModel):
                 "sources rather than compute something mergekit's export would not)"
             )
         return self
+
+    def _layer_path_fits(self, names: list[str]) -> Recipe:
+        anchor = self.genome.path_settings.anchor
+        if anchor is not None and anchor not in names:
+            raise ValueError(
+                f"genome.layer_path.anchor: {anchor!r} is not one of the sources ({', '.join(names)})"
+            )
+        if self.optimizer.x0 != "center":
+            raise ValueError(
+                "optimizer.x0: a layer path starts from genome.layer_path.start; give x0: center"
+            )
+        return self
+
+    @property
+    def anchor(self) -> str:
+        """The layer path's source of embeddings, final norm and lm_head."""
+        return self.genome.path_settings.anchor or self.base_model or self.source_names[0]
 
     @property
     def source_names(self) -> list[str]:

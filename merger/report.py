@@ -106,9 +106,9 @@ def best_genes(run: RunData) -> list[dict[str, Any]] | None:
         return run.summary.winner.genes
     if run.best is None:
         return None
-    from merger.genome import Genome
     from merger.lineage import LINEAGE_META
     from merger.sources import check_compatible, resolve_sources
+    from merger.spaces import make_genome
 
     recorded = run.meta.get(LINEAGE_META) or {}  # where the run found its sources (nothing re-verified)
     try:
@@ -119,7 +119,7 @@ def best_genes(run: RunData) -> list[dict[str, Any]] | None:
         num_layers = check_compatible(source_paths, run.recipe.trust_remote_code)
     except MergerError as error:
         raise MergerError(f"cannot decode the best genotype without the run's sources: {error}") from None
-    genome = Genome(run.recipe, source_paths, num_layers)
+    genome = make_genome(run.recipe, source_paths, num_layers)
     return genome.table(np.asarray(run.best.genotype))
 
 

@@ -19,10 +19,10 @@ import numpy as np
 
 from merger.errors import MergerError
 from merger.executors import CandidateTask, Executor, make_executor
-from merger.genome import Genome
 from merger.ledger import EvaluationRecord, GenerationRecord, Ledger
 from merger.recipe import X0_GRID, Recipe, recipe_to_yaml
 from merger.rundir import RunDir, write_atomic
+from merger.spaces import SearchSpace, make_genome
 
 if TYPE_CHECKING:
     from merger.strategies import ItemStrategy
@@ -39,7 +39,7 @@ class SearchState:
     history: list[float] = field(default_factory=list)
 
 
-def new_state(recipe: Recipe, genome: Genome, x0: np.ndarray | None = None) -> SearchState:
+def new_state(recipe: Recipe, genome: SearchSpace, x0: np.ndarray | None = None) -> SearchState:
     import cma
 
     optimizer = recipe.optimizer
@@ -167,7 +167,7 @@ class Search:
         self,
         recipe: Recipe,
         run_dir: Path,
-        genome: Genome,
+        genome: SearchSpace,
         executor: Executor,
         ledger: Ledger,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
@@ -348,7 +348,7 @@ def open_search(
 
     source_paths = resolve_sources(recipe)
     num_layers = check_compatible(source_paths, recipe.trust_remote_code)
-    genome = Genome(recipe, source_paths, num_layers)
+    genome = make_genome(recipe, source_paths, num_layers)
     check_tasks(recipe)
     # loading the sources is the last check (a NaN/inf tensor is refused): before the run directory
     executor = make_executor(recipe, source_paths, num_layers)

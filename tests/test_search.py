@@ -20,6 +20,7 @@ from merger.cli import main
 from merger.recipe import parse_recipe
 from merger.search import open_search
 from tests.recipes import tiny_recipe, write_recipe
+from tests.tiny_models import with_tensor_filled
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,16 +79,14 @@ def test_short_run_end_to_end(tiny_sources, tiny_evals, tmp_path, capsys):
     assert "evaluations: 8" in status and "best:" in status
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_evals, tmp_path):
-    popsize = 4
-    data = tiny_recipe(
-        tiny_sources, tiny_evals, tmp_path / "killed", optimizer={"popsize": popsize, "max_evaluations": 12}
-    )
-    data["validation"] = None
+def assert_resume_after_sigkill_equals_an_uninterrupted_run(
+    data: dict, tmp_path: Path, popsize: int, total: int
+) -> None:
+    """`merger run` SIGKILLed inside its second generation, then resumed: nothing finished is evaluated
+    again and the run ends as an uninterrupted one does."""
     reference, _ = run_in_process(data, tmp_path / "uninterrupted")
-
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [sys.executable, "-m", "merger.cli", "run", str(recipe), "--no-progress"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -100,27 +99,28 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_eva
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished_before = ledger_count(tmp_path / "killed")
-    assert popsize < finished_before < 12
+    assert popsize < finished_before < total
 
     resumed, evaluated = run_in_process(data, tmp_path / "killed")
-    assert len(evaluated) == 12 - finished_before  # nothing finished is evaluated again
-    assert resumed.evaluations == 12
+    assert len(evaluated) == total - finished_before  # nothing finished is evaluated again
+    assert resumed.evaluations == total
     assert resumed.best.genotype == pytest.approx(reference.best.genotype)
     assert resumed.best.score == reference.best.score
     assert (resumed.best.generation, resumed.best.index) == (reference.best.generation, reference.best.index)
 
 
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_evals, tmp_path):
+    data = tiny_recipe(
+        tiny_sources, tiny_evals, tmp_path / "killed", optimizer={"popsize": 4, "max_evaluations": 12}
+    )
+    data["validation"] = None
+    assert_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path, popsize=4, total=12)
+
+
 def test_failing_candidates_do_not_stop_the_run(tiny_sources, tiny_evals, tmp_path):
     """A source with huge weights overflows to inf for large merge weights: those candidates fail."""
-    from safetensors.torch import save_file
-
-    huge = tmp_path / "huge"
-    huge.mkdir()
-    for item in tiny_sources["specialist2"].iterdir():
-        (huge / item.name).write_bytes(item.read_bytes())
-    tensors = load_file(huge / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"] = torch.full_like(tensors["model.layers.1.mlp.up_proj.weight"], 3e38)
-    save_file(tensors, huge / "model.safetensors", metadata={"format": "pt"})
+    huge_tensor = "model.layers.1.mlp.up_proj.weight"
+    huge = with_tensor_filled(tiny_sources["specialist2"], tmp_path / "huge", huge_tensor, 3e38)
     sources = {**tiny_sources, "specialist2": huge}
     data = tiny_recipe(
         sources, tiny_evals, tmp_path / "run",

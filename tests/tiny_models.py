@@ -100,6 +100,19 @@ def build_sources(root: Path, num_specialists: int = 2) -> dict[str, Path]:
     return paths
 
 
+def with_tensor_filled(source: Path, out: Path, tensor: str, value: float) -> Path:
+    """A copy of the checkpoint `source` in `out`, every element of `tensor` set to `value`."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    for item in source.iterdir():
+        (out / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(out / "model.safetensors")
+    tensors[tensor] = torch.full_like(tensors[tensor], value)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def write_tasks(evals_dir: Path, num_items: int = 24) -> dict[str, Path]:
     """Two tiny lm-eval tasks on local jsonl: a multiple-choice one and a generation one."""
     rng = random.Random(1)

@@ -18,9 +18,9 @@ from merger.engine.factory import Engine, build_engine, draw_key
 from merger.engine.weights import load_into, model_digest, rewrite_tensors
 from merger.executors import ItemJob, ItemResult
 from merger.fitness import Scorer, load_tokenizer
-from merger.genome import Genome
 from merger.ledger import EvaluationRecord
 from merger.recipe import Recipe
+from merger.spaces import make_genome
 
 WORST_OBJECTIVE = 1.0  # pycma minimises -score, so a failure ranks below every real score in [0, 1]
 
@@ -35,7 +35,8 @@ class CandidateWorker:
     def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
         self.recipe = recipe
         self.source_paths = source_paths
-        self.genome = Genome(recipe, source_paths, num_layers)
+        self.genome = make_genome(recipe, source_paths, num_layers)
+        self.layer_path = recipe.genome.space == "layer_path"
         self.device = pick_device(recipe.engine.device)
         self.engine = self._build_engine()
         self.model = self.engine.model
@@ -47,6 +48,13 @@ class CandidateWorker:
 
     def _build_engine(self) -> Engine:
         settings = self.recipe.engine
+        if self.layer_path:
+            from merger.engine.layer_path import LayerPathEngine
+
+            return LayerPathEngine(
+                self.source_paths, self.recipe.anchor, dtype=getattr(torch, settings.dtype), device=self.device,
+                trust_remote_code=self.recipe.trust_remote_code,
+            )
         return build_engine(
             self.source_paths,
             self.recipe.base_model,
@@ -134,7 +142,10 @@ class CandidateWorker:
 
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         """Scores of a checkpoint on disk (a source alone, or the exported winner)."""
-        load_into(self.model, path)
+        if self.layer_path:  # its model is a view of the sources: never written into
+            self.engine.load_checkpoint(path)
+        else:
+            load_into(self.model, path)
         return self.scorer.score(set_name)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from merger.layer_path import path_card_lines
 from merger.registry.index import Parent
 from merger.registry.rundir import FinishedRun
 from merger.rundir import WINNER_ROW, Summary
@@ -92,6 +93,7 @@ def render_card(name: str, version: int, run: FinishedRun, parents: list[Parent]
         "",
         f"Fitness of the winner: {_format_score(run.fitness)}",
         "",
+        *path_card_lines(winner.genes or []),
         "## Best genotype",
         "",
         f"`{[round(float(value), 6) for value in genotype]}`",
