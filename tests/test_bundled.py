@@ -42,7 +42,9 @@ def test_a_copied_pool_recipe_finds_the_bundled_tasks_from_another_directory(tmp
 def test_cli_lists_shows_and_copies(tmp_path: Path) -> None:
     listing = run_merger("recipes", cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
-    assert [line.split()[0] for line in listing.stdout.splitlines()[:3]] == ["pool-zoo", "pool.example", "quickstart"]
+    listed = [line.split()[0] for line in listing.stdout.splitlines() if not line.startswith("(under ")]
+    assert listed == list(bundled.bundled_recipes())
+    assert {"pool-zoo", "pool.example", "quickstart"} <= set(listed)
     shown = run_merger("recipes", "show", "quickstart", cwd=tmp_path)
     assert shown.stdout == (REPO / "recipes" / "quickstart.yaml").read_text()
     copied = run_merger("recipes", "copy", "quickstart", cwd=tmp_path)
