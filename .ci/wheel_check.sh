@@ -36,7 +36,8 @@ evals = bundled_dir("evals")
 assert "_bundled" in evals.parts and (evals / "zoo" / "zoo_add_val.yaml").is_file(), evals
 assert "PYTHONPATH" not in worker_runtime_env()["env_vars"], "Ray workers must import the installed merger"
 PY
-"$merger" recipes | grep -q '^quickstart '
+"$merger" recipes > "$WORK/recipes.txt"
+grep -q '^quickstart ' "$WORK/recipes.txt"
 "$merger" recipes copy quickstart "$WORK"
 "$py" -c 'from pathlib import Path; from merger.recipe import load_recipe; load_recipe(Path("quickstart.yaml"))'
 

@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = ("run", "router", "registry", "zoo", "report"
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command killed by it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("merger: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`merger recipes | head -1`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flushing at exit must not fail again
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

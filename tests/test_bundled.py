@@ -63,3 +63,27 @@ def test_ray_workers_import_an_installed_merger_and_a_checkout_only_when_run_fro
     assert "PYTHONPATH" not in worker_runtime_env(installed)["env_vars"]
     assert source_tree_for_workers(REPO) == REPO
     assert worker_runtime_env(REPO)["env_vars"]["PYTHONPATH"] == str(REPO)
+
+
+def test_a_reader_that_goes_away_gets_no_traceback() -> None:
+    """`merger recipes | head -1`: the CLI ends quietly with 141 (SIGPIPE's status), no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes anything: every write fails
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "merger.cli", "recipes"],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert process.returncode == 141, process.stderr
+    assert process.stderr == "", process.stderr
