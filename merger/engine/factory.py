@@ -24,6 +24,15 @@ class Engine(Protocol):
         """Write the candidate described by `config` into `model` in place; with fresh randomness its
         random methods draw by `draw` (`draw_key`), else every candidate shares the run's draw."""
 
+    def load_checkpoint(self, path: Path) -> None:
+        """`model` becomes a checkpoint on disk (a source alone, or an exported merge)."""
+
+    def exported_state(self) -> dict[str, torch.Tensor]:
+        """The candidate's tensors under their checkpoint names: what its export holds."""
+
+    def digest(self) -> str:
+        """The digest of the candidate's weights as its export holds them (`weights.parameters_digest`)."""
+
 
 def draw_key(genotype: Any) -> int:
     """A candidate's random draw under `fresh_randomness`: a hash of its genotype's float64 values, so

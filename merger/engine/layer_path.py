@@ -25,6 +25,7 @@ from mergekit.config import MergeConfiguration
 from torch import nn
 
 from merger.engine.plan import resolve_plan
+from merger.engine.weights import parameters_digest
 from merger.errors import MergerError
 from merger.layer_path import PathLayer
 
@@ -168,7 +169,8 @@ class LayerPathEngine:
             types = [self.source_models[s.source].config.layer_types[s.layer] for s in path]
         self._point_at(self.source_models[anchor], layers, types)
 
-    def apply_config(self, config: MergeConfiguration) -> None:
+    def apply_config(self, config: MergeConfiguration, draw: int = 0) -> None:
+        """The candidate of a passthrough config (`draw` is unused: a layer path draws nothing)."""
         anchor, path = path_of_config(config, self.source_names, self.num_layers)
         self.assemble(path, anchor)
         self.check_finite()
@@ -193,6 +195,29 @@ class LayerPathEngine:
         self._point_at(
             donor, list(getattr(donor, self.prefix).layers), getattr(donor.config, "layer_types", None)
         )
+
+    def exported_state(self) -> dict[str, torch.Tensor]:
+        """The candidate as its passthrough export holds it: each slot's parameters under the slot's own
+        index (a repeated layer once per slot), a scaled slot's o_proj / down_proj weight times its scale,
+        as mergekit's passthrough `scale` writes it."""
+        scaled = {name: module.scale for name, module in self.model.named_modules() if isinstance(module, ScaledOutput)}
+        state = {}
+        for name, tensor in self.model.named_parameters(remove_duplicate=False):
+            owner = next((module for module in scaled if name.startswith(module + ".inner.")), None)
+            if owner is None:
+                state[name] = tensor.detach()
+            else:
+                state[owner + name[len(owner) + len(".inner") :]] = tensor.detach() * scaled[owner]
+        return state
+
+    def digest(self) -> str:
+        """The digest of `exported_state`, a tied lm_head once (as the exported checkpoint's is taken)."""
+        state = self.exported_state()
+        output, inputs = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if output is not None and output.weight is inputs.weight:
+            tied = next(name for name, module in self.model.named_modules() if module is output)
+            state.pop(tied + ".weight", None)
+        return parameters_digest(state.items())
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes held: each source model (the candidate itself holds none of its own)."""

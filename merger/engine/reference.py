@@ -15,6 +15,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
 from merger.engine.logged_errors import raising_logged_errors
+from merger.engine.weights import CandidateWeights
 
 
 def _options(seed: int | None, trust_remote_code: bool, device: str = "cpu") -> MergeOptions:
@@ -68,7 +69,7 @@ def export_merge(
         run_merge(config, str(out_dir), options=options)
 
 
-class MergekitEngine:
+class MergekitEngine(CandidateWeights):
     """The search loop's engine backed by mergekit's own executor: every registered method, correct first.
 
     Each candidate is merged by mergekit in memory and copied into one resident model. Random methods

@@ -52,7 +52,7 @@ from merger.engine.methods import (
     weighted_sum,
 )
 from merger.engine.plan import LAYER_PATTERN, MergePlan, TensorMerge, layer_index, resolve_plan
-from merger.engine.weights import check_checkpoint_finite, check_finite
+from merger.engine.weights import CandidateWeights, check_checkpoint_finite, check_finite
 from merger.errors import MergerError
 
 PREFIX_BLOCK = 1024  # block size of the prefix sums over sorted magnitudes (rescaled TIES/breadcrumbs)
@@ -155,7 +155,7 @@ def _group_key(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]
     return LAYER_PATTERN.sub(".layers.*.", name), shape
 
 
-class ResidentEngine:
+class ResidentEngine(CandidateWeights):
     def __init__(
         self,
         sources: Mapping[str, Path],

@@ -130,3 +130,19 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(
             f"{path} lacks {len(unexpected_missing)} tensors, e.g. {sorted(unexpected_missing)[0]}"
         )
+
+
+class CandidateWeights:
+    """An engine's candidate as a checkpoint sees it: a checkpoint loaded into it, its tensors under
+    their checkpoint names (what an export holds), and their digest (what the ledger records)."""
+
+    model: torch.nn.Module
+
+    def load_checkpoint(self, path: Path) -> None:
+        load_into(self.model, path)
+
+    def exported_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()  # tied names too, as mergekit may write them
+
+    def digest(self) -> str:
+        return model_digest(self.model)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from merger.engine.factory import Engine, build_engine, draw_key
-from merger.engine.weights import load_into, model_digest, rewrite_tensors
+from merger.engine.weights import rewrite_tensors
 from merger.executors import ItemJob, ItemResult
 from merger.fitness import Scorer, load_tokenizer
 from merger.ledger import EvaluationRecord
@@ -81,7 +81,7 @@ class CandidateWorker:
         try:
             record.config = self.merge(genotype)
             record.merge_seconds = time.perf_counter() - started
-            record.digest = model_digest(self.model)
+            record.digest = self.engine.digest()
             bad = self.nonfinite_tensor()
             if bad is not None:
                 raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
@@ -105,9 +105,9 @@ class CandidateWorker:
         try:
             if job.genotype is not None:
                 result.config = self.merge(job.genotype)
-                result.digest = model_digest(self.model)
+                result.digest = self.engine.digest()
             elif job.checkpoint is not None:
-                load_into(self.model, job.checkpoint)
+                self.engine.load_checkpoint(job.checkpoint)
             result.merge_seconds = time.perf_counter() - started
             bad = self.nonfinite_tensor()
             if bad is not None:
@@ -137,15 +137,12 @@ class CandidateWorker:
         """Merge the candidate again and write its weights over `checkpoint`'s (same files, names and
         dtypes); returns the digest of what was written, as `evaluate` recorded it."""
         self.merge(genotype)
-        rewrite_tensors(checkpoint, self.model.state_dict())  # tied names too, as mergekit may write them
-        return model_digest(self.model)
+        rewrite_tensors(checkpoint, self.engine.exported_state())
+        return self.engine.digest()
 
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         """Scores of a checkpoint on disk (a source alone, or the exported winner)."""
-        if self.layer_path:  # its model is a view of the sources: never written into
-            self.engine.load_checkpoint(path)
-        else:
-            load_into(self.model, path)
+        self.engine.load_checkpoint(path)  # a layer path's model is a view of the sources: never written into
         return self.scorer.score(set_name)
 
 
