@@ -22,7 +22,7 @@ from merger.engine.reference import export_merge
 from merger.fitness import eval_sets
 from merger.layer_path import path_card_lines
 from merger.ledger import FinalScore
-from merger.lineage import LINEAGE_META, summary_lineage
+from merger.lineage import LINEAGE_META, recorded_source_paths, summary_lineage
 from merger.rundir import Baseline, RunDir, Scores, Summary, Winner, write_atomic
 from merger.scored_export import match_scored_weights
 from merger.search import Search, SearchResult
@@ -260,7 +260,7 @@ def finish_run(search: Search, result: SearchResult) -> Summary:
     layout = RunDir(search.run_dir)
     export_winner(search, result)
     winner = exported_winner(search.run_dir)
-    source_paths = {name: Path(entry["path"]) for name, entry in search.ledger.meta()[LINEAGE_META].items()}
+    source_paths = recorded_source_paths(search.ledger.meta()[LINEAGE_META])
     baselines = plan_baselines(search.recipe, source_paths)
     scores = score_final(search, final_models(search, winner, baselines))
     summary = build_summary(search, result, scores, baselines)

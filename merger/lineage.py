@@ -57,6 +57,11 @@ def source_lineage(
     return lineage
 
 
+def recorded_source_paths(recorded: dict[str, Any]) -> dict[str, Path]:
+    """Where the run found each source, as `source_lineage` recorded it (nothing resolved or hashed)."""
+    return {name: Path(entry["path"]) for name, entry in recorded.items()}
+
+
 def summary_lineage(recorded: dict[str, Any]) -> dict[str, LineageEntry]:
     """The lineage as the summary holds it (without the stamps)."""
     return {

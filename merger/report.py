@@ -106,14 +106,14 @@ def best_genes(run: RunData) -> list[dict[str, Any]] | None:
         return run.summary.winner.genes
     if run.best is None:
         return None
-    from merger.lineage import LINEAGE_META
+    from merger.lineage import LINEAGE_META, recorded_source_paths
     from merger.sources import check_compatible, resolve_sources
     from merger.spaces import make_genome
 
     recorded = run.meta.get(LINEAGE_META) or {}  # where the run found its sources (nothing re-verified)
     try:
         if set(recorded) == set(run.recipe.source_names):
-            source_paths = {name: Path(entry["path"]) for name, entry in recorded.items()}
+            source_paths = recorded_source_paths(recorded)
         else:
             source_paths = resolve_sources(run.recipe)
         num_layers = check_compatible(source_paths, run.recipe.trust_remote_code)
