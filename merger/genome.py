@@ -14,7 +14,7 @@ from mergekit.config import MergeConfiguration
 
 from merger.errors import MergerError
 from merger.method_registry import METHODS
-from merger.recipe import TENSOR_CLASS_FILTERS, Recipe
+from merger.recipe import TENSOR_CLASS_FILTERS, X0_GRID, Recipe
 
 DEFAULT_CLASS = "default"
 
@@ -99,6 +99,12 @@ class Genome:
         low = np.array([g.low for g in self.genes])
         high = np.array([g.high for g in self.genes])
         return (np.asarray(values, dtype=float) - low) / (high - low)
+
+    def warm_start(self) -> list[np.ndarray]:
+        """`optimizer.x0: grid`: the merges giving every gene one value of X0_GRID."""
+        if self.recipe.optimizer.x0 != "grid":
+            return []
+        return [np.full(self.dimension, value) for value in X0_GRID]
 
     def initial(self) -> np.ndarray:
         """x0: the centre of the bounds, or the recipe's given merge (a value per parameter or per source)."""

@@ -42,7 +42,7 @@ class ItemSet:
 
     def order(self, seed: int, generation: int) -> list[Item]:
         """The items in an order fixed by the run's seed and the generation (the same on every resume)."""
-        rng = np.random.default_rng([seed, generation + 1])  # generation -1 is the warm-start grid
+        rng = np.random.default_rng([seed, generation + 1])  # generation -1 is the warm start
         return [self.items[i] for i in rng.permutation(len(self.items))]
 
     def score(self, values: Values, items: Iterable[Item] | None = None) -> float:

@@ -92,6 +92,11 @@ class LayerPathGenome:
         return text
 
     # -- unit cube <-> path ----------------------------------------------------------------------
+    def warm_start(self) -> list[np.ndarray]:
+        """`start: anchor`: the anchor's own path is scored first, so the search never returns a
+        path that scored below its starting model (PS+DFS: the parameter-space winner)."""
+        return [self.initial()] if self.settings.start == "anchor" else []
+
     def initial(self) -> np.ndarray:
         """x0: the anchor's own layers (`start: anchor`) or every gene at the centre (`start: center`)."""
         x = np.full(self.dimension, THRESHOLD)

@@ -198,7 +198,10 @@ def plot_fitness(run: RunData, path: Path) -> None:
     figure.savefig(path)
 
 
-def plot_genome(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> None:
+def plot_genome(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> Any:
+    """The winner's genome as a figure saved to `path` (returned for inspection)."""
+    if recipe.genome.space == "layer_path":
+        return plot_layer_path(genes, recipe, path)
     matrices = gene_matrices(genes)
     searched = recipe.genome.searched
     heights = [max(1.2, 0.45 * len(rows) + 1.0) for rows, _, _ in matrices.values()]
@@ -235,6 +238,45 @@ def plot_genome(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> None
         "Best genome: value per layer group (columns) and source / tensor class (rows)", fontsize="medium"
     )
     figure.savefig(path)
+    return figure
+
+
+def plot_layer_path(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> Any:
+    """A layer path: one point per position in token order, on its source's row, labelled with the
+    source's layer index and coloured by its scale when scales are searched."""
+    sources = recipe.source_names
+    settings = recipe.genome.layer_path
+    scaled = settings is not None and settings.scales == "per_slot"
+    positions = list(range(len(genes)))
+    rows = [sources.index(gene["source"]) for gene in genes]
+    figure = _figure(max(6.0, 0.3 * len(genes) + 3.0), 0.5 * len(sources) + 2.4)
+    axes = figure.add_subplot()
+    axes.plot(positions, rows, color="0.75", linewidth=1, zorder=1)
+    if scaled:
+        bounds = settings.scale_range
+        points = axes.scatter(
+            positions, rows, c=[gene["value"] for gene in genes], cmap="viridis",
+            vmin=bounds.min, vmax=bounds.max, s=70, zorder=2,
+        )
+        figure.colorbar(points, ax=axes, shrink=0.9, label="scale on o_proj and down_proj")
+    else:
+        axes.scatter(positions, rows, color="tab:blue", s=70, zorder=2)
+    for position, (row, gene) in enumerate(zip(rows, genes, strict=True)):
+        axes.annotate(
+            str(gene["layer"]), (position, row), textcoords="offset points", xytext=(0, 7),
+            ha="center", fontsize="x-small",
+        )
+    axes.set_yticks(range(len(sources)), sources)
+    axes.set_ylim(-0.6, len(sources) - 0.4)
+    axes.set_xlabel("position in the path (a token goes embeddings → 0 → 1 → … → final norm and lm_head)")
+    axes.set_ylabel("source of the layer")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_title(
+        f"Best layer path: {len(genes)} layers (the number over a point is its layer in that source)",
+        fontsize="medium",
+    )
+    figure.savefig(path)
+    return figure
 
 
 # -- the page -------------------------------------------------------------------------------------

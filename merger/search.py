@@ -20,7 +20,7 @@ import numpy as np
 from merger.errors import MergerError
 from merger.executors import CandidateTask, Executor, make_executor
 from merger.ledger import EvaluationRecord, GenerationRecord, Ledger
-from merger.recipe import X0_GRID, Recipe, recipe_to_yaml
+from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir import RunDir, write_atomic
 from merger.spaces import SearchSpace, make_genome
 
@@ -197,8 +197,8 @@ class Search:
         if state.pending is not None:
             return True
         optimizer = self.recipe.optimizer
-        grid = len(X0_GRID) if optimizer.x0 == "grid" else 0
-        next_total = (state.generation + 1) * optimizer.popsize + grid
+        warm = len(self.genome.warm_start())
+        next_total = (state.generation + 1) * optimizer.popsize + warm
         if optimizer.max_evaluations is not None and next_total > optimizer.max_evaluations:
             return False
         if (
@@ -210,35 +210,35 @@ class Search:
         return optimizer.max_seconds is None or state.seconds < optimizer.max_seconds
 
     def _start(self, should_stop: Callable[[], bool]) -> SearchState | None:
-        """A new run's state: sources scored (anchors), the warm-start grid, anchors chosen; None if stopped.
+        """A new run's state: sources scored (anchors), the warm start, anchors chosen; None if stopped.
 
         Each step is recorded in the ledger as it goes, so a stop or kill here resumes where it was."""
         strategy = self.recipe.fitness.strategy
         if strategy == "anchors" and not self.items.score_sources(self.genome.source_paths, should_stop):
             return None
         x0 = None
-        grid_keys: list[str] = []
-        if self.recipe.optimizer.x0 == "grid":
-            genotypes = [np.full(self.genome.dimension, value) for value in X0_GRID]
-            records = self._evaluate(-1, genotypes, 1, should_stop, grid=True)
+        warm_keys: list[str] = []
+        genotypes = self.genome.warm_start()
+        if genotypes:
+            records = self._evaluate(-1, genotypes, 1, should_stop, warm_start=True)
             if records is None:
                 return None
-            grid_keys = [r.candidate for r in records if not r.failed]
+            warm_keys = [r.candidate for r in records if not r.failed]
             best = best_complete(self.ledger, -1)
             x0 = np.asarray(best.genotype) if best is not None else None
         if strategy == "anchors":
-            self.items.choose_anchors(grid_keys)
+            self.items.choose_anchors(warm_keys)
         return new_state(self.recipe, self.genome, x0)
 
     def _evaluate(
         self, generation: int, genotypes: list[np.ndarray], mu: int, should_stop: Callable[[], bool],
-        grid: bool = False,
+        warm_start: bool = False,
     ) -> list[EvaluationRecord] | None:
         """The generation's records in candidate order by the recipe's strategy; None if a stop came first."""
         strategy = self.recipe.fitness.strategy
         if strategy == "racing":
             return self.items.race(generation, genotypes, mu, should_stop)
-        if strategy == "anchors" and not grid:  # the grid is scored in full: it helps choose the anchors
+        if strategy == "anchors" and not warm_start:  # scored in full: the warm start helps choose the anchors
             if self.items.anchors is None:
                 self.items.choose_anchors()
             return self.items.anchored(generation, genotypes, should_stop)

@@ -34,7 +34,8 @@ PROMPT = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
 
 def dfs_recipe(sources: dict[str, Path], evals: Path, run_dir: Path, **settings: Any) -> dict[str, Any]:
     """A small layer-path search on the tiny fixtures: 3 sources x 4 layers x `repeats` slots."""
-    data = tiny_recipe(sources, evals, run_dir, optimizer={"popsize": 4, "max_evaluations": 8, "seed": 3})
+    # the start path (generation -1) and two generations of 4
+    data = tiny_recipe(sources, evals, run_dir, optimizer={"popsize": 4, "max_evaluations": 9, "seed": 3})
     data["genome"] = {"space": "layer_path", "layer_path": {"repeats": 2, "max_layers": 8, **settings}}
     data["fitness"] = {"tasks": [{"name": "tiny_mc", "metric": "acc"}], "limit": 12}
     return data
@@ -382,9 +383,27 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_evals, tmp_path):
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "killed", scales="per_slot")
-    data["optimizer"]["max_evaluations"] = 12
+    data["optimizer"]["max_evaluations"] = 13
     data["validation"] = None
-    assert_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path, popsize=4, total=12)
+    assert_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path, popsize=4, total=13)
+
+
+@pytest.mark.parametrize("start", ["anchor", "center"])
+def test_the_anchor_start_is_scored_first_and_never_beaten_by_a_worse_path(start, tiny_sources, tiny_evals, tmp_path):
+    """`start: anchor` scores the anchor's own path as generation -1, paid from the budget, so the winner
+    scores at least as well as the model the search started from; `start: center` has no such candidate."""
+    data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "run", start=start, fix_ends=True)
+    data["validation"] = None
+    result, evaluated = run_in_process(data, tmp_path / "run")
+    search, _ = open_search(parse_recipe(data), tmp_path / "run")
+    warm = search.ledger.evaluations(-1)
+    if start == "center":
+        assert warm == [] and len(evaluated) == 8
+        return
+    assert len(evaluated) == 9 and len(warm) == 1
+    path = search.genome.decode(np.asarray(warm[0].genotype))
+    assert steps(path) == [("base", layer) for layer in range(4)]
+    assert result.best.score >= warm[0].score
 
 
 def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources, tiny_evals, tmp_path):
@@ -415,3 +434,23 @@ def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources,
                 "activations overflow" in record.failure and record.objective == 1.0 and record.score == 0.0
             )
     assert not result.best.failed
+
+
+def test_the_report_plots_a_layer_path_by_position_and_source(tiny_sources, tiny_evals, tmp_path):
+    from merger.report import plot_genome
+
+    data = dfs_recipe(tiny_sources, tiny_evals, tmp_path, scales="per_slot", fix_ends=True)
+    recipe = parse_recipe(data)
+    genome = genome_of(data, tiny_sources)
+    x = np.random.default_rng(0).random(genome.dimension)
+    genes = genome.table(x)
+    figure = plot_genome(genes, recipe, tmp_path / "genome.png")
+    assert (tmp_path / "genome.png").read_bytes().startswith(b"\x89PNG")
+    axes, colorbar = figure.axes
+    assert [label.get_text() for label in axes.get_yticklabels()] == recipe.source_names
+    assert axes.get_xlabel().startswith("position in the path") and axes.get_ylabel() == "source of the layer"
+    assert [text.get_text() for text in axes.texts] == [str(gene["layer"]) for gene in genes]
+    rows = axes.collections[0].get_offsets()
+    assert [recipe.source_names[int(row)] for _, row in rows] == [gene["source"] for gene in genes]
+    assert colorbar.get_ylabel() == "scale on o_proj and down_proj"
+    assert f"{len(genes)} layers" in axes.get_title()

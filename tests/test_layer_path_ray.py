@@ -38,6 +38,6 @@ def test_layer_path_on_ray_with_workers_killed_gives_the_in_process_result(
 
     on_ray = run_search({**data, "executor": RAY}, tmp_path / "ray", kill_workers_once)
     result, records, recorded = on_ray
-    assert len(killed) == 2 and len(recorded) == len(set(recorded)) == 8
+    assert len(killed) == 2 and len(recorded) == len(set(recorded)) == 9
     assert not any(r.failed for r in records)
     assert_same_search(on_ray, in_process)
