@@ -454,3 +454,30 @@ def test_the_report_plots_a_layer_path_by_position_and_source(tiny_sources, tiny
     assert [recipe.source_names[int(row)] for _, row in rows] == [gene["source"] for gene in genes]
     assert colorbar.get_ylabel() == "scale on o_proj and down_proj"
     assert f"{len(genes)} layers" in axes.get_title()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "settings"),
+    [
+        ("racing", {"racing": {"block": 2, "bound": "hoeffding", "delta": 0.9}}),
+        ("anchors", {"anchors": {"count": 4}}),
+    ],
+)
+def test_item_strategies_search_a_layer_path(strategy, settings, tiny_sources, tiny_evals, tmp_path):
+    """Racing and anchors take a layer-path genome as they take a parameter one: the start path and
+    the winner are scored on every fitness item; anchors spend fewer item-evaluations than `full`
+    (whether a race cuts depends on how far apart the tiny models' scores fall)."""
+    data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "run", fix_ends=True)
+    data["validation"] = None
+    data["fitness"].update({"strategy": strategy, **settings})
+    result, evaluated = run_in_process(data, tmp_path / "run")
+    search, _ = open_search(parse_recipe(data), tmp_path / "run")
+    ledger = search.ledger
+
+    def items_scored(candidate: str) -> int:
+        return sum(len(docs) for docs in ledger.item_outcomes(candidate)[candidate].values())
+
+    assert items_scored("-1/0") == 12 and len(evaluated) == 9
+    assert items_scored(result.best.candidate) == 12
+    spent, full = ledger.items_spent()["candidates"], 12 * len(evaluated)
+    assert spent < full if strategy == "anchors" else spent <= full
