@@ -268,6 +268,13 @@ class Ledger:
         counts = {bool(is_source): count for is_source, count in rows}
         return {"candidates": counts.get(False, 0), "sources": counts.get(True, 0)}
 
+    def generation_items(self, generation: int) -> int:
+        """Item-evaluations recorded on one generation's candidates."""
+        pattern = candidate_key(generation, 0).replace("/0", "/%")
+        return self._db.execute(
+            "SELECT COUNT(*) FROM item_outcomes WHERE candidate LIKE ?", (pattern,)
+        ).fetchone()[0]
+
     def estimates(self) -> dict[tuple[int, int], FitnessEstimate]:
         rows = self._db.execute("SELECT * FROM fitness_estimates ORDER BY generation, idx").fetchall()
         return {(row[0], row[1]): FitnessEstimate(*row) for row in rows}

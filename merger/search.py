@@ -68,6 +68,16 @@ def new_state(recipe: Recipe, genome: SearchSpace, x0: np.ndarray | None = None)
     return SearchState(generation=0, es=es)
 
 
+def generations_within_items(ledger: Ledger, max_items: int, last_generation: int) -> int:
+    """How many more generations the item budget pays for, each priced at what the last one cost.
+
+    A generation starts only when the items left cover that price, so `max_items` is not passed
+    unless a generation costs more than the one before it (a started generation is finished)."""
+    left = max_items - sum(ledger.items_spent().values())
+    price = ledger.generation_items(last_generation)
+    return max(0, left) // price if price else 0
+
+
 def load_state(run_dir: Path) -> SearchState | None:
     path = RunDir(run_dir).checkpoint
     if not path.is_file():
@@ -204,9 +214,9 @@ class Search:
         if (
             optimizer.max_items is not None
             and state.generation > 0  # a run scores at least one generation, whatever the sources cost
-            and sum(self.ledger.items_spent().values()) >= optimizer.max_items
+            and generations_within_items(self.ledger, optimizer.max_items, state.generation - 1) < 1
         ):
-            return False  # a started generation is finished, so the budget can be passed by one generation
+            return False
         return optimizer.max_seconds is None or state.seconds < optimizer.max_seconds
 
     def _start(self, should_stop: Callable[[], bool]) -> SearchState | None:

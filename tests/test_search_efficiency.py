@@ -175,11 +175,13 @@ def test_grid_warm_start_is_paid_from_the_budget_and_starts_cma_at_its_best(
 
 
 def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
-    data = strategy_data(tiny_sources, tiny_evals, "full", max_evaluations=None, max_items=60)
+    """A generation starts only when the items left pay for what the last one cost: 48 items a
+    generation, so a budget of 100 pays for 2 and never for a third (144)."""
+    data = strategy_data(tiny_sources, tiny_evals, "full", max_evaluations=None, max_items=100)
     result, _ = run_here(data, tmp_path / "run")
     ledger = Ledger(tmp_path / "run")
     spent = ledger.items_spent()["candidates"]
-    assert spent >= 60 and result.generations == 2  # 48 items after one generation, under 60: one more
+    assert spent == 96 and result.generations == 2
     status = status_text(ledger)
     assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources)" in status
     assert "(0 generations)" in status  # the item budget is spent

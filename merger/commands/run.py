@@ -137,7 +137,7 @@ def item_lines(ledger: Any, evaluations: int) -> list[str]:
 def status_text(ledger: Any, show_all: bool = False) -> str:
     import math
 
-    from merger.search import load_state
+    from merger.search import generations_within_items, load_state
 
     records = ledger.evaluations()
     generations = ledger.generations()
@@ -158,10 +158,7 @@ def status_text(ledger: Any, show_all: bool = False) -> str:
         if meta.get("max_evaluations") and meta.get("popsize"):
             left_by_budget.append(max(0, meta["max_evaluations"] // meta["popsize"] - len(generations)))
         if meta.get("max_items"):
-            spent = sum(ledger.items_spent().values())
-            per_generation_items = spent / len(generations)
-            items_left = max(0, meta["max_items"] - spent)
-            left_by_budget.append(math.ceil(items_left / per_generation_items) if per_generation_items else 0)
+            left_by_budget.append(generations_within_items(ledger, meta["max_items"], generations[-1].generation))
         state = load_state(ledger.path.parent)
         if meta.get("max_seconds") and state is not None:
             # the clock is checked between generations, so a started generation always runs to its end
