@@ -54,6 +54,12 @@ RECIPES = {
 }
 
 
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return f"{one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min) on {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}"
+
+
 def fitness_items(recipe: Recipe) -> int:
     suite = TaskSuite(recipe.fitness, task_paths(recipe))
     return sum(len(ids) for ids in suite.item_ids().values())
@@ -226,6 +232,7 @@ def main() -> None:
     out = args.out / "tiny" if args.tiny else args.out
     recipes = tiny_recipes(out / "fixtures") if args.tiny else {name: RECIPES[name] for name in args.recipes}
     started = time.time()
+    print(f"load at start: {load()}", flush=True)
     report, total_items, total_seconds = {}, 0, 0.0
     for name, path in recipes.items():
         recipe = load_recipe(path)
@@ -259,7 +266,7 @@ def main() -> None:
             )
     print(
         f"\ntotal cost: {total_items} item-evaluations, {total_seconds:.0f} s of runs "
-        f"({time.time() - started:.0f} s in this sitting)"
+        f"({time.time() - started:.0f} s in this sitting); load at the end: {load()}"
     )
     print(json.dumps(report))
 
