@@ -2,9 +2,13 @@
 
 Items are clustered (scikit-learn's k-means, weighted by each item's weight in the fitness score) by
 their outcome vectors: one value per model already scored on every item (the sources, and the
-warm-start grid when there is one). Each cluster's anchor is its item nearest the centroid and
-carries the cluster's total weight, so a candidate's estimate is the weighted sum of its anchor values:
-exact when every item of a cluster goes as its anchor does.
+warm-start candidates when there are some). The anchors are a stratified sample of the clusters: each
+cluster gets anchors in proportion to its weight (at least one), its items nearest the centroid first
+(ties in a seeded order), and they share the cluster's weight in proportion to their own. A candidate's
+estimate is the weighted sum of its anchor values: exact when every item of a cluster goes as its
+anchors do. Few models give few distinct outcome vectors (three sources give at most eight), so the
+clusters are often fewer than the anchors asked for; the anchors left over then sample the large
+clusters again instead of being dropped.
 """
 
 from __future__ import annotations
@@ -48,14 +52,30 @@ def choose_anchors(item_set: ItemSet, outcomes: list[Values], count: int, seed: 
     labels = (
         KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit(matrix, sample_weight=weights).labels_
     )
+    members_of = [np.flatnonzero(labels == label) for label in range(clusters)]
+    members_of = [members for members in members_of if members.size]
+    shares = allocate([float(weights[m].sum()) for m in members_of], [m.size for m in members_of], count)
+    rng = np.random.default_rng(seed)
     chosen, chosen_weights = [], []
-    for label in range(clusters):
-        members = np.flatnonzero(labels == label)
-        if members.size == 0:
-            continue
+    for members, share in zip(members_of, shares, strict=True):
         centroid = np.average(matrix[members], axis=0, weights=weights[members])
-        distances = np.linalg.norm(matrix[members] - centroid, axis=1)
-        chosen.append(item_set.items[members[int(np.argmin(distances))]])
-        chosen_weights.append(float(weights[members].sum()))
+        shuffled = rng.permutation(members)
+        distances = np.linalg.norm(matrix[shuffled] - centroid, axis=1)
+        picked = shuffled[np.argsort(distances, kind="stable")[:share]]
+        cluster_weight = float(weights[members].sum())
+        for index in picked:
+            chosen.append(item_set.items[index])
+            chosen_weights.append(cluster_weight * float(weights[index] / weights[picked].sum()))
     order = sorted(range(len(chosen)), key=lambda i: item_set.items.index(chosen[i]))
     return Anchors(tuple(chosen[i] for i in order), tuple(chosen_weights[i] for i in order))
+
+
+def allocate(cluster_weights: list[float], sizes: list[int], count: int) -> list[int]:
+    """Anchors per cluster: one each, then one at a time to the cluster with the most weight per anchor
+    (proportional allocation; ties to the earlier cluster), never more than a cluster's items."""
+    shares = [1] * len(cluster_weights)
+    for _ in range(max(0, min(count, sum(sizes)) - len(shares))):
+        open_clusters = [c for c in range(len(shares)) if shares[c] < sizes[c]]
+        best = max(open_clusters, key=lambda c: (cluster_weights[c] / shares[c], -c))
+        shares[best] += 1
+    return shares

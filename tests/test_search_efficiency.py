@@ -60,8 +60,25 @@ def test_anchor_estimate_is_exact_when_items_go_as_their_cluster():
     assert sorted(anchors.weights) == pytest.approx([0.25, 0.25, 0.5])
     new_model = {"t": {doc: {0: 1.0, 1: 0.0, 2: 1.0}[kind[doc]] for doc in range(24)}}
     assert anchors.estimate(new_model) == pytest.approx(item_set.score(new_model)) == pytest.approx(0.75)
-    # fewer distinct outcome vectors than anchors asked for: one anchor per vector
-    assert len(choose_anchors(item_set, outcomes, count=10, seed=1).items) == 3
+    # fewer distinct outcome vectors than anchors asked for: the rest sample the clusters again, in
+    # proportion to their weight (12, 6, 6 items: 4, 2, 2 of 8 anchors), and the estimate stays exact
+    more = choose_anchors(item_set, outcomes, count=8, seed=1)
+    assert sorted(kind[doc] for _, doc in more.items) == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert len(set(more.items)) == 8 and sum(more.weights) == pytest.approx(1.0)
+    assert more.estimate(new_model) == pytest.approx(0.75)
+
+
+def test_stratified_anchors_estimate_a_model_that_varies_within_a_cluster():
+    """One outcome vector for all 40 items (one cluster): 10 anchors are a sample of 10 items, and the
+    estimate is their mean, where one anchor could only say 0 or 1."""
+    item_set, _ = one_task_set("t", 40)
+    outcomes = [{"t": dict.fromkeys(range(40), 1.0)} for _ in range(3)]
+    anchors = choose_anchors(item_set, outcomes, count=10, seed=3)
+    assert len(anchors.items) == 10 and anchors.weights == pytest.approx([0.1] * 10)
+    half = {"t": {doc: float(doc % 2) for doc in range(40)}}
+    sampled = [half["t"][doc] for _, doc in anchors.items]
+    assert anchors.estimate(half) == pytest.approx(sum(sampled) / 10)
+    assert len(choose_anchors(item_set, outcomes, count=1, seed=3).items) == 1
 
 
 def test_item_weights_follow_task_weights():
