@@ -4,6 +4,7 @@ Runs each (recipe, strategy, seed) in its own run directory under --out and keep
 finished is read back, one that was stopped or killed resumes, so the table fills up across sittings.
 
     python benchmarks/search_efficiency.py                      # quickstart + efficiency-hard, 3 seeds
+    python benchmarks/search_efficiency.py --strategies anchors+grid   # x0: grid as well (on request)
     python benchmarks/search_efficiency.py --tiny               # tiny random models: a quick self-check
 
 `full` runs the recipe as it is (max_evaluations candidates). Every other strategy gets the same
@@ -224,7 +225,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "search_efficiency")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument(
+        "--strategies", nargs="+", default=["full", "racing", "anchors"], choices=list(STRATEGIES)
+    )
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="names: quickstart, hard")
     parser.add_argument("--fraction", type=float, default=0.2, help="item budget of the other strategies")
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a self-check in minutes")
