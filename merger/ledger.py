@@ -270,7 +270,7 @@ class Ledger:
 
     def generation_items(self, generation: int) -> int:
         """Item-evaluations recorded on one generation's candidates."""
-        pattern = candidate_key(generation, 0).replace("/0", "/%")
+        pattern = candidate_key(generation, 0).rsplit("/", 1)[0] + "/%"
         return self._db.execute(
             "SELECT COUNT(*) FROM item_outcomes WHERE candidate LIKE ?", (pattern,)
         ).fetchone()[0]

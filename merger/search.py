@@ -72,10 +72,11 @@ def generations_within_items(ledger: Ledger, max_items: int, last_generation: in
     """How many more generations the item budget pays for, each priced at what the last one cost.
 
     A generation starts only when the items left cover that price, so `max_items` is not passed
-    unless a generation costs more than the one before it (a started generation is finished)."""
+    unless a generation costs more than the one before it (a started generation is finished). A
+    generation that scored no item (every candidate failed) is priced at one item, not at nothing."""
     left = max_items - sum(ledger.items_spent().values())
-    price = ledger.generation_items(last_generation)
-    return max(0, left) // price if price else 0
+    price = max(1, ledger.generation_items(last_generation))
+    return max(0, left) // price
 
 
 def load_state(run_dir: Path) -> SearchState | None:

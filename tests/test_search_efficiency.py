@@ -208,6 +208,17 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
     assert rows["item-evaluations"].startswith(f"{spent} ({spent} on candidates")
 
 
+def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
+    from merger.search import generations_within_items
+
+    ledger = Ledger(tmp_path)
+    assert generations_within_items(ledger, 100, 0) == 100  # nothing scored: failures cost no items
+    ledger.record_items("0/0", {"t": {1: 1.0, 2: 0.0}})
+    ledger.record_items("0/1", {"t": {1: 1.0}})
+    ledger.record_items("10/0", {"t": {1: 1.0}})  # another generation's candidate, not priced in
+    assert ledger.generation_items(0) == 3 and generations_within_items(ledger, 100, 0) == (100 - 4) // 3
+
+
 def test_itemwise_strategies_refuse_a_metric_that_is_not_a_mean(tiny_evals):
     from merger.fitness import TaskSuite
     from merger.recipe import FitnessSet
