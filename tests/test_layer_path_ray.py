@@ -3,16 +3,13 @@ are SIGKILLed mid-generation and replaced."""
 
 from __future__ import annotations
 
-import os
-import signal
-from typing import Any
-
 import pytest
 
 from tests.test_layer_path import dfs_recipe
 from tests.test_ray import (  # noqa: F401 - ray_session is a fixture
     RAY,
     assert_same_search,
+    kill_workers_once,
     ray_session,
     run_search,
 )
@@ -29,14 +26,7 @@ def test_layer_path_on_ray_with_workers_killed_gives_the_in_process_result(
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "run", scales="per_slot", fix_ends=True)
     in_process = run_search(data, tmp_path / "in_process")
     killed: list[int] = []
-
-    def kill_workers_once(executor: Any, record: Any) -> None:
-        if not killed:
-            killed.extend(executor.worker_pids)
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
-
-    on_ray = run_search({**data, "executor": RAY}, tmp_path / "ray", kill_workers_once)
+    on_ray = run_search({**data, "executor": RAY}, tmp_path / "ray", kill_workers_once(killed))
     result, records, recorded = on_ray
     assert len(killed) == 2 and len(recorded) == len(set(recorded)) == 9
     assert not any(r.failed for r in records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,19 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # local Ray and several worker processes
 
 RAY = {"kind": "ray", "num_workers": 2, "cpus_per_worker": 1}
+
+
+def kill_workers_once(killed: list[int]) -> Callable[[RayExecutor, Any], None]:
+    """A per-record hook that SIGKILLs every worker at the first record (their pids go into `killed`):
+    after generation 0's first record, the other worker is busy with candidate 1."""
+
+    def on_record(executor: RayExecutor, record: Any) -> None:
+        if not killed:
+            killed.extend(executor.worker_pids)
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    return on_record
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +97,11 @@ def test_ray_gives_the_in_process_result(ray_session, search_data, in_process_ru
 
 def test_a_worker_killed_mid_generation_is_replaced(ray_session, search_data, in_process_run, tmp_path):
     killed: list[int] = []
-
-    def kill_workers_once(executor: RayExecutor, record: Any) -> None:
-        if not killed:  # after generation 0's first record: the other worker is busy with candidate 1
-            killed.extend(executor.worker_pids)
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
-
+    kill_once = kill_workers_once(killed)
     lost_workers: list[int] = []
 
     def note_losses(executor: RayExecutor, record: Any) -> None:
-        kill_workers_once(executor, record)
+        kill_once(executor, record)
         lost_workers.append(executor.lost_workers)
 
     ray_run = run_search({**search_data, "executor": RAY}, tmp_path / "ray", note_losses)

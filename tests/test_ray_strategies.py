@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-from typing import Any
-
 import pytest
 
-from merger.executors.ray_executor import RayExecutor
-from tests.test_ray import RAY, ray_session, run_search  # noqa: F401 (ray_session is a fixture)
+from tests.test_ray import (  # noqa: F401 (ray_session is a fixture)
+    RAY,
+    kill_workers_once,
+    ray_session,
+    run_search,
+)
 from tests.test_search_efficiency import ledger_state, strategy_data
 
 pytest.importorskip("ray")
@@ -21,14 +21,7 @@ def test_ray_gives_the_in_process_result(strategy, ray_session, tiny_sources, ti
     data = strategy_data(tiny_sources, tiny_evals, strategy, x0="grid", max_evaluations=13)
     reference = run_search(data, tmp_path / "in_process")
     killed: list[int] = []
-
-    def kill_workers_once(executor: RayExecutor, record: Any) -> None:
-        if not killed:
-            killed.extend(executor.worker_pids)
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
-
-    result = run_search({**data, "executor": RAY}, tmp_path / "ray", kill_workers_once)
+    result = run_search({**data, "executor": RAY}, tmp_path / "ray", kill_workers_once(killed))
     assert killed
     assert result[0].best.score == reference[0].best.score
     assert result[0].best.genotype == pytest.approx(reference[0].best.genotype)
