@@ -1,6 +1,6 @@
 """Build step: the top-level evals/ and recipes/ go into the wheel as merger/_bundled/ (package data).
 
-Metadata lives in pyproject.toml; merger.bundled.bundled_dir finds these files installed or in a checkout.
+Metadata lives in pyproject.toml; merger.common.bundled.bundled_dir finds these files installed or in a checkout.
 """
 
 import shutil

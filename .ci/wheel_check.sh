@@ -29,7 +29,7 @@ case "$location" in
   *) echo "wheel check: merger imported from $location, not from the wheel in $WORK/venv" >&2; exit 1 ;;
 esac
 "$py" - <<'PY'
-from merger.bundled import bundled_dir
+from merger.common.bundled import bundled_dir
 from merger.executors.ray_executor import worker_runtime_env
 
 evals = bundled_dir("evals")
@@ -39,7 +39,7 @@ PY
 "$merger" recipes > "$WORK/recipes.txt"
 grep -q '^quickstart ' "$WORK/recipes.txt"
 "$merger" recipes copy quickstart "$WORK"
-"$py" -c 'from pathlib import Path; from merger.recipe import load_recipe; load_recipe(Path("quickstart.yaml"))'
+"$py" -c 'from pathlib import Path; from merger.recipe.schema import load_recipe; load_recipe(Path("quickstart.yaml"))'
 
 # One short search on tiny models (built by the checkout's test helper, in its own process) with a
 # bundled task named only by name.

@@ -45,8 +45,8 @@ from merger.engine.methods import RESIDENT_METHODS  # noqa: E402
 from merger.engine.plan import resolve_plan  # noqa: E402
 from merger.engine.reference import merge_in_memory  # noqa: E402
 from merger.engine.resident import ResidentEngine  # noqa: E402
-from merger.method_registry import METHODS as REGISTRY  # noqa: E402
-from merger.method_registry import SEARCHABLE_METHODS, untuned_config  # noqa: E402
+from merger.recipe.methods import METHODS as REGISTRY  # noqa: E402
+from merger.recipe.methods import SEARCHABLE_METHODS, untuned_config  # noqa: E402
 
 METHODS = list(RESIDENT_METHODS)  # merged by the resident engine's kernels
 # the other searchable methods: each candidate merged by mergekit's executor (MergekitEngine)

@@ -32,8 +32,8 @@ import openai  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from merger.router.backends import RemoteBackend, build_backend  # noqa: E402
-from merger.router.conductor import MEMBERS_HEADER, Conductor, create_app  # noqa: E402
+from merger.conductor.backends import RemoteBackend, build_backend  # noqa: E402
+from merger.conductor.conductor import MEMBERS_HEADER, Conductor, create_app  # noqa: E402
 from merger.router.embeddings import build_embedder  # noqa: E402
 from merger.router.outcomes import build_outcome_table  # noqa: E402
 from merger.router.pool import Member, Pool, RemoteEndpoint, load_pool  # noqa: E402

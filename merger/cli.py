@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from merger.errors import MergerError, clip
+from merger.common.errors import MergerError, clip
 
 # One module per area under merger/commands/, each with `register(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = ("run", "router", "registry", "zoo", "report", "recipes", "import_evolve")

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from merger import cli
-from merger.ledger import FinalScore, Ledger
+from merger.rundir.ledger import FinalScore, Ledger
 
 
 def main() -> int:

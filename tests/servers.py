@@ -22,8 +22,8 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from merger.conductor.serving import uvicorn_config
 from merger.router.pool import ServerSettings
-from merger.router.serving import uvicorn_config
 
 REPO = Path(__file__).resolve().parents[1]
 

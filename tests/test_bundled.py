@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from merger import bundled
-from merger.errors import MergerError
+from merger.common import bundled
+from merger.common.errors import MergerError
 from merger.executors.ray_executor import source_tree_for_workers, worker_runtime_env
-from merger.recipe import BUNDLED_EVALS, load_recipe
+from merger.recipe.schema import BUNDLED_EVALS, load_recipe
 from merger.router.pool import load_pool
 from tests.cli import assert_one_line_error, run_merger
 

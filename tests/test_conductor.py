@@ -20,8 +20,8 @@ import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 
-from merger.router.backends import LocalBackend, RemoteBackend
-from merger.router.conductor import MEMBERS_HEADER, Conductor, create_app
+from merger.conductor.backends import LocalBackend, RemoteBackend
+from merger.conductor.conductor import MEMBERS_HEADER, Conductor, create_app
 from merger.router.embeddings import Embedder, build_embedder
 from merger.router.head import RouterHead
 from merger.router.pool import ROLES, Pool, Role, parse_pool
@@ -462,7 +462,7 @@ def test_serve_path_loads_the_trained_head_and_local_members(
     tiny_sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from merger.cli import main
-    from merger.router.conductor import build_conductor
+    from merger.conductor.conductor import build_conductor
     from merger.router.head import train_head
     from merger.router.training import head_dir
 
@@ -507,7 +507,7 @@ work_dir: work
 
 
 def test_circuit_breaker_window_cooldown_and_probation() -> None:
-    from merger.router.conductor import CircuitBreaker
+    from merger.conductor.conductor import CircuitBreaker
     from merger.router.pool import BreakerSettings
 
     now = [0.0]
@@ -536,7 +536,7 @@ def test_circuit_breaker_window_cooldown_and_probation() -> None:
 def test_stop_sequences_cut_local_answers_and_reach_remote_members(
     conductor_factory: Any, shared: dict[str, Any], remotes: Any
 ) -> None:
-    from merger.router.backends import Generation, cut_at_stop
+    from merger.conductor.backends import Generation, cut_at_stop
 
     assert cut_at_stop("12\nmore", ("\n",)) == ("12", True)
     assert cut_at_stop("abc", ("x", "")) == ("abc", False)
@@ -569,7 +569,7 @@ def test_a_local_member_stops_generating_when_its_call_is_abandoned(
     """A deadline or a client that left cancels the call; the generation thread stops at the next token."""
     import threading
 
-    from merger.router.backends import Generation
+    from merger.conductor.backends import Generation
 
     backend = LocalBackend("local", tiny_sources["base"])
     backend.model.generation_config.eos_token_id = None  # unless stopped, it generates all max_tokens

@@ -26,9 +26,9 @@ import openai
 import pytest
 import yaml
 
-from merger.errors import MergerError
-from merger.router.backends import retry_after_seconds
-from merger.router.conductor import Conductor, build_conductor, create_app
+from merger.common.errors import MergerError
+from merger.conductor.backends import retry_after_seconds
+from merger.conductor.conductor import Conductor, build_conductor, create_app
 from merger.router.embeddings import Embedder, EmbeddingCache
 from merger.router.pool import Pool, parse_pool
 from tests.servers import REPO, ServerThread, fake_member, serve_process

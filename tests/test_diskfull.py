@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.registry import Registry
 from tests.cli import assert_one_line_error, run_merger
 from tests.recipes import tiny_recipe, write_recipe

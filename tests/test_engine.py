@@ -15,6 +15,7 @@ import torch
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
+from merger.common.errors import MergerError
 from merger.engine.factory import build_engine
 from merger.engine.methods import (
     RANDOM_LEVELS,
@@ -28,8 +29,7 @@ from merger.engine.methods import (
 from merger.engine.plan import MergePlan, resolve_plan
 from merger.engine.reference import MergekitEngine, merge_in_memory
 from merger.engine.resident import ResidentEngine
-from merger.errors import MergerError
-from merger.method_registry import METHODS
+from merger.recipe.methods import METHODS
 
 BY_CLASS = [{"filter": "self_attn", "value": 0.35}, {"filter": "mlp", "value": 0.8}, {"value": 0.55}]
 FP32 = {"rtol": 1e-5, "atol": 1e-6}

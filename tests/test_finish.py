@@ -16,14 +16,14 @@ import yaml
 
 import merger.cli
 import merger.registry.files
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
-from merger.finish import finish_run
-from merger.ledger import Ledger
-from merger.recipe import parse_recipe
+from merger.finish.final import finish_run
+from merger.recipe.schema import parse_recipe
 from merger.registry import Registry
-from merger.rundir import RunDir
-from merger.search import open_search, prepare_run_dir
+from merger.rundir.layout import RunDir
+from merger.rundir.ledger import Ledger
+from merger.search.loop import open_search, prepare_run_dir
 from tests.recipes import tiny_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def test_no_baselines_when_the_recipe_turns_them_off(tiny_sources, tiny_evals, t
 
 
 def test_a_baseline_that_does_not_apply_is_skipped_with_its_reason(tiny_sources, tiny_evals, tmp_path):
-    from merger.baselines import plan_baselines
+    from merger.finish.baselines import plan_baselines
 
     two = {name: tiny_sources[name] for name in ("base", "specialist1")}
     recipe = parse_recipe(small_recipe(two, tiny_evals, tmp_path / "run"))

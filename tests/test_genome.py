@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from merger.common.errors import MergerError
 from merger.engine.plan import resolve_plan
-from merger.errors import MergerError
-from merger.genome import Genome, layer_groups
-from merger.recipe import parse_recipe
+from merger.recipe.schema import parse_recipe
+from merger.space.parameters import Genome, layer_groups
 from tests.recipes import tiny_recipe
 
 TENSORS = [

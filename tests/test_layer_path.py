@@ -18,12 +18,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from merger.cli import main
+from merger.common.errors import MergerError
 from merger.engine.layer_path import LayerPathEngine, path_of_config
 from merger.engine.reference import export_merge
-from merger.errors import MergerError
-from merger.layer_path import LayerPathGenome, PathLayer, passthrough_config
-from merger.recipe import load_recipe, parse_recipe, recipe_to_yaml
-from merger.search import open_search
+from merger.recipe.schema import load_recipe, parse_recipe, recipe_to_yaml
+from merger.search.loop import open_search
+from merger.space.layer_path import LayerPathGenome, PathLayer, passthrough_config
 from tests.recipes import tiny_recipe, write_recipe
 from tests.test_search import assert_resume_after_sigkill_equals_an_uninterrupted_run, run_in_process
 from tests.tiny_models import build_tokenizer, tiny_config, with_tensor_filled
@@ -124,7 +124,7 @@ def test_sources_of_different_hidden_sizes_are_refused(tiny_sources, tiny_evals,
 
 def test_bundled_dfs_recipes_validate() -> None:
     """recipes/dfs-zoo.yaml and ps-dfs-zoo.yaml: their schema and tasks (no weights load)."""
-    from merger.fitness import check_tasks
+    from merger.scoring.fitness import check_tasks
 
     dfs = load_recipe(REPO / "recipes" / "dfs-zoo.yaml")
     assert dfs.genome.space == "layer_path" and [s.path for s in dfs.sources] == [
@@ -363,8 +363,8 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     assert_reproduced_by_mergekit(run_dir, tmp_path / "reproduced")
     assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
 
+    from merger.conductor.backends import Generation, build_backend
     from merger.registry import Registry
-    from merger.router.backends import Generation, build_backend
     from merger.router.pool import parse_pool
 
     entry = Registry(registry).resolve("dfs-winner")
@@ -437,7 +437,7 @@ def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources,
 
 
 def test_the_report_plots_a_layer_path_by_position_and_source(tiny_sources, tiny_evals, tmp_path):
-    from merger.report import plot_genome
+    from merger.report.report import plot_genome
 
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path, scales="per_slot", fix_ends=True)
     recipe = parse_recipe(data)

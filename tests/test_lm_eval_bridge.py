@@ -1,4 +1,4 @@
-"""One way into lm-eval: only merger.lm_eval_bridge imports it, and fitness, the router's outcome table and
+"""One way into lm-eval: only merger.scoring.lm_eval_bridge imports it, and fitness, the router's outcome table and
 the zoo all score through it (same task loading, same numbers)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from merger import lm_eval_bridge
-from merger.fitness import TaskSuite, load_tokenizer
-from merger.recipe import EvalSet
+from merger.recipe.schema import EvalSet
 from merger.router.outcomes import build_outcome_table
 from merger.router.pool import load_pool
+from merger.scoring import lm_eval_bridge
+from merger.scoring.fitness import TaskSuite, load_tokenizer
 
 PACKAGE = Path(lm_eval_bridge.__file__).resolve().parent
 ITEMS = 8

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from merger.commands.run import status_text
-from merger.ledger import Ledger
-from merger.recipe import parse_recipe
-from merger.search import StopRequest, load_state, open_search
+from merger.recipe.schema import parse_recipe
+from merger.rundir.ledger import Ledger
+from merger.search.loop import StopRequest, load_state, open_search
 
 REPO = Path(__file__).resolve().parent.parent
 POPSIZE = 4

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import merger.cli
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.registry import (
     Parent,
     Registry,

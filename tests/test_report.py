@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from merger.cli import main
-from merger.errors import MergerError
-from merger.report import gene_matrices, write_report
+from merger.common.errors import MergerError
+from merger.report.report import gene_matrices, write_report
 from tests.test_overnight import recipe_data, run_here
 
 pytest.importorskip("matplotlib")
@@ -102,8 +102,8 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
 
 
 def test_report_refuses_a_run_with_nothing_recorded(tiny_sources, tiny_evals, tmp_path):
-    from merger.recipe import parse_recipe
-    from merger.search import open_search
+    from merger.recipe.schema import parse_recipe
+    from merger.search.loop import open_search
 
     search, _ = open_search(parse_recipe(recipe_data(tiny_sources, tiny_evals)), tmp_path / "run")
     search.ledger.close()

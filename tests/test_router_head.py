@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.router.evaluation import evaluate, knn_choices, logistic_regression_choices
 from merger.router.head import RouterHead, parameter_count, role_targets, train_head
 from merger.router.outcomes import OutcomeTable

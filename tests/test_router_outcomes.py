@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from merger.cli import main
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.router.embeddings import build_embedder
 from merger.router.outcomes import build_outcome_table
 from merger.router.pool import load_pool
@@ -185,7 +185,7 @@ def test_cli_trains_and_evaluates_on_a_pool(
 def test_remote_member_outcomes_come_from_lm_eval_chat_completions(
     tmp_path: Path, tiny_evals: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from merger.errors import MergerError
+    from merger.common.errors import MergerError
     from merger.router.pool import parse_pool
     from tests.test_conductor import REMOTE_KEY, ServerThread, fake_remote
 

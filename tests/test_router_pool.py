@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from merger.cli import main
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.router.pool import Role, load_pool, parse_pool
 
 
@@ -94,7 +94,7 @@ def test_cli_reports_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:
-    from merger.router.sources import member_checkpoint
+    from merger.sources.members import member_checkpoint
 
     pool = parse_pool(
         {"members": [{"name": "winner", "registry": "registry:nothing-here@1"}], "registry_root": "reg"},
@@ -106,7 +106,7 @@ def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:
 
 
 def test_zoo_member_names_a_zoo_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from merger.router.sources import member_checkpoint
+    from merger.sources.members import member_checkpoint
     from merger.zoo import build
 
     built: dict[str, Path] = {"base": tmp_path / "base", "add": tmp_path / "add", "cap": tmp_path / "cap"}

@@ -13,16 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from merger.common.errors import MergerError
 from merger.engine.reference import MergekitEngine, export_merge
 from merger.engine.resident import ResidentEngine
 from merger.engine.weights import checkpoint_digest, parameter_names
-from merger.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
-from merger.genome import Genome
-from merger.recipe import parse_recipe
+from merger.finish.scored_export import match_scored_weights
+from merger.recipe.schema import parse_recipe
 from merger.registry import Registry
-from merger.scored_export import match_scored_weights
-from merger.sources import resolve_sources
+from merger.sources.resolve import resolve_sources
+from merger.space.parameters import Genome
 from tests.cli import assert_one_line_error, run_merger
 from tests.recipes import tiny_recipe, write_recipe
 
@@ -223,7 +223,7 @@ def test_match_scored_weights_on_a_tampered_export(tiny_sources, tiny_evals, tmp
 
 
 def test_a_ledger_from_before_digests_gains_the_column_and_keeps_its_rows(tmp_path):
-    from merger.ledger import SCHEMA, EvaluationRecord, Ledger
+    from merger.rundir.ledger import SCHEMA, EvaluationRecord, Ledger
 
     old_schema = SCHEMA.replace("    digest TEXT,\n", "")
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from merger.cli import main
-from merger.recipe import parse_recipe
-from merger.search import open_search
+from merger.recipe.schema import parse_recipe
+from merger.search.loop import open_search
 from tests.recipes import tiny_recipe, write_recipe
 from tests.tiny_models import with_tensor_filled
 
@@ -151,7 +151,7 @@ def test_failing_candidates_do_not_stop_the_run(tiny_sources, tiny_evals, tmp_pa
 )
 def test_genome_configs_merge_in_memory_as_mergekit_writes_them(tiny_sources, tiny_evals, tmp_path, method, parameters):
     from merger.engine.reference import export_merge, merge_in_memory
-    from merger.genome import Genome
+    from merger.space.parameters import Genome
 
     data = tiny_recipe(tiny_sources, tiny_evals, tmp_path, genome={"method": method, "parameters": parameters})
     genome = Genome(parse_recipe(data), tiny_sources, 4)

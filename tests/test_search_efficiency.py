@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import yaml
 
-from merger.anchors import choose_anchors
 from merger.commands.run import status_text
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
-from merger.genome import Genome
-from merger.items import ItemSet
-from merger.ledger import Ledger
-from merger.racing import bounds, cuts, ranking_values
-from merger.recipe import X0_GRID, EvalSet, parse_recipe
-from merger.sources import check_compatible, resolve_sources
-from merger.strategies import ItemStrategy
+from merger.recipe.schema import X0_GRID, EvalSet, parse_recipe
+from merger.rundir.ledger import Ledger
+from merger.scoring.items import ItemSet
+from merger.search.anchors import choose_anchors
+from merger.search.racing import bounds, cuts, ranking_values
+from merger.search.strategies import ItemStrategy
+from merger.sources.resolve import check_compatible, resolve_sources
+from merger.space.parameters import Genome
 from tests.test_overnight import recipe_data, run_here, start_run
 
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -185,7 +185,7 @@ def test_grid_warm_start_is_paid_from_the_budget_and_starts_cma_at_its_best(
     assert [r.genotype[0] for r in grid] == list(X0_GRID)
     assert result.evaluations == len(X0_GRID) + 4  # one generation fits in what the grid left
     best_grid = max(grid, key=lambda r: r.score)
-    from merger.search import load_state
+    from merger.search.loop import load_state
 
     assert load_state(tmp_path / "run").es.x0 == pytest.approx(best_grid.genotype)
     assert ledger.items_spent()["candidates"] == 12 * result.evaluations
@@ -202,14 +202,14 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
     status = status_text(ledger)
     assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources)" in status
     assert "(0 generations)" in status  # the item budget is spent
-    from merger.report import load_run, overview_rows
+    from merger.report.report import load_run, overview_rows
 
     rows = dict((row[0], row[1]) for row in overview_rows(load_run(tmp_path / "run")))
     assert rows["item-evaluations"].startswith(f"{spent} ({spent} on candidates")
 
 
 def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
-    from merger.search import generations_within_items
+    from merger.search.loop import generations_within_items
 
     ledger = Ledger(tmp_path)
     assert generations_within_items(ledger, 100, 0) == 100  # nothing scored: failures cost no items
@@ -220,8 +220,8 @@ def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
 
 
 def test_itemwise_strategies_refuse_a_metric_that_is_not_a_mean(tiny_evals):
-    from merger.fitness import TaskSuite
-    from merger.recipe import FitnessSet
+    from merger.recipe.schema import FitnessSet
+    from merger.scoring.fitness import TaskSuite
 
     TaskSuite(FitnessSet(tasks=[{"name": "tiny_mc", "metric": "acc"}]), (str(tiny_evals),)).check_itemwise(
         "x"
@@ -306,8 +306,8 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sour
 
 
 def test_fitness_generation_is_capped(tiny_evals):
-    from merger.fitness import TaskSuite
-    from merger.recipe import FitnessSet
+    from merger.recipe.schema import FitnessSet
+    from merger.scoring.fitness import TaskSuite
 
     capped = TaskSuite(FitnessSet(tasks=["tiny_gen"], max_gen_toks=2), (str(tiny_evals),))
     task = capped.loaded["tasks"]["tiny_gen"]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from merger.errors import MergerError
-from merger.fitness import check_tasks
-from merger.recipe import load_recipe
-from merger.taskdata import MAX_LINE_BYTES
+from merger.common.errors import MergerError
+from merger.recipe.schema import load_recipe
+from merger.scoring.fitness import check_tasks
+from merger.scoring.taskdata import MAX_LINE_BYTES
 from tests.cli import assert_one_line_error, run_merger
 from tests.recipes import tiny_recipe, write_recipe
 from tests.tiny_models import write_tasks

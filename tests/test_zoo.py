@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.zoo import build, data, smollm2
 
 
@@ -121,7 +121,7 @@ def test_committed_eval_data_matches_the_generator(tmp_path: Path) -> None:
 def test_tasks_load_in_lm_eval_and_match_the_training_prompt(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from merger.lm_eval_bridge import load_tasks
+    from merger.scoring.lm_eval_bridge import load_tasks
 
     monkeypatch.chdir(tmp_path)  # the YAML's data_files (evals/zoo/data/...) are anchored, not cwd-relative
     names = data.task_names()

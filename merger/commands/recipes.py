@@ -35,7 +35,7 @@ def _summary(path: Path) -> str:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    from merger.bundled import bundled_dir, bundled_recipes
+    from merger.common.bundled import bundled_dir, bundled_recipes
 
     recipes = bundled_recipes()
     if not recipes:
@@ -49,14 +49,14 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
-    from merger.bundled import bundled_recipe, portable_recipe_text
+    from merger.common.bundled import bundled_recipe, portable_recipe_text
 
     print(portable_recipe_text(bundled_recipe(args.name)), end="")
     return 0
 
 
 def copy_command(args: argparse.Namespace) -> int:
-    from merger.bundled import copy_recipe
+    from merger.common.bundled import copy_recipe
 
     target = copy_recipe(args.name, args.dest)
     print(f"wrote {target}")

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
+from merger.common.yamlsafe import read_yaml_file
 from merger.registry import Entry, Registry
-from merger.yamlsafe import read_yaml_file
 
 EXIT_DAMAGED = 1
 

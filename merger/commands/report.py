@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from merger.report import write_report
+    from merger.report.report import write_report
 
     files = write_report(args.run_dir, args.out)
     print(files.html)

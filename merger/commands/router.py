@@ -41,9 +41,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from merger.router.conductor import build_conductor, create_app
+    from merger.conductor.conductor import build_conductor, create_app
+    from merger.conductor.serving import uvicorn_config
     from merger.router.pool import load_pool
-    from merger.router.serving import uvicorn_config
 
     pool = load_pool(args.pool)
     conductor = build_conductor(pool)

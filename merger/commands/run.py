@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from merger.diskspace import full_disk_is_an_error
-from merger.errors import MergerError
+from merger.common.diskspace import full_disk_is_an_error
+from merger.common.errors import MergerError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ class ProgressBar:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from merger.recipe import load_recipe
+    from merger.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.run_dir is not None:
@@ -61,9 +61,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
-    from merger.finish import finish_run, finished_summary, score_table
-    from merger.rundir import RunDir
-    from merger.search import StopRequest, open_search
+    from merger.finish.final import finish_run, finished_summary, score_table
+    from merger.rundir.layout import RunDir
+    from merger.search.loop import StopRequest, open_search
 
     search, resuming = open_search(recipe, run_dir)
     print(
@@ -98,7 +98,7 @@ def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
 def publish_once(recipe: Any, run_dir: Path) -> None:
     """Publish the winner unless this name already holds exactly these weights (a rerun of a finished run)."""
     from merger.registry import Registry, weights_digest
-    from merger.rundir import RunDir
+    from merger.rundir.layout import RunDir
 
     registry = Registry(Path(recipe.output.registry) if recipe.output.registry else None)
     entries = registry.entries(recipe.output.publish)
@@ -111,7 +111,7 @@ def publish_once(recipe: Any, run_dir: Path) -> None:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from merger.ledger import Ledger
+    from merger.rundir.ledger import Ledger
 
     ledger = Ledger.open_existing(args.run_dir)
     if ledger is None:
@@ -122,7 +122,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 def item_lines(ledger: Any, evaluations: int) -> list[str]:
     """Item-evaluations spent and saved; each anchor check (estimate against the full-set score)."""
-    from merger.items import item_accounting
+    from merger.scoring.items import item_accounting
 
     lines = [item_accounting(ledger.items_spent(), evaluations, ledger.meta().get("fitness_items"))]
     for (generation, index), estimate in ledger.estimates().items():
@@ -137,7 +137,7 @@ def item_lines(ledger: Any, evaluations: int) -> list[str]:
 def status_text(ledger: Any, show_all: bool = False) -> str:
     import math
 
-    from merger.search import generations_within_items, load_state
+    from merger.search.loop import generations_within_items, load_state
 
     records = ledger.evaluations()
     generations = ledger.generations()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

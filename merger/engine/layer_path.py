@@ -24,10 +24,10 @@ import torch
 from mergekit.config import MergeConfiguration
 from torch import nn
 
+from merger.common.errors import MergerError
 from merger.engine.plan import resolve_plan
 from merger.engine.weights import parameters_digest
-from merger.errors import MergerError
-from merger.layer_path import PathLayer
+from merger.space.layer_path import PathLayer
 
 # (sub-module of a decoder layer, its output projection): the residual contributions a scale multiplies
 SCALED_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))

@@ -33,7 +33,7 @@ from mergekit import merge_methods
 from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import SparsificationMethod
 
-from merger.method_registry import METHODS
+from merger.recipe.methods import METHODS
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ import torch
 from mergekit.config import MergeConfiguration
 from safetensors import safe_open
 
+from merger.common.errors import MergerError
 from merger.engine.methods import (
     DELLA_ALWAYS,
     DIVISOR_EPS,
@@ -53,7 +54,6 @@ from merger.engine.methods import (
 )
 from merger.engine.plan import LAYER_PATTERN, MergePlan, TensorMerge, layer_index, resolve_plan
 from merger.engine.weights import CandidateWeights, check_checkpoint_finite, check_finite
-from merger.errors import MergerError
 
 PREFIX_BLOCK = 1024  # block size of the prefix sums over sorted magnitudes (rescaled TIES/breadcrumbs)
 AUTO_COMPILE_PARAMETERS = 20_000_000  # compile kernels for models at least this big (when not told)

@@ -10,7 +10,7 @@ import torch
 import xxhash
 from safetensors import safe_open
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 
 DIGEST_PREFIX = "xxh3-128:"
 

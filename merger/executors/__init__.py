@@ -9,8 +9,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from merger.ledger import EvaluationRecord
-from merger.recipe import Recipe
+from merger.recipe.schema import Recipe
+from merger.rundir.ledger import EvaluationRecord
 
 
 class CandidateTask(NamedTuple):

@@ -9,8 +9,8 @@ import numpy as np
 
 from merger.executors import CandidateTask, ItemJob, ItemResult
 from merger.executors.worker import CandidateWorker
-from merger.ledger import EvaluationRecord
-from merger.recipe import Recipe
+from merger.recipe.schema import Recipe
+from merger.rundir.ledger import EvaluationRecord
 
 
 class InProcessExecutor:

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.executors import CandidateTask, ItemJob, ItemResult
 from merger.executors.worker import WORST_OBJECTIVE, CandidateWorker
-from merger.ledger import EvaluationRecord
-from merger.recipe import Recipe
+from merger.recipe.schema import Recipe
+from merger.rundir.ledger import EvaluationRecord
 
 # A candidate whose worker dies this many times is recorded as failed rather than retried forever
 # (a merge that crashes its process, e.g. out of host memory, must not stall the run).

@@ -17,10 +17,10 @@ import torch
 from merger.engine.factory import Engine, build_engine, draw_key
 from merger.engine.weights import rewrite_tensors
 from merger.executors import ItemJob, ItemResult
-from merger.fitness import Scorer, load_tokenizer
-from merger.ledger import EvaluationRecord
-from merger.recipe import Recipe
-from merger.spaces import make_genome
+from merger.recipe.schema import Recipe
+from merger.rundir.ledger import EvaluationRecord
+from merger.scoring.fitness import Scorer, load_tokenizer
+from merger.space import make_genome
 
 WORST_OBJECTIVE = 1.0  # pycma minimises -score, so a failure ranks below every real score in [0, 1]
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from merger.layer_path import path_card_lines
+from merger.registry.finished_run import FinishedRun
 from merger.registry.index import Parent
-from merger.registry.rundir import FinishedRun
-from merger.rundir import WINNER_ROW, Summary
+from merger.rundir.layout import WINNER_ROW, Summary
+from merger.space.layer_path import path_card_lines
 
 TAGS = ["merge", "mergekit", "evolutionary-merge"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.registry.files import FileRecord
 
 BUSY_TIMEOUT_SECONDS = 300.0

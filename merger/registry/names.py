@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from merger.errors import MergerError, shown
+from merger.common.errors import MergerError, shown
 
 REFERENCE_PREFIX = "registry:"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

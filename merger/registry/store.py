@@ -27,8 +27,8 @@ from typing import Any
 
 import platformdirs
 
-from merger.diskspace import full_disk_is_an_error
-from merger.errors import MergerError
+from merger.common.diskspace import full_disk_is_an_error
+from merger.common.errors import MergerError
 from merger.registry import index as idx
 from merger.registry.card import render_card
 from merger.registry.files import (
@@ -41,9 +41,9 @@ from merger.registry.files import (
     weights_digest_from_records,
     write_durably,
 )
+from merger.registry.finished_run import FinishedRun, read_run
 from merger.registry.index import EntryRow, Index, Parent
 from merger.registry.names import Reference, is_registry_reference, parse_reference, validate_name
-from merger.registry.rundir import FinishedRun, read_run
 from merger.registry.staging import clean_orphans, staging_directory
 
 ENVIRONMENT_VARIABLE = "MERGER_REGISTRY"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.router.pool import Pool
-from merger.router.sources import member_checkpoint, member_content_key
+from merger.sources.members import member_checkpoint, member_content_key
 
 EncodeFn = Callable[[list[str]], np.ndarray]
 

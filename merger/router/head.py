@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.router.pool import MAX_HEAD_PARAMETERS, ROLES, Role, RouterSettings
 
 HEAD_WEIGHTS = "head.safetensors"

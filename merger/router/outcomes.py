@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from merger.errors import MergerError
-from merger.lm_eval_bridge import chat_completions_lm, evaluate_tasks, load_tasks, quiet_lm
+from merger.common.errors import MergerError
 from merger.router.pool import Member, Pool, TaskSet
-from merger.router.sources import member_checkpoint, member_content_key
+from merger.scoring.lm_eval_bridge import chat_completions_lm, evaluate_tasks, load_tasks, quiet_lm
+from merger.sources.members import member_checkpoint, member_content_key
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from merger.errors import MAX_SHOWN_CHARS, MergerError, clip
-from merger.yamlsafe import read_yaml_file
+from merger.common.errors import MAX_SHOWN_CHARS, MergerError, clip
+from merger.common.yamlsafe import read_yaml_file
 
 MEMBER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_HEAD_PARAMETERS = 20_000

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.router.embeddings import build_embedder
 from merger.router.evaluation import evaluate
 from merger.router.head import RouterHead, train_head

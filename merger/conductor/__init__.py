@@ -1,0 +1,1 @@
+"""The conductor: an OpenAI-compatible HTTP server that routes over a pool with fallback."""

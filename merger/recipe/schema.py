@@ -1,0 +1,387 @@
+"""The recipe: a typed, validated description of one merge search.
+
+Two stages of validation, both before any weights are loaded:
+1. `load_recipe` checks the YAML's shape (pydantic): fields, types, bounds against each method's range.
+2. `check_recipe` checks it against the world: sources exist and are mergeable, tasks exist, the
+   layer granularity fits the model.
+Every problem becomes one `MergerError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merger.common.bundled import bundled_dir
+from merger.common.errors import MAX_SHOWN_CHARS, MergerError, clip, shown
+from merger.common.yamlsafe import read_yaml_file
+from merger.recipe.methods import METHODS, searchable_method
+
+BUNDLED_EVALS = bundled_dir("evals")
+X0_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # optimizer.x0: grid, as fractions of each gene's searched range
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Tensor classes a genome can give their own values, as mergekit filters (substring of the tensor
+# name, first match wins, so attention comes before norms to keep q_norm/k_norm with attention).
+TENSOR_CLASS_FILTERS: dict[str, tuple[str, ...]] = {
+    "attention": ("self_attn",),
+    "mlp": ("mlp",),
+    "embeddings": ("embed_tokens", "lm_head"),
+    "norms": ("norm",),
+}
+TensorClass = Literal["attention", "mlp", "embeddings", "norms"]
+
+
+class Source(StrictModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    path: str
+
+
+class SearchRange(StrictModel):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.min >= self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        return self
+
+
+ParameterSetting = float | SearchRange
+
+PASSTHROUGH = "passthrough"  # the method of a layer-path genome (mergekit's passthrough)
+SCALE_RANGE = (0.0, 4.0)  # bounds a layer path's searched scales must lie in
+
+
+class LayerPath(StrictModel):
+    """`genome.space: layer_path`: which source layers a token passes through, in which order (DFS).
+
+    T = layers x sources x repeats slots in a fixed order (every layer of the first source, then of the
+    second, ..., the whole sequence `repeats` times); each slot is in the path or out of it.
+    """
+
+    repeats: Annotated[int, Field(ge=1)] = 1
+    scales: Literal["per_slot", "none"] = "none"
+    scale_range: SearchRange = SearchRange(min=0.5, max=1.5)
+    anchor: str | None = None  # embeddings, final norm, lm_head; default: base_model, else the first source
+    fix_ends: bool = False  # the path always starts with the anchor's first layer and ends with its last
+    min_layers: Annotated[int, Field(ge=1)] = 1
+    max_layers: Annotated[int, Field(ge=1)] | None = None
+    start: Literal["anchor", "center"] = "anchor"  # x0: the anchor's own layers, or every indicator at 0.5
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LayerPath:
+        if self.max_layers is not None and self.max_layers < self.min_layers:
+            raise ValueError(f"max_layers ({self.max_layers}) is below min_layers ({self.min_layers})")
+        low, high = SCALE_RANGE
+        if not low <= self.scale_range.min < self.scale_range.max <= high:
+            bounds = f"[{self.scale_range.min}, {self.scale_range.max}]"
+            raise ValueError(f"scale_range {bounds} is outside [{low}, {high}]")
+        if self.fix_ends and self.max_layers is not None and self.max_layers < 2:
+            raise ValueError(f"max_layers ({self.max_layers}) leaves no room for fix_ends' two layers")
+        return self
+
+
+class Genome(StrictModel):
+    method: str = PASSTHROUGH  # required unless space is layer_path (field validators skip defaults)
+    parameters: dict[str, ParameterSetting] = Field(default_factory=dict)
+    options: dict[str, bool] = Field(default_factory=dict)
+    layer_granularity: Annotated[int, Field(ge=1)] = 1
+    tensor_classes: list[TensorClass] = Field(default_factory=list)
+    space: Literal["parameters", "layer_path"] = "parameters"
+    layer_path: LayerPath | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method == PASSTHROUGH:  # the layer-path space's method: checked with the space
+            return method
+        try:
+            searchable_method(method)
+        except MergerError as error:
+            raise ValueError(str(error)) from None
+        return method
+
+    @model_validator(mode="after")
+    def _parameters_fit_method(self) -> Genome:
+        if self.space == "layer_path" or self.layer_path is not None or self.method == PASSTHROUGH:
+            return self._fits_layer_path()
+        info = METHODS[self.method]
+        allowed = info.source_parameters + info.shared_parameters
+        for name, setting in self.parameters.items():
+            if name not in allowed:
+                raise ValueError(
+                    f"parameters.{name}: {self.method} has no parameter {name!r} (it takes {', '.join(allowed)})"
+                )
+            bounds = info.parameters[name].search_range
+            if bounds is None:
+                if isinstance(setting, SearchRange):
+                    raise ValueError(f"parameters.{name}: {self.method}'s {name} is not searched; give a number")
+                continue
+            low, high = bounds
+            values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
+            for value in values:
+                if not low <= value <= high:
+                    raise ValueError(f"parameters.{name}: {value} is outside {name}'s range [{low}, {high}]")
+        for name in info.required:
+            if name not in self.parameters:
+                raise ValueError(f"parameters.{name} is required for {self.method}")
+        for name in self.options:
+            if name not in info.options:
+                raise ValueError(f"options.{name}: {self.method} has no option {name!r}")
+        if len(set(self.tensor_classes)) != len(self.tensor_classes):
+            raise ValueError(f"tensor_classes has a duplicate: {self.tensor_classes}")
+        return self
+
+    def _fits_layer_path(self) -> Genome:
+        if self.space != "layer_path":
+            if self.layer_path is not None:
+                raise ValueError("layer_path settings need space: layer_path")
+            if "method" in self.model_fields_set:
+                try:
+                    searchable_method(PASSTHROUGH)
+                except MergerError as error:
+                    hint = "passthrough needs space: layer_path; as a parameter merge,"
+                    raise ValueError(f"{hint} {error}") from None
+            raise ValueError("method is required (a merge method, or space: layer_path)")
+        if self.method != PASSTHROUGH:
+            raise ValueError(f"space layer_path merges with passthrough; drop method {self.method!r}")
+        given = [name for name in ("parameters", "options", "tensor_classes") if getattr(self, name)]
+        if self.layer_granularity != 1:
+            given.append("layer_granularity")
+        if given:
+            raise ValueError(f"space layer_path takes its settings under layer_path, not {given[0]}")
+        return self
+
+    @property
+    def path_settings(self) -> LayerPath:
+        return self.layer_path or LayerPath()
+
+    @property
+    def searched(self) -> dict[str, SearchRange]:
+        return {name: s for name, s in self.parameters.items() if isinstance(s, SearchRange)}
+
+
+class Optimizer(StrictModel):
+    popsize: Annotated[int, Field(ge=2)] = 8
+    sigma0: Annotated[float, Field(gt=0, le=1)] = 0.25
+    seed: Annotated[int, Field(ge=1)] = 1
+    # grid: start from the best merge that gives every gene one value of X0_GRID (evaluated first)
+    x0: Literal["center", "grid"] | dict[str, float | dict[str, float]] = "center"
+    max_evaluations: Annotated[int, Field(ge=1)] | None = 64
+    max_seconds: Annotated[float, Field(gt=0)] | None = None
+    max_items: Annotated[int, Field(ge=1)] | None = None  # item-evaluations (see fitness.strategy)
+    diagonal: bool | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> Optimizer:
+        if self.max_evaluations is None and self.max_seconds is None and self.max_items is None:
+            raise ValueError("give a budget: max_evaluations, max_seconds and/or max_items")
+        if self.max_evaluations is not None and self.max_evaluations < self.popsize:
+            raise ValueError(
+                f"max_evaluations ({self.max_evaluations}) is below popsize ({self.popsize}): "
+                "the budget must hold at least one full generation"
+            )
+        return self
+
+
+class TaskSpec(StrictModel):
+    name: str
+    metric: str | None = None
+    weight: Annotated[float, Field(gt=0)] = 1.0
+
+
+class EvalSet(StrictModel):
+    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+    limit: Annotated[int, Field(ge=1)] | None = None
+    subsample_seed: int | None = None
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    apply_chat_template: bool = False
+    batch_size: Annotated[int, Field(ge=1)] = 16
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names_as_tasks(cls, tasks: Any) -> Any:
+        if isinstance(tasks, list):
+            return [{"name": t} if isinstance(t, str) else t for t in tasks]
+        return tasks
+
+
+class Racing(StrictModel):
+    block: Annotated[int, Field(ge=1)] = 8  # items per block; every candidate of a generation sees the same
+    bound: Literal["exact", "hoeffding"] = "hoeffding"
+    delta: Annotated[float, Field(gt=0, lt=1)] = 0.1  # hoeffding: chance that one bound is wrong
+
+
+class Anchors(StrictModel):
+    count: Annotated[int, Field(ge=1)] = 12  # anchor items (k-means clusters of the items' outcomes)
+
+
+class FitnessSet(EvalSet):
+    """The fitness set, and how much of it each candidate pays for (README: search efficiency)."""
+
+    strategy: Literal["full", "racing", "anchors"] = "full"
+    racing: Racing = Racing()
+    anchors: Anchors = Anchors()
+    max_gen_toks: Annotated[int, Field(ge=1)] | None = None  # caps generation (lm-eval's default: 256)
+
+
+class Engine(StrictModel):
+    kind: Literal["resident", "mergekit"] = "resident"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    fresh_randomness: bool = False
+    streaming: bool = False
+
+
+class Executor(StrictModel):
+    kind: Literal["in_process", "ray"] = "in_process"
+    address: str | None = None
+    num_workers: Annotated[int, Field(ge=1)] = 2
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+
+
+class Output(StrictModel):
+    run_dir: str = "runs/run"
+    publish: str | None = None
+    registry: str | None = None
+
+
+# untuned standard merges scored next to the winner (merger.finish.baselines)
+BaselineName = Literal["defaults", "linear", "model_stock", "karcher"]
+
+
+class Recipe(StrictModel):
+    sources: Annotated[list[Source], Field(min_length=2)]
+    base_model: str | None = None
+    tokenizer_source: str | None = None
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False  # merge sources holding NaN/inf (only mergekit's engine computes on them)
+    trust_remote_code: bool = False
+    genome: Genome
+    optimizer: Optimizer = Optimizer()
+    fitness: FitnessSet
+    validation: EvalSet | None = None
+    test: EvalSet | None = None
+    task_paths: list[str] = Field(default_factory=list)
+    engine: Engine = Engine()
+    executor: Executor = Executor()
+    output: Output = Output()
+    baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
+
+    @model_validator(mode="after")
+    def _sources_fit_method(self) -> Recipe:
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique, got {names}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines: each name once, got {self.baselines}")
+        for field in ("base_model", "tokenizer_source"):
+            value = getattr(self, field)
+            if value is not None and value not in names:
+                raise ValueError(f"{field}: {value!r} is not one of the sources ({', '.join(names)})")
+        if self.genome.space == "layer_path":
+            return self._layer_path_fits(names)
+        info = METHODS[self.genome.method]
+        if info.needs_base and self.base_model is None:
+            raise ValueError(f"base_model is required for {self.genome.method}")
+        problem = info.source_count_problem(len(names), self.base_model is not None and info.takes_base)
+        if problem:
+            raise ValueError(f"sources: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _nonfinite_needs_mergekit(self) -> Recipe:
+        if self.allow_nonfinite and self.engine.kind != "mergekit":
+            raise ValueError(
+                "allow_nonfinite: true needs engine.kind: mergekit (the resident engine refuses NaN/inf "
+                "sources rather than compute something mergekit's export would not)"
+            )
+        return self
+
+    def _layer_path_fits(self, names: list[str]) -> Recipe:
+        anchor = self.genome.path_settings.anchor
+        if anchor is not None and anchor not in names:
+            raise ValueError(
+                f"genome.layer_path.anchor: {anchor!r} is not one of the sources ({', '.join(names)})"
+            )
+        if self.optimizer.x0 != "center":
+            raise ValueError(
+                "optimizer.x0: a layer path starts from genome.layer_path.start; give x0: center"
+            )
+        return self
+
+    @property
+    def anchor(self) -> str:
+        """The layer path's source of embeddings, final norm and lm_head."""
+        return self.genome.path_settings.anchor or self.base_model or self.source_names[0]
+
+    @property
+    def source_names(self) -> list[str]:
+        return [source.name for source in self.sources]
+
+    @property
+    def merged_sources(self) -> list[str]:
+        """The sources that carry their own searched values (all but the base for base methods)."""
+        return METHODS[self.genome.method].sources_with_values(self.source_names, self.base_model)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    first = error.errors()[0]
+    message = clip(first["msg"].removeprefix("Value error, "), MAX_SHOWN_CHARS * 4)
+    where = _location(first["loc"])
+    value = first.get("input")
+    got = "" if first["type"] == "value_error" or isinstance(value, dict) else f" (got {shown(value)})"
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{origin}: {where + ': ' if where else ''}{message}{got}{extra}"
+
+
+def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise MergerError(format_validation_error(error, origin)) from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file.
+
+    Source and task paths are relative to the recipe file; the run directory to the working directory.
+    """
+    data = read_yaml_file(path, "recipe")
+    if not isinstance(data, dict):
+        raise MergerError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    recipe = parse_recipe(data, str(path))
+    return _absolute_paths(recipe, path.resolve().parent)
+
+
+def _absolute(path: str, root: Path) -> str:
+    if ":" in path.split("/")[0] or Path(path).is_absolute():
+        return path  # registry:NAME, zoo:NAME, or already absolute
+    candidate = root / path
+    return str(candidate.resolve()) if candidate.exists() or path.startswith(".") else path
+
+
+def _absolute_paths(recipe: Recipe, root: Path) -> Recipe:
+    sources = [source.model_copy(update={"path": _absolute(source.path, root)}) for source in recipe.sources]
+    task_paths = [str((root / p).resolve()) for p in recipe.task_paths]
+    return recipe.model_copy(update={"sources": sources, "task_paths": task_paths})
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)

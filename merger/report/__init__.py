@@ -1,0 +1,1 @@
+"""`merger report`: a run's HTML report with plots."""

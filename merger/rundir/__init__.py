@@ -1,0 +1,1 @@
+"""A run directory: its layout, its typed summary, and its SQLite ledger."""

@@ -1,0 +1,194 @@
+"""A run directory's layout and its typed summary: the one place that names the files of a run.
+
+RUN_DIR/recipe.yaml          the validated recipe (a resume must match it)
+RUN_DIR/ledger.sqlite        every evaluation, generation and final score (merger.rundir.ledger)
+RUN_DIR/search_state.pkl     the optimizer, checkpointed every generation (merger.search.loop)
+RUN_DIR/best.yaml            the winner's mergekit configuration
+RUN_DIR/final/               the winner, exported by mergekit (written as final.partial/, renamed)
+RUN_DIR/baselines/NAME.yaml  each untuned baseline's mergekit configuration (merger.finish.baselines)
+RUN_DIR/baselines/NAME/      its export, while it is scored
+RUN_DIR/summary.json         `Summary`: the winner's, the sources' and the baselines' scores
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from merger.common.errors import MergerError
+
+RECIPE_FILE = "recipe.yaml"
+LEDGER_FILE = "ledger.sqlite"
+CHECKPOINT_FILE = "search_state.pkl"
+BEST_CONFIG_FILE = "best.yaml"
+FINAL_DIR = "final"
+BASELINES_DIR = "baselines"
+SUMMARY_FILE = "summary.json"
+PARTIAL_SUFFIX = ".partial"
+SCORE_SPLITS = ("validation", "test", "fitness")
+WINNER_ROW = "WINNER"
+BASELINE_ROW_PREFIX = "baseline: "
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file behind
+
+
+class _Block(BaseModel):
+    # extra="allow": summaries written by other versions keep what this one does not know
+    model_config = ConfigDict(extra="allow")
+
+
+class Scores(_Block):
+    """One model's scores per eval set: {task: score}. Old summaries hold the winner's fitness as a number."""
+
+    fitness: dict[str, float] | float | None = None
+    validation: dict[str, float] | None = None
+    test: dict[str, float] | None = None
+
+    def by_split(self) -> dict[str, dict[str, float]]:
+        """`{split: {task: score}}` for the splits that hold per-task numbers."""
+        blocks = {split: getattr(self, split) for split in SCORE_SPLITS}
+        return {split: dict(block) for split, block in blocks.items() if isinstance(block, dict)}
+
+
+class Winner(Scores):
+    genotype: list[float] = Field(default_factory=list)
+    score: float | None = None
+    generation: int | None = None
+    index: int | None = None
+    genes: list[dict[str, Any]] | None = None
+
+
+class Baseline(Scores):
+    method: str
+    config: str = ""  # its mergekit YAML (also RUN_DIR/baselines/NAME.yaml)
+
+
+class LineageEntry(_Block):
+    path: str | None = None
+    registry: str | None = None
+    reference: str | None = None
+    sha256: str | None = None
+
+
+class Summary(_Block):
+    winner: Winner
+    sources: dict[str, Scores] = Field(default_factory=dict)
+    baselines: dict[str, Baseline] = Field(default_factory=dict)
+    baselines_skipped: dict[str, str] = Field(default_factory=dict)  # name: why it does not apply
+    evaluations: int | None = None
+    generations: int | None = None
+    failures: int | None = None
+    seed: int | None = None
+    method: str | None = None
+    genome: str | None = None
+    budget: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, LineageEntry] = Field(default_factory=dict)
+    final_sha256: str | None = None  # weights_digest of final/, taken once when it was exported
+
+    @property
+    def fitness(self) -> float | None:
+        """The winner's scalar fitness (`score`, or `fitness` where an old summary holds one number)."""
+        for value in (self.winner.score, self.winner.fitness):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return None
+
+    def score_rows(self) -> dict[str, Scores]:
+        """What every table shows (terminal, report, model card): sources, baselines, then the winner."""
+        return {
+            **self.sources,
+            **{BASELINE_ROW_PREFIX + name: block for name, block in self.baselines.items()},
+            WINNER_ROW: self.winner,
+        }
+
+    def score_columns(self) -> list[tuple[str, str]]:
+        """(eval set, task) for each of the winner's scores, validation first."""
+        winner = self.winner.by_split()
+        return [(split, task) for split in SCORE_SPLITS if split in winner for task in winner[split]]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_unset=True), indent=2)
+
+
+def parse_summary(data: Any, origin: str) -> Summary:
+    if not isinstance(data, dict) or not isinstance(data.get("winner"), dict):
+        raise MergerError(f"{origin} must be a JSON object with a 'winner' object")
+    try:
+        return Summary.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise MergerError(f"{origin}: {where}: {first['msg']}") from None
+
+
+class RunDir:
+    """The paths of one run directory, and reading and writing its summary."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / RECIPE_FILE
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / LEDGER_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def best_config(self) -> Path:
+        return self.path / BEST_CONFIG_FILE
+
+    @property
+    def final(self) -> Path:
+        return self.path / FINAL_DIR
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def baselines(self) -> Path:
+        return self.path / BASELINES_DIR
+
+    def baseline(self, name: str) -> Path:
+        return self.baselines / name
+
+    def baseline_config(self, name: str) -> Path:
+        return self.baselines / f"{name}.yaml"
+
+    @staticmethod
+    def partial(directory: Path) -> Path:
+        """Where an export is written before it is renamed into place."""
+        return directory.with_name(directory.name + PARTIAL_SUFFIX)
+
+    def read_summary(self) -> Summary | None:
+        """The summary, or None when the run has not finished; a damaged one is a MergerError."""
+        if not self.summary.is_file():
+            return None
+        try:
+            data = json.loads(self.summary.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise MergerError(f"{self.summary} is not valid JSON: {error}") from None
+        return parse_summary(data, str(self.summary))
+
+    def write_summary(self, summary: Summary) -> None:
+        write_atomic(self.summary, summary.to_json().encode())

@@ -1,0 +1,303 @@
+"""The run's ledger: every evaluation and generation, in SQLite inside the run directory.
+
+Each record is committed as soon as it exists, so a run killed at any moment keeps every finished
+evaluation, and `merger status` can read the ledger (WAL mode) while the run writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from merger.rundir.layout import LEDGER_FILE
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    generation INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    genotype TEXT NOT NULL,
+    config TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    score REAL NOT NULL,
+    objective REAL NOT NULL,
+    merge_seconds REAL NOT NULL,
+    eval_seconds REAL NOT NULL,
+    failure TEXT,
+    created REAL NOT NULL,
+    digest TEXT,
+    PRIMARY KEY (generation, idx)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    generation INTEGER PRIMARY KEY,
+    best_idx INTEGER NOT NULL,
+    best_score REAL NOT NULL,
+    mean_score REAL NOT NULL,
+    validation TEXT,
+    seconds REAL NOT NULL,
+    ended REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS item_outcomes (
+    candidate TEXT NOT NULL,
+    task TEXT NOT NULL,
+    doc_id INTEGER NOT NULL,
+    value REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (candidate, task, doc_id)
+);
+CREATE TABLE IF NOT EXISTS fitness_estimates (
+    generation INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    strategy TEXT NOT NULL,
+    items INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    estimate REAL NOT NULL,
+    full_score REAL,
+    PRIMARY KEY (generation, idx)
+);
+CREATE TABLE IF NOT EXISTS final_scores (
+    model TEXT NOT NULL,
+    eval_set TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (model, eval_set)
+);
+"""
+
+
+@dataclass
+class EvaluationRecord:
+    generation: int
+    index: int
+    genotype: list[float]
+    config: str  # the decoded mergekit YAML
+    scores: dict[str, float] = field(default_factory=dict)
+    score: float = 0.0  # weighted fitness score in [0, 1], higher is better
+    objective: float = 0.0  # what pycma was told (minimised)
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    failure: str | None = None
+    digest: str | None = None  # of the merged weights that were scored (`engine.weights.model_digest`)
+    # per task, each fitness item's value; carried from the worker to the ledger's item_outcomes table
+    items: dict[str, dict[int, float]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    @property
+    def candidate(self) -> str:
+        return candidate_key(self.generation, self.index)
+
+
+def candidate_key(generation: int, index: int) -> str:
+    """How item_outcomes names a search candidate (sources are `source/NAME`)."""
+    return f"{generation}/{index}"
+
+
+@dataclass
+class FitnessEstimate:
+    """What a strategy other than `full` knew of a candidate: items scored of the total, its estimate,
+    and its full-set score once known (a race finished, or an anchor check)."""
+
+    generation: int
+    index: int
+    strategy: str
+    items: int
+    total: int
+    estimate: float
+    full_score: float | None = None
+
+
+@dataclass
+class GenerationRecord:
+    generation: int
+    best_idx: int
+    best_score: float
+    mean_score: float
+    validation: dict[str, float] | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FinalScore:
+    """A finished model's scores on one eval set. `identity` says which weights were scored (a source's
+    weights digest, a merge's mergekit YAML digest): a row of another identity is scored again."""
+
+    model: str  # "winner", "source:NAME" or "baseline:NAME"
+    eval_set: str
+    identity: str
+    scores: dict[str, float]
+
+
+class Ledger:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LEDGER_FILE
+        self._db = sqlite3.connect(self.path, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._add_digest_column()
+        self._db.commit()
+
+    def _add_digest_column(self) -> None:
+        """Ledgers written before evaluations had a `digest` column get one (empty for old rows)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(evaluations)")}
+        if "digest" not in columns:
+            self._db.execute("ALTER TABLE evaluations ADD COLUMN digest TEXT")
+
+    @classmethod
+    def open_existing(cls, run_dir: Path) -> Ledger | None:
+        return cls(run_dir) if (run_dir / LEDGER_FILE).is_file() else None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- writing --------------------------------------------------------------------------------
+    def record_evaluation(self, record: EvaluationRecord) -> None:
+        """Insert once; a record already there (the same generation and index) is kept as it is."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record.generation, record.index, json.dumps(record.genotype), record.config,
+                    json.dumps(record.scores), record.score, record.objective, record.merge_seconds,
+                    record.eval_seconds, record.failure, time.time(), record.digest,
+                ),
+            )
+
+    def record_generation(self, record: GenerationRecord) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO generations VALUES (?,?,?,?,?,?,?)",
+                (
+                    record.generation, record.best_idx, record.best_score, record.mean_score,
+                    json.dumps(record.validation) if record.validation is not None else None,
+                    record.seconds, time.time(),
+                ),
+            )
+
+    def record_items(self, candidate: str, values: dict[str, dict[int, float]]) -> None:
+        """Each item's outcome for a candidate; an outcome already there is kept (items are scored once)."""
+        now = time.time()
+        with self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO item_outcomes VALUES (?,?,?,?,?)",
+                [(candidate, task, doc, value, now) for task, docs in values.items() for doc, value in docs.items()],
+            )
+
+    def record_estimate(self, estimate: FitnessEstimate) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO fitness_estimates VALUES (?,?,?,?,?,?,?)",
+                (
+                    estimate.generation, estimate.index, estimate.strategy, estimate.items, estimate.total,
+                    estimate.estimate, estimate.full_score,
+                ),
+            )
+
+    def set_meta(self, **values: Any) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()]
+            )
+
+    def record_final_score(self, score: FinalScore) -> None:
+        """The end of a run: one (model, eval set) scored; replaces a row of another identity."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO final_scores VALUES (?,?,?,?,?)",
+                (score.model, score.eval_set, score.identity, json.dumps(score.scores), time.time()),
+            )
+
+    # -- reading --------------------------------------------------------------------------------
+    def final_scores(self) -> list[FinalScore]:
+        rows = self._db.execute(
+            "SELECT model, eval_set, identity, scores FROM final_scores ORDER BY created"
+        ).fetchall()
+        return [FinalScore(row[0], row[1], row[2], json.loads(row[3])) for row in rows]
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+
+    def evaluations(self, generation: int | None = None) -> list[EvaluationRecord]:
+        query = "SELECT * FROM evaluations"
+        args: tuple[Any, ...] = ()
+        if generation is not None:
+            query += " WHERE generation = ?"
+            args = (generation,)
+        rows = self._db.execute(query + " ORDER BY generation, idx", args).fetchall()
+        return [
+            EvaluationRecord(
+                generation=row[0], index=row[1], genotype=json.loads(row[2]), config=row[3],
+                scores=json.loads(row[4]), score=row[5], objective=row[6], merge_seconds=row[7],
+                eval_seconds=row[8], failure=row[9], digest=row[11],
+            )
+            for row in rows
+        ]
+
+    def generations(self) -> list[GenerationRecord]:
+        rows = self._db.execute("SELECT * FROM generations ORDER BY generation").fetchall()
+        return [
+            GenerationRecord(
+                generation=row[0], best_idx=row[1], best_score=row[2], mean_score=row[3],
+                validation=json.loads(row[4]) if row[4] else None, seconds=row[5],
+            )
+            for row in rows
+        ]
+
+    def item_outcomes(self, candidate: str | None = None) -> dict[str, dict[str, dict[int, float]]]:
+        """candidate -> task -> doc_id -> value, for one candidate or all."""
+        query, args = "SELECT candidate, task, doc_id, value FROM item_outcomes", ()
+        if candidate is not None:
+            query, args = query + " WHERE candidate = ?", (candidate,)
+        table: dict[str, dict[str, dict[int, float]]] = {}
+        for key, task, doc, value in self._db.execute(query + " ORDER BY rowid", args):
+            table.setdefault(key, {}).setdefault(task, {})[doc] = value
+        return table
+
+    def items_spent(self) -> dict[str, int]:
+        """Item-evaluations recorded: on search candidates, and on sources (anchor selection)."""
+        rows = self._db.execute(
+            "SELECT candidate LIKE 'source/%', COUNT(*) FROM item_outcomes GROUP BY 1"
+        ).fetchall()
+        counts = {bool(is_source): count for is_source, count in rows}
+        return {"candidates": counts.get(False, 0), "sources": counts.get(True, 0)}
+
+    def generation_items(self, generation: int) -> int:
+        """Item-evaluations recorded on one generation's candidates."""
+        pattern = candidate_key(generation, 0).rsplit("/", 1)[0] + "/%"
+        return self._db.execute(
+            "SELECT COUNT(*) FROM item_outcomes WHERE candidate LIKE ?", (pattern,)
+        ).fetchone()[0]
+
+    def estimates(self) -> dict[tuple[int, int], FitnessEstimate]:
+        rows = self._db.execute("SELECT * FROM fitness_estimates ORDER BY generation, idx").fetchall()
+        return {(row[0], row[1]): FitnessEstimate(*row) for row in rows}
+
+    def count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+
+    def best(self) -> EvaluationRecord | None:
+        """The best successful evaluation scored on the whole fitness set; ties go to the earliest.
+
+        A candidate a strategy only estimated (cut from a race, scored on anchors) competes once its
+        full-set score is known, with that score."""
+        estimates = self.estimates()
+        successful = []
+        for record in self.evaluations():
+            known = estimates.get((record.generation, record.index))
+            if record.failed or (known is not None and known.full_score is None):
+                continue
+            successful.append(record if known is None else replace(record, score=known.full_score))
+        return max(successful, key=lambda r: r.score, default=None)
+
+
+def record_as_dict(record: EvaluationRecord) -> dict[str, Any]:
+    data = asdict(record)
+    data.pop("items", None)
+    return data

@@ -1,0 +1,1 @@
+"""Scoring a resident model with lm-eval: the bridge, task data checks, fitness and its items."""

@@ -1,0 +1,212 @@
+"""Scoring a resident model with lm-eval: tasks are data (YAML + jsonl), loaded once per process.
+
+The TaskManager (seconds to build) and each eval set's loaded tasks are kept for the whole run; each
+candidate only pays for lm-eval's `evaluate` on the same task objects and the same HFLM. Every call into
+lm-eval goes through `merger.scoring.lm_eval_bridge`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from merger.common.errors import MergerError
+from merger.recipe.schema import BUNDLED_EVALS, EvalSet, Recipe, TaskSpec
+from merger.scoring.lm_eval_bridge import (
+    anchored_task_configs,
+    evaluate_tasks,
+    is_mean_aggregation,
+    load_tasks,
+    quiet_lm,
+    task_manager_for,
+)
+from merger.scoring.taskdata import check_task_data
+
+NON_METRIC_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
+ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
+
+
+def task_paths(recipe: Recipe) -> tuple[str, ...]:
+    paths = list(recipe.task_paths)
+    if BUNDLED_EVALS.is_dir():
+        paths.append(str(BUNDLED_EVALS))
+    return tuple(paths)
+
+
+def eval_sets(recipe: Recipe) -> dict[str, EvalSet]:
+    sets = {"fitness": recipe.fitness, "validation": recipe.validation, "test": recipe.test}
+    return {name: value for name, value in sets.items() if value is not None}
+
+
+def check_tasks(recipe: Recipe) -> None:
+    """Every task of the recipe exists and its local data reads (before any model is loaded)."""
+    paths = task_paths(recipe)
+    configs = []
+    for set_name, eval_set in eval_sets(recipe).items():
+        manager = task_manager_for([t.name for t in eval_set.tasks], paths)
+        for index, task in enumerate(eval_set.tasks):
+            if task.name not in manager.all_tasks:
+                raise MergerError(
+                    f"{set_name}.tasks.{index}.name: unknown task {task.name!r} "
+                    f"(not under {', '.join(paths) or 'any task path'} nor an lm-eval built-in)"
+                )
+        configs += anchored_task_configs(manager, [t.name for t in eval_set.tasks])
+    check_task_data(configs)
+
+
+def metric_key(results: Mapping[str, Any], task: TaskSpec) -> str:
+    keys = [k for k in results if k not in NON_METRIC_KEYS and "_stderr" not in k and "," in k]
+    if task.metric is None:
+        if not keys:
+            raise MergerError(f"task {task.name} reported no metric")
+        return keys[0]
+    for key in keys:
+        if key == task.metric or key.split(",")[0] == task.metric:
+            return key
+    raise MergerError(
+        f"task {task.name}: metric {task.metric!r} not reported; it has {', '.join(k.split(',')[0] for k in keys)}"
+    )
+
+
+def weighted_score(scores: Mapping[str, float], eval_set: EvalSet) -> float:
+    total = sum(task.weight for task in eval_set.tasks)
+    return sum(task.weight * scores[task.name] for task in eval_set.tasks) / total
+
+
+class TaskSuite:
+    """One eval set's lm-eval tasks, loaded once, with its item selection fixed."""
+
+    def __init__(self, eval_set: EvalSet, include_paths: tuple[str, ...]):
+        self.eval_set = eval_set
+        self.loaded = load_tasks([task.name for task in eval_set.tasks], include_paths, eval_set.num_fewshot)
+        for task in self.loaded["tasks"].values():
+            _cap_generation(task, getattr(eval_set, "max_gen_toks", None))
+        self.samples = self._subsample() if eval_set.subsample_seed is not None else None
+
+    def _subsample(self) -> dict[str, list[int]]:
+        rng = random.Random(self.eval_set.subsample_seed)
+        chosen = {}
+        for name, task in self.loaded["tasks"].items():
+            size = len(task.eval_docs)
+            count = min(self.eval_set.limit or size, size)
+            chosen[name] = sorted(rng.sample(range(size), count))
+        return chosen
+
+    def run(
+        self, lm: Any, log_samples: bool = False, items: Mapping[str, list[int]] | None = None
+    ) -> dict[str, Any]:
+        """lm-eval on the set's items, or on the given items only (task -> sorted doc ids)."""
+        task_dict = self.loaded
+        if items is not None:
+            task_dict = {**self.loaded, "tasks": {name: self.loaded["tasks"][name] for name in items}}
+        return evaluate_tasks(
+            lm,
+            task_dict,
+            limit=self.eval_set.limit,
+            samples=self.samples if items is None else dict(items),
+            log_samples=log_samples,
+            apply_chat_template=self.eval_set.apply_chat_template,
+        )
+
+    def check_itemwise(self, why: str) -> None:
+        """Each task is a single task whose metric is a per-item mean (what item-wise scoring needs)."""
+        for spec in self.eval_set.tasks:
+            task = self.loaded["tasks"].get(spec.name)
+            if task is None:
+                raise MergerError(f"{why} scores single tasks item by item; {spec.name!r} is a group")
+            aggregation = task.aggregation()
+            metric = spec.metric or next(iter(aggregation), None)
+            if not is_mean_aggregation(aggregation.get(metric)):
+                raise MergerError(f"{why} needs a mean-aggregated metric; {spec.name}'s {metric!r} is not")
+
+    def item_ids(self) -> dict[str, list[int]]:
+        """Every item this set scores, per task, in document order (what `run` scores)."""
+        if self.samples is not None:
+            return {name: list(ids) for name, ids in self.samples.items()}
+        ids = {}
+        for name, task in self.loaded["tasks"].items():
+            size = len(task.eval_docs)
+            ids[name] = list(range(min(self.eval_set.limit or size, size)))
+        return ids
+
+    def score_items(self, lm: Any, items: Mapping[str, list[int]]) -> ItemScores:
+        """Per task, each given item's metric value (from lm-eval's logged samples); only those are scored."""
+        chosen = {name: sorted(ids) for name, ids in items.items() if ids}  # lm-eval maps ids in order
+        return self.item_values(self.run(lm, log_samples=True, items=chosen), list(chosen))
+
+    def item_values(self, output: Mapping[str, Any], names: list[str]) -> ItemScores:
+        values: dict[str, dict[int, float]] = {}
+        specs = {task.name: task for task in self.eval_set.tasks}
+        for name in names:
+            metric, _, filter_name = metric_key(output["results"][name], specs[name]).partition(",")
+            values[name] = {
+                int(sample["doc_id"]): _finite(float(sample[metric]))
+                for sample in output["samples"][name]
+                if sample.get("filter", filter_name) == filter_name
+            }
+        return values
+
+    def score(self, lm: Any) -> dict[str, float]:
+        return self.score_logged(lm)[0]
+
+    def score_logged(self, lm: Any) -> tuple[dict[str, float], ItemScores]:
+        """The set's scores as lm-eval aggregates them, and each item's value (from its logged samples)."""
+        output = self.run(lm, log_samples=True)
+        results = output["results"]
+        scores = {}
+        for task in self.eval_set.tasks:
+            scores[task.name] = _finite(float(results[task.name][metric_key(results[task.name], task)]))
+        plain = [task.name for task in self.eval_set.tasks if task.name in output.get("samples", {})]
+        return scores, self.item_values(output, plain)
+
+
+def _cap_generation(task: Any, cap: int | None) -> None:
+    """At most `cap` generated tokens per item (a task's own smaller cap is kept)."""
+    if cap is None or task.get_config("output_type") != "generate_until":
+        return
+    kwargs = dict(task.get_config("generation_kwargs") or {})
+    kwargs["max_gen_toks"] = min(int(kwargs.get("max_gen_toks", cap)), cap)
+    task.set_config(key="generation_kwargs", value=kwargs)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+class Scorer:
+    """lm-eval on one resident model, for each of the recipe's eval sets."""
+
+    def __init__(self, recipe: Recipe, model: Any, tokenizer: Any):
+        paths = task_paths(recipe)
+        self.suites = {name: TaskSuite(eval_set, paths) for name, eval_set in eval_sets(recipe).items()}
+        self._lms = {
+            size: quiet_lm(model, tokenizer, size)
+            for size in {s.batch_size for s in eval_sets(recipe).values()}
+        }
+
+    def score(self, set_name: str) -> dict[str, float]:
+        suite = self.suites[set_name]
+        return suite.score(self._lms[suite.eval_set.batch_size])
+
+    def score_logged(self, set_name: str) -> tuple[dict[str, float], ItemScores]:
+        suite = self.suites[set_name]
+        return suite.score_logged(self._lms[suite.eval_set.batch_size])
+
+    def score_items(self, set_name: str, items: Mapping[str, list[int]]) -> ItemScores:
+        suite = self.suites[set_name]
+        return suite.score_items(self._lms[suite.eval_set.batch_size], items)
+
+    def fitness(self, scores: Mapping[str, float]) -> float:
+        return weighted_score(scores, self.suites["fitness"].eval_set)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,1 @@
+"""A recipe's sources as local checkpoints: resolving references, checking they merge, lineage."""
