@@ -11,6 +11,7 @@ import xxhash
 from safetensors import safe_open
 
 from merger.common.errors import MergerError
+from merger.common.files import atomic_path
 
 DIGEST_PREFIX = "xxh3-128:"
 
@@ -106,9 +107,8 @@ def rewrite_tensors(checkpoint: Path, tensors: Mapping[str, torch.Tensor]) -> No
         for name in content:
             if name in tensors:
                 content[name] = tensors[name].detach().to("cpu", content[name].dtype).contiguous()
-        partial = file.with_name(file.name + ".partial")
-        save_file(content, str(partial), metadata=metadata)
-        partial.replace(file)
+        with atomic_path(file) as partial:
+            save_file(content, str(partial), metadata=metadata)
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:

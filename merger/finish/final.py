@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from mergekit.config import MergeConfiguration
 
+from merger.common.files import publish_directory, staging_dir, write_atomic
 from merger.engine.reference import export_merge
 from merger.finish.baselines import BaselinePlan, plan_baselines
 from merger.finish.scored_export import match_scored_weights
-from merger.rundir.layout import Baseline, RunDir, Scores, Summary, Winner, write_atomic
+from merger.rundir.layout import Baseline, RunDir, Scores, Summary, Winner
 from merger.rundir.ledger import FinalScore
 from merger.scoring.fitness import eval_sets
 from merger.search.loop import Search, SearchResult
@@ -68,14 +69,14 @@ def export_once(
     shutil.rmtree(model.path, ignore_errors=True)  # never left next to a YAML it does not match
     model.config_file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(model.config_file, text.encode())
-    staging = RunDir.partial(model.path)
+    staging = staging_dir(model.path)
     shutil.rmtree(staging, ignore_errors=True)
     recipe = search.recipe
     config = model.config.model_copy(deep=True)  # mergekit's export rewrites the config it is given
     export_merge(config, staging, seed=recipe.optimizer.seed, trust_remote_code=recipe.trust_remote_code)
     if check is not None:
         check(staging)
-    staging.rename(model.path)
+    publish_directory(staging, model.path)
 
 
 def export_winner(search: Search, result: SearchResult) -> Path:
@@ -264,7 +265,7 @@ def finish_run(search: Search, result: SearchResult) -> Summary:
     baselines = plan_baselines(search.recipe, source_paths)
     scores = score_final(search, final_models(search, winner, baselines))
     summary = build_summary(search, result, scores, baselines)
-    (layout.final / "README.md").write_text(model_card(search, summary, layout.best_config.read_text()))
+    write_atomic(layout.final / "README.md", model_card(search, summary, layout.best_config.read_text()).encode())
     layout.write_summary(summary)
     for name in baselines.configs:  # scored and kept in the ledger: only their YAML stays
         shutil.rmtree(layout.baseline(name), ignore_errors=True)

@@ -1,12 +1,13 @@
-"""File-level helpers: hashing, durable copies, and directory fsync."""
+"""File-level helpers: hashing and durable copies (the writes themselves: merger.common.files)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from merger.common.files import fsync_file, write_durably
 
 CHUNK_BYTES = 8 * 1024 * 1024
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -36,26 +37,15 @@ def copy_durably(source: Path, destination: Path) -> FileRecord:
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, destination)
-    with destination.open("rb") as copy:
-        os.fsync(copy.fileno())
+    fsync_file(destination)
     return sha256_file(destination)
 
 
-def write_durably(destination: Path, content: bytes) -> FileRecord:
-    with destination.open("wb") as writer:
-        writer.write(content)
-        writer.flush()
-        os.fsync(writer.fileno())
+def write_hashed(destination: Path, content: bytes) -> FileRecord:
+    """Write a new file durably and return its record."""
+    write_durably(destination, content)
     return FileRecord(hashlib.sha256(content).hexdigest(), len(content))
 
-
-def fsync_directory(path: Path) -> None:
-    """Persist a directory's entries (new names, renames) on POSIX filesystems."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def relative_files(root: Path) -> list[str]:

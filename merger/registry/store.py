@@ -29,17 +29,17 @@ import platformdirs
 
 from merger.common.diskspace import full_disk_is_an_error
 from merger.common.errors import MergerError
+from merger.common.files import fsync_directory, fsync_tree
 from merger.registry import index as idx
 from merger.registry.card import render_card
 from merger.registry.files import (
     FileRecord,
     copy_durably,
-    fsync_directory,
     relative_files,
     sha256_file,
     weights_digest,
     weights_digest_from_records,
-    write_durably,
+    write_hashed,
 )
 from merger.registry.finished_run import FinishedRun, read_run
 from merger.registry.index import EntryRow, Index, Parent
@@ -234,8 +234,8 @@ class Registry:
             for name in relative_files(run.final)
             if name not in WRITTEN_BY_REGISTRY
         }
-        files[MERGEKIT_CONFIG_FILE] = write_durably(staging / MERGEKIT_CONFIG_FILE, run.best_text.encode())
-        files[RECIPE_FILE] = write_durably(staging / RECIPE_FILE, run.recipe_text.encode())
+        files[MERGEKIT_CONFIG_FILE] = write_hashed(staging / MERGEKIT_CONFIG_FILE, run.best_text.encode())
+        files[RECIPE_FILE] = write_hashed(staging / RECIPE_FILE, run.recipe_text.encode())
         files[SUMMARY_FILE] = copy_durably(run.layout.summary, staging / SUMMARY_FILE)
         return files
 
@@ -245,8 +245,8 @@ class Registry:
         with self._index.transaction() as connection:
             version = idx.allocate_version(connection, name)
             card = render_card(name, version, run, parents)
-            files[CARD_FILE] = write_durably(staging / CARD_FILE, card.encode())
-            _fsync_directories(staging)
+            files[CARD_FILE] = write_hashed(staging / CARD_FILE, card.encode())
+            fsync_tree(staging)
             target = self._entry_path(name, version)
             self._remove_unrecorded_versions(connection, name)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +405,7 @@ class Registry:
         ]
         if corrupt:
             raise MergerError(_damaged(entry, [f"corrupt file {name} (sha256 differs)" for name in corrupt]))
-        _fsync_directories(target)
+        fsync_tree(target)
 
     def remove(self, reference: str) -> EntryRef:
         """Delete one explicit `NAME@VERSION`; its number is never reused."""
@@ -451,12 +451,6 @@ class Registry:
 def _damaged(entry: Entry, problems: list[str]) -> str:
     return f"registry entry {entry.ref} at {entry.path} is damaged: " + "; ".join(problems)
 
-
-def _fsync_directories(root: Path) -> None:
-    directories = [path for path in root.rglob("*") if path.is_dir()]
-    for directory in sorted(directories, key=lambda path: len(path.parts), reverse=True):
-        fsync_directory(directory)
-    fsync_directory(root)
 
 
 def resolve_source(reference: str, root: Path | None = None) -> Path:

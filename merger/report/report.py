@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.files import write_atomic
 from merger.common.yamlsafe import read_yaml_file
 from merger.recipe.schema import Recipe, parse_recipe
 from merger.rundir.layout import LEDGER_FILE, RECIPE_FILE, RunDir, Summary
@@ -405,5 +406,5 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> ReportFiles:
     plot_fitness(run, files.fitness_plot)
     if genes and files.genome_plot is not None:
         plot_genome(genes, run.recipe, files.genome_plot)
-    files.html.write_text(render_html(run, files))
+    write_atomic(files.html, render_html(run, files).encode())
     return files

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.files import atomic_path, write_atomic
 from merger.router.pool import MAX_HEAD_PARAMETERS, ROLES, Role, RouterSettings
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -58,17 +59,18 @@ class RouterHead:
         tensors = {"mean": self.mean, "scale": self.scale, "w2": self.w2, "b2": self.b2}
         if self.w1 is not None and self.b1 is not None:
             tensors.update(w1=self.w1, b1=self.b1)
-        save_file(
-            {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in tensors.items()},
-            str(directory / HEAD_WEIGHTS),
-        )
+        with atomic_path(directory / HEAD_WEIGHTS) as partial:
+            save_file(
+                {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in tensors.items()},
+                str(partial),
+            )
         meta = {
             "members": self.members,
             "encoder_id": self.encoder_id,
             "roles": [r.value for r in ROLES],
             **self.meta,
         }
-        (directory / HEAD_META).write_text(json.dumps(meta, indent=2))
+        write_atomic(directory / HEAD_META, json.dumps(meta, indent=2).encode())
 
     @classmethod
     def load(cls, directory: Path) -> RouterHead:

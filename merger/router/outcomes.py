@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.files import write_atomic
 from merger.router.pool import Member, Pool, TaskSet
 from merger.scoring.lm_eval_bridge import chat_completions_lm, evaluate_tasks, load_tasks, quiet_lm
 from merger.sources.members import member_checkpoint, member_content_key
@@ -196,12 +197,6 @@ def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:
     return pool.work_dir / "outcomes" / f"{member.name}-{key}.json"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
 
 def member_rows(
     pool: Pool, member: Member, evaluator: Callable[[], _Evaluator], keys: dict[str, str]
@@ -212,7 +207,8 @@ def member_rows(
     if missing:
         for task, task_rows in evaluator().rows(member, missing):
             # each task as it finishes: an error in a later task loses none of the earlier ones
-            _write_atomically(caches[task], json.dumps([row.__dict__ for row in task_rows]))
+            caches[task].parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(caches[task], json.dumps([row.__dict__ for row in task_rows]).encode())
     rows: list[MemberRow] = []
     for cache in caches.values():
         rows.extend(MemberRow(**row) for row in json.loads(cache.read_text()))

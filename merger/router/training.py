@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.files import write_atomic
 from merger.router.embeddings import build_embedder
 from merger.router.evaluation import evaluate
 from merger.router.head import RouterHead, train_head
@@ -78,5 +79,5 @@ def evaluate_router(pool: Pool, progress: Progress | None = None) -> dict[str, A
             "the held-out split changed since the head was trained; run `merger router train` again"
         )
     report = evaluate(head, table, embeddings, train_rows, held_out_rows, pool.router, progress)
-    (pool.work_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    write_atomic(pool.work_dir / "eval.json", json.dumps(report, indent=2).encode())
     return report

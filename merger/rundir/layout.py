@@ -13,13 +13,13 @@ RUN_DIR/summary.json         `Summary`: the winner's, the sources' and the basel
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merger.common.errors import MergerError
+from merger.common.files import write_atomic
 
 RECIPE_FILE = "recipe.yaml"
 LEDGER_FILE = "ledger.sqlite"
@@ -28,22 +28,11 @@ BEST_CONFIG_FILE = "best.yaml"
 FINAL_DIR = "final"
 BASELINES_DIR = "baselines"
 SUMMARY_FILE = "summary.json"
-PARTIAL_SUFFIX = ".partial"
 SCORE_SPLITS = ("validation", "test", "fitness")
 WINNER_ROW = "WINNER"
 BASELINE_ROW_PREFIX = "baseline: "
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file behind
 
 
 class _Block(BaseModel):
@@ -174,11 +163,6 @@ class RunDir:
 
     def baseline_config(self, name: str) -> Path:
         return self.baselines / f"{name}.yaml"
-
-    @staticmethod
-    def partial(directory: Path) -> Path:
-        """Where an export is written before it is renamed into place."""
-        return directory.with_name(directory.name + PARTIAL_SUFFIX)
 
     def read_summary(self) -> Summary | None:
         """The summary, or None when the run has not finished; a damaged one is a MergerError."""

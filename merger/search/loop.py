@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.files import write_atomic
 from merger.executors import CandidateTask, Executor, make_executor
 from merger.recipe.schema import Recipe, recipe_to_yaml
-from merger.rundir.layout import RunDir, write_atomic
+from merger.rundir.layout import RunDir
 from merger.rundir.ledger import EvaluationRecord, GenerationRecord, Ledger
 from merger.space import SearchSpace, make_genome
 

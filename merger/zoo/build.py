@@ -16,7 +16,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from merger.zoo.cache import publish_dir, zoo_cache_root
+from merger.common.files import atomic_path, publish_directory, write_atomic
+from merger.zoo.cache import zoo_cache_root
 from merger.zoo.data import SKILLS, completion_text, generate, prompt_text, rows_digest
 from merger.zoo.smollm2 import base_checkpoint
 
@@ -65,7 +66,7 @@ def checkpoint_digest(checkpoint: Path) -> str:
             for block in iter(lambda: stream.read(1 << 22), b""):
                 digest.update(block)
     with contextlib.suppress(OSError):  # a read-only base is fine, it is only hashed again next time
-        memo.write_text(f"{stamp}\n{digest.hexdigest()}\n")
+        write_atomic(memo, f"{stamp}\n{digest.hexdigest()}\n".encode())
     return digest.hexdigest()
 
 
@@ -92,7 +93,7 @@ def build_zoo(
     key = recipe_key(recipe, {s: rows_digest(r) for s, r in rows.items()}, checkpoint_digest(base))
     zoo_dir = zoo_cache_root(cache_dir) / f"specialists-{key}"
     zoo_dir.mkdir(parents=True, exist_ok=True)
-    (zoo_dir / "recipe.json").write_text(json.dumps(recipe.as_json(), indent=2, sort_keys=True))
+    write_atomic(zoo_dir / "recipe.json", json.dumps(recipe.as_json(), indent=2, sort_keys=True).encode())
     paths = {"base": base}
     for index, skill in enumerate(recipe.skills):
         final = zoo_dir / skill
@@ -152,7 +153,7 @@ def train_specialist(
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     (staging / "README.md").write_text(specialist_card(base, name, recipe))
-    publish_dir(staging, final)
+    publish_directory(staging, final, keep_existing=True)
     shutil.rmtree(work_dir, ignore_errors=True)
     return final
 
@@ -213,15 +214,14 @@ def save_state(work_dir: Path, model, optimizer, schedule, step: int) -> None:
     import torch
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    partial = work_dir / f"{STATE_FILE}.partial"
     state = {
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
     }
-    torch.save(state, partial)
-    partial.replace(work_dir / STATE_FILE)
+    with atomic_path(work_dir / STATE_FILE) as partial:
+        torch.save(state, partial)
 
 
 def resume(work_dir: Path, model, optimizer, schedule) -> int:

