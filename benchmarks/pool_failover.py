@@ -32,8 +32,11 @@ import openai  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from merger.conductor.backends import RemoteBackend, build_backend  # noqa: E402
-from merger.conductor.conductor import MEMBERS_HEADER, Conductor, create_app  # noqa: E402
+from merger.conductor.app import create_app  # noqa: E402
+from merger.conductor.backends import build_backend  # noqa: E402
+from merger.conductor.remote_backend import RemoteBackend  # noqa: E402
+from merger.conductor.routing import Conductor  # noqa: E402
+from merger.conductor.wire import MEMBERS_HEADER  # noqa: E402
 from merger.router.embeddings import build_embedder  # noqa: E402
 from merger.router.outcomes import build_outcome_table  # noqa: E402
 from merger.router.pool import Member, Pool, RemoteEndpoint, load_pool  # noqa: E402

@@ -27,8 +27,9 @@ import pytest
 import yaml
 
 from merger.common.errors import MergerError
-from merger.conductor.backends import retry_after_seconds
-from merger.conductor.conductor import Conductor, build_conductor, create_app
+from merger.conductor.app import create_app
+from merger.conductor.remote_backend import retry_after_seconds
+from merger.conductor.routing import Conductor, build_conductor
 from merger.router.embeddings import Embedder, EmbeddingCache
 from merger.router.pool import Pool, parse_pool
 from tests.servers import REPO, ServerThread, fake_member, serve_process

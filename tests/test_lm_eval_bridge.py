@@ -58,6 +58,72 @@ def test_fitness_and_router_outcomes_score_the_same_items_alike(
     assert float(np.mean(table.correct[:, 0])) == pytest.approx(fitness_score)
 
 
+TWO_FILTERS_TASK = """task: tiny_two_filters
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "unanswerable"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 2
+  do_sample: false
+filter_list:
+  - name: strict
+    filter:
+      - function: take_first
+  - name: fallback
+    filter:
+      - function: regex
+        regex_pattern: "(never matches this)"
+        fallback: "unanswerable"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_fitness_and_router_outcomes_read_a_task_with_two_filters_by_one_rule(
+    tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-eval logs each item once per filter: the `strict` filter scores every item 0 (a random model never
+    says "unanswerable"), the `fallback` filter scores every item 1. Both readers take the task's first
+    metric (strict) unless a metric names another, and read each item once, from that filter."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "tiny_two_filters.yaml").write_text(TWO_FILTERS_TASK.format(data=tiny_evals / "tiny_gen.jsonl"))
+    checkpoint = tiny_sources["base"]
+    lm = lm_eval_bridge.quiet_lm(
+        AutoModelForCausalLM.from_pretrained(checkpoint).eval(), load_tokenizer(checkpoint), batch_size=4
+    )
+
+    def fitness_items(metric: str | None) -> tuple[float, dict[int, float]]:
+        task = {"name": "tiny_two_filters", "metric": metric}
+        scores, items = TaskSuite(EvalSet(tasks=[task], limit=ITEMS), (str(evals),)).score_logged(lm)
+        return scores["tiny_two_filters"], items["tiny_two_filters"]
+
+    assert fitness_items(None) == (0.0, dict.fromkeys(range(ITEMS), 0.0))
+    assert fitness_items("exact_match,fallback") == (1.0, dict.fromkeys(range(ITEMS), 1.0))
+
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(
+        f"members:\n  - {{name: a, path: {checkpoint}}}\n"
+        f"tasks: {{names: [tiny_two_filters], include_path: {evals}, limit: {ITEMS}, batch_size: 4}}\n"
+        "work_dir: work\n"
+    )
+    table = build_outcome_table(load_pool(pool_file))
+    assert sorted(table.item_ids) == sorted(f"tiny_two_filters:{doc}" for doc in range(ITEMS))
+    assert table.correct[:, 0].tolist() == [0.0] * ITEMS
+
+
 def test_a_task_manager_is_built_once_per_process_and_path_set(tiny_evals: Path) -> None:
     paths = (str(tiny_evals),)
     manager = lm_eval_bridge.task_manager_for(["tiny_mc"], paths)

@@ -120,5 +120,17 @@ def test_zoo_member_names_a_zoo_checkpoint(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize(
     "pool_file", sorted((Path(__file__).parent.parent / "recipes").glob("pool*.yaml")), ids=str
 )
-def test_shipped_pool_examples_are_valid(pool_file: Path) -> None:
-    assert load_pool(pool_file).members
+def test_shipped_pool_examples_name_tasks_that_lm_eval_finds_with_readable_data(pool_file: Path) -> None:
+    """The example's task set, with its include_path taken relative to the YAML, is what `router train`
+    will evaluate: every task is found there (no built-in needed) and its local data reads."""
+    from merger.scoring.lm_eval_bridge import anchored_task_configs, task_manager_for
+    from merger.scoring.taskdata import check_task_data
+
+    tasks = load_pool(pool_file).tasks
+    assert tasks is not None and tasks.include_path is not None and tasks.include_path.is_dir()
+    manager = task_manager_for(tasks.names, (str(tasks.include_path),))
+    missing = [name for name in tasks.names if name not in manager.all_tasks]
+    assert not missing, f"{pool_file.name} names tasks not under {tasks.include_path}: {missing}"
+    configs = anchored_task_configs(manager, tasks.names)
+    assert all(isinstance(config, dict) for config in configs)  # local tasks, not lm-eval built-ins
+    check_task_data(configs)

@@ -41,7 +41,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from merger.conductor.conductor import build_conductor, create_app
+    from merger.conductor.app import create_app
+    from merger.conductor.routing import build_conductor
     from merger.conductor.serving import uvicorn_config
     from merger.router.pool import load_pool
 

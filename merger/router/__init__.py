@@ -4,6 +4,7 @@ held-out evaluation, and the OpenAI-compatible server that routes with fallback.
 Public entry points (heavy dependencies load inside them):
     merger.router.pool.load_pool(path) -> Pool
     merger.router.training.train_router(pool) -> RouterHead ; evaluate_router(pool) -> dict
-    merger.conductor.conductor.build_conductor(pool) -> Conductor ; create_app(conductor) -> FastAPI
+    merger.conductor.routing.build_conductor(pool) -> Conductor
+    merger.conductor.app.create_app(conductor) -> FastAPI
     merger.conductor.serving.uvicorn_config(app, pool.server, host, port) -> uvicorn.Config (client bounds)
 """

@@ -25,6 +25,7 @@ from merger.common.errors import MergerError
 from merger.common.files import write_atomic
 from merger.router.pool import Member, Pool, TaskSet
 from merger.scoring.lm_eval_bridge import chat_completions_lm, evaluate_tasks, load_tasks, quiet_lm
+from merger.scoring.results import scored_samples
 from merger.sources.members import member_checkpoint, member_content_key
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,6 @@ def _prompt_of(sample: dict[str, Any]) -> str:
     return str(context)
 
 
-def _correctness_of(sample: dict[str, Any]) -> float:
-    metrics = sample.get("metrics") or []
-    if not metrics or metrics[0] not in sample:
-        raise MergerError(f"lm-eval sample of doc {sample.get('doc_id')} carries no per-sample metric")
-    return float(sample[metrics[0]])
-
-
 class _Evaluator:
     """One lm per member; the bridge keeps one TaskManager per process (building it is the slow part)."""
 
@@ -175,19 +169,19 @@ class _Evaluator:
                 f"lm-eval failed on task {task!r} for member {member.name!r}: {error}"
             ) from error
         elapsed = time.perf_counter() - started
-        samples = result["samples"].get(task, [])
-        if not samples:
+        scored = scored_samples(result, task)  # the task's first metric, as fitness reads it
+        if not scored:
             raise MergerError(f"lm-eval logged no samples for task {task!r} (member {member.name!r})")
-        per_item = elapsed / max(1, len(samples))
+        per_item = elapsed / max(1, len(scored))
         return [
             MemberRow(
                 item_id=f"{task}:{sample['doc_id']}",
                 task=task,
                 prompt=_prompt_of(sample),
-                correct=_correctness_of(sample),
+                correct=correct,
                 latency_s=per_item,
             )
-            for sample in samples
+            for sample, correct in scored
         ]
 
 

@@ -7,14 +7,13 @@ lm-eval goes through `merger.scoring.lm_eval_bridge`.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from merger.common.errors import MergerError
-from merger.recipe.schema import BUNDLED_EVALS, EvalSet, Recipe, TaskSpec
+from merger.recipe.schema import BUNDLED_EVALS, EvalSet, Recipe
 from merger.scoring.lm_eval_bridge import (
     anchored_task_configs,
     evaluate_tasks,
@@ -23,9 +22,9 @@ from merger.scoring.lm_eval_bridge import (
     quiet_lm,
     task_manager_for,
 )
+from merger.scoring.results import item_values, task_score
 from merger.scoring.taskdata import check_task_data
 
-NON_METRIC_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
 ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
 
 
@@ -55,20 +54,6 @@ def check_tasks(recipe: Recipe) -> None:
                 )
         configs += anchored_task_configs(manager, [t.name for t in eval_set.tasks])
     check_task_data(configs)
-
-
-def metric_key(results: Mapping[str, Any], task: TaskSpec) -> str:
-    keys = [k for k in results if k not in NON_METRIC_KEYS and "_stderr" not in k and "," in k]
-    if task.metric is None:
-        if not keys:
-            raise MergerError(f"task {task.name} reported no metric")
-        return keys[0]
-    for key in keys:
-        if key == task.metric or key.split(",")[0] == task.metric:
-            return key
-    raise MergerError(
-        f"task {task.name}: metric {task.metric!r} not reported; it has {', '.join(k.split(',')[0] for k in keys)}"
-    )
 
 
 def weighted_score(scores: Mapping[str, float], eval_set: EvalSet) -> float:
@@ -138,16 +123,8 @@ class TaskSuite:
         return self.item_values(self.run(lm, log_samples=True, items=chosen), list(chosen))
 
     def item_values(self, output: Mapping[str, Any], names: list[str]) -> ItemScores:
-        values: dict[str, dict[int, float]] = {}
-        specs = {task.name: task for task in self.eval_set.tasks}
-        for name in names:
-            metric, _, filter_name = metric_key(output["results"][name], specs[name]).partition(",")
-            values[name] = {
-                int(sample["doc_id"]): _finite(float(sample[metric]))
-                for sample in output["samples"][name]
-                if sample.get("filter", filter_name) == filter_name
-            }
-        return values
+        metrics = {task.name: task.metric for task in self.eval_set.tasks}
+        return {name: item_values(output, name, metrics[name]) for name in names}
 
     def score(self, lm: Any) -> dict[str, float]:
         return self.score_logged(lm)[0]
@@ -155,10 +132,7 @@ class TaskSuite:
     def score_logged(self, lm: Any) -> tuple[dict[str, float], ItemScores]:
         """The set's scores as lm-eval aggregates them, and each item's value (from its logged samples)."""
         output = self.run(lm, log_samples=True)
-        results = output["results"]
-        scores = {}
-        for task in self.eval_set.tasks:
-            scores[task.name] = _finite(float(results[task.name][metric_key(results[task.name], task)]))
+        scores = {task.name: task_score(output, task.name, task.metric) for task in self.eval_set.tasks}
         plain = [task.name for task in self.eval_set.tasks if task.name in output.get("samples", {})]
         return scores, self.item_values(output, plain)
 
@@ -170,10 +144,6 @@ def _cap_generation(task: Any, cap: int | None) -> None:
     kwargs = dict(task.get_config("generation_kwargs") or {})
     kwargs["max_gen_toks"] = min(int(kwargs.get("max_gen_toks", cap)), cap)
     task.set_config(key="generation_kwargs", value=kwargs)
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
 
 
 class Scorer:

@@ -1,6 +1,7 @@
 """The one way into lm-eval: task managers, tasks loaded with anchored data files, evaluation, and the
 language-model wrappers. Fitness scoring, the router's outcome table and the zoo's headroom script all
-come through here; no other module imports `lm_eval`.
+come through here; no other module imports `lm_eval`. What comes back is read by one rule, in
+`merger.scoring.results`.
 
 lm-eval is imported inside each function: importing it costs seconds, and commands that never score a
 model (status, report, registry) must not pay for it.

@@ -26,7 +26,7 @@ GLOB_CHARACTERS = frozenset("*?[")
 def check_task_data(configs: Iterable[Any]) -> None:
     """Raise MergerError on the first unreadable local JSON data file of these lm-eval task configs.
 
-    `configs` are what `fitness.anchored_task_configs` gives lm-eval: dicts for local tasks (checked),
+    `configs` are what `lm_eval_bridge.anchored_task_configs` gives lm-eval: dicts for local tasks (checked),
     names for built-in tasks (skipped).
     """
     checked: set[Path] = set()
