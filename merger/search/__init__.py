@@ -1,1 +1,2 @@
-"""The CMA-ES ask/tell loop and the item strategies (full, racing, anchors)."""
+"""The CMA-ES ask/tell loop and the item strategies (full, racing, anchors); `reference_loop` is the same
+idea on one page, without the production machinery."""

@@ -1,0 +1,107 @@
+"""The whole idea in one sitting: evolve the parameters of a merge with CMA-ES, scoring each merge with lm-eval.
+
+    for each generation:
+        genotypes = es.ask()                      # pycma proposes points of the unit cube [0, 1]^n
+        for x in genotypes:
+            config = space.to_config(x)           # the point decoded into a mergekit config
+            engine.apply_config(config)           # merged in memory into one resident model
+            score = scorer.fitness(...)           # lm-eval on the recipe's fitness tasks
+        es.tell(genotypes, [-s for s in scores])  # pycma minimises, so it is told minus the score
+
+Read this first; it gives the same genotypes and fitness scores as the real loop
+(`merger.search.loop.Search.run`, opened by `open_search`) for a recipe it supports: the optimizer is
+built by the real loop's `new_state`, the sources, space, engine and scorer are the real ones. What
+production adds around the same ask/merge/score/tell: the ledger (every record and item outcome in
+SQLite), checkpoint/resume after a kill, budgets (evaluations, seconds, items), the failure policy (a
+candidate that cannot merge or score is ranked last instead of stopping the run), the warm start
+(`x0: grid`), racing and anchors (`merger.search.strategies`), Ray executors (`merger.executors`),
+layer-path spaces, validation per generation, and the finish: export, test scores and report
+(`merger.finish`, `merger.report`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merger.common.errors import MergerError
+from merger.engine.factory import Engine, build_engine, draw_key
+from merger.executors.worker import pick_device
+from merger.recipe.schema import Recipe
+from merger.scoring.fitness import Scorer, check_tasks, load_tokenizer
+from merger.search.loop import new_state
+from merger.sources.resolve import check_compatible, resolve_sources
+from merger.space import SearchSpace, make_genome
+
+
+@dataclass
+class Generation:
+    """One generation as pycma saw it: the asked genotypes and, candidate by candidate, their fitness."""
+
+    genotypes: list[np.ndarray]
+    scores: list[float]
+
+
+def run_reference_loop(
+    recipe: Recipe, generations: int, source_paths: dict[str, Path] | None = None
+) -> list[Generation]:
+    """`generations` rounds of ask -> decode -> merge -> score -> tell; the sources are resolved from
+    the recipe unless their local paths are given."""
+    refuse_production_features(recipe)
+
+    # -- the sources, the search space and the optimizer ---------------------------------------
+    source_paths = source_paths if source_paths is not None else resolve_sources(recipe)
+    num_layers = check_compatible(source_paths, recipe.trust_remote_code)
+    space = make_genome(recipe, source_paths, num_layers)
+    check_tasks(recipe)
+    es = new_state(recipe, space).es  # the real loop's pycma options: bounds, popsize, seed, diagonal...
+
+    # -- one resident model the candidates are merged into, and lm-eval scoring it -------------
+    engine = resident_engine(recipe, source_paths)
+    tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
+    tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
+    scorer = Scorer(recipe, engine.model, tokenizer)
+
+    # -- the loop ----------------------------------------------------------------------------
+    history = []
+    for _ in range(generations):
+        if es.stop():
+            break
+        genotypes = [np.asarray(x) for x in es.ask()]
+        scores = [merge_and_score(space, engine, scorer, x) for x in genotypes]
+        es.tell(genotypes, [-score for score in scores])
+        history.append(Generation(genotypes, scores))
+    return history
+
+
+def merge_and_score(space: SearchSpace, engine: Engine, scorer: Scorer, genotype: np.ndarray) -> float:
+    """The candidate's weights written into the resident model, then its weighted fitness score."""
+    config = space.to_config(genotype)
+    # a random method (dare, breadcrumbs) draws by the genotype under engine.fresh_randomness
+    engine.apply_config(config, draw=draw_key(genotype))
+    return scorer.fitness(scorer.score("fitness"))
+
+
+def resident_engine(recipe: Recipe, source_paths: dict[str, Path]) -> Engine:
+    settings = recipe.engine
+    return build_engine(
+        source_paths, recipe.base_model, recipe.genome.method,
+        kind=settings.kind, dtype=getattr(torch, settings.dtype), device=pick_device(settings.device),
+        seed=recipe.optimizer.seed, fresh_randomness=settings.fresh_randomness,
+        streaming=settings.streaming, allow_nonfinite=recipe.allow_nonfinite,
+    )
+
+
+def refuse_production_features(recipe: Recipe) -> None:
+    """What only the real loop does; the reference would silently differ from it there."""
+    unsupported = {
+        "genome.space: layer_path": recipe.genome.space == "layer_path",
+        "optimizer.x0: grid (a warm start)": recipe.optimizer.x0 == "grid",
+        f"fitness.strategy: {recipe.fitness.strategy}": recipe.fitness.strategy != "full",
+    }
+    named = [feature for feature, present in unsupported.items() if present]
+    if named:
+        raise MergerError(f"the reference loop does not do {', '.join(named)}; run `merger run` for it")
