@@ -78,35 +78,41 @@ def export_once(
     staging.rename(model.path)
 
 
-def export_winner(search: Search, result: SearchResult) -> Path:
-    """best.yaml and final/: the winner as mergekit exports it (reused when already exported)."""
+def export_winner(search: Search, result: SearchResult) -> tuple[FinalModel, str]:
+    """best.yaml and final/: the winner as mergekit exports it (reused when already exported).
+
+    Returns the winner as scored at the end (identified by its best.yaml) and best.yaml's text.
+    """
     layout = RunDir(search.run_dir)
     config = search.genome.to_config(np.asarray(result.best.genotype))
-    winner = FinalModel(
-        WINNER_KEY, layout.final, config_identity(merge_yaml(config)), config, layout.best_config
-    )
+    config_yaml = merge_yaml(config)
+    exported = FinalModel(WINNER_KEY, layout.final, config_identity(config_yaml), config, layout.best_config)
     export_once(
-        winner,
+        exported,
         search,
         check=lambda staging: match_scored_weights(
             search.executor, result.best, staging, search.recipe.trust_remote_code
         ),
     )
-    return winner.path
+    return FinalModel(WINNER_KEY, exported.path, exported.identity), config_yaml
 
 
-def exported_winner(run_dir: Path) -> FinalModel:
-    """The winner as `export_winner` left it: final/, identified by its best.yaml."""
-    layout = RunDir(run_dir)
-    return FinalModel(WINNER_KEY, layout.final, config_identity(layout.best_config.read_text()))
+def run_source_paths(search: Search) -> dict[str, Path]:
+    """The sources the search resolved (as the lineage recorded them, for a search that does not say)."""
+    source_paths = getattr(search, "source_paths", None)
+    if source_paths is not None:
+        return source_paths
+    return recorded_source_paths(search.ledger.meta()[LINEAGE_META])
 
 
-def final_models(search: Search, winner: FinalModel, baselines: BaselinePlan) -> list[FinalModel]:
-    """The winner, each source (its recorded path and digest: no source is hashed again), each baseline."""
+def final_models(
+    search: Search, winner: FinalModel, source_paths: dict[str, Path], baselines: BaselinePlan
+) -> list[FinalModel]:
+    """The winner, each source (its recorded digest: no source is hashed again), each baseline."""
     layout = RunDir(search.run_dir)
     lineage = search.ledger.meta()[LINEAGE_META]
     sources = [
-        FinalModel(SOURCE_PREFIX + name, Path(lineage[name]["path"]), "weights:" + lineage[name]["sha256"])
+        FinalModel(SOURCE_PREFIX + name, source_paths[name], "weights:" + lineage[name]["sha256"])
         for name in search.recipe.source_names
     ]
     merges = []
@@ -258,13 +264,12 @@ def finished_summary(run_dir: Path, result: SearchResult) -> Summary | None:
 
 def finish_run(search: Search, result: SearchResult) -> Summary:
     layout = RunDir(search.run_dir)
-    export_winner(search, result)
-    winner = exported_winner(search.run_dir)
-    source_paths = recorded_source_paths(search.ledger.meta()[LINEAGE_META])
+    winner, config_yaml = export_winner(search, result)
+    source_paths = run_source_paths(search)
     baselines = plan_baselines(search.recipe, source_paths)
-    scores = score_final(search, final_models(search, winner, baselines))
+    scores = score_final(search, final_models(search, winner, source_paths, baselines))
     summary = build_summary(search, result, scores, baselines)
-    (layout.final / "README.md").write_text(model_card(search, summary, layout.best_config.read_text()))
+    (layout.final / "README.md").write_text(model_card(search, summary, config_yaml))
     layout.write_summary(summary)
     for name in baselines.configs:  # scored and kept in the ledger: only their YAML stays
         shutil.rmtree(layout.baseline(name), ignore_errors=True)

@@ -1,9 +1,9 @@
 """Where each source of a run came from, with its weights digest, hashed once per run.
 
 `open_search` records the lineage in the ledger's meta; the end of the run (summary, final-score
-identities) and publishing read it from there instead of hashing the sources again. A later session
-of the same run reuses a recorded digest while the source's weight files keep their names, sizes and
-modification times.
+identities) and publishing read the digests from there instead of hashing the sources again. A later
+session of the same run reuses a recorded digest while the source's weight files keep their names,
+sizes and modification times (`merger.sources.digest`).
 """
 
 from __future__ import annotations
@@ -11,28 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from merger.common.references import REGISTRY_PREFIX, is_registry_reference
 from merger.recipe.schema import Recipe
-from merger.registry import Registry, is_registry_reference, weights_digest
-from merger.registry.files import weight_files
+from merger.registry import Registry, weights_digest
 from merger.rundir.layout import LineageEntry
+from merger.sources.digest import remembered_digest
+from merger.sources.resolve import registry_root
 
 LINEAGE_META = "lineage"
-
-
-def weights_stamp(model_dir: Path) -> list[list[Any]]:
-    """The weight files' names, sizes and modification times: what a recorded digest is valid for."""
-    stamp = []
-    for name in weight_files(model_dir):
-        status = (model_dir / name).stat()
-        stamp.append([name, status.st_size, status.st_mtime_ns])
-    return stamp
 
 
 def _digest(recipe: Recipe, reference: str, path: Path) -> str:
     if is_registry_reference(reference):
         # resolving verified the entry's files against its index: its recorded digest is theirs
-        root = Path(recipe.output.registry) if recipe.output.registry else None
-        return Registry(root).show(reference.removeprefix("registry:")).weights_sha256
+        return Registry(registry_root(recipe)).show(reference).weights_sha256
     return weights_digest(path)
 
 
@@ -44,16 +36,16 @@ def source_lineage(
     lineage = {}
     for source in recipe.sources:
         path = source_paths[source.name]
-        stamp = weights_stamp(path)
-        before = recorded.get(source.name) or {}
-        unchanged = before.get("path") == str(path) and before.get("stamp") == stamp and before.get("sha256")
-        entry = LineageEntry(
-            path=str(path),
-            registry=source.path.removeprefix("registry:") if is_registry_reference(source.path) else None,
-            reference=source.path,
-            sha256=before["sha256"] if unchanged else _digest(recipe, source.path, path),
+        digest = remembered_digest(
+            path, recorded.get(source.name), lambda path, source=source: _digest(recipe, source.path, path)
         )
-        lineage[source.name] = {**entry.model_dump(), "stamp": stamp}
+        entry = LineageEntry(
+            path=digest["path"],
+            registry=source.path.removeprefix(REGISTRY_PREFIX) if is_registry_reference(source.path) else None,
+            reference=source.path,
+            sha256=digest["sha256"],
+        )
+        lineage[source.name] = {**entry.model_dump(), "stamp": digest["stamp"]}
     return lineage
 
 
