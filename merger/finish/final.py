@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mergekit.config import MergeConfiguration
@@ -20,11 +21,11 @@ from mergekit.config import MergeConfiguration
 from merger.engine.reference import export_merge
 from merger.finish.baselines import BaselinePlan, plan_baselines
 from merger.finish.scored_export import match_scored_weights
-from merger.rundir.layout import Baseline, RunDir, Scores, Summary, Winner, write_atomic
+from merger.rundir.layout import Baseline, LineageEntry, RunDir, Scores, Summary, Winner, write_atomic
 from merger.rundir.ledger import FinalScore
 from merger.scoring.fitness import eval_sets
 from merger.search.loop import Search, SearchResult
-from merger.sources.lineage import LINEAGE_META, recorded_source_paths, summary_lineage
+from merger.sources.lineage import LINEAGE_META, recorded_source_paths
 from merger.space.layer_path import path_card_lines
 
 WINNER_KEY = "winner"
@@ -197,6 +198,14 @@ def build_summary(
         },
         lineage=summary_lineage(meta[LINEAGE_META]),
     )
+
+
+def summary_lineage(recorded: dict[str, Any]) -> dict[str, LineageEntry]:
+    """The lineage as the summary holds it (the ledger's record without the stamps)."""
+    return {
+        name: LineageEntry(**{k: v for k, v in entry.items() if k != "stamp"})
+        for name, entry in recorded.items()
+    }
 
 
 def score_table(summary: Summary) -> str:

@@ -8,13 +8,13 @@ sizes and modification times (`merger.sources.digest`).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from merger.common.references import REGISTRY_PREFIX, is_registry_reference
 from merger.recipe.schema import Recipe
 from merger.registry import Registry, weights_digest
-from merger.rundir.layout import LineageEntry
 from merger.sources.digest import remembered_digest
 from merger.sources.resolve import registry_root
 
@@ -31,32 +31,23 @@ def _digest(recipe: Recipe, reference: str, path: Path) -> str:
 def source_lineage(
     recipe: Recipe, source_paths: dict[str, Path], recorded: dict[str, Any] | None
 ) -> dict[str, dict[str, Any]]:
-    """`{source: LineageEntry fields + stamp}`, hashing only sources not recorded unchanged before."""
+    """`{source: {path, registry, reference, sha256, stamp}}`, hashing only sources not recorded unchanged
+    before."""
     recorded = recorded or {}
     lineage = {}
     for source in recipe.sources:
         path = source_paths[source.name]
-        digest = remembered_digest(
-            path, recorded.get(source.name), lambda path, source=source: _digest(recipe, source.path, path)
-        )
-        entry = LineageEntry(
-            path=digest["path"],
-            registry=source.path.removeprefix(REGISTRY_PREFIX) if is_registry_reference(source.path) else None,
-            reference=source.path,
-            sha256=digest["sha256"],
-        )
-        lineage[source.name] = {**entry.model_dump(), "stamp": digest["stamp"]}
+        digest = remembered_digest(path, recorded.get(source.name), partial(_digest, recipe, source.path))
+        lineage[source.name] = {  # the fields of the summary's `LineageEntry`, then the stamp
+            "path": digest["path"],
+            "registry": source.path.removeprefix(REGISTRY_PREFIX) if is_registry_reference(source.path) else None,
+            "reference": source.path,
+            "sha256": digest["sha256"],
+            "stamp": digest["stamp"],
+        }
     return lineage
 
 
 def recorded_source_paths(recorded: dict[str, Any]) -> dict[str, Path]:
     """Where the run found each source, as `source_lineage` recorded it (nothing resolved or hashed)."""
     return {name: Path(entry["path"]) for name, entry in recorded.items()}
-
-
-def summary_lineage(recorded: dict[str, Any]) -> dict[str, LineageEntry]:
-    """The lineage as the summary holds it (without the stamps)."""
-    return {
-        name: LineageEntry(**{k: v for k, v in entry.items() if k != "stamp"})
-        for name, entry in recorded.items()
-    }
