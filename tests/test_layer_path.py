@@ -437,7 +437,7 @@ def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources,
 
 
 def test_the_report_plots_a_layer_path_by_position_and_source(tiny_sources, tiny_evals, tmp_path):
-    from merger.report.report import plot_genome
+    from merger.report.plots import plot_genome
 
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path, scales="per_slot", fix_ends=True)
     recipe = parse_recipe(data)

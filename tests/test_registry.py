@@ -24,11 +24,11 @@ from merger.registry import (
     Registry,
     default_root,
     parse_reference,
-    resolve_source,
     validate_name,
     weights_digest,
 )
 from merger.registry import index as registry_index
+from merger.sources.resolve import resolve_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCORES = {
@@ -59,11 +59,16 @@ def make_run(
     run_dir.mkdir(parents=True)
     shutil.copytree(final_from, run_dir / "final")
     (run_dir / "final" / "README.md").write_text("# the search loop's own card\n")
-    recipe = {"sources": [{"name": name, "path": path} for name, path in sources.items()]}
+    names = list(sources)
+    recipe = {
+        "sources": [{"name": name, "path": path} for name, path in sources.items()],
+        "base_model": names[0],
+        "genome": {"method": "ties", "parameters": {"weight": {"min": 0.0, "max": 1.0}}},
+        "fitness": {"tasks": ["tiny_mc"]},
+    }
     if publish:
         recipe["output"] = {"publish": publish}
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    names = list(sources)
     best = {
         "merge_method": "ties",
         "base_model": sources[names[0]],
@@ -178,7 +183,7 @@ def test_publish_list_show_export_verify_round_trip(
 
     assert all(result.ok for result in registry.verify())
     assert registry.resolve("registry:tiny-merge@1") == first.path
-    assert resolve_source("tiny-merge", registry.root) == second.path
+    assert resolve_path("registry:tiny-merge", registry_root=registry.root) == second.path
 
     exported = registry.export("tiny-merge@1", tmp_path / "exported")
     assert sorted(path.name for path in exported.iterdir()) == sorted(expected_files)
@@ -329,7 +334,7 @@ CRASHING_PUBLISHER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from merger.registry import Registry, store, index
+    from merger.registry import Registry, publishing, index
 
     root, run_dir, point = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
@@ -337,7 +342,7 @@ CRASHING_PUBLISHER = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     copies = []
-    original_copy, original_insert = store.copy_durably, index.insert_entry
+    original_copy, original_insert = publishing.copy_durably, index.insert_entry
 
     def copy_then_die(source, destination):
         copies.append(source)
@@ -350,9 +355,9 @@ CRASHING_PUBLISHER = textwrap.dedent(
         die()
 
     if point == "staging":
-        store.copy_durably = copy_then_die
+        publishing.copy_durably = copy_then_die
     elif point == "card":
-        store.render_card = lambda *args: die()
+        publishing.render_card = lambda *args: die()
     elif point == "after-rename":
         index.insert_entry = lambda connection, row: die()
     elif point == "before-commit":
@@ -489,7 +494,7 @@ def test_corrupt_weights_are_caught_by_verify_resolve_and_export(
 
     for attempt in (
         lambda: registry.resolve("tiny-merge"),
-        lambda: resolve_source("registry:tiny-merge@2", registry.root),
+        lambda: resolve_path("registry:tiny-merge@2", registry_root=registry.root),
         lambda: registry.export("tiny-merge@2", tmp_path / "out"),
     ):
         with pytest.raises(MergerError, match="tiny-merge@2") as error:
@@ -522,7 +527,7 @@ def test_registry_entry_as_source_records_lineage(
     parent = registry.publish(run_dir, "parent")
     registry.publish(run_dir, "parent")  # a newer version exists; the run below used @1
 
-    merged_source = resolve_source("registry:parent@1", registry.root)
+    merged_source = resolve_path("registry:parent@1", registry_root=registry.root)
     assert merged_source == parent.path
     child_final = tmp_path / "child-final"
     config = MergeConfiguration.model_validate(
@@ -736,7 +741,8 @@ def test_publish_without_a_name_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    run = make_run(tmp_path / "run", tiny_sources["base"], {"base": str(tiny_sources["base"])}, publish=None)
+    sources = {"base": str(tiny_sources["base"]), "specialist1": str(tiny_sources["specialist1"])}
+    run = make_run(tmp_path / "run", tiny_sources["base"], sources, publish=None)
     assert cli(["publish", str(run), "--registry", str(tmp_path / "r")], monkeypatch) == 2
     assert "pass --name NAME" in capsys.readouterr().err
 

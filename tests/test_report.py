@@ -11,7 +11,8 @@ import yaml
 
 from merger.cli import main
 from merger.common.errors import MergerError
-from merger.report.report import gene_matrices, write_report
+from merger.report.data import gene_matrices
+from merger.report.report import write_report
 from tests.test_overnight import recipe_data, run_here
 
 pytest.importorskip("matplotlib")

@@ -202,7 +202,8 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
     status = status_text(ledger)
     assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources)" in status
     assert "(0 generations)" in status  # the item budget is spent
-    from merger.report.report import load_run, overview_rows
+    from merger.report.data import load_run
+    from merger.report.page import overview_rows
 
     rows = dict((row[0], row[1]) for row in overview_rows(load_run(tmp_path / "run")))
     assert rows["item-evaluations"].startswith(f"{spent} ({spent} on candidates")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merger.common.errors import MergerError
-from merger.common.yamlsafe import read_yaml_file
 from merger.registry import Entry, Registry
+
+if TYPE_CHECKING:
+    from merger.registry.finished_run import FinishedRun
 
 EXIT_DAMAGED = 1
 
@@ -80,22 +82,20 @@ def _open(args: argparse.Namespace) -> Registry:
     return Registry(args.registry)
 
 
-def _default_name(run_dir: Path) -> str:
-    recipe_path = run_dir / "recipe.yaml"
-    try:
-        recipe = read_yaml_file(recipe_path, "recipe")
-    except MergerError:
-        recipe = None
-    output = recipe.get("output") if isinstance(recipe, dict) else None
-    name = output.get("publish") if isinstance(output, dict) else None
-    if not isinstance(name, str):
-        raise MergerError(f"no entry name: pass --name NAME (or set output.publish in {recipe_path})")
+def _default_name(run: FinishedRun) -> str:
+    name = run.recipe.output.publish
+    if name is None:
+        raise MergerError(f"no entry name: pass --name NAME (or set output.publish in {run.layout.recipe})")
     return name
 
 
 def _publish(args: argparse.Namespace) -> int:
-    name = args.name if args.name is not None else _default_name(args.run_dir)
-    ref = _open(args).publish(args.run_dir, name)
+    from merger.registry.finished_run import read_run
+    from merger.registry.publishing import publish_run
+
+    run = read_run(args.run_dir)  # the recipe is parsed here, once
+    name = args.name if args.name is not None else _default_name(run)
+    ref = publish_run(_open(args), run, name)
     print(f"published {ref} at {ref.path}")
     return 0
 

@@ -107,7 +107,7 @@ def publish_once(recipe: Any, run_dir: Path) -> None:
         if entry.weights_sha256 == digest:
             print(f"already published as {entry.ref}")
             return
-    print(f"published {registry.publish(run_dir, recipe.output.publish)}")
+    print(f"published {registry.publish(run_dir, recipe.output.publish, recipe)}")
 
 
 def status_command(args: argparse.Namespace) -> int:

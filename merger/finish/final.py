@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mergekit.config import MergeConfiguration
@@ -21,11 +22,11 @@ from merger.common.files import publish_directory, staging_dir, write_atomic
 from merger.engine.reference import export_merge
 from merger.finish.baselines import BaselinePlan, plan_baselines
 from merger.finish.scored_export import match_scored_weights
-from merger.rundir.layout import Baseline, RunDir, Scores, Summary, Winner
+from merger.rundir.layout import Baseline, LineageEntry, RunDir, Scores, Summary, Winner
 from merger.rundir.ledger import FinalScore
 from merger.scoring.fitness import eval_sets
 from merger.search.loop import Search, SearchResult
-from merger.sources.lineage import LINEAGE_META, recorded_source_paths, summary_lineage
+from merger.sources.lineage import LINEAGE_META, recorded_source_paths
 from merger.space.layer_path import path_card_lines
 
 WINNER_KEY = "winner"
@@ -79,35 +80,41 @@ def export_once(
     publish_directory(staging, model.path)
 
 
-def export_winner(search: Search, result: SearchResult) -> Path:
-    """best.yaml and final/: the winner as mergekit exports it (reused when already exported)."""
+def export_winner(search: Search, result: SearchResult) -> tuple[FinalModel, str]:
+    """best.yaml and final/: the winner as mergekit exports it (reused when already exported).
+
+    Returns the winner as scored at the end (identified by its best.yaml) and best.yaml's text.
+    """
     layout = RunDir(search.run_dir)
     config = search.genome.to_config(np.asarray(result.best.genotype))
-    winner = FinalModel(
-        WINNER_KEY, layout.final, config_identity(merge_yaml(config)), config, layout.best_config
-    )
+    config_yaml = merge_yaml(config)
+    exported = FinalModel(WINNER_KEY, layout.final, config_identity(config_yaml), config, layout.best_config)
     export_once(
-        winner,
+        exported,
         search,
         check=lambda staging: match_scored_weights(
             search.executor, result.best, staging, search.recipe.trust_remote_code
         ),
     )
-    return winner.path
+    return FinalModel(WINNER_KEY, exported.path, exported.identity), config_yaml
 
 
-def exported_winner(run_dir: Path) -> FinalModel:
-    """The winner as `export_winner` left it: final/, identified by its best.yaml."""
-    layout = RunDir(run_dir)
-    return FinalModel(WINNER_KEY, layout.final, config_identity(layout.best_config.read_text()))
+def run_source_paths(search: Search) -> dict[str, Path]:
+    """The sources the search resolved (as the lineage recorded them, for a search that does not say)."""
+    source_paths = getattr(search, "source_paths", None)
+    if source_paths is not None:
+        return source_paths
+    return recorded_source_paths(search.ledger.meta()[LINEAGE_META])
 
 
-def final_models(search: Search, winner: FinalModel, baselines: BaselinePlan) -> list[FinalModel]:
-    """The winner, each source (its recorded path and digest: no source is hashed again), each baseline."""
+def final_models(
+    search: Search, winner: FinalModel, source_paths: dict[str, Path], baselines: BaselinePlan
+) -> list[FinalModel]:
+    """The winner, each source (its recorded digest: no source is hashed again), each baseline."""
     layout = RunDir(search.run_dir)
     lineage = search.ledger.meta()[LINEAGE_META]
     sources = [
-        FinalModel(SOURCE_PREFIX + name, Path(lineage[name]["path"]), "weights:" + lineage[name]["sha256"])
+        FinalModel(SOURCE_PREFIX + name, source_paths[name], "weights:" + lineage[name]["sha256"])
         for name in search.recipe.source_names
     ]
     merges = []
@@ -194,6 +201,14 @@ def build_summary(
     )
 
 
+def summary_lineage(recorded: dict[str, Any]) -> dict[str, LineageEntry]:
+    """The lineage as the summary holds it (the ledger's record without the stamps)."""
+    return {
+        name: LineageEntry(**{k: v for k, v in entry.items() if k != "stamp"})
+        for name, entry in recorded.items()
+    }
+
+
 def score_table(summary: Summary) -> str:
     """Sources, baselines and winner, one column per (eval set, task); `merger report` and the model
     card show the same rows (`Summary.score_rows`)."""
@@ -259,13 +274,12 @@ def finished_summary(run_dir: Path, result: SearchResult) -> Summary | None:
 
 def finish_run(search: Search, result: SearchResult) -> Summary:
     layout = RunDir(search.run_dir)
-    export_winner(search, result)
-    winner = exported_winner(search.run_dir)
-    source_paths = recorded_source_paths(search.ledger.meta()[LINEAGE_META])
+    winner, config_yaml = export_winner(search, result)
+    source_paths = run_source_paths(search)
     baselines = plan_baselines(search.recipe, source_paths)
-    scores = score_final(search, final_models(search, winner, baselines))
+    scores = score_final(search, final_models(search, winner, source_paths, baselines))
     summary = build_summary(search, result, scores, baselines)
-    write_atomic(layout.final / "README.md", model_card(search, summary, layout.best_config.read_text()).encode())
+    write_atomic(layout.final / "README.md", model_card(search, summary, config_yaml).encode())
     layout.write_summary(summary)
     for name in baselines.configs:  # scored and kept in the ledger: only their YAML stays
         shutil.rmtree(layout.baseline(name), ignore_errors=True)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merger.common.bundled import bundled_dir
 from merger.common.errors import MAX_SHOWN_CHARS, MergerError, clip, shown
+from merger.common.references import has_scheme
 from merger.common.yamlsafe import read_yaml_file
 from merger.recipe.methods import METHODS, searchable_method
 
@@ -371,7 +372,7 @@ def load_recipe(path: Path) -> Recipe:
 
 
 def _absolute(path: str, root: Path) -> str:
-    if ":" in path.split("/")[0] or Path(path).is_absolute():
+    if has_scheme(path) or Path(path).is_absolute():
         return path  # registry:NAME, zoo:NAME, or already absolute
     candidate = root / path
     return str(candidate.resolve()) if candidate.exists() or path.startswith(".") else path

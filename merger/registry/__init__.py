@@ -1,12 +1,13 @@
 """The local model registry: publishing run winners with lineage, hashes and atomic writes.
 
 Other modules call:
-    Registry(root=None).publish(run_dir, name) -> EntryRef
+    Registry(root=None).publish(run_dir, name, recipe=None) -> EntryRef
     Registry(root=None).resolve("registry:NAME@VERSION") -> Path   (verified; MergerError otherwise)
-    resolve_source("registry:NAME[@VERSION]", root=None) -> Path
     weights_digest(model_dir) -> str   (the "sha256" that a run's summary lineage records)
+A recipe's `registry:` source is resolved like every other source, by `merger.sources.resolve`.
 """
 
+from merger.registry.entries import ENVIRONMENT_VARIABLE, Entry, EntryRef, Verification, default_root
 from merger.registry.files import FileRecord, weights_digest
 from merger.registry.index import Parent
 from merger.registry.names import (
@@ -16,15 +17,7 @@ from merger.registry.names import (
     parse_reference,
     validate_name,
 )
-from merger.registry.store import (
-    ENVIRONMENT_VARIABLE,
-    Entry,
-    EntryRef,
-    Registry,
-    Verification,
-    default_root,
-    resolve_source,
-)
+from merger.registry.store import Registry
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",
@@ -39,7 +32,6 @@ __all__ = [
     "default_root",
     "is_registry_reference",
     "parse_reference",
-    "resolve_source",
     "validate_name",
     "weights_digest",
 ]

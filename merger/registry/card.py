@@ -34,17 +34,12 @@ def _scores_table(summary: Summary) -> list[str]:
 
 
 def _base_models(run: FinishedRun, parents: list[Parent]) -> list[str]:
-    """Hub ids when the recipe gives them (`hub_id`), else registry references, else source names."""
+    """Registry references for registry sources, else source names."""
     by_source = {parent.source: parent for parent in parents}
     identifiers = []
-    for source in run.sources or [{"name": parent.source} for parent in parents]:
-        parent = by_source.get(source["name"])
-        if source.get("hub_id"):
-            identifiers.append(str(source["hub_id"]))
-        elif parent is not None and parent.kind == "registry":
-            identifiers.append(parent.reference)
-        else:
-            identifiers.append(str(source["name"]))
+    for name in run.recipe.source_names:
+        parent = by_source.get(name)
+        identifiers.append(parent.reference if parent is not None and parent.kind == "registry" else name)
     return identifiers
 
 

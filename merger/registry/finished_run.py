@@ -1,4 +1,8 @@
-"""Reading a finished search run directory for publishing (recipe.yaml, best.yaml, summary.json, final/)."""
+"""Reading a finished search run directory for publishing (recipe.yaml, best.yaml, summary.json, final/).
+
+The recipe is typed: the caller that ran the search hands its `Recipe` down; otherwise recipe.yaml is
+parsed once here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 from merger.common.errors import MergerError
 from merger.common.yamlsafe import parse_yaml
+from merger.recipe.schema import Recipe, parse_recipe
 from merger.registry.files import WEIGHT_SUFFIXES, relative_files
 from merger.rundir.layout import RunDir, Summary, Winner
 
@@ -17,7 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 @dataclass(frozen=True)
 class FinishedRun:
     layout: RunDir
-    recipe: dict[str, Any]
+    recipe: Recipe
     recipe_text: str
     best_config: dict[str, Any]
     best_text: str
@@ -30,11 +35,6 @@ class FinishedRun:
     @property
     def final(self) -> Path:
         return self.layout.final
-
-    @property
-    def sources(self) -> list[dict[str, Any]]:
-        sources = self.recipe.get("sources") or []
-        return [source for source in sources if isinstance(source, dict) and "name" in source]
 
     @property
     def method(self) -> str | None:
@@ -79,12 +79,24 @@ def _check_checkpoint(final: Path) -> None:
         raise MergerError(f"{final} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
 
 
-def read_run(path: Path) -> FinishedRun:
-    """Load and check a run directory; every problem is a MergerError naming the file."""
+def read_recipe(layout: RunDir) -> tuple[Recipe, str]:
+    """The run's recipe.yaml, typed, and its text."""
+    data, text = _read_yaml_mapping(layout.recipe)
+    return parse_recipe(data, str(layout.recipe)), text
+
+
+def read_run(path: Path, recipe: Recipe | None = None) -> FinishedRun:
+    """Load and check a run directory; every problem is a MergerError naming the file.
+
+    `recipe` is the run's recipe when the caller holds it (recipe.yaml's text is still what is published).
+    """
     layout = RunDir(Path(path).expanduser().resolve())
     if not layout.path.is_dir():
         raise MergerError(f"run directory not found: {layout.path}")
-    recipe, recipe_text = _read_yaml_mapping(layout.recipe)
+    if recipe is None:
+        recipe, recipe_text = read_recipe(layout)
+    else:
+        recipe_text = _read_text(layout.recipe)
     best_config, best_text = _read_yaml_mapping(layout.best_config)
     summary = layout.read_summary()
     if summary is None:

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass
 
 from merger.common.errors import MergerError, shown
+from merger.common.references import REGISTRY_PREFIX as REFERENCE_PREFIX
+from merger.common.references import is_registry_reference
 
-REFERENCE_PREFIX = "registry:"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")  # ASCII digits only, no leading zero: one spelling per version
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'"
@@ -29,11 +30,6 @@ def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise MergerError(f"invalid registry name {name!r}: use {NAME_RULE}")
     return name
-
-
-def is_registry_reference(text: str) -> bool:
-    """True for recipe source paths that point into the registry (`registry:NAME[@VERSION]`)."""
-    return isinstance(text, str) and text.startswith(REFERENCE_PREFIX)
 
 
 def parse_reference(text: str) -> Reference:

@@ -5,52 +5,51 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merger.common.errors import MergerError
-from merger.registry.files import WEIGHT_SUFFIXES, weight_files, weights_digest
-from merger.router.pool import Member
+from merger.common.references import REGISTRY_PREFIX, ZOO_PREFIX
+from merger.registry.files import WEIGHT_SUFFIXES, weight_files
+from merger.sources.digest import remembered_digest
+from merger.sources.resolve import resolve_path
+
+if TYPE_CHECKING:  # only the type: sources sit below the router
+    from merger.router.pool import Member
+
+
+def member_reference(member: Member) -> str:
+    """The source reference of a `path:`, `registry:` or `zoo:` member."""
+    if member.path is not None:
+        return str(member.path)
+    if member.registry is not None:
+        return REGISTRY_PREFIX + member.registry.removeprefix(REGISTRY_PREFIX)
+    if member.zoo is not None:
+        return ZOO_PREFIX + member.zoo
+    raise MergerError(f"member {member.name!r} is remote and has no local checkpoint")
 
 
 def member_checkpoint(member: Member, registry_root: Path | None = None) -> Path:
     """The local checkpoint directory of a `path:`, `registry:` or `zoo:` member."""
-    if member.path is not None:
-        if not member.path.is_dir():
-            raise MergerError(f"member {member.name!r}: path {member.path} is not a directory")
-        return member.path
-    if member.registry is not None:
-        try:
-            from merger.registry import resolve_source
-        except ImportError as error:
-            raise MergerError(
-                f"member {member.name!r} names registry entry {member.registry!r}, "
-                f"but the registry is unavailable: {error}"
-            ) from None
-        return Path(resolve_source(member.registry, root=registry_root))
-    if member.zoo is not None:
-        from merger.sources.resolve import resolve_path
-
-        return resolve_path(f"zoo:{member.zoo}")
-    raise MergerError(f"member {member.name!r} is remote and has no local checkpoint")
+    if member.path is not None and not member.path.is_dir():
+        raise MergerError(f"member {member.name!r}: path {member.path} is not a directory")
+    return resolve_path(member_reference(member), registry_root=registry_root)
 
 
 def memoized_weights_digest(checkpoint: Path, memo_file: Path | None = None) -> str:
-    """The registry's `weights_digest` of a checkpoint, remembered by its weight files' (path, size, mtime)."""
-    files = [checkpoint / name for name in weight_files(checkpoint)]
-    if not files:
+    """The registry's `weights_digest` of a checkpoint, remembered in `memo_file` per checkpoint."""
+    if not weight_files(checkpoint):
         raise MergerError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {checkpoint}")
-    stamp = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
-    stamp_key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
-    memo: dict[str, str] = {}
+    checkpoint = checkpoint.resolve()
+    memo: dict[str, dict] = {}
     if memo_file is not None and memo_file.is_file():
         memo = json.loads(memo_file.read_text())
-        if stamp_key in memo:
-            return memo[stamp_key]
-    result = weights_digest(checkpoint)
-    if memo_file is not None:
-        memo[stamp_key] = result
+    recorded = memo.get(str(checkpoint))
+    remembered = remembered_digest(checkpoint, recorded if isinstance(recorded, dict) else None)
+    if memo_file is not None and remembered != recorded:
+        memo[str(checkpoint)] = remembered
         memo_file.parent.mkdir(parents=True, exist_ok=True)
         memo_file.write_text(json.dumps(memo))
-    return result
+    return remembered["sha256"]
 
 
 def member_content_key(

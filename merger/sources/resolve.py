@@ -1,7 +1,7 @@
-"""Turning a recipe's source references into local checkpoint directories, and checking they merge.
+"""Turning source references into local checkpoint directories, and checking they merge.
 
-A reference is a local directory, `registry:NAME[@VERSION]` (the local registry), `zoo:NAME` (the
-bundled real-model zoo, built on demand) or a Hugging Face id found in the local HF cache only.
+The one resolver of the tree: a recipe's sources, a pool member's checkpoint and the zoo's models
+all go through `resolve_path`. The reference syntax is `merger.common.references`.
 """
 
 from __future__ import annotations
@@ -9,30 +9,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from merger.common.errors import MergerError
+from merger.common.references import ZOO_PREFIX, could_be_hub_id, is_registry_reference
 from merger.recipe.schema import Recipe
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
 
 
 def resolve_path(reference: str, *, registry_root: Path | None = None) -> Path:
-    if reference.startswith("registry:"):
-        from merger.registry import resolve_source
+    """The local directory of `registry:NAME[@VERSION]` (verified), `zoo:NAME`, a path or a cached hub id."""
+    if is_registry_reference(reference):
+        from merger.registry import Registry
 
-        return Path(resolve_source(reference, registry_root))
-    if reference.startswith("zoo:"):
-        from merger.zoo.build import ZooRecipe, build_zoo
-
-        name = reference.removeprefix("zoo:")
-        names = ("base", *ZooRecipe().skills)
-        if name not in names:  # checked before the zoo is built: building takes minutes
-            raise MergerError(f"source {reference!r}: the zoo has {', '.join(names)}, not {name!r}")
-        return Path(build_zoo()[name])
+        return Registry(registry_root).resolve(reference)
+    if reference.startswith(ZOO_PREFIX):
+        return _zoo_checkpoint(reference)
     path = Path(reference)
     if path.exists():
         return path
-    if reference.count("/") == 1 and not reference.startswith((".", "/")):
+    if could_be_hub_id(reference):
         return _from_hf_cache(reference)
     raise MergerError(f"source {reference!r} does not exist")
+
+
+def _zoo_checkpoint(reference: str) -> Path:
+    from merger.zoo.build import ZooRecipe, build_zoo
+
+    name = reference.removeprefix(ZOO_PREFIX)
+    names = ("base", *ZooRecipe().skills)
+    if name not in names:  # checked before the zoo is built: building takes minutes
+        raise MergerError(f"source {reference!r}: the zoo has {', '.join(names)}, not {name!r}")
+    return Path(build_zoo()[name])
 
 
 def _from_hf_cache(repo_id: str) -> Path:
@@ -63,15 +69,20 @@ def check_weights(name: str, path: Path, allow_pickle: bool) -> None:
     raise MergerError(f"source {name}: {path} has no safetensors weights")
 
 
+def registry_root(recipe: Recipe) -> Path | None:
+    return Path(recipe.output.registry) if recipe.output.registry else None
+
+
 def resolve_sources(recipe: Recipe) -> dict[str, Path]:
-    """Local directories for every source, after checking they hold mergeable weights."""
-    registry_root = Path(recipe.output.registry) if recipe.output.registry else None
+    """Local directories for every source, after checking they hold mergeable weights and that the
+    merged model's tokenizer can do what the eval sets ask of it (before any weights are loaded)."""
     paths = {}
     for source in recipe.sources:
-        path = resolve_path(source.path, registry_root=registry_root)
+        path = resolve_path(source.path, registry_root=registry_root(recipe))
         check_weights(source.name, path, recipe.allow_pickle)
         paths[source.name] = path.resolve()
     check_compatible(paths, recipe.trust_remote_code)
+    check_chat_template(recipe, paths)
     return paths
 
 
@@ -99,3 +110,35 @@ def check_compatible(paths: dict[str, Path], trust_remote_code: bool) -> int:
                     f"{getattr(first, field, None)} vs {getattr(config, field, None)}"
                 )
     return int(first.num_hidden_layers)
+
+
+def tokenizer_source(recipe: Recipe) -> str:
+    """The source whose tokenizer the merged model carries (as the genome's mergekit config says)."""
+    return recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
+
+
+def check_chat_template(recipe: Recipe, paths: dict[str, Path]) -> None:
+    """Refuse eval sets with `apply_chat_template: true` when the merged tokenizer has no chat template
+    (lm-eval would fail on every candidate)."""
+    eval_sets = {"fitness": recipe.fitness, "validation": recipe.validation, "test": recipe.test}
+    wanting = [name for name, eval_set in eval_sets.items() if eval_set and eval_set.apply_chat_template]
+    if not wanting:
+        return
+    source = tokenizer_source(recipe)
+    if _chat_template(paths[source], recipe.trust_remote_code):
+        return
+    raise MergerError(
+        f"{wanting[0]}.apply_chat_template is true, but the tokenizer of source {source} "
+        f"({paths[source]}) has no chat template: set {wanting[0]}.apply_chat_template: false "
+        "or take the tokenizer from a source that has one (tokenizer_source)"
+    )
+
+
+def _chat_template(path: Path, trust_remote_code: bool) -> str | dict | None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise MergerError(f"cannot read the tokenizer in {path}: {error}") from None
+    return tokenizer.chat_template
