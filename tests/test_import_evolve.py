@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from merger.cli import main
+from merger.recipe import load_recipe, parse_recipe
 from merger.recipe.evolve_import import import_evolve
-from merger.recipe.schema import load_recipe, parse_recipe
 from merger.space.parameters import Genome
 from tests.cli import assert_one_line_error, run_merger
 

@@ -15,8 +15,8 @@ from merger.cli import main
 from merger.common.errors import MergerError
 from merger.engine.factory import build_engine
 from merger.engine.reference import merge_in_memory
+from merger.recipe import parse_recipe
 from merger.recipe.methods import METHODS, SEARCHABLE_METHODS, untuned_config
-from merger.recipe.schema import parse_recipe
 from tests.recipes import tiny_recipe, write_recipe
 
 RANGE = {"min": 0.2, "max": 0.8}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from merger.cli import main
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from tests.recipes import tiny_recipe, write_recipe
 from tests.tiny_models import build_model, build_tokenizer
 

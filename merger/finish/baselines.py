@@ -20,7 +20,7 @@ from typing import Any, get_args
 from mergekit.merge_methods import BasePolicy, ParameterScope
 from mergekit.merge_methods import get as get_method
 
-from merger.recipe.schema import BaselineName, Recipe
+from merger.recipe import BaselineName, Recipe
 
 BASELINE_NAMES: tuple[str, ...] = get_args(BaselineName)
 UNTUNED_VALUES = {"density": 0.5}  # overrides a mergekit default that turns the method's own step off

@@ -31,8 +31,10 @@ import yaml
 from pydantic import ValidationError
 
 from merger.common.errors import MergerError, shown
+from merger.common.schema import format_validation_error
 from merger.common.yamlsafe import read_yaml_file
-from merger.recipe.schema import TENSOR_CLASS_FILTERS, Recipe, format_validation_error, parse_recipe
+from merger.recipe.load import parse_recipe
+from merger.recipe.schema import TENSOR_CLASS_FILTERS, Recipe
 
 EVOLVE_MAX_EVALUATIONS = 100  # mergekit-evolve --max-fevals default
 EVOLVE_SIGMA0 = round(1 / 6, 4)  # mergekit-evolve --sigma0 default; its weights live on [0, 1] as ours do

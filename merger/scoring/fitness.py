@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from merger.common.bundled import bundled_dir
 from merger.common.errors import MergerError
-from merger.recipe.schema import BUNDLED_EVALS, EvalSet, Recipe, TaskSpec
+from merger.recipe import EvalSet, Recipe, TaskSpec
 from merger.scoring.lm_eval_bridge import (
     anchored_task_configs,
     evaluate_tasks,
@@ -27,6 +28,7 @@ from merger.scoring.taskdata import check_task_data
 
 NON_METRIC_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
 ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
+BUNDLED_EVALS = bundled_dir("evals")  # merger's own tasks, searched after a recipe's task_paths
 
 
 def task_paths(recipe: Recipe) -> tuple[str, ...]:

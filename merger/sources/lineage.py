@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.registry import Registry, is_registry_reference, weights_digest
 from merger.registry.files import weight_files
 from merger.rundir.layout import LineageEntry

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from merger.common.errors import MergerError
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
 
