@@ -108,16 +108,14 @@ class GenomeSpec(StrictModel):
                 raise ValueError(
                     f"parameters.{name}: {self.method} has no parameter {name!r} (it takes {', '.join(allowed)})"
                 )
-            bounds = info.parameters[name].search_range
-            if bounds is None:
-                if isinstance(setting, SearchRange):
-                    raise ValueError(f"parameters.{name}: {self.method}'s {name} is not searched; give a number")
-                continue
-            low, high = bounds
+            parameter = info.parameters[name]
+            if parameter.search_range is None and isinstance(setting, SearchRange):
+                raise ValueError(f"parameters.{name}: {self.method}'s {name} is not searched; give a number")
             values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
             for value in values:
-                if not low <= value <= high:
-                    raise ValueError(f"parameters.{name}: {value} is outside {name}'s range [{low}, {high}]")
+                problem = parameter.outside_limits(value)
+                if problem:
+                    raise ValueError(f"parameters.{name}: {problem} in {self.method}")
         for name in info.required:
             if name not in self.parameters:
                 raise ValueError(f"parameters.{name} is required for {self.method}")
