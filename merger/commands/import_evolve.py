@@ -50,6 +50,8 @@ def import_evolve_command(args: argparse.Namespace) -> int:
         args.output.write_text(text)
         load_recipe(args.output)  # the file as `merger run` will read it
         print(f"wrote {args.output}", file=sys.stderr)
+    if imported.implied:
+        print("import-evolve: " + "; ".join(imported.implied), file=sys.stderr)
     if imported.unmapped:
         print("import-evolve: no equivalent in merger: " + "; ".join(imported.unmapped), file=sys.stderr)
     return 0
