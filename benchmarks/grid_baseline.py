@@ -24,7 +24,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from merger.executors.worker import CandidateWorker  # noqa: E402
-from merger.recipe.schema import Recipe, load_recipe, parse_recipe  # noqa: E402
+from merger.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from merger.sources.resolve import check_compatible, resolve_sources  # noqa: E402
 
 

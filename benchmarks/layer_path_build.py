@@ -49,7 +49,7 @@ def measure(space: str, count: int, threads: int) -> dict[str, Any]:
     """In this process: build one engine, then `count` candidates; seconds and bytes."""
     import torch
 
-    from merger.recipe.schema import load_recipe
+    from merger.recipe import load_recipe
     from merger.sources.resolve import check_compatible, resolve_sources
     from merger.space import make_genome
 

@@ -293,7 +293,7 @@ def executor_configs(method: str, paths: dict[str, Path]) -> tuple[dict[str, Pat
         for name in info.searchable:
             low, high = info.parameters[name].search_range
             values[name] = round(low + fraction * (high - low), 6)
-        configs.append(untuned_config(method, sources, base=base, values=values))
+        configs.append(MergeConfiguration.model_validate(untuned_config(method, sources, base=base, values=values)))
     return sources, configs
 
 

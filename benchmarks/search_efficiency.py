@@ -37,7 +37,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from merger.recipe.schema import Recipe, load_recipe, parse_recipe  # noqa: E402
+from merger.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from merger.rundir.ledger import Ledger  # noqa: E402
 from merger.scoring.fitness import TaskSuite, task_paths, weighted_score  # noqa: E402
 from merger.search.loop import load_state, open_search  # noqa: E402

@@ -11,8 +11,9 @@ import pytest
 from merger.common import bundled
 from merger.common.errors import MergerError
 from merger.executors.ray_executor import source_tree_for_workers, worker_runtime_env
-from merger.recipe.schema import BUNDLED_EVALS, load_recipe
+from merger.recipe import load_recipe
 from merger.router.pool import load_pool
+from merger.scoring.fitness import BUNDLED_EVALS
 from tests.cli import assert_one_line_error, run_merger
 
 REPO = Path(__file__).resolve().parent.parent

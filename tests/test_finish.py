@@ -19,7 +19,7 @@ import merger.registry.files
 from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
 from merger.finish.final import finish_run
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from merger.registry import Registry
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger

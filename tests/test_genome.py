@@ -7,7 +7,7 @@ import pytest
 
 from merger.common.errors import MergerError
 from merger.engine.plan import resolve_plan
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from merger.space.parameters import Genome, layer_groups
 from tests.recipes import tiny_recipe
 

@@ -9,13 +9,18 @@ import pytest
 import yaml
 
 from merger.cli import main
+from merger.recipe import load_recipe, parse_recipe
 from merger.recipe.evolve_import import import_evolve
-from merger.recipe.schema import load_recipe, parse_recipe
 from merger.space.parameters import Genome
 from tests.cli import assert_one_line_error, run_merger
 
 DOCS_EXAMPLE = Path(__file__).parent / "fixtures" / "evolve_docs_example.yml"
 REPORT_PREFIX = "import-evolve: no equivalent in merger: "
+CHAT_TEMPLATE_SET = "import-evolve: set fitness.apply_chat_template: true"
+CHAT_TEMPLATE_DEFAULT = (
+    CHAT_TEMPLATE_SET + " (mergekit-evolve's default when the configuration leaves it out); "
+    "sources without a chat template need apply_chat_template: false"
+)
 
 
 def write_config(path: Path, genome: dict, **fields: object) -> Path:
@@ -28,6 +33,7 @@ def test_the_documented_example_becomes_a_valid_recipe(tmp_path: Path) -> None:
     process = run_merger("import-evolve", str(DOCS_EXAMPLE), "-o", str(out), cwd=tmp_path)
     assert process.returncode == 0, process.stderr
     assert REPORT_PREFIX not in process.stderr  # everything in the documented example has an equivalent
+    assert CHAT_TEMPLATE_DEFAULT in process.stderr
     recipe = load_recipe(out)
     assert recipe.source_names == ["model_1", "model_2", "model_3", "base_model_if_needed"]
     assert recipe.base_model == "base_model_if_needed"
@@ -150,6 +156,30 @@ def test_what_has_no_equivalent_is_reported_in_one_line(tmp_path: Path) -> None:
     recipe = load_recipe(out)
     assert recipe.genome.tensor_classes == ["attention", "embeddings"]
     assert recipe.tokenizer_source is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, CHAT_TEMPLATE_DEFAULT),
+        ({"apply_chat_template": True}, CHAT_TEMPLATE_SET + " (the configuration sets it)"),
+        ({"apply_chat_template": False}, None),
+    ],
+)
+def test_a_chat_template_the_configuration_implies_is_said_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict, expected: str | None
+) -> None:
+    genome = {"models": ["a", "b"], "merge_method": "linear", "layer_granularity": 1}
+    config = write_config(tmp_path / "evolve.yml", genome, **fields)
+    out = tmp_path / "recipe.yaml"
+    assert main(["import-evolve", str(config), "-o", str(out)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith(CHAT_TEMPLATE_SET)]
+    assert load_recipe(out).fitness.apply_chat_template is (expected is not None)
+    if expected is None:
+        assert said == [] and "apply_chat_template" not in out.read_text().split("\nsources:")[0]
+    else:
+        assert len(said) == 1 and said[0].startswith(expected), said
+        assert "# Implied by the configuration: set fitness.apply_chat_template: true" in out.read_text()
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from merger.cli import main
 from merger.common.errors import MergerError
 from merger.engine.layer_path import LayerPathEngine, path_of_config
 from merger.engine.reference import export_merge
-from merger.recipe.schema import load_recipe, parse_recipe, recipe_to_yaml
+from merger.recipe import load_recipe, parse_recipe, recipe_to_yaml
 from merger.search.loop import open_search
 from merger.space.layer_path import LayerPathGenome, PathLayer, passthrough_config
 from tests.recipes import tiny_recipe, write_recipe

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from merger.recipe.schema import EvalSet
+from merger.recipe import EvalSet
 from merger.router.outcomes import build_outcome_table
 from merger.router.pool import load_pool
 from merger.scoring import lm_eval_bridge

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+from mergekit.config import MergeConfiguration
 
 from merger.cli import main
-from merger.common.errors import MergerError
 from merger.engine.factory import build_engine
 from merger.engine.reference import merge_in_memory
-from merger.recipe.methods import METHODS, SEARCHABLE_METHODS, untuned_config
-from merger.recipe.schema import parse_recipe
+from merger.finish.baselines import plan_baselines
+from merger.recipe import SearchRange, parse_recipe
+from merger.recipe.methods import METHODS, SEARCHABLE_METHODS, NotApplicable, untuned_config
 from tests.recipes import tiny_recipe, write_recipe
 
 RANGE = {"min": 0.2, "max": 0.8}
@@ -99,8 +100,12 @@ def test_a_method_without_anything_to_search_is_refused_in_one_line(
     [
         ({"method": "multislerp", "parameters": {"weight": 1.0, "eps": {"min": 0.0, "max": 0.1}}},
          "parameters.eps: multislerp's eps is not searched; give a number"),
-        ({"method": "nearswap", "parameters": {"t": {"min": 0.0, "max": 0.5}}},
-         "parameters.t: 0.5 is outside t's range [0.0, 0.01]"),
+        ({"method": "nearswap", "parameters": {"t": {"min": -0.1, "max": 0.5}}},
+         "parameters.t: -0.1 is outside the values t can take, [0.0, inf) in nearswap"),
+        ({"method": "slerp", "parameters": {"t": {"min": 0.5, "max": 1.5}}},
+         "parameters.t: 1.5 is outside the values t can take, [0.0, 1.0] in slerp"),
+        ({"method": "ties", "parameters": {"weight": RANGE, "density": -0.2}},
+         "parameters.density: -0.2 is outside the values density can take, [0.0, 1.0] in ties"),
         ({"method": "sce", "parameters": {"select_topk": 0.5}, "options": {"normalize": True}},
          "options.normalize: sce has no option 'normalize'"),
         ({"method": "nuslerp", "parameters": {"weight": RANGE}}, "sources: nuslerp merges exactly 2 models besides"),
@@ -117,22 +122,51 @@ def test_registry_derived_bounds_and_contracts_name_the_field(
     assert expected in err and err.count("\n") == 1
 
 
-def test_untuned_baseline_configs_come_from_the_registry(tiny_sources):
+def test_a_range_the_method_takes_is_the_users_choice(tiny_sources, tiny_evals, tmp_path):
+    """The search-range table is a default, not a limit: nearswap's t over [0.1, 0.9] (far above the
+    default [0, 0.01]) and a weight over [-3, 3] are searched as given."""
+    recipe = method_recipe(tiny_sources, tiny_evals, tmp_path / "run", "nearswap")
+    recipe["genome"]["parameters"] = {"t": {"min": 0.1, "max": 0.9}}
+    assert parse_recipe(recipe).genome.searched["t"] == SearchRange(min=0.1, max=0.9)
+    assert METHODS["nearswap"].parameters["t"].search_range == (0.0, 0.01)
+    linear = tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run",
+                         genome={"method": "linear", "parameters": {"weight": {"min": -3.0, "max": 3.0}}})
+    assert parse_recipe(linear).genome.searched["weight"] == SearchRange(min=-3.0, max=3.0)
+
+
+def test_untuned_baseline_configs_come_from_the_registry(tiny_sources, tiny_evals, tmp_path):
+    """The configs `baselines:` scores (plan_baselines calls this untuned_config) and what they hold."""
     sources = {name: tiny_sources[name] for name in ("base", "specialist1", "specialist2")}
     stock = untuned_config("model_stock", sources, base="base")
-    assert stock.merge_method == "model_stock" and str(stock.base_model.model) == str(sources["base"])
-    ties = untuned_config("ties", sources, base="base", values={"density": 0.5})
-    weights = {str(m.model.model): m.parameters for m in ties.models}
-    assert weights[str(sources["specialist1"])] == {"weight": 0.5, "density": 0.5}
-    assert weights[str(sources["base"])] is None
-    karcher = untuned_config("karcher", sources)
+    assert stock == {
+        "merge_method": "model_stock",
+        "models": [{"model": str(sources["specialist1"])}, {"model": str(sources["specialist2"])}],
+        "dtype": "float32",
+        "base_model": str(sources["base"]),
+    }
+    ties = untuned_config("ties", sources, base="base", dtype="bfloat16", tokenizer_source="specialist1")
+    assert [model["model"] for model in ties["models"]] == [str(sources["specialist1"]), str(sources["specialist2"])]
+    assert [model["parameters"] for model in ties["models"]] == [{"weight": 0.5, "density": 0.5}] * 2
+    assert (ties["dtype"], ties["tokenizer_source"]) == ("bfloat16", str(sources["specialist1"]))
+    arithmetic = untuned_config("task_arithmetic", sources, base="base")  # its density is never used: left alone
+    assert [model["parameters"] for model in arithmetic["models"]] == [{"weight": 0.5}] * 2
+    linear = untuned_config("linear", sources)
+    assert [model["parameters"] for model in linear["models"]] == [{"weight": round(1 / 3, 12)}] * 3
+    assert untuned_config("slerp", {k: sources[k] for k in ("base", "specialist1")}, base="base")["parameters"] == {
+        "t": 0.5
+    }
+    karcher = MergeConfiguration.model_validate(untuned_config("karcher", sources))
     engine = build_engine(sources, None, "karcher")
     engine.apply_config(karcher)
     expected = merge_in_memory(karcher)
     merged = dict(engine.model.named_parameters())
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name].detach(), tensor)
-    with pytest.raises(MergerError, match="model_stock merges at least 3 models, got 2"):
+    with pytest.raises(NotApplicable, match="it merges 3 or more models, the recipe has 2"):
         untuned_config("model_stock", {k: sources[k] for k in ("base", "specialist1")}, base="base")
-    with pytest.raises(MergerError, match="slerp: give a value|slerp merges exactly 2"):
-        untuned_config("slerp", sources, base="base")
+    with pytest.raises(NotApplicable, match="it needs a base model"):
+        untuned_config("ties", sources)
+    recipe = parse_recipe(tiny_recipe(sources, tiny_evals, tmp_path / "run", base_model="base"))
+    plan = plan_baselines(recipe, sources)
+    assert plan.configs["model_stock"] == stock
+    assert plan.configs["defaults"] == untuned_config(recipe.genome.method, sources, base="base")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from merger.commands.run import status_text
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
 from merger.search.loop import StopRequest, load_state, open_search
 

@@ -13,7 +13,7 @@ import pytest
 from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
 from merger.executors.ray_executor import RayExecutor
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
 from merger.search.loop import open_search
 from tests.test_overnight import recipe_data, run_here

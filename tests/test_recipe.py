@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from merger.cli import main
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from tests.recipes import tiny_recipe, write_recipe
 from tests.tiny_models import build_model, build_tokenizer
 
@@ -33,7 +33,7 @@ def test_a_valid_recipe_parses(tiny_sources, tiny_evals, tmp_path):
         ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
         (
             {"genome": {"method": "ties", "parameters": {"weight": 1.0, "density": {"min": 0.1, "max": 1.5}}}},
-            "parameters.density: 1.5 is outside density's range [0.0, 1.0]",
+            "parameters.density: 1.5 is outside the values density can take, [0.0, 1.0] in ties",
         ),
         ({"genome": {"method": "frankenmerge", "parameters": {"weight": 1.0}}}, "unknown merge method 'frankenmerge'"),
         ({"genome": {"method": "ties", "parameters": {"density": 0.5}}}, "parameters.weight is required for ties"),

@@ -19,7 +19,7 @@ from merger.engine.resident import ResidentEngine
 from merger.engine.weights import checkpoint_digest, parameter_names
 from merger.executors.in_process import InProcessExecutor
 from merger.finish.scored_export import match_scored_weights
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from merger.registry import Registry
 from merger.sources.resolve import resolve_sources
 from merger.space.parameters import Genome

@@ -16,14 +16,14 @@ import yaml
 from merger.commands.run import status_text
 from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
-from merger.recipe.schema import X0_GRID, EvalSet, parse_recipe
+from merger.recipe import EvalSet, parse_recipe
 from merger.rundir.ledger import Ledger
 from merger.scoring.items import ItemSet
 from merger.search.anchors import choose_anchors
 from merger.search.racing import bounds, cuts, ranking_values
 from merger.search.strategies import ItemStrategy
 from merger.sources.resolve import check_compatible, resolve_sources
-from merger.space.parameters import Genome
+from merger.space.parameters import X0_GRID, Genome
 from tests.test_overnight import recipe_data, run_here, start_run
 
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -221,7 +221,7 @@ def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
 
 
 def test_itemwise_strategies_refuse_a_metric_that_is_not_a_mean(tiny_evals):
-    from merger.recipe.schema import FitnessSet
+    from merger.recipe import FitnessSet
     from merger.scoring.fitness import TaskSuite
 
     TaskSuite(FitnessSet(tasks=[{"name": "tiny_mc", "metric": "acc"}]), (str(tiny_evals),)).check_itemwise(
@@ -307,7 +307,7 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sour
 
 
 def test_fitness_generation_is_capped(tiny_evals):
-    from merger.recipe.schema import FitnessSet
+    from merger.recipe import FitnessSet
     from merger.scoring.fitness import TaskSuite
 
     capped = TaskSuite(FitnessSet(tasks=["tiny_gen"], max_gen_toks=2), (str(tiny_evals),))

@@ -10,7 +10,7 @@ import pytest
 
 from merger.common.errors import MergerError
 from merger.common.references import could_be_hub_id, has_scheme, is_registry_reference
-from merger.recipe.schema import parse_recipe
+from merger.recipe import parse_recipe
 from merger.registry import weights_digest
 from merger.sources.digest import remembered_digest
 from merger.sources.resolve import resolve_path, resolve_sources

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from merger.common.errors import MergerError
-from merger.recipe.schema import load_recipe
+from merger.recipe import load_recipe
 from merger.scoring.fitness import check_tasks
 from merger.scoring.taskdata import MAX_LINE_BYTES
 from tests.cli import assert_one_line_error, run_merger

@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def import_evolve_command(args: argparse.Namespace) -> int:
+    from merger.recipe import load_recipe
     from merger.recipe.evolve_import import import_evolve, recipe_yaml, validated
-    from merger.recipe.schema import load_recipe
 
     if args.num_layers is not None and args.num_layers < 1:
         raise MergerError(f"--num-layers must be at least 1, got {args.num_layers}")
@@ -50,6 +50,8 @@ def import_evolve_command(args: argparse.Namespace) -> int:
         args.output.write_text(text)
         load_recipe(args.output)  # the file as `merger run` will read it
         print(f"wrote {args.output}", file=sys.stderr)
+    if imported.implied:
+        print("import-evolve: " + "; ".join(imported.implied), file=sys.stderr)
     if imported.unmapped:
         print("import-evolve: no equivalent in merger: " + "; ".join(imported.unmapped), file=sys.stderr)
     return 0

@@ -48,7 +48,7 @@ class ProgressBar:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from merger.recipe.schema import load_recipe
+    from merger.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.run_dir is not None:

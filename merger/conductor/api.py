@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+from merger.common.schema import StrictRequestModel, format_errors
 
 # accepted and ignored: bookkeeping that does not change the answer
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "stream_options"})
@@ -38,14 +40,12 @@ def _valid_text(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_text)]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class TextPart(StrictRequestModel):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class ChatMessage(StrictRequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
@@ -58,8 +58,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class ChatCompletionRequest(StrictRequestModel):
     model: Annotated[Text, Field(min_length=1)]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -126,13 +125,9 @@ def error_response(
 
 
 def validation_message(error: RequestValidationError) -> str:
-    problems = []
-    for detail in error.errors():
-        # without pydantic's union-branch tags ("function-after[...]", "list[...]"): where, not how
-        parts = [str(part) for part in detail.get("loc", ()) if part != "body" and "[" not in str(part)]
-        where = ".".join(parts) or "body"
-        problems.append(f"{where[:80]}: {str(detail.get('msg', 'invalid'))[:300]}")
-    return "invalid request: " + "; ".join(problems[:10])
+    """A 400's message: where in the body (its "body" root left out) and what, on one line."""
+    errors = [{**detail, "loc": [part for part in detail.get("loc", ()) if part != "body"]} for detail in error.errors()]
+    return format_errors(errors, "invalid request")
 
 
 def _documented(description: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 
 

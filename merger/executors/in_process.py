@@ -9,7 +9,7 @@ import numpy as np
 
 from merger.executors import CandidateTask, ItemJob, ItemResult
 from merger.executors.worker import CandidateWorker
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 
 

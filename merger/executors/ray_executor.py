@@ -23,7 +23,7 @@ import numpy as np
 from merger.common.errors import MergerError
 from merger.executors import CandidateTask, ItemJob, ItemResult
 from merger.executors.worker import WORST_OBJECTIVE, CandidateWorker
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 
 # A candidate whose worker dies this many times is recorded as failed rather than retried forever

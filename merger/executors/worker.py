@@ -17,7 +17,7 @@ import torch
 from merger.engine.factory import Engine, build_engine, draw_key
 from merger.engine.weights import rewrite_tensors
 from merger.executors import ItemJob, ItemResult
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 from merger.scoring.fitness import Scorer, load_tokenizer
 from merger.space import make_genome

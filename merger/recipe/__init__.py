@@ -1,1 +1,45 @@
 """The recipe: its typed schema, loading it, and what merger knows of each mergekit method."""
+
+from merger.recipe.load import load_recipe, parse_recipe, recipe_to_yaml
+from merger.recipe.schema import (
+    PASSTHROUGH,
+    TENSOR_CLASS_FILTERS,
+    AnchorsSpec,
+    BaselineName,
+    EngineSpec,
+    EvalSet,
+    ExecutorSpec,
+    FitnessSet,
+    GenomeSpec,
+    LayerPathSpec,
+    OptimizerSpec,
+    Output,
+    RacingSpec,
+    Recipe,
+    SearchRange,
+    Source,
+    TaskSpec,
+)
+
+__all__ = [
+    "PASSTHROUGH",
+    "TENSOR_CLASS_FILTERS",
+    "AnchorsSpec",
+    "BaselineName",
+    "EngineSpec",
+    "EvalSet",
+    "ExecutorSpec",
+    "FitnessSet",
+    "GenomeSpec",
+    "LayerPathSpec",
+    "OptimizerSpec",
+    "Output",
+    "RacingSpec",
+    "Recipe",
+    "SearchRange",
+    "Source",
+    "TaskSpec",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_to_yaml",
+]

@@ -31,21 +31,17 @@ import yaml
 from pydantic import ValidationError
 
 from merger.common.errors import MergerError, shown
+from merger.common.schema import format_validation_error
 from merger.common.yamlsafe import read_yaml_file
-from merger.recipe.schema import TENSOR_CLASS_FILTERS, Recipe, format_validation_error, parse_recipe
+from merger.recipe.load import parse_recipe
+from merger.recipe.methods import method_info
+from merger.recipe.schema import TENSOR_CLASS_FILTERS, Recipe
 
 EVOLVE_MAX_EVALUATIONS = 100  # mergekit-evolve --max-fevals default
 EVOLVE_SIGMA0 = round(1 / 6, 4)  # mergekit-evolve --sigma0 default; its weights live on [0, 1] as ours do
 SHUFFLE_SEED = 1  # mergekit-evolve shuffles unseeded; a recipe's item subset is fixed and reproducible
-# The mergekit switches each method reads from mergekit-evolve's merge config (slerp reads none).
-EVOLVE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "linear": ("normalize",),
-    "task_arithmetic": ("normalize", "int8_mask"),
-    "ties": ("normalize", "int8_mask"),
-    "dare_ties": ("normalize", "int8_mask"),
-    "slerp": (),
-}
 NORMALIZED_BY_DEFAULT = ("ties", "dare_ties", "linear")  # mergekit-evolve's default for `normalize: null`
+EVOLVE_START = {"density": 1.0, "t": 0.5}  # mergekit-evolve's starting point besides each weight 1/n
 _NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -53,6 +49,7 @@ _NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 class Imported:
     recipe: dict[str, Any]
     unmapped: list[str] = field(default_factory=list)
+    implied: list[str] = field(default_factory=list)  # settings the configuration implies: what and why
 
 
 def read_evolve_config(path: Path) -> Any:
@@ -136,20 +133,25 @@ def _tensor_classes(filters: list[str] | None, unmapped: list[str]) -> list[str]
 
 def _genome(genome: Any, num_layers: int | None, unmapped: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the recipe's genome, its optimizer.x0)."""
+    from mergekit.evo.genome import METHOD_PARAM_MAPS  # what mergekit-evolve searches for each method
+
     method = genome.merge_method
-    low = -1.0 if genome.allow_negative_weights else 0.0
-    if method == "slerp":
-        # mergekit-evolve takes the two best-weighted models per group and t = softmax of their weights
-        # (t <= 0.5 against the better one); t in [0, 1] against a fixed base spans the same merges.
-        parameters: dict[str, Any] = {"t": {"min": 0.0, "max": 1.0}}
-        x0: dict[str, Any] = {"t": 0.5}
-    else:
-        parameters = {"weight": {"min": low, "max": 1.0}}
-        x0 = {"weight": round(1 / len(genome.models), 6)}
-        if method in ("ties", "dare_ties"):
-            parameters["density"] = {"min": 0.0, "max": 1.0}
-            x0["density"] = 1.0
+    info = method_info(method)
+    parameters: dict[str, Any] = {}
+    x0: dict[str, Any] = {}
+    for name in METHOD_PARAM_MAPS[method]:
+        if name == "weight":
+            low, high = (-1.0 if genome.allow_negative_weights else 0.0), 1.0
+            x0[name] = round(1 / len(genome.models), 6)
+        else:
+            # slerp: mergekit-evolve takes the two best-weighted models per group and t = softmax of their
+            # weights (t <= 0.5 against the better one); t over all it can take against a fixed base spans
+            # the same merges. density: mergekit-evolve clamps it to what it can take.
+            low, high = info.parameters[name].limits
+            x0[name] = EVOLVE_START[name]
+        parameters[name] = {"min": low, "max": high}
     normalize = genome.normalize if genome.normalize is not None else method in NORMALIZED_BY_DEFAULT
+    # mergekit-evolve's merge config sets both switches; the method keeps those it reads (slerp none)
     switches = {"normalize": normalize, "int8_mask": True}
     granularity = genome.layer_granularity
     if granularity < 1:
@@ -161,11 +163,26 @@ def _genome(genome: Any, num_layers: int | None, unmapped: list[str]) -> tuple[d
     result = {
         "method": method,
         "parameters": parameters,
-        "options": {name: switches[name] for name in EVOLVE_OPTIONS[method]},
+        "options": {name: value for name, value in switches.items() if name in info.options},
         "layer_granularity": granularity,
         "tensor_classes": _tensor_classes(genome.filters, unmapped),
     }
     return result, x0
+
+
+def _chat_template_note(config: Any) -> str | None:
+    """Why the recipe applies a chat template, when it does (a base model without one cannot be scored so)."""
+    if not config.apply_chat_template:
+        return None
+    why = (
+        "the configuration sets it"
+        if "apply_chat_template" in config.model_fields_set
+        else "mergekit-evolve's default when the configuration leaves it out"
+    )
+    return (
+        f"set fitness.apply_chat_template: true ({why}); "
+        "sources without a chat template need apply_chat_template: false"
+    )
 
 
 def _fitness(config: Any, unmapped: list[str]) -> dict[str, Any]:
@@ -232,14 +249,17 @@ def import_evolve(
         unmapped.append("random_init (merger starts at the centre of the ranges, the random start's mean)")
         del recipe["optimizer"]["x0"]
     recipe["fitness"] = _fitness(config, unmapped)
+    chat_template = _chat_template_note(config)
     if task_paths:
         recipe["task_paths"] = task_paths
     recipe["output"] = {"run_dir": f"runs/{_NAME_CHARACTERS.sub('-', path.stem)}"}
-    return Imported(recipe=recipe, unmapped=unmapped)
+    return Imported(recipe=recipe, unmapped=unmapped, implied=[chat_template] if chat_template else [])
 
 
 def recipe_yaml(imported: Imported, origin: Path) -> str:
     header = [f"# Imported from the mergekit-evolve configuration {origin} by `merger import-evolve`."]
+    if imported.implied:
+        header.append("# Implied by the configuration: " + "; ".join(imported.implied))
     if imported.unmapped:
         header.append("# No equivalent in merger: " + "; ".join(imported.unmapped))
     return "\n".join(header) + "\n" + yaml.safe_dump(imported.recipe, sort_keys=False)

@@ -5,25 +5,44 @@ group functions, generalized task arithmetic): its parameters with type, default
 value per input, one per non-base input) and an `InputContract` (base policy, how many inputs). Recipe
 validation, the genome and both engines read that through `METHODS`.
 
-The only local knowledge is `SEARCH_RANGES`: which numeric parameters are worth searching, within what
-bounds (mergekit says a parameter is a float, not which floats make sense). A method with no parameter in
-that table is known but not searchable (a baseline such as model_stock or karcher).
+The local knowledge is what mergekit's types do not say (a parameter is a float, not which floats make sense):
+- `LIMITS`: the values a parameter can take at all (a density is a fraction, slerp's t a position between
+  two models); a recipe is refused only outside them;
+- `SEARCH_RANGES`: which numeric parameters are worth searching, and the range suggested by default (docs,
+  benchmarks, tests); a recipe's own `{min, max}` may be any range within the limits. A method with no
+  parameter in that table is known but not searchable (a baseline such as model_stock or karcher);
+- `UNTUNED_VALUES` and `REQUIRED_VALUES`: the untuned merge scored as a baseline (`untuned_config`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergekit.config import MergeConfiguration
 from mergekit.merge_methods import registered_methods
 from mergekit.merge_methods.base import MISSING, BasePolicy, InputContract, MergeMethod, ParameterScope
 
 from merger.common.errors import MergerError
 
-# Search bounds by parameter name, and by (method, name) where a method gives a name another meaning.
+UNBOUNDED = math.inf
+# What a value can mean, by parameter name and by (method, name) where a method gives a name another
+# meaning; a parameter in neither table takes any number (weight, lambda: negative values subtract).
+LIMITS: dict[str, tuple[float, float]] = {
+    "density": (0.0, 1.0),  # the fraction of each task vector kept
+    "epsilon": (0.0, UNBOUNDED),
+    "gamma": (0.0, 1.0),  # breadcrumbs: the fraction of the largest differences dropped
+    "t": (0.0, 1.0),  # slerp, nuslerp: where between the two models
+    "select_topk": (0.0, 1.0),
+    "r": (0.0, UNBOUNDED),
+    "alpha": (0.0, UNBOUNDED),
+}
+METHOD_LIMITS: dict[tuple[str, str], tuple[float, float]] = {
+    ("nearswap", "t"): (0.0, UNBOUNDED),  # a threshold on |base - other|, not a position
+}
+# Default search ranges by parameter name, and by (method, name) where a method gives a name another meaning.
 SEARCH_RANGES: dict[str, tuple[float, float]] = {
     "weight": (-2.0, 2.0),
     "density": (0.0, 1.0),
@@ -43,6 +62,11 @@ METHOD_SEARCH_RANGES: dict[tuple[str, str], tuple[float, float]] = {
 # Numeric settings of a solver, fixed by a recipe at most: multislerp's and karcher's tolerances, karcher's
 # iteration count, passthrough's scale. Listed so that a new numeric parameter is a decision, not a default.
 NOT_SEARCHED = {"eps", "tol", "max_iter", "scale"}
+# An untuned merge (a baseline): values that differ from mergekit's default, because the default turns the
+# method's own step off (density 1.0 drops nothing, unlike the method as its papers and mergekit's examples
+# run it), and values for required parameters without a default, other than weights (1/n).
+UNTUNED_VALUES = {"density": 0.5}
+REQUIRED_VALUES = {"t": 0.5}
 
 
 @dataclass(frozen=True)
@@ -52,11 +76,21 @@ class ParameterInfo:
     kind: str  # "number" (int or float), "switch" (bool) or "other"
     default: Any  # None when required
     required: bool
-    search_range: tuple[float, float] | None
+    search_range: tuple[float, float] | None  # the default range; None: not searched
+    limits: tuple[float, float]  # the values it can take (math.inf where unbounded)
 
     @property
     def per_source(self) -> bool:
         return self.scope != ParameterScope.SHARED
+
+    def outside_limits(self, value: float) -> str | None:
+        """Why `value` is not a value this parameter can take, or None."""
+        low, high = self.limits
+        if low <= value <= high:
+            return None
+        lower = f"[{low}" if low > -UNBOUNDED else "(-inf"
+        upper = f"{high}]" if high < UNBOUNDED else "inf)"
+        return f"{value} is outside the values {self.name} can take, {lower}, {upper}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +99,7 @@ class MethodInfo:
     pretty_name: str
     parameters: Mapping[str, ParameterInfo]
     contract: InputContract
+    sparsifies: bool  # whether a density means anything (task_arithmetic has one that it never uses)
 
     def _names(self, kind: str, per_source: bool) -> tuple[str, ...]:
         return tuple(p.name for p in self.parameters.values() if p.kind == kind and p.per_source == per_source)
@@ -147,12 +182,18 @@ def _method_info(method: MergeMethod) -> MethodInfo:
             default=None if parameter.default is MISSING else parameter.default,
             required=parameter.required,
             search_range=search_range,
+            limits=METHOD_LIMITS.get((spec.name, parameter.name), LIMITS.get(parameter.name, (-UNBOUNDED, UNBOUNDED))),
         )
-    return MethodInfo(spec.name, spec.pretty_name or spec.name, parameters, spec.contract)
+    sparsifies = getattr(method, "sparsification_method", True) is not None
+    return MethodInfo(spec.name, spec.pretty_name or spec.name, parameters, spec.contract, sparsifies)
 
 
 METHODS: dict[str, MethodInfo] = {m.spec.name: _method_info(m) for m in registered_methods()}
 SEARCHABLE_METHODS = tuple(name for name, info in METHODS.items() if info.searchable)
+
+
+class NotApplicable(MergerError):
+    """An untuned merge the method cannot make of the given sources; the message says why."""
 
 
 def method_info(name: str) -> MethodInfo:
@@ -180,49 +221,59 @@ def untuned_config(
     *,
     base: str | None = None,
     dtype: str = "float32",
-    values: Mapping[str, Any] | None = None,
     tokenizer_source: str | None = None,
-) -> MergeConfiguration:
-    """The mergekit config of one fixed merge of `sources` (name -> path): mergekit's defaults, `values`
-    where given, and for required parameters without a default: each source's weight 1/n (n = sources with
-    values), a shared one the middle of its search range. For baselines (model_stock, karcher, linear, ...)."""
+    values: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The mergekit config (a MergeConfiguration dict) of one untuned merge of `sources` (name -> path, in
+    the recipe's order): mergekit's defaults, except `UNTUNED_VALUES`, a required weight 1/n over the inputs
+    it applies to, the other required parameters from `REQUIRED_VALUES`, and `values` where given.
+    Raises `NotApplicable` when the method cannot merge these sources untuned (the baselines' skip reason)."""
     info = method_info(method)
-    if base is not None and base not in sources:
-        raise MergerError(f"base model {base!r} is not one of the sources ({', '.join(sources)})")
-    if info.needs_base and base is None:
-        raise MergerError(f"{method} needs a base model")
-    used_base = base if info.takes_base or base is None else None
-    problem = info.source_count_problem(len(sources), used_base is not None)
-    if problem:
-        raise MergerError(problem)
     given = dict(values or {})
     unknown = sorted(set(given) - set(info.parameters))
     if unknown:
         raise MergerError(f"{method} has no parameter {unknown[0]!r} (it takes {', '.join(info.parameters)})")
-    carriers = info.sources_with_values(list(sources), base)
-    per_source: dict[str, Any] = {}
+    uses_base = info.takes_base and base is not None
+    if info.needs_base and base is None:
+        raise NotApplicable("it needs a base model (base_model)")
+    others = [name for name in sources if not (uses_base and name == base)]
+    inputs = len(others) + (1 if uses_base else 0)
+    contract = info.contract
+    if inputs < (contract.min_inputs or 1) or (contract.max_inputs is not None and inputs > contract.max_inputs):
+        bounds = f"{contract.min_inputs}" + (f"-{contract.max_inputs}" if contract.max_inputs else " or more")
+        raise NotApplicable(f"it merges {bounds} models, the recipe has {inputs}")
+    per_model: dict[str, Any] = {}
     shared: dict[str, Any] = {}
     for parameter in info.parameters.values():
-        if parameter.name in given:
-            value = given[parameter.name]
-        elif not parameter.required:
-            continue
-        elif parameter.per_source:
-            value = round(1.0 / len(carriers), 6)
-        elif parameter.search_range is not None:
-            value = sum(parameter.search_range) / 2
-        else:
-            raise MergerError(f"{method}: give a value for its required parameter {parameter.name!r}")
-        (per_source if parameter.per_source else shared)[parameter.name] = value
+        if parameter.kind != "number":
+            continue  # switches (normalize, rescale, ...) keep mergekit's defaults
+        count = {ParameterScope.INPUT: inputs, ParameterScope.NON_BASE: len(others)}.get(parameter.scope, 1)
+        value = given[parameter.name] if parameter.name in given else _untuned_value(parameter, count, info)
+        if value is not None:
+            (per_model if parameter.per_source else shared)[parameter.name] = value
     models = [
-        {"model": str(path), **({"parameters": per_source} if per_source and name in carriers else {})}
-        for name, path in sources.items()
+        {"model": str(sources[name]), **({"parameters": dict(per_model)} if per_model else {})} for name in others
     ]
-    raw: dict[str, Any] = {"merge_method": method, "models": models, "dtype": dtype}
+    if uses_base and any(p.scope == ParameterScope.INPUT for p in info.parameters.values()):
+        models.insert(0, {"model": str(sources[base]), "parameters": dict(per_model)})
+    config: dict[str, Any] = {"merge_method": method, "models": models, "dtype": dtype}
+    if uses_base:
+        config["base_model"] = str(sources[base])
     if shared:
-        raw["parameters"] = shared
-    if base is not None:
-        raw["base_model"] = str(sources[base])
-    if tokenizer_source is not None:
-        raw["tokenizer_source"] = str(sources[tokenizer_source])
-    return MergeConfiguration.model_validate(raw)
+        config["parameters"] = shared
+    if tokenizer_source:
+        config["tokenizer_source"] = str(sources[tokenizer_source])
+    return config
+
+
+def _untuned_value(parameter: ParameterInfo, inputs: int, info: MethodInfo) -> Any:
+    """The untuned value of one numeric parameter over `inputs` inputs, or None to leave mergekit's default."""
+    if parameter.name in UNTUNED_VALUES and info.sparsifies:
+        return UNTUNED_VALUES[parameter.name]
+    if not parameter.required:
+        return None
+    if parameter.name == "weight":
+        return round(1.0 / inputs, 12)
+    if parameter.name in REQUIRED_VALUES:
+        return REQUIRED_VALUES[parameter.name]
+    raise NotApplicable(f"{parameter.name} has no default in mergekit")

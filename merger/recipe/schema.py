@@ -1,35 +1,19 @@
-"""The recipe: a typed, validated description of one merge search.
+"""The recipe's typed schema: every block of a recipe YAML, checked for shape (fields, types, values each
+merge method can take, sources against the method's input contract) before anything is loaded.
 
-Two stages of validation, both before any weights are loaded:
-1. `load_recipe` checks the YAML's shape (pydantic): fields, types, bounds against each method's range.
-2. `check_recipe` checks it against the world: sources exist and are mergeable, tasks exist, the
-   layer granularity fits the model.
-Every problem becomes one `MergerError` naming the field and the value.
+Checks against the world (sources exist and are mergeable, tasks exist, the layer granularity fits the
+model) come later, when a run opens its sources and tasks. Loading a file is `merger.recipe.load`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from merger.common.bundled import bundled_dir
-from merger.common.errors import MAX_SHOWN_CHARS, MergerError, clip, shown
-from merger.common.references import has_scheme
-from merger.common.yamlsafe import read_yaml_file
+from merger.common.errors import MergerError
+from merger.common.schema import StrictModel
 from merger.recipe.methods import METHODS, searchable_method
-
-BUNDLED_EVALS = bundled_dir("evals")
-X0_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # optimizer.x0: grid, as fractions of each gene's searched range
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 # Tensor classes a genome can give their own values, as mergekit filters (substring of the tensor
 # name, first match wins, so attention comes before norms to keep q_norm/k_norm with attention).
@@ -64,7 +48,7 @@ PASSTHROUGH = "passthrough"  # the method of a layer-path genome (mergekit's pas
 SCALE_RANGE = (0.0, 4.0)  # bounds a layer path's searched scales must lie in
 
 
-class LayerPath(StrictModel):
+class LayerPathSpec(StrictModel):
     """`genome.space: layer_path`: which source layers a token passes through, in which order (DFS).
 
     T = layers x sources x repeats slots in a fixed order (every layer of the first source, then of the
@@ -81,7 +65,7 @@ class LayerPath(StrictModel):
     start: Literal["anchor", "center"] = "anchor"  # x0: the anchor's own layers, or every indicator at 0.5
 
     @model_validator(mode="after")
-    def _consistent(self) -> LayerPath:
+    def _consistent(self) -> LayerPathSpec:
         if self.max_layers is not None and self.max_layers < self.min_layers:
             raise ValueError(f"max_layers ({self.max_layers}) is below min_layers ({self.min_layers})")
         low, high = SCALE_RANGE
@@ -93,14 +77,14 @@ class LayerPath(StrictModel):
         return self
 
 
-class Genome(StrictModel):
+class GenomeSpec(StrictModel):
     method: str = PASSTHROUGH  # required unless space is layer_path (field validators skip defaults)
     parameters: dict[str, ParameterSetting] = Field(default_factory=dict)
     options: dict[str, bool] = Field(default_factory=dict)
     layer_granularity: Annotated[int, Field(ge=1)] = 1
     tensor_classes: list[TensorClass] = Field(default_factory=list)
     space: Literal["parameters", "layer_path"] = "parameters"
-    layer_path: LayerPath | None = None
+    layer_path: LayerPathSpec | None = None
 
     @field_validator("method")
     @classmethod
@@ -114,7 +98,7 @@ class Genome(StrictModel):
         return method
 
     @model_validator(mode="after")
-    def _parameters_fit_method(self) -> Genome:
+    def _parameters_fit_method(self) -> GenomeSpec:
         if self.space == "layer_path" or self.layer_path is not None or self.method == PASSTHROUGH:
             return self._fits_layer_path()
         info = METHODS[self.method]
@@ -124,16 +108,14 @@ class Genome(StrictModel):
                 raise ValueError(
                     f"parameters.{name}: {self.method} has no parameter {name!r} (it takes {', '.join(allowed)})"
                 )
-            bounds = info.parameters[name].search_range
-            if bounds is None:
-                if isinstance(setting, SearchRange):
-                    raise ValueError(f"parameters.{name}: {self.method}'s {name} is not searched; give a number")
-                continue
-            low, high = bounds
+            parameter = info.parameters[name]
+            if parameter.search_range is None and isinstance(setting, SearchRange):
+                raise ValueError(f"parameters.{name}: {self.method}'s {name} is not searched; give a number")
             values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
             for value in values:
-                if not low <= value <= high:
-                    raise ValueError(f"parameters.{name}: {value} is outside {name}'s range [{low}, {high}]")
+                problem = parameter.outside_limits(value)
+                if problem:
+                    raise ValueError(f"parameters.{name}: {problem} in {self.method}")
         for name in info.required:
             if name not in self.parameters:
                 raise ValueError(f"parameters.{name} is required for {self.method}")
@@ -144,7 +126,7 @@ class Genome(StrictModel):
             raise ValueError(f"tensor_classes has a duplicate: {self.tensor_classes}")
         return self
 
-    def _fits_layer_path(self) -> Genome:
+    def _fits_layer_path(self) -> GenomeSpec:
         if self.space != "layer_path":
             if self.layer_path is not None:
                 raise ValueError("layer_path settings need space: layer_path")
@@ -165,19 +147,19 @@ class Genome(StrictModel):
         return self
 
     @property
-    def path_settings(self) -> LayerPath:
-        return self.layer_path or LayerPath()
+    def path_settings(self) -> LayerPathSpec:
+        return self.layer_path or LayerPathSpec()
 
     @property
     def searched(self) -> dict[str, SearchRange]:
         return {name: s for name, s in self.parameters.items() if isinstance(s, SearchRange)}
 
 
-class Optimizer(StrictModel):
+class OptimizerSpec(StrictModel):
     popsize: Annotated[int, Field(ge=2)] = 8
     sigma0: Annotated[float, Field(gt=0, le=1)] = 0.25
     seed: Annotated[int, Field(ge=1)] = 1
-    # grid: start from the best merge that gives every gene one value of X0_GRID (evaluated first)
+    # grid: start from the best merge that gives every gene one value of merger.space.parameters.X0_GRID
     x0: Literal["center", "grid"] | dict[str, float | dict[str, float]] = "center"
     max_evaluations: Annotated[int, Field(ge=1)] | None = 64
     max_seconds: Annotated[float, Field(gt=0)] | None = None
@@ -185,7 +167,7 @@ class Optimizer(StrictModel):
     diagonal: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
-    def _has_budget(self) -> Optimizer:
+    def _has_budget(self) -> OptimizerSpec:
         if self.max_evaluations is None and self.max_seconds is None and self.max_items is None:
             raise ValueError("give a budget: max_evaluations, max_seconds and/or max_items")
         if self.max_evaluations is not None and self.max_evaluations < self.popsize:
@@ -218,13 +200,13 @@ class EvalSet(StrictModel):
         return tasks
 
 
-class Racing(StrictModel):
+class RacingSpec(StrictModel):
     block: Annotated[int, Field(ge=1)] = 8  # items per block; every candidate of a generation sees the same
     bound: Literal["exact", "hoeffding"] = "hoeffding"
     delta: Annotated[float, Field(gt=0, lt=1)] = 0.1  # hoeffding: chance that one bound is wrong
 
 
-class Anchors(StrictModel):
+class AnchorsSpec(StrictModel):
     count: Annotated[int, Field(ge=1)] = 12  # anchor items (k-means clusters of the items' outcomes)
 
 
@@ -232,12 +214,12 @@ class FitnessSet(EvalSet):
     """The fitness set, and how much of it each candidate pays for (README: search efficiency)."""
 
     strategy: Literal["full", "racing", "anchors"] = "full"
-    racing: Racing = Racing()
-    anchors: Anchors = Anchors()
+    racing: RacingSpec = RacingSpec()
+    anchors: AnchorsSpec = AnchorsSpec()
     max_gen_toks: Annotated[int, Field(ge=1)] | None = None  # caps generation (lm-eval's default: 256)
 
 
-class Engine(StrictModel):
+class EngineSpec(StrictModel):
     kind: Literal["resident", "mergekit"] = "resident"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
@@ -245,7 +227,7 @@ class Engine(StrictModel):
     streaming: bool = False
 
 
-class Executor(StrictModel):
+class ExecutorSpec(StrictModel):
     kind: Literal["in_process", "ray"] = "in_process"
     address: str | None = None
     num_workers: Annotated[int, Field(ge=1)] = 2
@@ -270,14 +252,14 @@ class Recipe(StrictModel):
     allow_pickle: bool = False
     allow_nonfinite: bool = False  # merge sources holding NaN/inf (only mergekit's engine computes on them)
     trust_remote_code: bool = False
-    genome: Genome
-    optimizer: Optimizer = Optimizer()
+    genome: GenomeSpec
+    optimizer: OptimizerSpec = OptimizerSpec()
     fitness: FitnessSet
     validation: EvalSet | None = None
     test: EvalSet | None = None
     task_paths: list[str] = Field(default_factory=list)
-    engine: Engine = Engine()
-    executor: Executor = Executor()
+    engine: EngineSpec = EngineSpec()
+    executor: ExecutorSpec = ExecutorSpec()
     output: Output = Output()
     baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
 
@@ -336,53 +318,3 @@ class Recipe(StrictModel):
     def merged_sources(self) -> list[str]:
         """The sources that carry their own searched values (all but the base for base methods)."""
         return METHODS[self.genome.method].sources_with_values(self.source_names, self.base_model)
-
-
-def _location(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
-
-
-def format_validation_error(error: ValidationError, origin: str) -> str:
-    first = error.errors()[0]
-    message = clip(first["msg"].removeprefix("Value error, "), MAX_SHOWN_CHARS * 4)
-    where = _location(first["loc"])
-    value = first.get("input")
-    got = "" if first["type"] == "value_error" or isinstance(value, dict) else f" (got {shown(value)})"
-    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{origin}: {where + ': ' if where else ''}{message}{got}{extra}"
-
-
-def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as error:
-        raise MergerError(format_validation_error(error, origin)) from None
-
-
-def load_recipe(path: Path) -> Recipe:
-    """Read and validate a recipe file.
-
-    Source and task paths are relative to the recipe file; the run directory to the working directory.
-    """
-    data = read_yaml_file(path, "recipe")
-    if not isinstance(data, dict):
-        raise MergerError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
-    recipe = parse_recipe(data, str(path))
-    return _absolute_paths(recipe, path.resolve().parent)
-
-
-def _absolute(path: str, root: Path) -> str:
-    if has_scheme(path) or Path(path).is_absolute():
-        return path  # registry:NAME, zoo:NAME, or already absolute
-    candidate = root / path
-    return str(candidate.resolve()) if candidate.exists() or path.startswith(".") else path
-
-
-def _absolute_paths(recipe: Recipe, root: Path) -> Recipe:
-    sources = [source.model_copy(update={"path": _absolute(source.path, root)}) for source in recipe.sources]
-    task_paths = [str((root / p).resolve()) for p in recipe.task_paths]
-    return recipe.model_copy(update={"sources": sources, "task_paths": task_paths})
-
-
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)

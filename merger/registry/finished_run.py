@@ -12,7 +12,7 @@ from typing import Any
 
 from merger.common.errors import MergerError
 from merger.common.yamlsafe import parse_yaml
-from merger.recipe.schema import Recipe, parse_recipe
+from merger.recipe import Recipe, parse_recipe
 from merger.registry.files import WEIGHT_SUFFIXES, relative_files
 from merger.rundir.layout import RunDir, Summary, Winner
 

@@ -38,7 +38,7 @@ from merger.registry.names import Reference, parse_reference, validate_name
 from merger.registry.staging import clean_orphans
 
 if TYPE_CHECKING:
-    from merger.recipe.schema import Recipe
+    from merger.recipe import Recipe
 
 
 class Registry:

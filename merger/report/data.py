@@ -12,7 +12,7 @@ import numpy as np
 
 from merger.common.errors import MergerError
 from merger.common.yamlsafe import read_yaml_file
-from merger.recipe.schema import Recipe, parse_recipe
+from merger.recipe import Recipe, parse_recipe
 from merger.rundir.layout import LEDGER_FILE, RECIPE_FILE, RunDir, Summary
 from merger.rundir.ledger import EvaluationRecord, GenerationRecord, Ledger
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.report.data import RunData, gene_matrices, validation_scores
 
 MAX_ANNOTATED_CELLS = 240  # beyond this the numbers in the heatmap cells are unreadable

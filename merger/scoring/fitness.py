@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from merger.common.bundled import bundled_dir
 from merger.common.errors import MergerError
-from merger.recipe.schema import BUNDLED_EVALS, EvalSet, Recipe
+from merger.recipe import EvalSet, Recipe
 from merger.scoring.lm_eval_bridge import (
     anchored_task_configs,
     evaluate_tasks,
@@ -26,6 +27,7 @@ from merger.scoring.results import item_values, task_score
 from merger.scoring.taskdata import check_task_data
 
 ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
+BUNDLED_EVALS = bundled_dir("evals")  # merger's own tasks, searched after a recipe's task_paths
 
 
 def task_paths(recipe: Recipe) -> tuple[str, ...]:

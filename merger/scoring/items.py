@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from merger.recipe.schema import EvalSet
+from merger.recipe import EvalSet
 
 Item = tuple[str, int]  # (task, doc id)
 Values = Mapping[str, Mapping[int, float]]  # task -> doc id -> value

@@ -20,7 +20,7 @@ import numpy as np
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
 from merger.executors import CandidateTask, Executor, make_executor
-from merger.recipe.schema import Recipe, recipe_to_yaml
+from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import EvaluationRecord, GenerationRecord, Ledger
 from merger.space import SearchSpace, make_genome
@@ -119,7 +119,7 @@ def save_state(run_dir: Path, state: SearchState) -> None:
 def _same_recipe(stored: Path, text: str) -> bool:
     """A recipe stored before a field with a default existed is the same recipe with that default."""
     from merger.common.yamlsafe import read_yaml_file
-    from merger.recipe.schema import parse_recipe
+    from merger.recipe import parse_recipe
 
     try:
         return recipe_to_yaml(parse_recipe(read_yaml_file(stored, "recipe") or {}, str(stored))) == text

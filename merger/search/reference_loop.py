@@ -30,7 +30,7 @@ import torch
 from merger.common.errors import MergerError
 from merger.engine.factory import Engine, build_engine, draw_key
 from merger.executors.worker import pick_device
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.scoring.fitness import Scorer, check_tasks, load_tokenizer
 from merger.search.loop import new_state
 from merger.sources.resolve import check_compatible, resolve_sources

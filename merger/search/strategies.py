@@ -17,7 +17,7 @@ import numpy as np
 from merger.common.errors import MergerError
 from merger.executors import Executor, ItemJob, ItemResult
 from merger.executors.worker import WORST_OBJECTIVE
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord, FitnessEstimate, Ledger, candidate_key
 from merger.scoring.fitness import weighted_score
 from merger.scoring.items import Item, ItemSet, Values, as_request

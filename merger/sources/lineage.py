@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from merger.common.references import REGISTRY_PREFIX, is_registry_reference
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 from merger.registry import Registry, weights_digest
 from merger.sources.digest import remembered_digest
 from merger.sources.resolve import registry_root

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from merger.common.errors import MergerError
 from merger.common.references import ZOO_PREFIX, could_be_hub_id, is_registry_reference
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
 

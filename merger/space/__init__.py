@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 from mergekit.config import MergeConfiguration
 
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 
 
 class SearchSpace(Protocol):

@@ -23,7 +23,7 @@ import numpy as np
 from mergekit.config import MergeConfiguration
 
 from merger.common.errors import MergerError
-from merger.recipe.schema import PASSTHROUGH, Recipe
+from merger.recipe import PASSTHROUGH, Recipe
 
 THRESHOLD = 0.5
 START_MARGIN = 0.25  # `start: anchor`: the anchor's slots start at 0.75, every other slot at 0.25

@@ -13,10 +13,11 @@ import numpy as np
 from mergekit.config import MergeConfiguration
 
 from merger.common.errors import MergerError
+from merger.recipe import TENSOR_CLASS_FILTERS, Recipe
 from merger.recipe.methods import METHODS
-from merger.recipe.schema import TENSOR_CLASS_FILTERS, X0_GRID, Recipe
 
 DEFAULT_CLASS = "default"
+X0_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # optimizer.x0: grid, as fractions of each gene's searched range
 
 
 @dataclass(frozen=True)
