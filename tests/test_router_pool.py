@@ -94,7 +94,7 @@ def test_cli_reports_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:
-    from merger.sources.members import member_checkpoint
+    from merger.router.members import member_checkpoint
 
     pool = parse_pool(
         {"members": [{"name": "winner", "registry": "registry:nothing-here@1"}], "registry_root": "reg"},
@@ -106,7 +106,7 @@ def test_registry_member_resolves_through_the_registry(tmp_path: Path) -> None:
 
 
 def test_zoo_member_names_a_zoo_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from merger.sources.members import member_checkpoint
+    from merger.router.members import member_checkpoint
     from merger.zoo import build
 
     built: dict[str, Path] = {"base": tmp_path / "base", "add": tmp_path / "add", "cap": tmp_path / "cap"}

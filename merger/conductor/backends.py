@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 from merger.common.errors import MergerError
+from merger.router.members import member_checkpoint
 from merger.router.pool import Member
-from merger.sources.members import member_checkpoint
 
 Messages = list[dict[str, str]]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.router.members import member_checkpoint, member_content_key
 from merger.router.pool import Pool
-from merger.sources.members import member_checkpoint, member_content_key
 
 EncodeFn = Callable[[list[str]], np.ndarray]
 

@@ -23,10 +23,10 @@ import numpy as np
 
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
+from merger.router.members import member_checkpoint, member_content_key
 from merger.router.pool import Member, Pool, TaskSet
 from merger.scoring.lm_eval_bridge import chat_completions_lm, evaluate_tasks, load_tasks, quiet_lm
 from merger.scoring.results import scored_samples
-from merger.sources.members import member_checkpoint, member_content_key
 
 log = logging.getLogger(__name__)
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from merger.common.errors import MergerError
 from merger.common.references import REGISTRY_PREFIX, ZOO_PREFIX
 from merger.registry.files import WEIGHT_SUFFIXES, weight_files
+from merger.router.pool import Member
 from merger.sources.digest import remembered_digest
 from merger.sources.resolve import resolve_path
-
-if TYPE_CHECKING:  # only the type: sources sit below the router
-    from merger.router.pool import Member
 
 
 def member_reference(member: Member) -> str:
