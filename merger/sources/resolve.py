@@ -1,7 +1,8 @@
 """Turning a recipe's source references into local checkpoint directories, and checking they merge.
 
-A reference is a local directory, `registry:NAME[@VERSION]` (the local registry), `zoo:NAME` (the
-bundled real-model zoo, built on demand) or a Hugging Face id found in the local HF cache only.
+A reference is a local directory, `registry:NAME[@VERSION]` (the local registry), `zoo:NAME` or
+`zoo:skills/NAME` (the bundled real-model zoos, built on demand) or a Hugging Face id found in the
+local HF cache only.
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ def resolve_path(reference: str, *, registry_root: Path | None = None) -> Path:
 
         return Path(resolve_source(reference, registry_root))
     if reference.startswith("zoo:"):
-        from merger.zoo.build import ZooRecipe, build_zoo
+        from merger.zoo.build import zoo_checkpoint
 
-        name = reference.removeprefix("zoo:")
-        names = ("base", *ZooRecipe().skills)
-        if name not in names:  # checked before the zoo is built: building takes minutes
-            raise MergerError(f"source {reference!r}: the zoo has {', '.join(names)}, not {name!r}")
-        return Path(build_zoo()[name])
+        return zoo_checkpoint(reference)  # an unknown name is refused before anything builds
     path = Path(reference)
     if path.exists():
         return path
