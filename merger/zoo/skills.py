@@ -40,7 +40,7 @@ EVAL_SPLITS = ("fit", "sel", "test")
 SPLITS = (*EVAL_SPLITS, "train")
 TASK_PREFIX = "skills_"
 FOLDER = "skills"
-MAX_GEN_TOKS = 16  # the longest answers ("99 98 97 96", " 15/03/2021") take 11-12 tokens, digit by digit
+MAX_GEN_TOKS = 16  # SmolLM2 writes digits one token each: " 99 98 97 96" is 12 tokens before the newline
 MAX_DRAWS_PER_ITEM = 50  # a skill whose key space runs out fails instead of drawing forever
 
 FIRST_DATE = datetime.date(1900, 1, 1).toordinal()
