@@ -110,7 +110,7 @@ def test_zoo_member_names_a_zoo_checkpoint(tmp_path: Path, monkeypatch: pytest.M
     from merger.zoo import build
 
     built: dict[str, Path] = {"base": tmp_path / "base", "add": tmp_path / "add", "cap": tmp_path / "cap"}
-    monkeypatch.setattr(build, "build_zoo", lambda: built)  # building the real zoo takes minutes
+    monkeypatch.setattr(build, "build_zoo", lambda **_: built)  # building the real zoo takes minutes
     pool = parse_pool({"members": [{"name": "adder", "zoo": "add"}, {"name": "x", "zoo": "poetry"}]}, tmp_path)
     assert member_checkpoint(pool.members[0]) == built["add"]
     with pytest.raises(MergerError, match="the zoo has base, add, cap, not 'poetry'"):

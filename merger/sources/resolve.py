@@ -2,6 +2,8 @@
 
 The one resolver of the tree: a recipe's sources, a pool member's checkpoint and the zoo's models
 all go through `resolve_path`. The reference syntax is `merger.common.references`.
+A `zoo:` reference names the base (`zoo:base`) or a specialist of a bundled zoo (`zoo:add`,
+`zoo:skills/sort`); it is built on first use.
 """
 
 from __future__ import annotations
@@ -22,23 +24,15 @@ def resolve_path(reference: str, *, registry_root: Path | None = None) -> Path:
 
         return Registry(registry_root).resolve(reference)
     if reference.startswith(ZOO_PREFIX):
-        return _zoo_checkpoint(reference)
+        from merger.zoo.build import zoo_checkpoint
+
+        return zoo_checkpoint(reference)  # an unknown name is refused before anything builds
     path = Path(reference)
     if path.exists():
         return path
     if could_be_hub_id(reference):
         return _from_hf_cache(reference)
     raise MergerError(f"source {reference!r} does not exist")
-
-
-def _zoo_checkpoint(reference: str) -> Path:
-    from merger.zoo.build import ZooRecipe, build_zoo
-
-    name = reference.removeprefix(ZOO_PREFIX)
-    names = ("base", *ZooRecipe().skills)
-    if name not in names:  # checked before the zoo is built: building takes minutes
-        raise MergerError(f"source {reference!r}: the zoo has {', '.join(names)}, not {name!r}")
-    return Path(build_zoo()[name])
 
 
 def _from_hf_cache(repo_id: str) -> Path:

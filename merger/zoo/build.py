@@ -1,4 +1,7 @@
-"""Fine-tune the zoo's specialists from the SmolLM2 base on CPU, cached by recipe and resumable.
+"""Fine-tune a zoo's specialists from the SmolLM2 base on CPU, cached by recipe and resumable.
+
+Two zoos share this code: the quickstart zoo (`zoo:add`, `zoo:cap`; `merger.zoo.data`) and the
+multi-skill zoo (`zoo:skills/add`, ...; `merger.zoo.skills`). Both start from the same base, `zoo:base`.
 
 The cache key hashes everything that decides the weights (the recipe's numbers, the training rows and
 the base checkpoint), so a changed recipe builds into a fresh directory and an unchanged one is reused.
@@ -13,12 +16,15 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from merger.common.errors import MergerError
 from merger.common.files import atomic_path, publish_directory, write_atomic
+from merger.zoo import skills as skills_data
 from merger.zoo.cache import zoo_cache_root
-from merger.zoo.data import SKILLS, completion_text, generate, prompt_text, rows_digest
+from merger.zoo.data import SKILLS, Row, completion_text, generate, prompt_text, rows_digest
 from merger.zoo.smollm2 import base_checkpoint
 
 RECIPE_VERSION = 1
@@ -29,7 +35,10 @@ KEY_LENGTH = 16
 
 @dataclass(frozen=True)
 class ZooRecipe:
-    """Everything that decides a specialist's weights, besides its training rows and the base."""
+    """Everything that decides a specialist's weights, besides its training rows and the base.
+
+    The defaults are the training settings of every zoo; only `skills` differs between them.
+    """
 
     skills: tuple[str, ...] = SKILLS
     steps: int = 30
@@ -44,8 +53,58 @@ class ZooRecipe:
         return {**asdict(self), "skills": list(self.skills), "version": RECIPE_VERSION}
 
 
-def training_rows(skill: str) -> list[dict[str, object]]:
+def training_rows(skill: str) -> list[Row]:
     return generate()[f"train_{skill}"]
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A family of specialists fine-tuned from the base, one skill each, and how sources name them."""
+
+    name: str
+    skills: tuple[str, ...]
+    training_rows: Callable[[str], list[Row]]
+    data_module: str  # where the training rows come from, named in each specialist's card
+    cache_prefix: str  # the cache holds `<cache_prefix>-<key>/<skill>`
+    reference_prefix: str  # `zoo:<reference_prefix><skill>`
+
+    def default_recipe(self) -> ZooRecipe:
+        return ZooRecipe(skills=self.skills)
+
+    def references(self) -> list[str]:
+        return [self.reference_prefix + skill for skill in self.skills]
+
+
+QUICKSTART_ZOO = Zoo("quickstart", SKILLS, training_rows, "merger.zoo.data", "specialists", "")
+SKILLS_ZOO = Zoo(
+    "skills", skills_data.SKILLS, skills_data.training_rows, "merger.zoo.skills", "skills", "skills/"
+)
+ZOOS = {zoo.name: zoo for zoo in (QUICKSTART_ZOO, SKILLS_ZOO)}
+
+
+def zoo_member(reference: str) -> tuple[Zoo, str]:
+    """(zoo, skill) of `zoo:[ZOO/]SKILL`, or (quickstart, "base") for `zoo:base`; checked before building."""
+    name = reference.removeprefix("zoo:")
+    if name == "base":
+        return QUICKSTART_ZOO, "base"
+    prefix, slash, skill = name.rpartition("/")
+    zoo = next((z for z in ZOOS.values() if z.reference_prefix == prefix + slash), None)
+    if zoo is None:
+        known = ", ".join(f"zoo:{z.reference_prefix}NAME" for z in ZOOS.values())
+        raise MergerError(f"source {reference!r}: no zoo {prefix!r}; a zoo reference is {known} or zoo:base")
+    if skill not in zoo.skills:
+        names = ("base", *zoo.references()) if zoo is QUICKSTART_ZOO else zoo.references()
+        which = "the zoo" if zoo is QUICKSTART_ZOO else f"the {zoo.name} zoo"
+        raise MergerError(f"source {reference!r}: {which} has {', '.join(names)}, not {name!r}")
+    return zoo, skill
+
+
+def zoo_checkpoint(reference: str) -> Path:
+    """The checkpoint directory of a `zoo:` reference, building the base or that zoo on first use."""
+    zoo, skill = zoo_member(reference)
+    if skill == "base":
+        return base_checkpoint()
+    return Path(build_zoo(zoo=zoo)[skill])
 
 
 def checkpoint_digest(checkpoint: Path) -> str:
@@ -81,17 +140,21 @@ def build_zoo(
     recipe: ZooRecipe | None = None,
     base_dir: Path | None = None,
     threads: int | None = None,
+    zoo: Zoo = QUICKSTART_ZOO,
 ) -> dict[str, Path]:
-    """{"base": <dir>, "<skill>": <dir>, ...}: the base and one fine-tuned specialist per skill.
+    """{"base": <dir>, "<skill>": <dir>, ...}: the base and one fine-tuned specialist per skill of `zoo`.
 
     `base_dir` replaces the SmolLM2 base (tests use a tiny model); its training rows are the zoo's.
     `threads` caps torch's CPU threads (default: all cores; 1 is faster on a crowded machine).
     """
-    recipe = recipe or ZooRecipe()
+    recipe = recipe or zoo.default_recipe()
+    unknown = [skill for skill in recipe.skills if skill not in zoo.skills]
+    if unknown:
+        raise MergerError(f"the {zoo.name} zoo has skills {', '.join(zoo.skills)}, not {', '.join(unknown)}")
     base = Path(base_dir) if base_dir is not None else base_checkpoint(cache_dir)
-    rows = {skill: training_rows(skill) for skill in recipe.skills}
+    rows = {skill: zoo.training_rows(skill) for skill in recipe.skills}
     key = recipe_key(recipe, {s: rows_digest(r) for s, r in rows.items()}, checkpoint_digest(base))
-    zoo_dir = zoo_cache_root(cache_dir) / f"specialists-{key}"
+    zoo_dir = zoo_cache_root(cache_dir) / f"{zoo.cache_prefix}-{key}"
     zoo_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(zoo_dir / "recipe.json", json.dumps(recipe.as_json(), indent=2, sort_keys=True).encode())
     paths = {"base": base}
@@ -99,7 +162,8 @@ def build_zoo(
         final = zoo_dir / skill
         if not (final / "model.safetensors").is_file():
             work_dir = zoo_dir / f".work-{skill}"
-            train_specialist(base, rows[skill], recipe, index, work_dir, final, progress, threads)
+            card = specialist_card(base, skill, recipe, zoo.data_module)
+            train_specialist(base, rows[skill], recipe, index, work_dir, final, card, progress, threads)
         paths[skill] = final
     return paths
 
@@ -111,6 +175,7 @@ def train_specialist(
     skill_index: int,
     work_dir: Path,
     final: Path,
+    card: str,
     progress: bool,
     threads: int | None = None,
 ) -> Path:
@@ -152,7 +217,7 @@ def train_specialist(
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(specialist_card(base, name, recipe))
+    (staging / "README.md").write_text(card)
     publish_directory(staging, final, keep_existing=True)
     shutil.rmtree(work_dir, ignore_errors=True)
     return final
@@ -238,11 +303,11 @@ def resume(work_dir: Path, model, optimizer, schedule) -> int:
     return int(state["step"])
 
 
-def specialist_card(base: Path, skill: str, recipe: ZooRecipe) -> str:
+def specialist_card(base: Path, skill: str, recipe: ZooRecipe, data_module: str) -> str:
     settings = json.dumps(recipe.as_json(), indent=2, sort_keys=True)
     return f"""# zoo specialist: {skill}
 
-Full fine-tune of `{base.name}` on the `train_{skill}` items of `merger.zoo.data`, on CPU.
+Full fine-tune of `{base.name}` on the `train_{skill}` items of `{data_module}`, on CPU.
 
 ```json
 {settings}
