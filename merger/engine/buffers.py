@@ -44,7 +44,10 @@ def _group_key(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]
 
 
 def build_groups(
-    parameters: Mapping[str, torch.nn.Parameter], tensor_names: list[str], dtype: torch.dtype, device: torch.device
+    parameters: Mapping[str, torch.nn.Parameter],
+    tensor_names: list[str],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> list[Group]:
     """Group `tensor_names` by kind and shape, and make each parameter a view of its group's row."""
     by_key: dict[tuple[str, tuple[int, ...]], list[str]] = {}

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch

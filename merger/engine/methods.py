@@ -177,7 +177,9 @@ class TaskArithmetic(ResidentMethod):
         factors = None
         keep = None
         if self.sparsifier is not None:
-            mask_args, factors = self.sparsifier.masks(context, group, inputs, stats, merges, density, rescale)
+            mask_args, factors = self.sparsifier.masks(
+                context, group, inputs, stats, merges, density, rescale
+            )
             keep = self.sparsifier.keep
         weights_t = context.scalars(weights)
         coefs = weights_t if factors is None else weights_t * factors.to(weights_t.dtype).unsqueeze(-1)

@@ -312,7 +312,8 @@ class DellaMagprune(_RandomFields):
         floor = np.where(keep_all, DELLA_ALWAYS, np.where(keep_none, -DELLA_ALWAYS, floor))
         slope = np.where(partial, slope, 0.0)
         floor_t, slope_t = (
-            torch.from_numpy(value.astype(np.int32)).to(context.device).unsqueeze(-1) for value in (floor, slope)
+            torch.from_numpy(value.astype(np.int32)).to(context.device).unsqueeze(-1)
+            for value in (floor, slope)
         )
         if stats.fields is not None:
             mask_args: MaskArgs = (stats.fields, floor_t, slope_t)
