@@ -9,13 +9,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from merger.engine.buffers import Group, GroupInputs
 from merger.engine.kernels import KernelCache
 from merger.engine.plan import TensorMerge
+from merger.engine.precompute import GroupStats
 
 
 def stable_seed(*parts: object) -> int:
     digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class GroupCandidate:
+    """One group of one candidate: where it is written, what it is made of, and its plan per layer."""
+
+    group: Group
+    inputs: GroupInputs
+    stats: GroupStats
+    merges: list[TensorMerge]  # one per layer of the group
 
 
 @dataclass(frozen=True)

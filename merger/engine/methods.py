@@ -17,7 +17,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, 
 
 from merger.common.errors import MergerError
 from merger.engine.buffers import Group, GroupInputs
-from merger.engine.context import MergeContext
+from merger.engine.context import GroupCandidate, MergeContext
 from merger.engine.kernels import (
     DIVISOR_EPS,
     make_task_arithmetic,
@@ -25,7 +25,6 @@ from merger.engine.kernels import (
     slerp_coefficients,
     weighted_sum,
 )
-from merger.engine.plan import TensorMerge
 from merger.engine.precompute import GroupStats
 from merger.engine.sparsify import SPARSIFIERS, MaskArgs, Sparsifier
 from merger.recipe.methods import METHODS, MethodInfo
@@ -53,26 +52,29 @@ class ResidentMethod(ABC):
         return GroupStats()
 
     @abstractmethod
-    def merge(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-    ) -> None:
-        """Write the candidate's tensors of `group` (one `TensorMerge` per layer) into `group.output`."""
+    def merge(self, context: MergeContext, candidate: GroupCandidate) -> None:
+        """Write the candidate's tensors of `candidate.group` into its output buffer."""
+
+
+def _weighted_sum(
+    context: MergeContext, candidate: GroupCandidate, base_coefs: np.ndarray, coefs: np.ndarray
+) -> None:
+    """output = base_coefs * base + sum_i coefs[i] * others[i], per layer ([L] and [S, L] coefficients)."""
+    inputs = candidate.inputs
+    context.kernels.call(
+        "weighted_sum",
+        lambda: weighted_sum,
+        candidate.group.output,
+        inputs.base,
+        inputs.others,
+        context.scalars(base_coefs),
+        context.scalars(coefs),
+    )
 
 
 class Linear(ResidentMethod):
-    def merge(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-    ) -> None:
+    def merge(self, context: MergeContext, candidate: GroupCandidate) -> None:
+        merges = candidate.merges
         weights = context.per_source(merges, "weight", 0.0)
         base_weights = np.zeros(len(merges))
         if context.base_name is not None:
@@ -82,15 +84,7 @@ class Linear(ResidentMethod):
         totals = weights.sum(axis=0) + base_weights
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where(normalize, 1.0 / totals, 1.0)
-        context.kernels.call(
-            "weighted_sum",
-            lambda: weighted_sum,
-            group.output,
-            inputs.base,
-            inputs.others,
-            context.scalars(base_weights * scale),
-            context.scalars(weights * scale),
-        )
+        _weighted_sum(context, candidate, base_weights * scale, weights * scale)
 
 
 class Slerp(ResidentMethod):
@@ -101,14 +95,8 @@ class Slerp(ResidentMethod):
         ]
         return GroupStats(dots=dots)
 
-    def merge(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-    ) -> None:
+    def merge(self, context: MergeContext, candidate: GroupCandidate) -> None:
+        group, merges = candidate.group, candidate.merges
         active = np.zeros((len(context.other_names), len(merges)))
         for row, merge in enumerate(merges):
             for index, source in enumerate(context.other_names):
@@ -124,16 +112,9 @@ class Slerp(ResidentMethod):
                 )
             if len(chosen) == 1:
                 index = int(chosen[0])
-                base_coefs[row], coefs[index, row] = slerp_coefficients(float(t[row]), stats.dots[index][row])
-        context.kernels.call(
-            "weighted_sum",
-            lambda: weighted_sum,
-            group.output,
-            inputs.base,
-            inputs.others,
-            context.scalars(base_coefs),
-            context.scalars(coefs),
-        )
+                dot = candidate.stats.dots[index][row]
+                base_coefs[row], coefs[index, row] = slerp_coefficients(float(t[row]), dot)
+        _weighted_sum(context, candidate, base_coefs, coefs)
 
 
 class TaskArithmetic(ResidentMethod):
@@ -154,14 +135,8 @@ class TaskArithmetic(ResidentMethod):
             return GroupStats()
         return self.sparsifier.prepare(context, group, inputs, draw)
 
-    def merge(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-    ) -> None:
+    def merge(self, context: MergeContext, candidate: GroupCandidate) -> None:
+        group, inputs, merges = candidate.group, candidate.inputs, candidate.merges
         weights = context.per_source(merges, "weight", 0.0)
         density = context.per_source(merges, "density", 1.0)
         lam = context.shared(merges, "lambda", 1.0)
@@ -177,9 +152,7 @@ class TaskArithmetic(ResidentMethod):
         factors = None
         keep = None
         if self.sparsifier is not None:
-            mask_args, factors = self.sparsifier.masks(
-                context, group, inputs, stats, merges, density, rescale
-            )
+            mask_args, factors = self.sparsifier.masks(context, candidate, density, rescale)
             keep = self.sparsifier.keep
         weights_t = context.scalars(weights)
         coefs = weights_t if factors is None else weights_t * factors.to(weights_t.dtype).unsqueeze(-1)

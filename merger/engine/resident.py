@@ -30,7 +30,7 @@ from mergekit.config import MergeConfiguration
 from merger.common.errors import MergerError
 from merger.engine.buffers import Group, GroupInputs, build_groups, read_inputs, read_source
 from merger.engine.checkpoint import Checkpoint
-from merger.engine.context import MergeContext
+from merger.engine.context import GroupCandidate, MergeContext
 from merger.engine.kernels import KernelCache, raise_recompile_limit
 from merger.engine.methods import RESIDENT_METHODS
 from merger.engine.plan import MergePlan, resolve_plan
@@ -198,7 +198,7 @@ class ResidentEngine(CandidateWeights):
             for group in self.groups:
                 inputs, stats = self._candidate_inputs(group, draw)
                 merges = [plan.tensors[name] for name in group.names]
-                self.merge_method.merge(self.context, group, inputs, stats, merges)
+                self.merge_method.merge(self.context, GroupCandidate(group, inputs, stats, merges))
 
     def _candidate_inputs(self, group: Group, draw: int) -> tuple[GroupInputs, GroupStats]:
         """The group's sources and constants for a candidate of draw `draw`: read and prepared when

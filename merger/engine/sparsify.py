@@ -15,7 +15,7 @@ from mergekit.sparsify import SparsificationMethod
 
 from merger.common.errors import MergerError
 from merger.engine.buffers import Group, GroupInputs
-from merger.engine.context import MergeContext
+from merger.engine.context import GroupCandidate, MergeContext
 from merger.engine.kernels import (
     DELLA_ALWAYS,
     LEVEL_SHIFT,
@@ -28,7 +28,6 @@ from merger.engine.kernels import (
     random_levels,
     rescale_factors,
 )
-from merger.engine.plan import TensorMerge
 from merger.engine.precompute import (
     GroupStats,
     block_prefix_sums,
@@ -54,14 +53,7 @@ class Sparsifier(ABC):
 
     @abstractmethod
     def masks(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-        density: np.ndarray,
-        rescale: np.ndarray,
+        self, context: MergeContext, candidate: GroupCandidate, density: np.ndarray, rescale: np.ndarray
     ) -> tuple[MaskArgs, torch.Tensor | None]:
         """The tensors `keep` reads for this candidate, and [S, L] l1 rescale factors (None: no rescale)."""
 
@@ -111,16 +103,9 @@ class Magnitude(_SortedMagnitudes):
     name = "magnitude"
 
     def masks(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-        density: np.ndarray,
-        rescale: np.ndarray,
+        self, context: MergeContext, candidate: GroupCandidate, density: np.ndarray, rescale: np.ndarray
     ) -> tuple[MaskArgs, torch.Tensor | None]:
-        n = group.elements
+        n, stats = candidate.group.elements, candidate.stats
         keep_all, keep_none = density >= 1, density <= 0
         partial = ~(keep_all | keep_none)
         counts = np.where(partial, np.maximum(1, (density * n).astype(np.int64)), 1)
@@ -147,17 +132,10 @@ class MagnitudeOutliers(_SortedMagnitudes):
     name = "outliers"
 
     def masks(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-        density: np.ndarray,
-        rescale: np.ndarray,
+        self, context: MergeContext, candidate: GroupCandidate, density: np.ndarray, rescale: np.ndarray
     ) -> tuple[MaskArgs, torch.Tensor | None]:
-        gamma = context.per_source(merges, "gamma", 0.0)
-        n = group.elements
+        gamma = context.per_source(candidate.merges, "gamma", 0.0)
+        n, stats = candidate.group.elements, candidate.stats
         keep_all = density >= 1
         target = np.trunc(density * n).astype(np.int64)
         top = np.trunc(gamma * n).astype(np.int64)
@@ -226,15 +204,9 @@ class Random(_RandomFields):
         stats.dare_table = dare_tables(levels, magnitudes)
 
     def masks(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-        density: np.ndarray,
-        rescale: np.ndarray,
+        self, context: MergeContext, candidate: GroupCandidate, density: np.ndarray, rescale: np.ndarray
     ) -> tuple[MaskArgs, torch.Tensor | None]:
+        stats = candidate.stats
         keep_all = density >= 1
         # keep where (level + 0.5) / RANDOM_LEVELS < density: a keep probability of levels / RANDOM_LEVELS
         levels = np.clip(np.ceil(density * RANDOM_LEVELS - 0.5), 0, RANDOM_LEVELS).astype(np.int64)
@@ -253,7 +225,7 @@ class Random(_RandomFields):
                 )
                 total = table[..., -1].double()
             else:
-                kept = self.kept_l1(context, inputs, mask_args)
+                kept = self.kept_l1(context, candidate.inputs, mask_args)
                 total = stats.l1
             factors = _rescaled(context, total, kept, partial, rescale)
         return mask_args, factors
@@ -286,16 +258,10 @@ class DellaMagprune(_RandomFields):
         stats.della_table = della_tables(levels, ranks, magnitudes)
 
     def masks(
-        self,
-        context: MergeContext,
-        group: Group,
-        inputs: GroupInputs,
-        stats: GroupStats,
-        merges: list[TensorMerge],
-        density: np.ndarray,
-        rescale: np.ndarray,
+        self, context: MergeContext, candidate: GroupCandidate, density: np.ndarray, rescale: np.ndarray
     ) -> tuple[MaskArgs, torch.Tensor | None]:
-        epsilon = context.per_source(merges, "epsilon", 0.0)
+        epsilon = context.per_source(candidate.merges, "epsilon", 0.0)
+        stats = candidate.stats
         keep_all, keep_none = density >= 1, density <= 0
         partial = ~(keep_all | keep_none)
         # mergekit's check, for a negative epsilon too (where mergekit's bernoulli would fail instead); it
@@ -306,7 +272,7 @@ class DellaMagprune(_RandomFields):
             index, row = (int(i[0]) for i in np.nonzero(invalid))
             raise MergerError(
                 f"della: epsilon {epsilon[index, row]} with density {density[index, row]} for "
-                f"{context.other_names[index]} in {group.names[row]} leaves density +/- epsilon outside (0, 1)"
+                f"{context.other_names[index]} in {candidate.group.names[row]} leaves density +/- epsilon outside (0, 1)"
             )
         floor, slope = della_terms(np.where(partial, density, 0.5), np.where(partial, epsilon, 0.0))
         floor = np.where(keep_all, DELLA_ALWAYS, np.where(keep_none, -DELLA_ALWAYS, floor))
@@ -325,7 +291,7 @@ class DellaMagprune(_RandomFields):
                 counts = della_level_counts(floor_t, slope_t).unsqueeze(-1)
                 kept = stats.della_table.gather(-1, counts).squeeze(-1).sum(dim=-1, dtype=torch.float64)
             else:
-                kept = self.kept_l1(context, inputs, mask_args)
+                kept = self.kept_l1(context, candidate.inputs, mask_args)
             factors = _rescaled(context, stats.l1, kept, partial, rescale)
         return mask_args, factors
 
