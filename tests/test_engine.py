@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
@@ -25,11 +26,11 @@ from merger.engine.kernels import (
     make_task_arithmetic,
     pack_bytes,
 )
-from merger.engine.methods import RESIDENT_METHODS
+from merger.engine.methods import RESIDENT_METHODS, TaskArithmetic
 from merger.engine.plan import MergePlan, resolve_plan
 from merger.engine.reference import MergekitEngine, merge_in_memory
 from merger.engine.resident import ResidentEngine
-from merger.engine.sparsify import DellaMagprune
+from merger.engine.sparsify import SPARSIFIERS, DellaMagprune
 from merger.recipe.methods import METHODS
 
 BY_CLASS = [{"filter": "self_attn", "value": 0.35}, {"filter": "mlp", "value": 0.8}, {"value": 0.55}]
@@ -592,6 +593,21 @@ def test_resident_methods_equal_mergekit_yaml(paths: dict[str, Path], yaml_scrat
     random = RESIDENT_METHODS[method].draws_random
     config = _registry_config(method, paths, dense=random)
     _assert_engine_equals_mergekit_yaml(method, "resident", config, paths, yaml_scratch)
+
+
+def test_kernel_registry_follows_mergekit_methods() -> None:
+    """Registered by mergekit's names; each task-arithmetic method carries the sparsifier of mergekit's own
+    sparsification method, and its sign consensus."""
+    kernels = {"linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"}
+    kernels |= {"dare_linear", "dare_ties", "della", "della_linear"}
+    assert kernels <= set(RESIDENT_METHODS) <= set(METHODS)
+    for name, method in RESIDENT_METHODS.items():
+        mergekit_method = merge_methods.get(name)
+        if isinstance(method, TaskArithmetic):
+            expected = mergekit_method.sparsification_method
+            assert type(method.sparsifier) is (SPARSIFIERS[expected] if expected is not None else type(None))
+            assert method.consensus == (mergekit_method.consensus_method is not None)
+        assert method.needs_base == METHODS[name].needs_base
 
 
 def test_build_engine_uses_kernels_where_it_has_them(paths: dict[str, Path]) -> None:

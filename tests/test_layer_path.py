@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from merger.cli import main
 from merger.common.errors import MergerError
+from merger.engine.factory import engine_for_recipe
 from merger.engine.layer_path import LayerPathEngine, path_of_config
 from merger.engine.reference import export_merge
 from merger.recipe.schema import load_recipe, parse_recipe, recipe_to_yaml
@@ -228,6 +229,13 @@ def test_fixed_ends_and_scales_reach_the_passthrough_config(tiny_sources, tiny_e
 @pytest.fixture(scope="module")
 def engine(tiny_sources) -> LayerPathEngine:
     return LayerPathEngine(tiny_sources, "base", dtype=torch.float32, device="cpu")
+
+
+def test_the_factory_builds_the_layer_path_engine_a_recipe_asks_for(tiny_sources, tiny_evals, tmp_path):
+    recipe = parse_recipe(dfs_recipe(tiny_sources, tiny_evals, tmp_path, anchor="specialist1"))
+    built = engine_for_recipe(recipe, tiny_sources, "cpu")
+    assert isinstance(built, LayerPathEngine) and built.anchor == "specialist1"
+    assert built.model.config.num_hidden_layers == 4
 
 
 def source_storages(engine: LayerPathEngine) -> set[int]:
