@@ -40,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from merge_speed import METHODS, SHAPES, build_base, build_specialist, method_raw, synchronize  # noqa: E402
 
-from merger.engine.methods import RESIDENT_METHODS as TRAITS  # noqa: E402
+from merger.engine.methods import RESIDENT_METHODS  # noqa: E402
 from merger.engine.plan import resolve_plan  # noqa: E402
 from merger.engine.reference import merge_in_memory  # noqa: E402
 from merger.engine.resident import ResidentEngine  # noqa: E402
+from merger.engine.sparsify import Magnitude, MagnitudeOutliers  # noqa: E402
 
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 BF16 = {"rtol": 1.6e-2, "atol": 1e-5}
@@ -71,14 +72,14 @@ def build_sources(root: Path) -> dict[str, Path]:
 
 def candidates(method: str, paths: dict[str, Path]) -> list[tuple[str, MergeConfiguration, bool]]:
     """(label, config, must equal mergekit) for the method's candidates, applied in this order."""
-    kind = TRAITS[method].sparsification
-    exact = kind not in ("random", "della")
+    resident = RESIDENT_METHODS[method]
+    exact = not resident.draws_random
     raws = [("a", method_raw(method, paths, 0), exact), ("b", method_raw(method, paths, 1), exact)]
-    if kind in ("magnitude", "outliers"):
+    if isinstance(getattr(resident, "sparsifier", None), (Magnitude, MagnitudeOutliers)):
         rescaled = method_raw(method, paths, 0)
         rescaled["parameters"] = {"rescale": True, "lambda": 1.3}
         raws.append(("rescaled", rescaled, True))
-    if kind in ("random", "della"):
+    if resident.draws_random:
         dense = method_raw(method, paths, 1)
         for model in dense["models"][1:]:
             model["parameters"]["density"] = 1.0
@@ -175,7 +176,7 @@ def check_method(
         row: dict[str, Any] = {}
         for engine_label in ("device", "device_eager", "device_streaming"):
             row[f"{engine_label}_vs_cpu"] = compare(merged[engine_label], merged["cpu"], **FP32)
-            if TRAITS[method].sparsification in ("random", "della"):
+            if RESIDENT_METHODS[method].draws_random:
                 row[f"{engine_label}_vs_cpu"]["mask_mismatch"] = mask_mismatch(
                     merged[engine_label], merged["cpu"], base
                 )
@@ -244,7 +245,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     counter = FallbackCounter()
-    logging.getLogger("merger.engine.methods").addHandler(counter)
+    logging.getLogger("merger.engine.kernels").addHandler(counter)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bf16_methods = {m.strip() for m in args.bf16_methods.split(",") if m.strip()}
     environment = {

@@ -12,23 +12,25 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
 from merger.common.errors import MergerError
 from merger.engine.factory import build_engine
-from merger.engine.methods import (
+from merger.engine.kernels import (
     RANDOM_LEVELS,
     RANK_LEVELS,
-    RESIDENT_METHODS,
     della_level_counts,
     della_terms,
     make_task_arithmetic,
     pack_bytes,
 )
+from merger.engine.methods import RESIDENT_METHODS, TaskArithmetic
 from merger.engine.plan import MergePlan, resolve_plan
 from merger.engine.reference import MergekitEngine, merge_in_memory
 from merger.engine.resident import ResidentEngine
+from merger.engine.sparsify import SPARSIFIERS, DellaMagprune
 from merger.recipe.methods import METHODS
 
 BY_CLASS = [{"filter": "self_attn", "value": 0.35}, {"filter": "mlp", "value": 0.8}, {"value": 0.55}]
@@ -242,7 +244,7 @@ def test_della_kept_l1_lookup_follows_the_kernel(density: float, epsilon: float)
     )
     ones, out = torch.ones_like(words), torch.empty(1, words.numel())
     one = torch.ones(1, 1, 1)
-    make_task_arithmetic("della", False)(
+    make_task_arithmetic(DellaMagprune.keep, False)(
         out, torch.zeros(1, words.numel()), ones, one, one, one[0], one[0], words, floor, slope
     )
     kept = out.reshape(RANK_LEVELS, RANDOM_LEVELS) != 0
@@ -429,17 +431,32 @@ def test_plan_for_another_method_is_refused(paths: dict[str, Path]) -> None:
         engine.apply(_plan(engine, config, paths))
 
 
+# With weights of +/-1e38 (and lambda 1e30) these overflow float32; ties and della stay finite: the -1e38
+# source is dropped at density 0 and their sign-consensus normalization divides by the kept weight.
+OVERFLOWING = {"dare_ties", "breadcrumbs_ties", "task_arithmetic", "linear"}
+
+
 @pytest.mark.parametrize(
     "method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "task_arithmetic", "linear"]
 )
-def test_extreme_values_do_not_crash(paths: dict[str, Path], method: str) -> None:
+def test_extreme_values_are_finite_exactly_where_mergekit_is(paths: dict[str, Path], method: str) -> None:
+    """Extreme values are no error: the engine writes the candidate, finite exactly where mergekit's merge is
+    (and equal there), so the worker's NaN/inf check refuses the candidates whose export would hold NaN/inf,
+    and only those."""
     extra = {"epsilon": 0.0} if method == "della" else {}
     per_source = ({"weight": 1e38, "density": 1.0} | extra, {"weight": -1e38, "density": 0.0} | extra)
     if method in ("task_arithmetic", "linear"):
         per_source = ({"weight": 1e38}, {"weight": -1e38})
     config = _config(method, paths, per_source, {"lambda": 1e30} if method != "linear" else {})
     engine = _engine(paths, method)
-    engine.apply(_plan(engine, config, paths))  # values may be inf/NaN: the caller checks
+    engine.apply(_plan(engine, config, paths))
+    merged, reference = _weights(engine), merge_in_memory(config, seed=0)
+    for name, expected in reference.items():
+        finite = torch.isfinite(merged[name])
+        assert torch.equal(finite, torch.isfinite(expected)), name
+        torch.testing.assert_close(merged[name][finite], expected[finite].to(merged[name].dtype), **FP32, msg=name)
+    overflowed = any(not torch.isfinite(tensor).all() for tensor in merged.values())
+    assert overflowed == (method in OVERFLOWING)
 
 
 @pytest.mark.slow
@@ -573,9 +590,24 @@ def test_every_method_through_mergekit_executor_equals_mergekit_yaml(
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(RESIDENT_METHODS))
 def test_resident_methods_equal_mergekit_yaml(paths: dict[str, Path], yaml_scratch: Path, method: str) -> None:
-    random = RESIDENT_METHODS[method].sparsification in ("random", "della")
+    random = RESIDENT_METHODS[method].draws_random
     config = _registry_config(method, paths, dense=random)
     _assert_engine_equals_mergekit_yaml(method, "resident", config, paths, yaml_scratch)
+
+
+def test_kernel_registry_follows_mergekit_methods() -> None:
+    """Registered by mergekit's names; each task-arithmetic method carries the sparsifier of mergekit's own
+    sparsification method, and its sign consensus."""
+    kernels = {"linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"}
+    kernels |= {"dare_linear", "dare_ties", "della", "della_linear"}
+    assert kernels <= set(RESIDENT_METHODS) <= set(METHODS)
+    for name, method in RESIDENT_METHODS.items():
+        mergekit_method = merge_methods.get(name)
+        if isinstance(method, TaskArithmetic):
+            expected = mergekit_method.sparsification_method
+            assert type(method.sparsifier) is (SPARSIFIERS[expected] if expected is not None else type(None))
+            assert method.consensus == (mergekit_method.consensus_method is not None)
+        assert method.needs_base == METHODS[name].needs_base
 
 
 def test_build_engine_uses_kernels_where_it_has_them(paths: dict[str, Path]) -> None:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from merger.cli import main
 from merger.common.errors import MergerError
+from merger.engine.factory import engine_for_recipe
 from merger.engine.layer_path import LayerPathEngine, path_of_config
 from merger.engine.reference import export_merge
 from merger.recipe import load_recipe, parse_recipe, recipe_to_yaml
@@ -230,6 +231,13 @@ def engine(tiny_sources) -> LayerPathEngine:
     return LayerPathEngine(tiny_sources, "base", dtype=torch.float32, device="cpu")
 
 
+def test_the_factory_builds_the_layer_path_engine_a_recipe_asks_for(tiny_sources, tiny_evals, tmp_path):
+    recipe = parse_recipe(dfs_recipe(tiny_sources, tiny_evals, tmp_path, anchor="specialist1"))
+    built = engine_for_recipe(recipe, tiny_sources, "cpu")
+    assert isinstance(built, LayerPathEngine) and built.anchor == "specialist1"
+    assert built.model.config.num_hidden_layers == 4
+
+
 def source_storages(engine: LayerPathEngine) -> set[int]:
     return {p.untyped_storage().data_ptr() for m in engine.source_models.values() for p in m.parameters()}
 
@@ -378,7 +386,7 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     answer = asyncio.run(
         backend.complete([{"role": "user", "content": "The capital of Peru is"}], Generation(4), 60)
     )
-    assert isinstance(answer, str)
+    assert isinstance(answer, str) and answer.strip(), f"the served winner answered {answer!r}"
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_evals, tmp_path):

@@ -1,4 +1,5 @@
-"""One way to get the search loop's engine: both kinds take a mergekit config (`apply_config`)."""
+"""The one way to get the search loop's engine: `engine_for_recipe` builds every kind (resident kernels,
+mergekit's executor, the layer-path engine); each takes a mergekit config (`apply_config`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from mergekit.config import MergeConfiguration
 
 from merger.engine.methods import RESIDENT_METHODS
+from merger.recipe.schema import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -71,4 +73,29 @@ def build_engine(
     return MergekitEngine(
         sources, base, dtype=dtype, device=device, seed=seed, fresh_randomness=fresh_randomness,
         allow_nonfinite=allow_nonfinite,
+    )
+
+
+def engine_for_recipe(recipe: Recipe, sources: Mapping[str, Path], device: str) -> Engine:
+    """The engine a run's recipe asks for, on `device`: the layer-path engine for `genome.space:
+    layer_path`, else `build_engine` with the recipe's method and engine settings."""
+    settings = recipe.engine
+    dtype = getattr(torch, settings.dtype)
+    if recipe.genome.space == "layer_path":
+        from merger.engine.layer_path import LayerPathEngine
+
+        return LayerPathEngine(
+            sources, recipe.anchor, dtype=dtype, device=device, trust_remote_code=recipe.trust_remote_code
+        )
+    return build_engine(
+        sources,
+        recipe.base_model,
+        recipe.genome.method,
+        kind=settings.kind,
+        dtype=dtype,
+        device=device,
+        seed=recipe.optimizer.seed,
+        fresh_randomness=settings.fresh_randomness,
+        streaming=settings.streaming,
+        allow_nonfinite=recipe.allow_nonfinite,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merger.engine.factory import Engine, build_engine, draw_key
+from merger.engine.factory import draw_key, engine_for_recipe
 from merger.engine.weights import rewrite_tensors
 from merger.executors import ItemJob, ItemResult
 from merger.recipe import Recipe
@@ -36,37 +36,14 @@ class CandidateWorker:
         self.recipe = recipe
         self.source_paths = source_paths
         self.genome = make_genome(recipe, source_paths, num_layers)
-        self.layer_path = recipe.genome.space == "layer_path"
         self.device = pick_device(recipe.engine.device)
-        self.engine = self._build_engine()
+        self.engine = engine_for_recipe(recipe, source_paths, self.device)
         self.model = self.engine.model
         tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
         self.tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
         self.scorer = Scorer(recipe, self.model, self.tokenizer)
         if recipe.fitness.strategy != "full":
             self.scorer.suites["fitness"].check_itemwise(f"fitness.strategy {recipe.fitness.strategy}")
-
-    def _build_engine(self) -> Engine:
-        settings = self.recipe.engine
-        if self.layer_path:
-            from merger.engine.layer_path import LayerPathEngine
-
-            return LayerPathEngine(
-                self.source_paths, self.recipe.anchor, dtype=getattr(torch, settings.dtype), device=self.device,
-                trust_remote_code=self.recipe.trust_remote_code,
-            )
-        return build_engine(
-            self.source_paths,
-            self.recipe.base_model,
-            self.recipe.genome.method,
-            kind=settings.kind,
-            dtype=getattr(torch, settings.dtype),
-            device=self.device,
-            seed=self.recipe.optimizer.seed,
-            fresh_randomness=settings.fresh_randomness,
-            streaming=settings.streaming,
-            allow_nonfinite=self.recipe.allow_nonfinite,
-        )
 
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""
