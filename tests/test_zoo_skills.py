@@ -234,7 +234,7 @@ def test_tiny_skills_zoo_builds_caches_and_resumes(
 
 
 def test_bundled_recipe_merges_the_four_specialists_with_twelve_genes() -> None:
-    from merger.recipe.schema import load_recipe
+    from merger.recipe import load_recipe
     from merger.space.parameters import Genome
 
     recipe = load_recipe(REPO_ROOT / "recipes" / "skills.yaml")

@@ -14,7 +14,7 @@ import torch
 from mergekit.config import MergeConfiguration
 
 from merger.engine.methods import RESIDENT_METHODS
-from merger.recipe.schema import Recipe
+from merger.recipe import Recipe
 
 log = logging.getLogger(__name__)
 

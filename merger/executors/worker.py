@@ -39,8 +39,7 @@ class CandidateWorker:
         self.device = pick_device(recipe.engine.device)
         self.engine = engine_for_recipe(recipe, source_paths, self.device)
         self.model = self.engine.model
-        tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
-        self.tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
+        self.tokenizer = load_tokenizer(source_paths[recipe.tokenizer_name], recipe.trust_remote_code)
         self.scorer = Scorer(recipe, self.model, self.tokenizer)
         if recipe.fitness.strategy != "full":
             self.scorer.suites["fitness"].check_itemwise(f"fitness.strategy {recipe.fitness.strategy}")

@@ -306,6 +306,11 @@ class Recipe(StrictModel):
         return self
 
     @property
+    def tokenizer_name(self) -> str:
+        """The source whose tokenizer (and chat template) scores every model of the run."""
+        return self.tokenizer_source or self.base_model or self.source_names[0]
+
+    @property
     def anchor(self) -> str:
         """The layer path's source of embeddings, final norm and lm_head."""
         return self.genome.path_settings.anchor or self.base_model or self.source_names[0]

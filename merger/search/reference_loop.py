@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from merger.common.errors import MergerError
-from merger.engine.factory import Engine, build_engine, draw_key
+from merger.engine.factory import Engine, draw_key, engine_for_recipe
 from merger.executors.worker import pick_device
 from merger.recipe import Recipe
 from merger.scoring.fitness import Scorer, check_tasks, load_tokenizer
@@ -60,9 +59,8 @@ def run_reference_loop(
     es = new_state(recipe, space).es  # the real loop's pycma options: bounds, popsize, seed, diagonal...
 
     # -- one resident model the candidates are merged into, and lm-eval scoring it -------------
-    engine = resident_engine(recipe, source_paths)
-    tokenizer_name = recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
-    tokenizer = load_tokenizer(source_paths[tokenizer_name], recipe.trust_remote_code)
+    engine = engine_for_recipe(recipe, source_paths, pick_device(recipe.engine.device))
+    tokenizer = load_tokenizer(source_paths[recipe.tokenizer_name], recipe.trust_remote_code)
     scorer = Scorer(recipe, engine.model, tokenizer)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -84,15 +82,6 @@ def merge_and_score(space: SearchSpace, engine: Engine, scorer: Scorer, genotype
     engine.apply_config(config, draw=draw_key(genotype))
     return scorer.fitness(scorer.score("fitness"))
 
-
-def resident_engine(recipe: Recipe, source_paths: dict[str, Path]) -> Engine:
-    settings = recipe.engine
-    return build_engine(
-        source_paths, recipe.base_model, recipe.genome.method,
-        kind=settings.kind, dtype=getattr(torch, settings.dtype), device=pick_device(settings.device),
-        seed=recipe.optimizer.seed, fresh_randomness=settings.fresh_randomness,
-        streaming=settings.streaming, allow_nonfinite=recipe.allow_nonfinite,
-    )
 
 
 def refuse_production_features(recipe: Recipe) -> None:

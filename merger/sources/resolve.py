@@ -106,10 +106,6 @@ def check_compatible(paths: dict[str, Path], trust_remote_code: bool) -> int:
     return int(first.num_hidden_layers)
 
 
-def tokenizer_source(recipe: Recipe) -> str:
-    """The source whose tokenizer the merged model carries (as the genome's mergekit config says)."""
-    return recipe.tokenizer_source or recipe.base_model or recipe.source_names[0]
-
 
 def check_chat_template(recipe: Recipe, paths: dict[str, Path]) -> None:
     """Refuse eval sets with `apply_chat_template: true` when the merged tokenizer has no chat template
@@ -118,7 +114,7 @@ def check_chat_template(recipe: Recipe, paths: dict[str, Path]) -> None:
     wanting = [name for name, eval_set in eval_sets.items() if eval_set and eval_set.apply_chat_template]
     if not wanting:
         return
-    source = tokenizer_source(recipe)
+    source = recipe.tokenizer_name
     if _chat_template(paths[source], recipe.trust_remote_code):
         return
     raise MergerError(
