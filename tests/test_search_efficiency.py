@@ -21,7 +21,7 @@ from merger.rundir.ledger import Ledger
 from merger.scoring.items import ItemSet
 from merger.search.anchors import choose_anchors
 from merger.search.racing import bounds, cuts, ranking_values
-from merger.search.strategies import ItemStrategy
+from merger.search.strategies import RacingStrategy
 from merger.sources.resolve import check_compatible, resolve_sources
 from merger.space.parameters import Genome
 from tests.test_overnight import recipe_data, run_here, start_run
@@ -144,7 +144,7 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
     paths = resolve_sources(recipe)
     genome = Genome(recipe, paths, check_compatible(paths, False))
     worst, others = np.zeros(genome.dimension), [np.full(genome.dimension, v) for v in (1.0, 0.9, 0.8)]
-    executor = InProcessExecutor(recipe, paths, genome.num_layers)
+    executor = InProcessExecutor(recipe, paths, genome)
     picks = []  # each genotype's choice per item (acc against label 0)
     for genotype in [worst, *others]:
         executor.worker.merge(genotype)
@@ -162,9 +162,9 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ledger = Ledger(run_dir)
-    executor = InProcessExecutor(recipe, paths, genome.num_layers)
-    strategy = ItemStrategy(recipe, genome, executor, ledger, lambda info: None)
-    records = strategy.race(0, [worst, *others], mu=2, should_stop=lambda: False)
+    executor = InProcessExecutor(recipe, paths, genome)
+    strategy = RacingStrategy(recipe, genome, executor, ledger, lambda info: None)
+    records = strategy.evaluate(0, [worst, *others], mu=2, should_stop=lambda: False)
     assert records is not None
     estimates = ledger.estimates()
     assert estimates[(0, 0)].items == 4 and estimates[(0, 0)].full_score is None
@@ -185,7 +185,7 @@ def test_grid_warm_start_is_paid_from_the_budget_and_starts_cma_at_its_best(
     assert [r.genotype[0] for r in grid] == list(X0_GRID)
     assert result.evaluations == len(X0_GRID) + 4  # one generation fits in what the grid left
     best_grid = max(grid, key=lambda r: r.score)
-    from merger.search.loop import load_state
+    from merger.search.state import load_state
 
     assert load_state(tmp_path / "run").es.x0 == pytest.approx(best_grid.genotype)
     assert ledger.items_spent()["candidates"] == 12 * result.evaluations
@@ -209,7 +209,7 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
 
 
 def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
-    from merger.search.loop import generations_within_items
+    from merger.search.budget import generations_within_items
 
     ledger = Ledger(tmp_path)
     assert generations_within_items(ledger, 100, 0) == 100  # nothing scored: failures cost no items
