@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from merger.commands.run import status_text
 from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
 from merger.recipe.schema import X0_GRID, EvalSet, parse_recipe
-from merger.rundir.ledger import Ledger
+from merger.rundir.ledger import Ledger, source_key
 from merger.scoring.items import ItemSet
 from merger.search.anchors import choose_anchors
 from merger.search.racing import bounds, cuts, ranking_values
@@ -171,6 +172,7 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
     assert [estimates[(0, c)].full_score for c in (1, 2, 3)] == [1.0, 1.0, 1.0]
     assert sum(len(docs) for docs in ledger.item_outcomes("0/0")["0/0"].values()) == 4
     assert records[0].score == 0.0 and min(r.objective for r in records[1:]) < records[0].objective
+    assert records[1].config == genome.to_config(others[0]).to_yaml()  # as the worker rendered it
     assert ledger.best().index == 1  # the first of the complete ones; the cut one never competes
 
 
@@ -189,6 +191,7 @@ def test_grid_warm_start_is_paid_from_the_budget_and_starts_cma_at_its_best(
 
     assert load_state(tmp_path / "run").es.x0 == pytest.approx(best_grid.genotype)
     assert ledger.items_spent()["candidates"] == 12 * result.evaluations
+    assert "(0 generations)" in status_text(ledger)  # status counts the grid as the loop does
 
 
 def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
@@ -217,6 +220,27 @@ def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
     ledger.record_items("0/1", {"t": {1: 1.0}})
     ledger.record_items("10/0", {"t": {1: 1.0}})  # another generation's candidate, not priced in
     assert ledger.generation_items(0) == 3 and generations_within_items(ledger, 100, 0) == (100 - 4) // 3
+
+
+def test_source_outcomes_of_an_older_ledger_take_the_one_source_key(tmp_path):
+    Ledger(tmp_path).close()
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # as anchors runs wrote them before
+        db.execute("INSERT INTO item_outcomes VALUES ('source/base', 't', 1, 1.0, 0)")
+    ledger = Ledger(tmp_path)
+    assert ledger.item_outcomes() == {source_key("base"): {"t": {1: 1.0}}}
+    assert ledger.items_spent() == {"candidates": 0, "sources": 1}
+
+
+def test_a_checkpoint_written_before_the_search_package_split_loads(tmp_path, monkeypatch):
+    import merger.search
+    from merger.search.state import SearchState, load_state, save_state
+
+    monkeypatch.setattr(SearchState, "__module__", "merger.search")  # where it was pickled from then
+    monkeypatch.setattr(merger.search, "SearchState", SearchState, raising=False)
+    state = SearchState(generation=3, es=SimpleNamespace(sigma=0.5))  # pycma's object is not the point
+    save_state(tmp_path, state)
+    monkeypatch.undo()
+    assert load_state(tmp_path) == state
 
 
 def test_itemwise_strategies_refuse_a_metric_that_is_not_a_mean(tiny_evals):
