@@ -164,7 +164,7 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
     run_dir.mkdir()
     ledger = Ledger(run_dir)
     executor = InProcessExecutor(recipe, paths, genome)
-    strategy = RacingStrategy(recipe, genome, executor, ledger, lambda info: None)
+    strategy = RacingStrategy(recipe, genome, executor, ledger, lambda info: None, paths)
     records = strategy.evaluate(0, [worst, *others], mu=2, should_stop=lambda: False)
     assert records is not None
     estimates = ledger.estimates()

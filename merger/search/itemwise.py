@@ -9,6 +9,7 @@ scores only the items the ledger lacks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,13 @@ import numpy as np
 from merger.executors import Executor, ItemJob, ItemResult
 from merger.executors.worker import WORST_OBJECTIVE
 from merger.recipe.schema import Recipe
-from merger.rundir.ledger import EvaluationRecord, FitnessEstimate, Ledger, candidate_key
+from merger.rundir.ledger import (
+    WARM_START_GENERATION,
+    EvaluationRecord,
+    FitnessEstimate,
+    Ledger,
+    candidate_key,
+)
 from merger.scoring.fitness import weighted_score
 from merger.scoring.items import Item, ItemSet, Values
 from merger.search.racing import Bounds
@@ -35,16 +42,27 @@ class ItemScoring:
         executor: Executor,
         ledger: Ledger,
         on_progress: Callable[[dict[str, Any]], None],
+        source_paths: dict[str, Path],
     ):
         self.recipe = recipe
         self.genome = genome
         self.executor = executor
         self.ledger = ledger
         self.on_progress = on_progress
+        self.source_paths = source_paths
         self.item_set = ItemSet.of(executor.fitness_items(), recipe.fitness)
         self._seconds: dict[str, tuple[float, float]] = {}  # merge and scoring seconds in this session
         self._digests: dict[str, str] = {}  # weights digest of each candidate merged in this session
         self._configs: dict[str, str] = {}  # mergekit YAML of each candidate merged in this session
+
+    def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
+        """The warm start, scored the way a generation is (`Strategy.start`)."""
+        return self.evaluate(WARM_START_GENERATION, warm_start, 1, should_stop) if warm_start else []
+
+    def evaluate(
+        self, generation: int, genotypes: Sequence[np.ndarray], mu: int, should_stop: Callable[[], bool]
+    ) -> list[EvaluationRecord] | None:
+        raise NotImplementedError
 
     def _score(self, jobs: list[ItemJob], should_stop: Callable[[], bool]) -> dict[str, ItemResult] | None:
         """Run the jobs, each result's outcomes in the ledger as it comes; None when a stop came first."""

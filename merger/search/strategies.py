@@ -52,10 +52,9 @@ def make_strategy(
     on_progress: Progress,
 ) -> Strategy:
     kind = recipe.fitness.strategy
-    if kind == "racing":
-        return RacingStrategy(recipe, genome, executor, ledger, on_progress)
-    if kind == "anchors":
-        return AnchorsStrategy(recipe, genome, executor, ledger, on_progress, source_paths)
+    item_strategies: dict[str, type[ItemScoring]] = {"racing": RacingStrategy, "anchors": AnchorsStrategy}
+    if kind in item_strategies:
+        return item_strategies[kind](recipe, genome, executor, ledger, on_progress, source_paths)
     return FullStrategy(executor, ledger, on_progress)
 
 
@@ -95,9 +94,6 @@ class FullStrategy:
 
 class RacingStrategy(ItemScoring):
     name = "racing"
-
-    def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
-        return self.evaluate(WARM_START_GENERATION, warm_start, 1, should_stop) if warm_start else []
 
     def evaluate(
         self, generation: int, genotypes: Sequence[np.ndarray], mu: int, should_stop: Callable[[], bool]
@@ -140,19 +136,7 @@ class AnchorsStrategy(ItemScoring):
     """The sources are scored on every item first; the warm start in full (it helps choose the anchors)."""
 
     name = "anchors"
-
-    def __init__(
-        self,
-        recipe: Recipe,
-        genome: SearchSpace,
-        executor: Executor,
-        ledger: Ledger,
-        on_progress: Progress,
-        source_paths: dict[str, Path],
-    ):
-        super().__init__(recipe, genome, executor, ledger, on_progress)
-        self.source_paths = source_paths
-        self.anchors: Anchors | None = None
+    anchors: Anchors | None = None  # chosen at the start, or read back from the ledger on a resume
 
     def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
         if not self.score_sources(should_stop):
