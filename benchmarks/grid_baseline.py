@@ -26,6 +26,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from merger.executors.worker import CandidateWorker  # noqa: E402
 from merger.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from merger.sources.resolve import check_compatible, resolve_sources  # noqa: E402
+from merger.space import make_genome  # noqa: E402
 
 
 def single_coefficient_recipe(recipe: Recipe, max_weight: float, num_layers: int) -> Recipe:
@@ -49,7 +50,7 @@ def main() -> None:
     paths = resolve_sources(recipe)
     num_layers = check_compatible(paths, recipe.trust_remote_code)
     recipe = single_coefficient_recipe(recipe, args.max_weight, num_layers)
-    worker = CandidateWorker(recipe, paths, num_layers)
+    worker = CandidateWorker(recipe, paths, make_genome(recipe, paths, num_layers))
     count = args.evaluations or recipe.optimizer.max_evaluations or 16
     grid = np.linspace(0.0, 1.0, count)
     results = []

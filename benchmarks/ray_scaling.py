@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from merger.recipe import parse_recipe  # noqa: E402
-from merger.search.loop import open_search  # noqa: E402
+from merger.search.open import open_search  # noqa: E402
 from tests.tiny_models import build_tokenizer, write_tasks  # noqa: E402
 
 

@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from merger.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
-from merger.rundir.ledger import Ledger  # noqa: E402
+from merger.rundir.ledger import SOURCE_PREFIX, Ledger  # noqa: E402
 from merger.scoring.fitness import TaskSuite, task_paths, weighted_score  # noqa: E402
-from merger.search.loop import load_state, open_search  # noqa: E402
+from merger.search.open import open_search  # noqa: E402
+from merger.search.state import load_state  # noqa: E402
 
 RESULT_FILE = "efficiency.json"
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -84,7 +85,7 @@ def spent_by_generation(ledger: Ledger) -> dict[int, int]:
     sources = 0
     for candidate, tasks in ledger.item_outcomes().items():
         count = sum(len(docs) for docs in tasks.values())
-        if candidate.startswith("source/"):
+        if candidate.startswith(SOURCE_PREFIX):
             sources += count
         else:
             generation = int(candidate.split("/")[0])

@@ -23,7 +23,7 @@ from merger.recipe import parse_recipe
 from merger.registry import Registry
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger
-from merger.search.loop import open_search, prepare_run_dir
+from merger.search.open import open_search, prepare_run_dir
 from tests.recipes import tiny_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parent.parent

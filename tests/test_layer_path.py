@@ -23,7 +23,7 @@ from merger.engine.factory import engine_for_recipe
 from merger.engine.layer_path import LayerPathEngine, path_of_config
 from merger.engine.reference import export_merge
 from merger.recipe import load_recipe, parse_recipe, recipe_to_yaml
-from merger.search.loop import open_search
+from merger.search.open import open_search
 from merger.space.layer_path import LayerPathGenome, PathLayer, passthrough_config
 from tests.recipes import tiny_recipe, write_recipe
 from tests.test_search import assert_resume_after_sigkill_equals_an_uninterrupted_run, run_in_process

@@ -18,7 +18,9 @@ import yaml
 from merger.commands.run import status_text
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
-from merger.search.loop import StopRequest, load_state, open_search
+from merger.search.loop import StopRequest
+from merger.search.open import open_search
+from merger.search.state import load_state
 
 REPO = Path(__file__).resolve().parent.parent
 POPSIZE = 4

@@ -15,7 +15,8 @@ from merger.executors.in_process import InProcessExecutor
 from merger.executors.ray_executor import RayExecutor
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
-from merger.search.loop import open_search
+from merger.search.open import open_search
+from merger.space.parameters import Genome
 from tests.test_overnight import recipe_data, run_here
 
 ray = pytest.importorskip("ray")
@@ -132,8 +133,9 @@ def test_final_scoring_is_spread_over_the_workers_and_survives_losing_them(
 ):
     recipe = parse_recipe({**search_data, "executor": RAY})
     jobs = [(path, "fitness") for path in tiny_sources.values()]
-    expected = InProcessExecutor(recipe, tiny_sources, 4).score_checkpoints(jobs)
-    executor = RayExecutor(recipe, tiny_sources, 4)
+    genome = Genome(recipe, tiny_sources, 4)
+    expected = InProcessExecutor(recipe, tiny_sources, genome).score_checkpoints(jobs)
+    executor = RayExecutor(recipe, tiny_sources, genome)
     try:
         for pid in executor.worker_pids:  # both die before the first job reaches them
             os.kill(pid, signal.SIGKILL)
@@ -149,13 +151,13 @@ def test_final_scoring_is_spread_over_the_workers_and_survives_losing_them(
 def test_workers_that_do_not_fit_the_cluster_are_refused(ray_session, search_data, tiny_sources):
     recipe = parse_recipe({**search_data, "executor": {**RAY, "num_workers": 3}})
     with pytest.raises(MergerError, match="3 workers need 3 CPU"):
-        RayExecutor(recipe, tiny_sources, 4)
+        RayExecutor(recipe, tiny_sources, Genome(recipe, tiny_sources, 4))
 
 
 def test_a_worker_that_cannot_load_is_a_clear_error(ray_session, search_data, tiny_sources):
     recipe = parse_recipe({**search_data, "executor": RAY, "engine": {"device": "cuda:99"}})
     with pytest.raises(MergerError, match="a Ray worker could not load the sources and tasks: .*Error"):
-        RayExecutor(recipe, tiny_sources, 4)
+        RayExecutor(recipe, tiny_sources, Genome(recipe, tiny_sources, 4))
 
 
 def test_ray_with_fresh_randomness_draws_what_in_process_draws(ray_session, tiny_sources, tiny_evals, tmp_path):

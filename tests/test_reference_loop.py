@@ -7,7 +7,7 @@ import pytest
 
 from merger.common.errors import MergerError
 from merger.recipe import parse_recipe
-from merger.search.loop import open_search
+from merger.search.open import open_search
 from merger.search.reference_loop import run_reference_loop
 from tests.recipes import tiny_recipe
 

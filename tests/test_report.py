@@ -104,7 +104,7 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
 
 def test_report_refuses_a_run_with_nothing_recorded(tiny_sources, tiny_evals, tmp_path):
     from merger.recipe import parse_recipe
-    from merger.search.loop import open_search
+    from merger.search.open import open_search
 
     search, _ = open_search(parse_recipe(recipe_data(tiny_sources, tiny_evals)), tmp_path / "run")
     search.ledger.close()

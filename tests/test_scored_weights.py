@@ -205,8 +205,8 @@ def test_match_scored_weights_on_a_tampered_export(tiny_sources, tiny_evals, tmp
     """A final/ whose file changed after the engine wrote it is refused; the unchanged one passes."""
     recipe = parse_recipe(tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run"))
     paths = resolve_sources(recipe)
-    executor = InProcessExecutor(recipe, paths, 4)
     genome = Genome(recipe, paths, 4)
+    executor = InProcessExecutor(recipe, paths, genome)
     genotype = np.full(genome.dimension, 0.4)
     record = executor.worker.evaluate(0, 0, genotype)
     staging = tmp_path / "staging"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from merger.cli import main
 from merger.recipe import parse_recipe
-from merger.search.loop import open_search
+from merger.search.open import open_search
 from tests.recipes import tiny_recipe, write_recipe
 from tests.tiny_models import with_tensor_filled
 

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,11 @@ from merger.commands.run import status_text
 from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
 from merger.recipe import EvalSet, parse_recipe
-from merger.rundir.ledger import Ledger
+from merger.rundir.ledger import Ledger, source_key
 from merger.scoring.items import ItemSet
 from merger.search.anchors import choose_anchors
 from merger.search.racing import bounds, cuts, ranking_values
-from merger.search.strategies import ItemStrategy
+from merger.search.strategies import RacingStrategy
 from merger.sources.resolve import check_compatible, resolve_sources
 from merger.space.parameters import X0_GRID, Genome
 from tests.test_overnight import recipe_data, run_here, start_run
@@ -144,7 +145,7 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
     paths = resolve_sources(recipe)
     genome = Genome(recipe, paths, check_compatible(paths, False))
     worst, others = np.zeros(genome.dimension), [np.full(genome.dimension, v) for v in (1.0, 0.9, 0.8)]
-    executor = InProcessExecutor(recipe, paths, genome.num_layers)
+    executor = InProcessExecutor(recipe, paths, genome)
     picks = []  # each genotype's choice per item (acc against label 0)
     for genotype in [worst, *others]:
         executor.worker.merge(genotype)
@@ -162,15 +163,16 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ledger = Ledger(run_dir)
-    executor = InProcessExecutor(recipe, paths, genome.num_layers)
-    strategy = ItemStrategy(recipe, genome, executor, ledger, lambda info: None)
-    records = strategy.race(0, [worst, *others], mu=2, should_stop=lambda: False)
+    executor = InProcessExecutor(recipe, paths, genome)
+    strategy = RacingStrategy(recipe, genome, executor, ledger, lambda info: None, paths)
+    records = strategy.evaluate(0, [worst, *others], mu=2, should_stop=lambda: False)
     assert records is not None
     estimates = ledger.estimates()
     assert estimates[(0, 0)].items == 4 and estimates[(0, 0)].full_score is None
     assert [estimates[(0, c)].full_score for c in (1, 2, 3)] == [1.0, 1.0, 1.0]
     assert sum(len(docs) for docs in ledger.item_outcomes("0/0")["0/0"].values()) == 4
     assert records[0].score == 0.0 and min(r.objective for r in records[1:]) < records[0].objective
+    assert records[1].config == genome.to_config(others[0]).to_yaml()  # as the worker rendered it
     assert ledger.best().index == 1  # the first of the complete ones; the cut one never competes
 
 
@@ -185,10 +187,11 @@ def test_grid_warm_start_is_paid_from_the_budget_and_starts_cma_at_its_best(
     assert [r.genotype[0] for r in grid] == list(X0_GRID)
     assert result.evaluations == len(X0_GRID) + 4  # one generation fits in what the grid left
     best_grid = max(grid, key=lambda r: r.score)
-    from merger.search.loop import load_state
+    from merger.search.state import load_state
 
     assert load_state(tmp_path / "run").es.x0 == pytest.approx(best_grid.genotype)
     assert ledger.items_spent()["candidates"] == 12 * result.evaluations
+    assert "(0 generations)" in status_text(ledger)  # status counts the grid as the loop does
 
 
 def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
@@ -210,7 +213,7 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
 
 
 def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
-    from merger.search.loop import generations_within_items
+    from merger.search.budget import generations_within_items
 
     ledger = Ledger(tmp_path)
     assert generations_within_items(ledger, 100, 0) == 100  # nothing scored: failures cost no items
@@ -218,6 +221,27 @@ def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
     ledger.record_items("0/1", {"t": {1: 1.0}})
     ledger.record_items("10/0", {"t": {1: 1.0}})  # another generation's candidate, not priced in
     assert ledger.generation_items(0) == 3 and generations_within_items(ledger, 100, 0) == (100 - 4) // 3
+
+
+def test_source_outcomes_of_an_older_ledger_take_the_one_source_key(tmp_path):
+    Ledger(tmp_path).close()
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # as anchors runs wrote them before
+        db.execute("INSERT INTO item_outcomes VALUES ('source/base', 't', 1, 1.0, 0)")
+    ledger = Ledger(tmp_path)
+    assert ledger.item_outcomes() == {source_key("base"): {"t": {1: 1.0}}}
+    assert ledger.items_spent() == {"candidates": 0, "sources": 1}
+
+
+def test_a_checkpoint_written_before_the_search_package_split_loads(tmp_path, monkeypatch):
+    import merger.search
+    from merger.search.state import SearchState, load_state, save_state
+
+    monkeypatch.setattr(SearchState, "__module__", "merger.search")  # where it was pickled from then
+    monkeypatch.setattr(merger.search, "SearchState", SearchState, raising=False)
+    state = SearchState(generation=3, es=SimpleNamespace(sigma=0.5))  # pycma's object is not the point
+    save_state(tmp_path, state)
+    monkeypatch.undo()
+    assert load_state(tmp_path) == state
 
 
 def test_itemwise_strategies_refuse_a_metric_that_is_not_a_mean(tiny_evals):

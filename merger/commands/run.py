@@ -63,7 +63,8 @@ def run_command(args: argparse.Namespace) -> int:
 def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
     from merger.finish.final import finish_run, finished_summary, score_table
     from merger.rundir.layout import RunDir
-    from merger.search.loop import StopRequest, open_search
+    from merger.search.loop import StopRequest
+    from merger.search.open import open_search
 
     search, resuming = open_search(recipe, run_dir)
     print(
@@ -135,9 +136,7 @@ def item_lines(ledger: Any, evaluations: int) -> list[str]:
 
 
 def status_text(ledger: Any, show_all: bool = False) -> str:
-    import math
-
-    from merger.search.loop import generations_within_items, load_state
+    from merger.search.state import load_state
 
     records = ledger.evaluations()
     generations = ledger.generations()
@@ -148,31 +147,32 @@ def status_text(ledger: Any, show_all: bool = False) -> str:
             f"{record.eval_seconds:>7.2f}  {record.failure or ''}"
         )
     best = ledger.best()
+    state = load_state(ledger.path.parent)
     lines.append(f"evaluations: {len(records)}  generations closed: {len(generations)}")
     lines.extend(item_lines(ledger, len(records)))
     if generations:
         per_generation = sum(g.seconds for g in generations) / len(generations)
         lines.append(f"seconds per generation: {per_generation:.1f}")
-        meta = ledger.meta()
-        left_by_budget = []
-        if meta.get("max_evaluations") and meta.get("popsize"):
-            left_by_budget.append(max(0, meta["max_evaluations"] // meta["popsize"] - len(generations)))
-        if meta.get("max_items"):
-            left_by_budget.append(generations_within_items(ledger, meta["max_items"], generations[-1].generation))
-        state = load_state(ledger.path.parent)
-        if meta.get("max_seconds") and state is not None:
-            # the clock is checked between generations, so a started generation always runs to its end
-            seconds_left = max(0.0, meta["max_seconds"] - state.seconds)
-            left_by_budget.append(math.ceil(seconds_left / per_generation) if per_generation > 0 else 0)
-        if left_by_budget:
-            left = min(left_by_budget)
-            lines.append(f"estimated time left: {left * per_generation:.0f} s ({left} generations)")
+        lines.extend(time_left_lines(ledger, len(generations), state, per_generation))
         last = generations[-1]
         if last.validation:
             lines.append(f"validation of generation {last.generation}'s best: {last.validation}")
     if best is not None:
         lines.append(f"best: {best.score:.4f} (generation {best.generation}, index {best.index})")
-    state = load_state(ledger.path.parent)
     if state is not None and state.pending is not None:
         lines.append(f"generation {state.generation} in progress")
     return "\n".join(lines)
+
+
+def time_left_lines(ledger: Any, generations_done: int, state: Any, per_generation: float) -> list[str]:
+    """The generations the run's budgets still pay for (the loop's own rule), and their time."""
+    from merger.search.budget import Budget, generations_left
+
+    meta = ledger.meta()
+    if "popsize" not in meta:
+        return []
+    seconds = state.seconds if state is not None else None
+    left = generations_left(Budget.from_meta(meta), ledger, generations_done, seconds, per_generation)
+    if left is None:
+        return []
+    return [f"estimated time left: {left * per_generation:.0f} s ({left} generations)"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
+
+if TYPE_CHECKING:
+    from merger.space import SearchSpace
 
 
 class CandidateTask(NamedTuple):
@@ -22,7 +25,7 @@ class CandidateTask(NamedTuple):
 class ItemJob(NamedTuple):
     """Score some fitness items of one model: a genotype (merged first) or a checkpoint on disk."""
 
-    candidate: str  # the ledger's key for the model (ledger.candidate_key, or source/NAME)
+    candidate: str  # the ledger's key for the model (ledger.candidate_key or ledger.source_key)
     genotype: np.ndarray | None
     checkpoint: Path | None
     items: dict[str, list[int]]  # task -> doc ids
@@ -32,7 +35,7 @@ class ItemJob(NamedTuple):
 class ItemResult:
     candidate: str
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> doc id -> value
-    config: str = ""
+    config: str = ""  # the merged candidate's mergekit YAML, as the worker rendered it
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     failure: str | None = None
@@ -85,11 +88,12 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def make_executor(recipe: Recipe, source_paths: dict[str, Path], num_layers: int) -> Executor:
+def make_executor(recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace) -> Executor:
+    """The recipe's executor; its workers decode genotypes with `genome` (handed to them, not rebuilt)."""
     if recipe.executor.kind == "ray":
         from merger.executors.ray_executor import RayExecutor
 
-        return RayExecutor(recipe, source_paths, num_layers)
+        return RayExecutor(recipe, source_paths, genome)
     from merger.executors.in_process import InProcessExecutor
 
-    return InProcessExecutor(recipe, source_paths, num_layers)
+    return InProcessExecutor(recipe, source_paths, genome)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,10 +13,13 @@ from merger.executors.worker import CandidateWorker
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 
+if TYPE_CHECKING:
+    from merger.space import SearchSpace
+
 
 class InProcessExecutor:
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
-        self.worker = CandidateWorker(recipe, source_paths, num_layers)
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace):
+        self.worker = CandidateWorker(recipe, source_paths, genome)
 
     def evaluate(
         self,

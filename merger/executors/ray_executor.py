@@ -16,7 +16,7 @@ import site
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from merger.executors import CandidateTask, ItemJob, ItemResult
 from merger.executors.worker import WORST_OBJECTIVE, CandidateWorker
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
+
+if TYPE_CHECKING:
+    from merger.space import SearchSpace
 
 # A candidate whose worker dies this many times is recorded as failed rather than retried forever
 # (a merge that crashes its process, e.g. out of host memory, must not stall the run).
@@ -48,11 +51,11 @@ MERGER_IMPORT_ROOT = Path(__file__).resolve().parents[2]  # the directory the dr
 class WorkerActor:
     """The body of one Ray actor: a `CandidateWorker` and the torch threads it may use."""
 
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int, threads: int):
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.worker = CandidateWorker(recipe, source_paths, num_layers)
+        self.worker = CandidateWorker(recipe, source_paths, genome)
 
     def pid(self) -> int:
         return os.getpid()
@@ -106,7 +109,7 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
 
 
 class RayExecutor:
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace):
         import ray
 
         self.ray = ray
@@ -123,7 +126,7 @@ class RayExecutor:
             max_restarts=0,  # a dead actor is replaced here, so that its candidate can be re-queued
             runtime_env=worker_runtime_env(),
         )
-        self._worker_args = (recipe, source_paths, num_layers, max(1, round(self.settings.cpus_per_worker)))
+        self._worker_args = (recipe, source_paths, genome, max(1, round(self.settings.cpus_per_worker)))
         self.actors = [self._actor_class.remote(*self._worker_args) for _ in range(self.settings.num_workers)]
         self.worker_pids = self._wait_ready()
 

@@ -20,7 +20,7 @@ from merger.executors import ItemJob, ItemResult
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 from merger.scoring.fitness import Scorer, load_tokenizer
-from merger.space import make_genome
+from merger.space import SearchSpace
 
 WORST_OBJECTIVE = 1.0  # pycma minimises -score, so a failure ranks below every real score in [0, 1]
 
@@ -32,10 +32,10 @@ def pick_device(requested: str) -> str:
 
 
 class CandidateWorker:
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], num_layers: int):
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace):
         self.recipe = recipe
         self.source_paths = source_paths
-        self.genome = make_genome(recipe, source_paths, num_layers)
+        self.genome = genome
         self.device = pick_device(recipe.engine.device)
         self.engine = engine_for_recipe(recipe, source_paths, self.device)
         self.model = self.engine.model

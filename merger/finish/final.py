@@ -23,15 +23,11 @@ from merger.engine.reference import export_merge
 from merger.finish.baselines import BaselinePlan, plan_baselines
 from merger.finish.scored_export import match_scored_weights
 from merger.rundir.layout import Baseline, LineageEntry, RunDir, Scores, Summary, Winner
-from merger.rundir.ledger import FinalScore
+from merger.rundir.ledger import WINNER_KEY, FinalScore, baseline_key, source_key
 from merger.scoring.fitness import eval_sets
 from merger.search.loop import Search, SearchResult
 from merger.sources.lineage import LINEAGE_META, recorded_source_paths
 from merger.space.layer_path import path_card_lines
-
-WINNER_KEY = "winner"
-SOURCE_PREFIX = "source:"
-BASELINE_PREFIX = "baseline:"
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,7 @@ def final_models(
     layout = RunDir(search.run_dir)
     lineage = search.ledger.meta()[LINEAGE_META]
     sources = [
-        FinalModel(SOURCE_PREFIX + name, source_paths[name], "weights:" + lineage[name]["sha256"])
+        FinalModel(source_key(name), source_paths[name], "weights:" + lineage[name]["sha256"])
         for name in search.recipe.source_names
     ]
     merges = []
@@ -123,7 +119,7 @@ def final_models(
         identity = config_identity(merge_yaml(config))
         merges.append(
             FinalModel(
-                BASELINE_PREFIX + name, layout.baseline(name), identity, config, layout.baseline_config(name)
+                baseline_key(name), layout.baseline(name), identity, config, layout.baseline_config(name)
             )
         )
     return [winner, *sources, *merges]
@@ -176,10 +172,10 @@ def build_summary(
             index=best.index,
             genes=search.genome.table(np.asarray(best.genotype)),
         ),
-        sources={name: Scores(**scores[SOURCE_PREFIX + name]) for name in recipe.source_names},
+        sources={name: Scores(**scores[source_key(name)]) for name in recipe.source_names},
         baselines={
             name: Baseline(
-                **scores[BASELINE_PREFIX + name],
+                **scores[baseline_key(name)],
                 method=config["merge_method"],
                 config=merge_yaml(MergeConfiguration.model_validate(config)),
             )

@@ -2,7 +2,7 @@
 
 RUN_DIR/recipe.yaml          the validated recipe (a resume must match it)
 RUN_DIR/ledger.sqlite        every evaluation, generation and final score (merger.rundir.ledger)
-RUN_DIR/search_state.pkl     the optimizer, checkpointed every generation (merger.search.loop)
+RUN_DIR/search_state.pkl     the optimizer, checkpointed every generation (merger.search.state)
 RUN_DIR/best.yaml            the winner's mergekit configuration
 RUN_DIR/final/               the winner, exported by mergekit (written as final.partial/, renamed)
 RUN_DIR/baselines/NAME.yaml  each untuned baseline's mergekit configuration (merger.finish.baselines)

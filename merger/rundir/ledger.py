@@ -95,9 +95,25 @@ class EvaluationRecord:
         return candidate_key(self.generation, self.index)
 
 
+# How the ledger names models: search candidates in item_outcomes, sources in item_outcomes (anchors)
+# and final_scores, baselines and the winner in final_scores.
+WINNER_KEY = "winner"
+SOURCE_PREFIX = "source:"
+BASELINE_PREFIX = "baseline:"
+FORMER_SOURCE_PREFIX = "source/"  # item_outcomes' source rows before the one prefix
+WARM_START_GENERATION = -1  # the candidates scored before the first generation (genome.x0)
+
+
 def candidate_key(generation: int, index: int) -> str:
-    """How item_outcomes names a search candidate (sources are `source/NAME`)."""
     return f"{generation}/{index}"
+
+
+def source_key(name: str) -> str:
+    return SOURCE_PREFIX + name
+
+
+def baseline_key(name: str) -> str:
+    return BASELINE_PREFIX + name
 
 
 @dataclass
@@ -129,7 +145,7 @@ class FinalScore:
     """A finished model's scores on one eval set. `identity` says which weights were scored (a source's
     weights digest, a merge's mergekit YAML digest): a row of another identity is scored again."""
 
-    model: str  # "winner", "source:NAME" or "baseline:NAME"
+    model: str  # WINNER_KEY, source_key(NAME) or baseline_key(NAME)
     eval_set: str
     identity: str
     scores: dict[str, float]
@@ -142,6 +158,7 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._add_digest_column()
+        self._rename_former_source_keys()
         self._db.commit()
 
     def _add_digest_column(self) -> None:
@@ -149,6 +166,15 @@ class Ledger:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(evaluations)")}
         if "digest" not in columns:
             self._db.execute("ALTER TABLE evaluations ADD COLUMN digest TEXT")
+
+    def _rename_former_source_keys(self) -> None:
+        """Ledgers written when sources' item outcomes were keyed `source/NAME` get `source_key(NAME)`."""
+        former = FORMER_SOURCE_PREFIX + "%"
+        if self._db.execute("SELECT 1 FROM item_outcomes WHERE candidate LIKE ? LIMIT 1", (former,)).fetchone():
+            self._db.execute(
+                "UPDATE item_outcomes SET candidate = ? || substr(candidate, ?) WHERE candidate LIKE ?",
+                (SOURCE_PREFIX, len(FORMER_SOURCE_PREFIX) + 1, former),
+            )
 
     @classmethod
     def open_existing(cls, run_dir: Path) -> Ledger | None:
@@ -263,7 +289,7 @@ class Ledger:
     def items_spent(self) -> dict[str, int]:
         """Item-evaluations recorded: on search candidates, and on sources (anchor selection)."""
         rows = self._db.execute(
-            "SELECT candidate LIKE 'source/%', COUNT(*) FROM item_outcomes GROUP BY 1"
+            "SELECT candidate LIKE ?, COUNT(*) FROM item_outcomes GROUP BY 1", (SOURCE_PREFIX + "%",)
         ).fetchall()
         counts = {bool(is_source): count for is_source, count in rows}
         return {"candidates": counts.get(False, 0), "sources": counts.get(True, 0)}
@@ -282,14 +308,15 @@ class Ledger:
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
 
-    def best(self) -> EvaluationRecord | None:
-        """The best successful evaluation scored on the whole fitness set; ties go to the earliest.
+    def best(self, generation: int | None = None) -> EvaluationRecord | None:
+        """The best successful evaluation scored on the whole fitness set (of one generation, or of
+        all); ties go to the earliest.
 
         A candidate a strategy only estimated (cut from a race, scored on anchors) competes once its
         full-set score is known, with that score."""
         estimates = self.estimates()
         successful = []
-        for record in self.evaluations():
+        for record in self.evaluations(generation):
             known = estimates.get((record.generation, record.index))
             if record.failed or (known is not None and known.full_score is None):
                 continue

@@ -31,7 +31,7 @@ from merger.engine.factory import Engine, draw_key, engine_for_recipe
 from merger.executors.worker import pick_device
 from merger.recipe import Recipe
 from merger.scoring.fitness import Scorer, check_tasks, load_tokenizer
-from merger.search.loop import new_state
+from merger.search.state import new_state
 from merger.sources.resolve import check_compatible, resolve_sources
 from merger.space import SearchSpace, make_genome
 

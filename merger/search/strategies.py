@@ -1,169 +1,101 @@
-"""fitness.strategy racing and anchors: a generation scored item block by item block, every outcome in
-the ledger's item_outcomes table before any decision is taken from it.
+"""fitness.strategy: how a generation's candidates are scored, behind one interface the loop calls once
+per generation.
 
-Every decision (who is cut, which anchors, whose full score is checked) is a function of the ledger's
-outcomes and the run's seed only, so a run killed anywhere recomputes the same decisions on resume and
-scores only the items the ledger lacks.
+- `full`: every candidate on every fitness item.
+- `racing`: item block by item block; a candidate stops when it can no longer be among the mu best
+  (`merger.search.racing`).
+- `anchors`: every candidate on a few items that stand for the fitness set, the best estimate then
+  on every item (`merger.search.anchors`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.executors import Executor, ItemJob, ItemResult
-from merger.executors.worker import WORST_OBJECTIVE
+from merger.executors import CandidateTask, Executor, ItemJob
 from merger.recipe import Recipe
-from merger.rundir.ledger import EvaluationRecord, FitnessEstimate, Ledger, candidate_key
-from merger.scoring.fitness import weighted_score
-from merger.scoring.items import Item, ItemSet, Values, as_request
+from merger.rundir.ledger import WARM_START_GENERATION, EvaluationRecord, Ledger, source_key
+from merger.scoring.items import as_request
 from merger.search.anchors import Anchors, choose_anchors
+from merger.search.itemwise import ItemScoring
 from merger.search.racing import Bounds, bounds, cuts, ranking_values
-from merger.space.parameters import Genome
+from merger.space import SearchSpace
 
 ANCHORS_META = "anchors"
-SOURCE_PREFIX = "source/"
+Progress = Callable[[dict[str, Any]], None]
 
 
-class ItemStrategy:
-    def __init__(
-        self,
-        recipe: Recipe,
-        genome: Genome,
-        executor: Executor,
-        ledger: Ledger,
-        on_progress: Callable[[dict[str, Any]], None],
-    ):
-        self.recipe = recipe
-        self.genome = genome
+class Strategy(Protocol):
+    def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
+        """Before the first generation: what the strategy needs, and the warm start's records (scored as
+        generation -1); None if a stop came first. Each step is in the ledger as it goes (resumable)."""
+        ...
+
+    def evaluate(
+        self, generation: int, genotypes: Sequence[np.ndarray], mu: int, should_stop: Callable[[], bool]
+    ) -> list[EvaluationRecord] | None:
+        """The generation's records in candidate order (each in the ledger); None if a stop came first."""
+        ...
+
+
+def make_strategy(
+    recipe: Recipe,
+    genome: SearchSpace,
+    source_paths: dict[str, Path],
+    executor: Executor,
+    ledger: Ledger,
+    on_progress: Progress,
+) -> Strategy:
+    kind = recipe.fitness.strategy
+    item_strategies: dict[str, type[ItemScoring]] = {"racing": RacingStrategy, "anchors": AnchorsStrategy}
+    if kind in item_strategies:
+        return item_strategies[kind](recipe, genome, executor, ledger, on_progress, source_paths)
+    return FullStrategy(executor, ledger, on_progress)
+
+
+class FullStrategy:
+    """Every candidate on every fitness item, in one `Executor.evaluate` call."""
+
+    def __init__(self, executor: Executor, ledger: Ledger, on_progress: Progress):
         self.executor = executor
         self.ledger = ledger
         self.on_progress = on_progress
-        self.item_set = ItemSet.of(executor.fitness_items(), recipe.fitness)
-        self.anchors: Anchors | None = None
-        self._seconds: dict[str, tuple[float, float]] = {}  # merge and scoring seconds in this session
-        self._digests: dict[str, str] = {}  # weights digest of each candidate merged in this session
 
-    # -- scoring ----------------------------------------------------------------------------------
-    def _score(self, jobs: list[ItemJob], should_stop: Callable[[], bool]) -> dict[str, ItemResult] | None:
-        """Run the jobs, each result's outcomes in the ledger as it comes; None when a stop came first."""
-        results: dict[str, ItemResult] = {}
+    def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
+        return self.evaluate(WARM_START_GENERATION, warm_start, 1, should_stop) if warm_start else []
 
-        def record(result: ItemResult) -> None:
-            merge, scoring = self._seconds.get(result.candidate, (0.0, 0.0))
-            self._seconds[result.candidate] = (merge + result.merge_seconds, scoring + result.eval_seconds)
-            if result.failure is None:
-                self.ledger.record_items(result.candidate, result.values)
-            if result.digest is not None:
-                self._digests[result.candidate] = result.digest
-            results[result.candidate] = result
+    def evaluate(
+        self, generation: int, genotypes: Sequence[np.ndarray], mu: int, should_stop: Callable[[], bool]
+    ) -> list[EvaluationRecord] | None:
+        done = {r.index: r for r in self.ledger.evaluations(generation)}
+        tasks = [
+            CandidateTask(generation, index, genotype)
+            for index, genotype in enumerate(genotypes)
+            if index not in done
+        ]
 
-        if jobs:
-            self.executor.score_items(jobs, record, should_stop)
-        return results if len(results) == len(jobs) else None
+        def record(result: EvaluationRecord) -> None:
+            if result.items:  # the outcomes first: a record in the ledger means its candidate is done
+                self.ledger.record_items(result.candidate, result.items)
+            self.ledger.record_evaluation(result)
+            done[result.index] = result
+            self.on_progress({"generation": generation, "record": result})
 
-    def _outcomes(self, key: str) -> dict[str, dict[int, float]]:
-        return self.ledger.item_outcomes(key).get(key, {})
+        self.executor.evaluate(tasks, record, should_stop)
+        if len(done) < len(genotypes):
+            return None
+        return [done[index] for index in range(len(genotypes))]
 
-    def _task_scores(self, values: Values, items: Sequence[Item]) -> dict[str, float]:
-        per_task: dict[str, list[float]] = {}
-        for task, doc in items:
-            per_task.setdefault(task, []).append(values[task][doc])
-        return {task: sum(v) / len(v) for task, v in per_task.items()}
 
-    def _failed(self, generation: int, index: int, genotype: np.ndarray, failure: str) -> EvaluationRecord:
-        record = EvaluationRecord(
-            generation,
-            index,
-            [float(v) for v in genotype],
-            config="",
-            score=0.0,
-            objective=WORST_OBJECTIVE,
-            failure=failure,
-        )
-        self.ledger.record_evaluation(record)
-        return record
+class RacingStrategy(ItemScoring):
+    name = "racing"
 
-    def _finish(
-        self,
-        generation: int,
-        genotypes: Sequence[np.ndarray],
-        failed: dict[int, EvaluationRecord],
-        known: dict[int, Bounds],
-        values: dict[int, dict[str, dict[int, float]]],
-        objective: dict[int, float],
-        full: dict[int, float],
-    ) -> list[EvaluationRecord]:
-        """The generation's records (failures as recorded), each estimate first in the ledger."""
-        strategy = self.recipe.fitness.strategy
-        records = []
-        for index, genotype in enumerate(genotypes):
-            if index in failed:
-                records.append(failed[index])
-                continue
-            seen = [item for item in self.item_set.items if item[1] in values[index].get(item[0], {})]
-            self.ledger.record_estimate(
-                FitnessEstimate(
-                    generation,
-                    index,
-                    strategy,
-                    len(seen),
-                    len(self.item_set),
-                    known[index].estimate,
-                    full.get(index),
-                )
-            )
-            record = EvaluationRecord(
-                generation,
-                index,
-                [float(v) for v in genotype],
-                self.genome.to_config(genotype).to_yaml(),
-                scores=self._task_scores(values[index], seen),
-                score=known[index].estimate,
-                objective=objective[index],
-            )
-            record.merge_seconds, record.eval_seconds = self._seconds.pop(record.candidate, (0.0, 0.0))
-            # None when every item was scored before a resume (the export then merges it again unchecked)
-            record.digest = self._digests.pop(record.candidate, None)
-            self.ledger.record_evaluation(record)
-            self.on_progress({"generation": generation, "record": record})
-            records.append(record)
-        return records
-
-    def _complete_score(self, values: Values) -> float:
-        return weighted_score(self._task_scores(values, self.item_set.items), self.recipe.fitness)
-
-    def _candidates(
-        self, generation: int, genotypes: Sequence[np.ndarray]
-    ) -> tuple[list[str], dict[int, EvaluationRecord], dict[int, dict[str, dict[int, float]]]]:
-        keys = [candidate_key(generation, index) for index in range(len(genotypes))]
-        failed = {r.index: r for r in self.ledger.evaluations(generation) if r.failed}
-        values = {index: self._outcomes(key) for index, key in enumerate(keys)}
-        return keys, failed, values
-
-    def _absorb(
-        self,
-        results: dict[str, ItemResult],
-        generation: int,
-        genotypes: Sequence[np.ndarray],
-        keys: list[str],
-        failed: dict[int, EvaluationRecord],
-        values: dict[int, dict[str, dict[int, float]]],
-    ) -> None:
-        for key, result in results.items():
-            index = keys.index(key)
-            if result.failure is not None:
-                failed[index] = self._failed(generation, index, genotypes[index], result.failure)
-            else:
-                for task, docs in result.values.items():
-                    values[index].setdefault(task, {}).update(docs)
-
-    # -- racing -----------------------------------------------------------------------------------
-    def race(
+    def evaluate(
         self, generation: int, genotypes: Sequence[np.ndarray], mu: int, should_stop: Callable[[], bool]
     ) -> list[EvaluationRecord] | None:
         settings = self.recipe.fitness.racing
@@ -199,12 +131,26 @@ class ItemStrategy:
         objective = {i: -v for i, v in value.items()}
         return self._finish(generation, genotypes, failed, known, values, objective, full)
 
-    # -- anchors ----------------------------------------------------------------------------------
-    def score_sources(self, source_paths: dict[str, str], should_stop: Callable[[], bool]) -> bool:
+
+class AnchorsStrategy(ItemScoring):
+    """The sources are scored on every item first; the warm start in full (it helps choose the anchors)."""
+
+    name = "anchors"
+    anchors: Anchors | None = None  # chosen at the start, or read back from the ledger on a resume
+
+    def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
+        if not self.score_sources(should_stop):
+            return None
+        records = FullStrategy(self.executor, self.ledger, self.on_progress).start(warm_start, should_stop)
+        if records is not None:
+            self.choose_anchors([r.candidate for r in records if not r.failed])
+        return records
+
+    def score_sources(self, should_stop: Callable[[], bool]) -> bool:
         """Every source's outcome on every fitness item (what anchors are chosen from); False if stopped."""
         jobs = []
-        for name, path in source_paths.items():
-            key = SOURCE_PREFIX + name
+        for name, path in self.source_paths.items():
+            key = source_key(name)
             missing = self.item_set.missing(self._outcomes(key), self.item_set.items)
             if missing:
                 jobs.append(ItemJob(key, None, Path(path), as_request(missing)))
@@ -219,7 +165,7 @@ class ItemStrategy:
         fully scored candidates' outcomes."""
         stored = self.ledger.meta().get(ANCHORS_META)
         if stored is None:
-            models = [SOURCE_PREFIX + name for name in self.recipe.source_names] + list(extra_models)
+            models = [source_key(name) for name in self.recipe.source_names] + list(extra_models)
             outcomes = [self._outcomes(key) for key in models]
             anchors = choose_anchors(
                 self.item_set, outcomes, self.recipe.fitness.anchors.count, self.recipe.optimizer.seed
@@ -229,10 +175,12 @@ class ItemStrategy:
         self.anchors = Anchors.from_json(stored)
         return self.anchors
 
-    def anchored(
-        self, generation: int, genotypes: Sequence[np.ndarray], should_stop: Callable[[], bool]
+    def evaluate(
+        self, generation: int, genotypes: Sequence[np.ndarray], mu: int, should_stop: Callable[[], bool]
     ) -> list[EvaluationRecord] | None:
         """Every candidate on the anchors; the best estimate is then scored on every item (the check)."""
+        if self.anchors is None:  # a resumed run: the anchors stored in the ledger's meta
+            self.choose_anchors()
         assert self.anchors is not None
         keys, failed, values = self._candidates(generation, genotypes)
         jobs = [
