@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merger.common.errors import MergerError
 from merger.common.yamlsafe import read_yaml_file
-from merger.registry import Entry, Registry
+
+if TYPE_CHECKING:  # merger.registry imports mergekit and torch: `merger --help` must not wait for them
+    from merger.registry import Entry, Registry
 
 EXIT_DAMAGED = 1
 
@@ -77,6 +79,8 @@ def _add_registry_flag(parser: argparse.ArgumentParser, default: Any = None) -> 
 
 
 def _open(args: argparse.Namespace) -> Registry:
+    from merger.registry import Registry
+
     return Registry(args.registry)
 
 

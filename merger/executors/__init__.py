@@ -9,6 +9,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from merger.common.extras import require_extra
 from merger.recipe.schema import Recipe
 from merger.rundir.ledger import EvaluationRecord
 
@@ -87,6 +88,7 @@ class Executor(Protocol):
 
 def make_executor(recipe: Recipe, source_paths: dict[str, Path], num_layers: int) -> Executor:
     if recipe.executor.kind == "ray":
+        require_extra("ray", "a recipe with `executor: ray`")
         from merger.executors.ray_executor import RayExecutor
 
         return RayExecutor(recipe, source_paths, num_layers)
