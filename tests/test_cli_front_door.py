@@ -105,6 +105,7 @@ def test_a_missing_extra_is_named_in_one_line(
     assert "Traceback" not in process.stderr, line
 
 
+@pytest.mark.slow  # a `merger run` subprocess that loads models and lm-eval
 def test_a_ray_recipe_without_ray_names_the_extra(
     tiny_sources: dict[str, Path], tiny_evals: Path, tmp_path: Path
 ) -> None:
