@@ -16,8 +16,15 @@ python3 -c 'import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version
   2>/dev/null || isolation=()
 python3 -m pip wheel --quiet --no-deps "${isolation[@]}" "$WORK/src" -w "$WORK/dist"
 
-# A fresh venv; the heavy dependencies come from the system site-packages, merger only from the wheel.
-python3 -m venv --system-site-packages "$WORK/venv"
+# A fresh venv; the heavy dependencies come from the invoking interpreter's site-packages, merger only
+# from the wheel. Not --system-site-packages: inside a virtualenv that gives the base interpreter's packages,
+# not the outer venv's. A .pth file of plain directories: the venv's own site-packages stays first, and the
+# outer .pth files (merger's editable install among them) are not run.
+python3 -m venv "$WORK/venv"
+venv_site=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+python3 -c 'import site
+user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+print("\n".join(site.getsitepackages() + user))' > "$venv_site/_outer_site_packages.pth"
 "$WORK/venv/bin/python" -m pip install --quiet --no-deps --ignore-installed "$WORK"/dist/merger-*.whl
 cd "$WORK"
 unset PYTHONPATH

@@ -327,6 +327,7 @@ def test_every_request_is_answered_when_a_member_is_killed_mid_run(
     assert answered_by == ["flaky"] * 4 + ["steady"] * 6
 
 
+@pytest.mark.slow  # member server processes, one SIGKILLed
 def test_a_member_process_killed_mid_run_loses_no_request(
     tiny_sources: dict[str, Path], shared: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -441,6 +442,7 @@ def test_malformed_requests_get_a_clear_4xx(
     assert message in payload["error"]["message"]
 
 
+@pytest.mark.slow  # hundreds of generated requests
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
 def test_schemathesis_finds_no_server_error(
     conductor_factory: Any, mode: schemathesis.GenerationMode
@@ -461,6 +463,7 @@ def test_schemathesis_finds_no_server_error(
     check()
 
 
+@pytest.mark.slow  # trains a head and loads local models
 def test_serve_path_loads_the_trained_head_and_local_members(
     tiny_sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

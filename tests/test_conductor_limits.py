@@ -377,6 +377,7 @@ def test_the_embedding_cache_is_shared_safely_across_threads(tmp_path: Path) -> 
 # ---- 5. auth does not turn off silently ----
 
 
+@pytest.mark.slow  # `merger serve` subprocesses
 def test_an_unset_key_variable_refuses_to_start_unless_auth_is_none(
     fakes: dict[str, Fake], tmp_path: Path
 ) -> None:

@@ -102,6 +102,7 @@ def test_publish_fails_cleanly_at_every_moment_the_disk_fills(tmpfs: Path, run_d
     assert all(result.ok for result in registry.verify())
 
 
+@pytest.mark.slow  # a dozen `merger` subprocesses
 def test_cli_publish_export_and_rm_on_a_full_disk_are_one_line(tmpfs: Path, run_dir: Path) -> None:
     root = tmpfs / "registry"
     assert run_merger("publish", str(run_dir), "--registry", str(root)).returncode == 0
@@ -154,6 +155,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict[s
     return recipe, _summary_of(root / "run")
 
 
+@pytest.mark.slow  # `merger run` subprocesses
 @pytest.mark.parametrize("leave", [8 * 1024, 300 * 1024, 500 * 1024])
 def test_run_on_a_full_disk_is_one_line_and_resumes(
     tmpfs: Path, uninterrupted: tuple[Path, dict], leave: int

@@ -340,6 +340,7 @@ def assert_reproduced_by_mergekit(run_dir: Path, out: Path) -> None:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # two searches and a publish
 def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path, capsys):
     """A parameter merge is published; a layer-path search over it and the specialists (PS+DFS) runs from
     the CLI, its best.yaml reproduces final/, and the registry and a router backend serve its winner."""
@@ -389,6 +390,7 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     assert isinstance(answer, str) and answer.strip(), f"the served winner answered {answer!r}"
 
 
+@pytest.mark.slow  # `merger run` subprocesses
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_evals, tmp_path):
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "killed", scales="per_slot")
     data["optimizer"]["max_evaluations"] = 13
@@ -471,6 +473,7 @@ def test_the_report_plots_a_layer_path_by_position_and_source(tiny_sources, tiny
         ("anchors", {"anchors": {"count": 4}}),
     ],
 )
+@pytest.mark.slow  # a search per strategy
 def test_item_strategies_search_a_layer_path(strategy, settings, tiny_sources, tiny_evals, tmp_path):
     """Racing and anchors take a layer-path genome as they take a parameter one: the start path and
     the winner are scored on every fitness item; anchors spend fewer item-evaluations than `full`

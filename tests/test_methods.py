@@ -58,6 +58,7 @@ def test_every_method_with_a_numeric_parameter_is_searchable():
     assert set(METHODS) - set(SEARCHABLE_METHODS) == {"model_stock", "karcher", "arcee_fusion", "passthrough"}
 
 
+@pytest.mark.slow  # a search per method
 @pytest.mark.parametrize("method", list(NEW_METHODS))
 def test_a_recipe_of_each_new_method_runs_one_generation(tiny_sources, tiny_evals, tmp_path, capsys, method):
     run_dir = tmp_path / "run"

@@ -367,6 +367,7 @@ CRASHING_PUBLISHER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a publisher subprocess per crash point
 @pytest.mark.parametrize("point", ["staging", "card", "after-rename", "before-commit"])
 def test_sigkill_mid_publish_leaves_nothing_visible(registry: Registry, run_dir: Path, point: str) -> None:
     registry.publish(run_dir, "tiny-merge")  # version 1 exists before the crash
@@ -393,6 +394,7 @@ def test_sigkill_mid_publish_leaves_nothing_visible(registry: Registry, run_dir:
     assert_index_consistent(registry.root)
 
 
+@pytest.mark.slow  # a publisher subprocess, SIGKILLed
 def test_publish_cleans_leftovers_of_a_crashed_writer(registry: Registry, run_dir: Path) -> None:
     process = subprocess.run(
         [sys.executable, "-c", CRASHING_PUBLISHER, str(registry.root), str(run_dir), "before-commit"],
@@ -430,6 +432,7 @@ CONCURRENT_PUBLISHER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # publisher subprocesses
 def test_concurrent_publishers_get_distinct_versions(
     registry: Registry, run_dir: Path, tmp_path: Path
 ) -> None:

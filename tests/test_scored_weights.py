@@ -94,6 +94,7 @@ def test_allow_nonfinite_needs_the_mergekit_engine(nan_sources, tiny_evals, tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a `merger run` subprocess
 def test_allowed_nan_source_goes_to_mergekit_and_its_candidates_fail_with_the_reason(
     nan_sources, tiny_evals, tmp_path
 ):
@@ -137,6 +138,7 @@ def test_every_engine_refuses_a_nonfinite_source_as_it_loads(tiny_sources, tmp_p
 # ---- the exported winner is the scored one ------------------------------------------------------------
 
 
+@pytest.mark.slow  # a `merger run` subprocess
 def test_ledger_digests_and_the_export_is_verified_when_mergekit_is_bit_identical(
     tiny_sources, tiny_evals, tmp_path
 ):
@@ -151,6 +153,7 @@ def test_ledger_digests_and_the_export_is_verified_when_mergekit_is_bit_identica
     assert "differs from the scored winner" not in process.stderr
 
 
+@pytest.mark.slow  # a `merger run` subprocess
 def test_dare_export_holds_the_scored_weights_not_mergekits_own_draw(tiny_sources, tiny_evals, tmp_path):
     """DARE below density 1: the engine's random numbers are not mergekit's, so mergekit's export of
     best.yaml is another model; final/ holds the scored weights, proven by the digest."""
@@ -173,6 +176,7 @@ def _yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
+@pytest.mark.slow  # two `merger run` subprocesses
 def test_a_winner_whose_weights_are_not_the_scored_ones_is_not_exported_nor_published(
     tiny_sources, tiny_evals, tmp_path
 ):
@@ -261,6 +265,7 @@ def test_which_methods_mergekit_reproduces_bit_for_bit(tiny_sources, method):
         torch.testing.assert_close(tensor, reference[name], rtol=1e-6, atol=3e-7)
 
 
+@pytest.mark.slow  # a `merger run` subprocess
 def test_racing_records_carry_digests_and_the_export_is_verified(tiny_sources, tiny_evals, tmp_path):
     """fitness.strategy racing merges a candidate per item block: its record still has the merge's digest."""
     run_dir = tmp_path / "run"

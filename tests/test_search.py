@@ -109,6 +109,7 @@ def assert_resume_after_sigkill_equals_an_uninterrupted_run(
     assert (resumed.best.generation, resumed.best.index) == (reference.best.generation, reference.best.index)
 
 
+@pytest.mark.slow  # `merger run` subprocesses, one SIGKILLed
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_evals, tmp_path):
     data = tiny_recipe(
         tiny_sources, tiny_evals, tmp_path / "killed", optimizer={"popsize": 4, "max_evaluations": 12}

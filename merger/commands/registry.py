@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merger.common.errors import MergerError
-from merger.registry import Entry, Registry
+
+if TYPE_CHECKING:  # merger.registry imports mergekit and torch: `merger --help` must not wait for them
+    from merger.registry import Entry, Registry
 
 if TYPE_CHECKING:
     from merger.registry.finished_run import FinishedRun
@@ -79,6 +81,8 @@ def _add_registry_flag(parser: argparse.ArgumentParser, default: Any = None) -> 
 
 
 def _open(args: argparse.Namespace) -> Registry:
+    from merger.registry import Registry
+
     return Registry(args.registry)
 
 

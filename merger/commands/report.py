@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from merger.common.extras import require_extra
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser(
@@ -18,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    require_extra("report", "merger report")
     from merger.report.report import write_report
 
     files = write_report(args.run_dir, args.out)

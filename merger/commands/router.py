@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from merger.common.extras import require_extra
+
 DEFAULT_PORT = 8321
 
 
@@ -15,6 +17,7 @@ def _progress(message: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    require_extra("router", "merger router train")
     from merger.router.pool import load_pool
     from merger.router.training import head_dir, train_router
 
@@ -28,6 +31,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    require_extra("router", "merger router eval")
     from merger.router.evaluation import format_report
     from merger.router.pool import load_pool
     from merger.router.training import evaluate_router
@@ -39,6 +43,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    require_extra("router", "merger serve")
     import uvicorn
 
     from merger.conductor.app import create_app

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
+from merger.common.extras import require_extra
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 
@@ -91,6 +92,7 @@ class Executor(Protocol):
 def make_executor(recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace) -> Executor:
     """The recipe's executor; its workers decode genotypes with `genome` (handed to them, not rebuilt)."""
     if recipe.executor.kind == "ray":
+        require_extra("ray", "a recipe with `executor: ray`")
         from merger.executors.ray_executor import RayExecutor
 
         return RayExecutor(recipe, source_paths, genome)
