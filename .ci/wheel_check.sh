@@ -46,7 +46,7 @@ PY
 "$merger" recipes > "$WORK/recipes.txt"
 grep -q '^quickstart ' "$WORK/recipes.txt"
 "$merger" recipes copy quickstart "$WORK"
-"$py" -c 'from pathlib import Path; from merger.recipe.schema import load_recipe; load_recipe(Path("quickstart.yaml"))'
+"$py" -c 'from pathlib import Path; from merger.recipe import load_recipe; load_recipe(Path("quickstart.yaml"))'
 
 # One short search on tiny models (built by the checkout's test helper, in its own process) with a
 # bundled task named only by name.
