@@ -3,8 +3,11 @@ stay in engine.dtype; `auto` follows the hardware; bad values are refused in one
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,8 @@ from merger.scoring.precision import CPU_BF16_FLAGS, has_native_bf16, resolve_pr
 from merger.sources.resolve import check_compatible, resolve_sources
 from merger.space import make_genome
 from tests.recipes import tiny_recipe, write_recipe
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def precision_recipe(sources: dict[str, Path], evals: Path, run_dir: Path, precision: str) -> dict[str, Any]:
@@ -117,3 +122,25 @@ def test_a_layer_path_refuses_bf16_scoring(tiny_sources, tiny_evals, tmp_path):
     data["genome"] = {"space": "layer_path"}
     with pytest.raises(MergerError, match="scoring_precision: bf16 is not available for genome.space layer_path"):
         parse_recipe(data)
+
+
+def load_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("scoring_precision", REPO / "benchmarks" / "scoring_precision.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_compares_both_precisions_on_one_generation(tiny_sources, tiny_evals, tmp_path):
+    benchmark = load_benchmark()
+    recipe = parse_recipe(tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run"))
+    result = benchmark.compare_precisions(recipe, 3)
+    assert result["candidates"] == 3 and len(result["fitness"]["bf16"]) == 3
+    assert result["items"] == 3 * 24  # every fitness item of every candidate, compared
+    assert 0.0 <= result["agreement"] <= 1.0 and result["fp32_s"] > 0 and result["bf16_s"] > 0
+    assert json.loads(benchmark.report(result).splitlines()[-1]) == result
+    same = [{"tiny_mc": {0: 1.0, 1: 0.0}}]
+    assert benchmark.item_agreement(same, same) == (1.0, 2)
+    assert benchmark.item_agreement(same, [{"tiny_mc": {0: 1.0, 1: 1.0}}]) == (0.5, 2)
