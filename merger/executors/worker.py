@@ -20,6 +20,7 @@ from merger.executors import ItemJob, ItemResult
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 from merger.scoring.fitness import Scorer, load_tokenizer
+from merger.scoring.precision import ScoringModel, resolve_precision
 from merger.space import SearchSpace
 
 WORST_OBJECTIVE = 1.0  # pycma minimises -score, so a failure ranks below every real score in [0, 1]
@@ -31,6 +32,11 @@ def pick_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def run_scoring_precision(recipe: Recipe) -> str:
+    """The precision the recipe's candidates score in on this machine (`auto` resolved)."""
+    return resolve_precision(recipe.engine.scoring_precision, pick_device(recipe.engine.device))
+
+
 class CandidateWorker:
     def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace):
         self.recipe = recipe
@@ -40,7 +46,8 @@ class CandidateWorker:
         self.engine = engine_for_recipe(recipe, source_paths, self.device)
         self.model = self.engine.model
         self.tokenizer = load_tokenizer(source_paths[recipe.tokenizer_name], recipe.trust_remote_code)
-        self.scorer = Scorer(recipe, self.model, self.tokenizer)
+        self.scoring = ScoringModel(self.model, run_scoring_precision(recipe))  # the merge, or its bf16 copy
+        self.scorer = Scorer(recipe, self.scoring.model, self.tokenizer)
         if recipe.fitness.strategy != "full":
             self.scorer.suites["fitness"].check_itemwise(f"fitness.strategy {recipe.fitness.strategy}")
 
@@ -62,6 +69,7 @@ class CandidateWorker:
             if bad is not None:
                 raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
             started = time.perf_counter()
+            self.scoring.refresh()
             record.scores, record.items = self.scorer.score_logged("fitness")
             record.score = self.scorer.fitness(record.scores)
             record.objective = -record.score
@@ -89,6 +97,7 @@ class CandidateWorker:
             if bad is not None:
                 raise FloatingPointError(f"merged weights hold NaN or inf (first in {bad})")
             started = time.perf_counter()
+            self.scoring.refresh()
             result.values = self.scorer.score_items("fitness", job.items)
             result.eval_seconds = time.perf_counter() - started
         except Exception as error:  # a bad candidate must not stop the run
@@ -107,6 +116,7 @@ class CandidateWorker:
 
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         self.merge(genotype)
+        self.scoring.refresh()
         return self.scorer.score(set_name)
 
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
@@ -119,6 +129,7 @@ class CandidateWorker:
     def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
         """Scores of a checkpoint on disk (a source alone, or the exported winner)."""
         self.engine.load_checkpoint(path)  # a layer path's model is a view of the sources: never written into
+        self.scoring.refresh()
         return self.scorer.score(set_name)
 
 

@@ -194,6 +194,7 @@ def build_summary(
             "seconds": round(sum(g.seconds for g in search.ledger.generations()), 1),
         },
         lineage=summary_lineage(meta[LINEAGE_META]),
+        scoring_precision=meta.get("scoring_precision"),
     )
 
 
@@ -209,7 +210,8 @@ def score_table(summary: Summary) -> str:
     """Sources, baselines and winner, one column per (eval set, task); `merger report` and the model
     card show the same rows (`Summary.score_rows`)."""
     columns = summary.score_columns()
-    header = ["model"] + [f"{s}:{task}" for s, task in columns]
+    model = "model" if summary.scoring_precision is None else f"model (scored in {summary.scoring_precision})"
+    header = [model] + [f"{s}:{task}" for s, task in columns]
     lines = [header]
     for name, block in summary.score_rows().items():
         by_split = block.by_split()

@@ -219,12 +219,28 @@ class FitnessSet(EvalSet):
     max_gen_toks: Annotated[int, Field(ge=1)] | None = None  # caps generation (lm-eval's default: 256)
 
 
+# what lm-eval scores each candidate in (merger.scoring.precision); merges stay in engine.dtype
+ScoringPrecision = Literal["fp32", "bf16", "auto"]
+
+
 class EngineSpec(StrictModel):
     kind: Literal["resident", "mergekit"] = "resident"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     fresh_randomness: bool = False
     streaming: bool = False
+    # fp32: the merged weights as built; bf16: a bfloat16 copy of them; auto: bf16 where the hardware has
+    # native bf16 matrix units (AMX-BF16/AVX512-BF16 CPUs, bf16-capable GPUs), else fp32
+    scoring_precision: ScoringPrecision = "fp32"
+
+    @model_validator(mode="after")
+    def _precision_fits_dtype(self) -> EngineSpec:
+        explicit_fp32 = "scoring_precision" in self.model_fields_set and self.scoring_precision == "fp32"
+        if explicit_fp32 and self.dtype != "float32":
+            raise ValueError(
+                f"scoring_precision fp32 scores the merge as built, and dtype {self.dtype} is not float32"
+            )
+        return self
 
 
 class ExecutorSpec(StrictModel):
@@ -294,6 +310,11 @@ class Recipe(StrictModel):
         return self
 
     def _layer_path_fits(self, names: list[str]) -> Recipe:
+        if self.engine.scoring_precision != "fp32":
+            raise ValueError(
+                f"engine.scoring_precision: {self.engine.scoring_precision} is not available for "
+                "genome.space layer_path (its candidates score in engine.dtype); give fp32"
+            )
         anchor = self.genome.path_settings.anchor
         if anchor is not None and anchor not in names:
             raise ValueError(

@@ -87,6 +87,7 @@ class Summary(_Block):
     budget: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, LineageEntry] = Field(default_factory=dict)
     final_sha256: str | None = None  # weights_digest of final/, taken once when it was exported
+    scoring_precision: str | None = None  # fp32 or bf16: what lm-eval scored every model in
 
     @property
     def fitness(self) -> float | None:

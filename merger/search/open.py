@@ -10,6 +10,7 @@ from typing import Any
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
 from merger.executors import make_executor
+from merger.executors.worker import run_scoring_precision
 from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger
@@ -70,6 +71,7 @@ def open_search(
             genome=genome.describe(),
             **Budget.of(recipe.optimizer).as_meta(),
             strategy=recipe.fitness.strategy,
+            scoring_precision=run_scoring_precision(recipe),
         )
         ledger.set_meta(fitness_items=sum(len(ids) for ids in executor.fitness_items().values()))
         return Search(recipe, run_dir, genome, executor, ledger, source_paths, on_progress), resuming
