@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from merger.common.errors import MergerError
 from merger.finish.final import finish_run, score_table
 from merger.recipe import FitnessSet, parse_recipe
+from merger.report.page import score_table_html
 from merger.rundir.layout import RunDir
 from merger.scoring.fitness import fitness_score
-from merger.search.open import open_search
+from merger.search.open import open_search, prepare_run_dir
 from tests.recipes import tiny_recipe
 
 SCORES = {"a": 0.9, "b": 0.6, "c": 0.1}  # a known table: three tasks, weights 2, 1, 1
@@ -102,3 +104,19 @@ def test_a_worst_task_search_records_the_worst_task_and_the_summary_shows_it(
     assert "validation:(worst)" not in table[0]  # one task: its column says it all
     winner_row = next(line for line in table if line.startswith("WINNER"))
     assert f"{written['winner']['across_tasks']['fitness']['worst']:.3f}" in winner_row
+    assert "(worst)" in score_table_html(summary)  # `merger report` shows the same columns
+    assert "fitness:(worst)" in (tmp_path / "run" / "final" / "README.md").read_text()  # and the model card
+
+
+def test_a_run_stored_before_aggregate_existed_still_resumes(tiny_sources, tiny_evals, tmp_path):
+    """A recipe.yaml without `fitness.aggregate` and `fitness.floor` is the same recipe (the mean)."""
+    recipe = parse_recipe(tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run"))
+    assert prepare_run_dir(recipe, tmp_path / "run") is False
+    stored = RunDir(tmp_path / "run").recipe
+    old = yaml.safe_load(stored.read_text())
+    del old["fitness"]["aggregate"], old["fitness"]["floor"]
+    stored.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert prepare_run_dir(recipe, tmp_path / "run") is True
+    worst = parse_recipe(tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run", fitness={"aggregate": "worst"}))
+    with pytest.raises(MergerError, match="different recipe"):
+        prepare_run_dir(worst, tmp_path / "run")
