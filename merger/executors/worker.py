@@ -23,7 +23,9 @@ from merger.scoring.fitness import Scorer, load_tokenizer
 from merger.scoring.precision import ScoringModel, resolve_precision
 from merger.space import SearchSpace
 
-WORST_OBJECTIVE = 1.0  # pycma minimises -score, so a failure ranks below every real score in [0, 1]
+# pycma minimises -score, so a failure ranks at or below every real score: [0, 1], or [-1, 1]
+# under fitness.aggregate: floor (merger.scoring.fitness.fitness_score)
+WORST_OBJECTIVE = 1.0
 
 
 def pick_device(requested: str) -> str:

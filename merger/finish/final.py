@@ -22,9 +22,10 @@ from merger.common.files import publish_directory, staging_dir, write_atomic
 from merger.engine.reference import export_merge
 from merger.finish.baselines import BaselinePlan, plan_baselines
 from merger.finish.scored_export import match_scored_weights
-from merger.rundir.layout import Baseline, LineageEntry, RunDir, Scores, Summary, Winner
+from merger.recipe import Recipe
+from merger.rundir.layout import AcrossTasks, Baseline, LineageEntry, RunDir, Scores, Summary, Winner
 from merger.rundir.ledger import WINNER_KEY, FinalScore, baseline_key, source_key
-from merger.scoring.fitness import eval_sets
+from merger.scoring.fitness import eval_sets, weighted_score, worst_task
 from merger.search.loop import Search, SearchResult
 from merger.sources.lineage import LINEAGE_META, recorded_source_paths
 from merger.space.layer_path import path_card_lines
@@ -165,17 +166,19 @@ def build_summary(
     best = result.best
     return Summary(
         winner=Winner(
-            **scores[WINNER_KEY],
+            **with_across_tasks(scores[WINNER_KEY], recipe),
             genotype=best.genotype,
             score=best.score,
             generation=best.generation,
             index=best.index,
             genes=search.genome.table(np.asarray(best.genotype)),
         ),
-        sources={name: Scores(**scores[source_key(name)]) for name in recipe.source_names},
+        sources={
+            name: Scores(**with_across_tasks(scores[source_key(name)], recipe)) for name in recipe.source_names
+        },
         baselines={
             name: Baseline(
-                **scores[baseline_key(name)],
+                **with_across_tasks(scores[baseline_key(name)], recipe),
                 method=config["merge_method"],
                 config=merge_yaml(MergeConfiguration.model_validate(config)),
             )
@@ -198,6 +201,16 @@ def build_summary(
     )
 
 
+def with_across_tasks(scores: dict[str, dict[str, float]], recipe: Recipe) -> dict[str, Any]:
+    """A model's scores per eval set, and per set its weighted mean and worst task."""
+    sets = eval_sets(recipe)
+    across = {}
+    for split, by_task in scores.items():
+        task, worst = worst_task(by_task)
+        across[split] = AcrossTasks(mean=weighted_score(by_task, sets[split]), worst=worst, worst_task=task)
+    return {**scores, "across_tasks": across}
+
+
 def summary_lineage(recorded: dict[str, Any]) -> dict[str, LineageEntry]:
     """The lineage as the summary holds it (the ledger's record without the stamps)."""
     return {
@@ -214,8 +227,7 @@ def score_table(summary: Summary) -> str:
     header = [model] + [f"{s}:{task}" for s, task in columns]
     lines = [header]
     for name, block in summary.score_rows().items():
-        by_split = block.by_split()
-        cells = [by_split.get(s, {}).get(task) for s, task in columns]
+        cells = [block.cell(s, task) for s, task in columns]
         lines.append([name] + ["–" if value is None else f"{value:.3f}" for value in cells])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(

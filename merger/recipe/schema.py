@@ -217,6 +217,21 @@ class FitnessSet(EvalSet):
     racing: RacingSpec = RacingSpec()
     anchors: AnchorsSpec = AnchorsSpec()
     max_gen_toks: Annotated[int, Field(ge=1)] | None = None  # caps generation (lm-eval's default: 256)
+    # how the tasks' scores make one fitness (merger.scoring.fitness.fitness_score): the weighted mean,
+    # the worst task, or the weighted mean less a penalty for each task below `floor`
+    aggregate: Literal["mean", "worst", "floor"] = "mean"
+    floor: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    @model_validator(mode="after")
+    def _aggregate_fits(self) -> FitnessSet:
+        if (self.aggregate == "floor") != (self.floor is not None):
+            raise ValueError("floor goes with aggregate: floor, and only with it")
+        if self.aggregate != "mean" and self.strategy != "full":
+            raise ValueError(
+                f"aggregate: {self.aggregate} needs strategy: full ({self.strategy} "
+                "estimates a weighted mean of items)"
+            )
+        return self
 
 
 # what lm-eval scores each candidate in (merger.scoring.precision); merges stay in engine.dtype

@@ -26,8 +26,7 @@ def _scores_table(summary: Summary) -> list[str]:
     header = ["model", *(f"{task} ({split})" for split, task in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, block in summary.score_rows().items():
-        by_split = block.by_split()
-        cells = [_format_score(by_split.get(split, {}).get(task)) for split, task in columns]
+        cells = [_format_score(block.cell(split, task)) for split, task in columns]
         label = f"**{model} (this merge)**" if model == WINNER_ROW else model
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return lines

@@ -37,9 +37,9 @@ def _table(header: list[str] | None, rows: list[list[str]], bold: set[tuple[int,
 def score_table_html(summary: Summary) -> str:
     """The rows of the terminal table and the model card (`Summary.score_rows`), the best of each column bold."""
     columns = summary.score_columns()
-    rows = {name: block.by_split() for name, block in summary.score_rows().items()}
+    rows = summary.score_rows()
     names = list(rows)
-    values = [[rows[name].get(s, {}).get(task) for s, task in columns] for name in names]
+    values = [[rows[name].cell(s, task) for s, task in columns] for name in names]
     bold = set()
     for c in range(len(columns)):
         present = [v[c] for v in values if v[c] is not None]

@@ -31,6 +31,8 @@ SUMMARY_FILE = "summary.json"
 SCORE_SPLITS = ("validation", "test", "fitness")
 WINNER_ROW = "WINNER"
 BASELINE_ROW_PREFIX = "baseline: "
+# the columns a table adds after a split's tasks when it has more than one: {column: AcrossTasks field}
+ACROSS_COLUMNS = {"(mean)": "mean", "(worst)": "worst"}
 
 
 
@@ -40,17 +42,34 @@ class _Block(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class AcrossTasks(_Block):
+    """One eval set's tasks taken together: their weighted mean, and the worst task beside it."""
+
+    mean: float
+    worst: float
+    worst_task: str
+
+
 class Scores(_Block):
-    """One model's scores per eval set: {task: score}. Old summaries hold the winner's fitness as a number."""
+    """One model's scores per eval set: {task: score}. Old summaries hold the winner's fitness as a number
+    (and no `across_tasks`)."""
 
     fitness: dict[str, float] | float | None = None
     validation: dict[str, float] | None = None
     test: dict[str, float] | None = None
+    across_tasks: dict[str, AcrossTasks] | None = None  # {split: mean and worst task}
 
     def by_split(self) -> dict[str, dict[str, float]]:
         """`{split: {task: score}}` for the splits that hold per-task numbers."""
         blocks = {split: getattr(self, split) for split in SCORE_SPLITS}
         return {split: dict(block) for split, block in blocks.items() if isinstance(block, dict)}
+
+    def cell(self, split: str, column: str) -> float | None:
+        """A table's value: a task's score, or the split's mean or worst task (`ACROSS_COLUMNS`)."""
+        if column in ACROSS_COLUMNS:
+            across = (self.across_tasks or {}).get(split)
+            return None if across is None else getattr(across, ACROSS_COLUMNS[column])
+        return self.by_split().get(split, {}).get(column)
 
 
 class Winner(Scores):
@@ -106,9 +125,16 @@ class Summary(_Block):
         }
 
     def score_columns(self) -> list[tuple[str, str]]:
-        """(eval set, task) for each of the winner's scores, validation first."""
+        """(eval set, task) for each of the winner's scores, validation first; after a split of several
+        tasks, its mean and worst task (`ACROSS_COLUMNS`)."""
         winner = self.winner.by_split()
-        return [(split, task) for split in SCORE_SPLITS if split in winner for task in winner[split]]
+        across = self.winner.across_tasks or {}
+        columns = []
+        for split in (s for s in SCORE_SPLITS if s in winner):
+            columns += [(split, task) for task in winner[split]]
+            if len(winner[split]) > 1 and split in across:
+                columns += [(split, column) for column in ACROSS_COLUMNS]
+        return columns
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_unset=True), indent=2)

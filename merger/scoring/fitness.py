@@ -14,7 +14,7 @@ from typing import Any
 
 from merger.common.bundled import bundled_dir
 from merger.common.errors import MergerError
-from merger.recipe import EvalSet, Recipe
+from merger.recipe import EvalSet, FitnessSet, Recipe
 from merger.scoring.lm_eval_bridge import (
     anchored_task_configs,
     evaluate_tasks,
@@ -61,6 +61,33 @@ def check_tasks(recipe: Recipe) -> None:
 def weighted_score(scores: Mapping[str, float], eval_set: EvalSet) -> float:
     total = sum(task.weight for task in eval_set.tasks)
     return sum(task.weight * scores[task.name] for task in eval_set.tasks) / total
+
+
+def fitness_score(scores: Mapping[str, float], fitness: FitnessSet) -> float:
+    """The one fitness of a candidate's task scores, as `fitness.aggregate` asks.
+
+    mean:  the weighted mean over tasks.
+    worst: the worst task's score (weights do not matter).
+    floor: the weighted mean less, for each task below `fitness.floor`, its weight's share times the
+           fraction of the floor it misses: a task at 0 costs its whole share once more, a task at the
+           floor costs nothing. Every task at or above the floor gives the mean; the score lies in [-1, 1].
+    """
+    if fitness.aggregate == "worst":
+        return worst_task({task.name: scores[task.name] for task in fitness.tasks})[1]
+    mean = weighted_score(scores, fitness)
+    if fitness.aggregate == "mean" or fitness.floor is None:
+        return mean
+    total = sum(task.weight for task in fitness.tasks)
+    shortfall = sum(
+        task.weight * max(0.0, fitness.floor - scores[task.name]) / fitness.floor for task in fitness.tasks
+    )
+    return mean - shortfall / total
+
+
+def worst_task(scores: Mapping[str, float]) -> tuple[str, float]:
+    """The task with the lowest score (the first of equals, in the set's order) and that score."""
+    name = min(scores, key=lambda task: scores[task])
+    return name, scores[name]
 
 
 class TaskSuite:
@@ -153,6 +180,7 @@ class Scorer:
 
     def __init__(self, recipe: Recipe, model: Any, tokenizer: Any):
         paths = task_paths(recipe)
+        self.recipe = recipe
         self.suites = {name: TaskSuite(eval_set, paths) for name, eval_set in eval_sets(recipe).items()}
         self._lms = {
             size: quiet_lm(model, tokenizer, size)
@@ -172,7 +200,7 @@ class Scorer:
         return suite.score_items(self._lms[suite.eval_set.batch_size], items)
 
     def fitness(self, scores: Mapping[str, float]) -> float:
-        return weighted_score(scores, self.suites["fitness"].eval_set)
+        return fitness_score(scores, self.recipe.fitness)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:

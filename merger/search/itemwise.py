@@ -24,7 +24,7 @@ from merger.rundir.ledger import (
     Ledger,
     candidate_key,
 )
-from merger.scoring.fitness import weighted_score
+from merger.scoring.fitness import fitness_score
 from merger.scoring.items import Item, ItemSet, Values
 from merger.search.racing import Bounds
 from merger.space import SearchSpace
@@ -157,7 +157,7 @@ class ItemScoring:
         return self._configs.pop(key, None) or self.genome.to_config(genotype).to_yaml()
 
     def _complete_score(self, values: Values) -> float:
-        return weighted_score(self._task_scores(values, self.item_set.items), self.recipe.fitness)
+        return fitness_score(self._task_scores(values, self.item_set.items), self.recipe.fitness)
 
     def _candidates(
         self, generation: int, genotypes: Sequence[np.ndarray]
