@@ -78,4 +78,8 @@ def _bf16_copy(model: nn.Module) -> nn.Module:
     scoring = copy.deepcopy(model)
     for parameter in scoring.parameters():  # tied parameters are one object: cast once
         parameter.data = parameter.data.to(torch.bfloat16)
+    # The resident model's parameters have requires_grad False; a bf16 copy like that generated 4x slower
+    # through lm-eval on this CPU (7.0 s against 1.7 s for the quickstart's 40 fitness items, one thread),
+    # while its plain forward pass was as fast. lm-eval and generate run under no_grad: no graph is built.
+    scoring.requires_grad_(True)
     return scoring
