@@ -66,7 +66,9 @@ def _check_metric(where: str, manager: Any, task: TaskSpec) -> None:
     if entry is None or entry.kind.name != "TASK" or not entry.cfg:
         return  # a group: lm-eval reports per subtask, and the metric is checked when scored
     output_type = entry.cfg.get("output_type", "generate_until")  # lm-eval's TaskConfig default
-    refusal = metric_refusal(task.name, task.metric, output_type)
+    metric_list = entry.cfg.get("metric_list") or []
+    listed = [str(item.get("metric")) for item in metric_list if isinstance(item, dict)]
+    refusal = metric_refusal(task.name, task.metric, output_type, listed)
     if refusal is not None:
         raise MergerError(f"{where}: {refusal}")
 

@@ -46,18 +46,19 @@ def needs_loglikelihood(metric: str | None) -> bool:
     return metric in TEACHER_FORCED
 
 
-def metric_refusal(task: str, metric: str | None, output_type: str) -> str | None:
-    """Why `metric` cannot score `task` (of lm-eval `output_type`), or None when it can.
+def metric_refusal(task: str, metric: str | None, output_type: str, listed: list[str]) -> str | None:
+    """Why `metric` cannot score `task` (of lm-eval `output_type`, whose metric_list names `listed`), or
+    None when it can.
 
-    `gold_prob` needs a loglikelihood task (one known answer); `acc` on a generating task is the greedy
-    match of its loglikelihood twin, which it does not report.
+    `gold_prob` needs a loglikelihood task (one known answer); `acc` on a generating task that does not
+    list it is the greedy match of its loglikelihood twin, which it does not report.
     """
     if needs_loglikelihood(metric) and output_type != LOGLIKELIHOOD:
         return (
             f"metric {metric} is teacher-forced and needs a task whose answer is one known text "
             f"(output_type: loglikelihood, e.g. a bundled *_tf task); task {task} is {output_type}"
         )
-    if metric == "acc" and output_type == "generate_until":
+    if metric == "acc" and output_type == "generate_until" and "acc" not in listed:
         return (
             f"metric acc (greedy match) needs a loglikelihood task; task {task} generates its answer "
             "(use its teacher-forced twin, e.g. NAME_tf, or exact_match)"
