@@ -113,7 +113,7 @@ def test_committed_eval_data_matches_the_generator(tmp_path: Path) -> None:
     for name, path in written.items():
         committed = REPO_ROOT / "evals" / "zoo" / "data" / f"{name}.jsonl"
         assert committed.read_text() == path.read_text(), name
-    for task in data.task_names():
+    for task in data.task_names() + data.teacher_forced_names(data.task_names()):
         committed = REPO_ROOT / "evals" / "zoo" / f"{task}.yaml"
         assert committed.read_text() == (tmp_path / "zoo" / f"{task}.yaml").read_text(), task
 

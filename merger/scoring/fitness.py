@@ -14,7 +14,7 @@ from typing import Any
 
 from merger.common.bundled import bundled_dir
 from merger.common.errors import MergerError
-from merger.recipe import EvalSet, FitnessSet, Recipe
+from merger.recipe import EvalSet, FitnessSet, Recipe, TaskSpec
 from merger.scoring.lm_eval_bridge import (
     anchored_task_configs,
     evaluate_tasks,
@@ -23,7 +23,7 @@ from merger.scoring.lm_eval_bridge import (
     quiet_lm,
     task_manager_for,
 )
-from merger.scoring.results import item_values, task_score
+from merger.scoring.results import item_values, metric_refusal, needs_loglikelihood, task_score
 from merger.scoring.taskdata import check_task_data
 
 ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
@@ -43,7 +43,8 @@ def eval_sets(recipe: Recipe) -> dict[str, EvalSet]:
 
 
 def check_tasks(recipe: Recipe) -> None:
-    """Every task of the recipe exists and its local data reads (before any model is loaded)."""
+    """Every task of the recipe exists, its metric fits it, and its local data reads (before any model is
+    loaded)."""
     paths = task_paths(recipe)
     configs = []
     for set_name, eval_set in eval_sets(recipe).items():
@@ -54,8 +55,22 @@ def check_tasks(recipe: Recipe) -> None:
                     f"{set_name}.tasks.{index}.name: unknown task {task.name!r} "
                     f"(not under {', '.join(paths) or 'any task path'} nor an lm-eval built-in)"
                 )
+            _check_metric(f"{set_name}.tasks.{index}.metric", manager, task)
         configs += anchored_task_configs(manager, [t.name for t in eval_set.tasks])
     check_task_data(configs)
+
+
+def _check_metric(where: str, manager: Any, task: TaskSpec) -> None:
+    """A task's metric fits the kind of task it is (merger.scoring.results.metric_refusal)."""
+    entry = manager.task_index.get(task.name)
+    if entry is None or entry.kind.name != "TASK" or not entry.cfg:
+        return  # a group: lm-eval reports per subtask, and the metric is checked when scored
+    output_type = entry.cfg.get("output_type", "generate_until")  # lm-eval's TaskConfig default
+    metric_list = entry.cfg.get("metric_list") or []
+    listed = [str(item.get("metric")) for item in metric_list if isinstance(item, dict)]
+    refusal = metric_refusal(task.name, task.metric, output_type, listed)
+    if refusal is not None:
+        raise MergerError(f"{where}: {refusal}")
 
 
 def weighted_score(scores: Mapping[str, float], eval_set: EvalSet) -> float:
@@ -133,6 +148,8 @@ class TaskSuite:
                 raise MergerError(f"{why} scores single tasks item by item; {spec.name!r} is a group")
             aggregation = task.aggregation()
             metric = spec.metric or next(iter(aggregation), None)
+            if needs_loglikelihood(metric):
+                continue  # a mean of per-item values in [0, 1] by construction
             if not is_mean_aggregation(aggregation.get(metric)):
                 raise MergerError(f"{why} needs a mean-aggregated metric; {spec.name}'s {metric!r} is not")
 

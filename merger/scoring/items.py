@@ -3,7 +3,7 @@
 The fitness score is sum over tasks of weight_t * mean_t (normalised weights), so each item of task t
 weighs weight_t / (sum of weights * items of t) and the score is the weighted sum of item values.
 Racing and anchors (fitness.strategy) assume each item's value lies in [0, 1] and the task's metric is
-mean-aggregated (acc, exact_match), which is what makes the score a sum over items.
+mean-aggregated (acc, exact_match, gold_prob), which is what makes the score a sum over items.
 """
 
 from __future__ import annotations
