@@ -27,7 +27,7 @@ from merger.rundir.layout import AcrossTasks, Baseline, LineageEntry, RunDir, Sc
 from merger.rundir.ledger import WINNER_KEY, FinalScore, baseline_key, source_key
 from merger.scoring.fitness import eval_sets, weighted_score, worst_task
 from merger.search.loop import Search, SearchResult
-from merger.sources.lineage import LINEAGE_META, recorded_source_paths
+from merger.sources.lineage import LINEAGE_META
 from merger.space.layer_path import path_card_lines
 
 
@@ -94,14 +94,6 @@ def export_winner(search: Search, result: SearchResult) -> tuple[FinalModel, str
         ),
     )
     return FinalModel(WINNER_KEY, exported.path, exported.identity), config_yaml
-
-
-def run_source_paths(search: Search) -> dict[str, Path]:
-    """The sources the search resolved (as the lineage recorded them, for a search that does not say)."""
-    source_paths = getattr(search, "source_paths", None)
-    if source_paths is not None:
-        return source_paths
-    return recorded_source_paths(search.ledger.meta()[LINEAGE_META])
 
 
 def final_models(
@@ -285,7 +277,7 @@ def finished_summary(run_dir: Path, result: SearchResult) -> Summary | None:
 def finish_run(search: Search, result: SearchResult) -> Summary:
     layout = RunDir(search.run_dir)
     winner, config_yaml = export_winner(search, result)
-    source_paths = run_source_paths(search)
+    source_paths = search.source_paths
     baselines = plan_baselines(search.recipe, source_paths)
     scores = score_final(search, final_models(search, winner, source_paths, baselines))
     summary = build_summary(search, result, scores, baselines)
