@@ -92,7 +92,7 @@ def timed_run(data: dict[str, Any], run_dir: Path, sources: dict[str, Path]) -> 
         result = search.run()
         seconds = [generation.seconds for generation in search.ledger.generations()]
         started = time.perf_counter()
-        search.executor.score_checkpoints([(path, "fitness") for path in sources.values()])
+        search.executor.score_models([(path, "fitness") for path in sources.values()])
         scoring = time.perf_counter() - started
     finally:
         search.executor.close()

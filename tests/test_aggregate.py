@@ -77,6 +77,7 @@ def test_a_worst_task_search_records_the_worst_task_and_the_summary_shows_it(
         optimizer={"popsize": 4, "max_evaluations": 4, "seed": 3},
         fitness={"tasks": tasks, "limit": 8, "aggregate": "worst"},
         baselines=["linear"],
+        selection={"enabled": False},  # validation scores the fitness tasks again: nothing unseen to select on
     )
     search, _ = open_search(parse_recipe(data), tmp_path / "run")
     try:

@@ -159,7 +159,7 @@ def test_sigkill_while_finishing_resumes_with_only_the_missing_scores(
 
     scored: list[tuple[Path, str]] = []
     scored_files: dict[Path, int] = {}
-    original = InProcessExecutor.score_checkpoints
+    original = InProcessExecutor.score_models
 
     def spy(self: InProcessExecutor, jobs: list, on_result: Any = None) -> list:
         scored.extend(jobs)
@@ -168,7 +168,7 @@ def test_sigkill_while_finishing_resumes_with_only_the_missing_scores(
         )
         return original(self, jobs, on_result)
 
-    monkeypatch.setattr(InProcessExecutor, "score_checkpoints", spy)
+    monkeypatch.setattr(InProcessExecutor, "score_models", spy)
     assert run_command(recipe) == 0
     assert len(scored) == total - 14  # only what the ledger lacked
     after = final_score_rows(layout.path)

@@ -11,7 +11,7 @@ import yaml
 
 from merger.cli import main
 from merger.common.errors import MergerError
-from merger.report.data import gene_matrices
+from merger.report.data import best_genes, gene_matrices, load_run
 from merger.report.report import write_report
 from tests.test_overnight import recipe_data, run_here
 
@@ -59,13 +59,19 @@ def test_report_of_a_finished_run(tiny_sources, tiny_evals, tmp_path, capsys):
     assert f"{summary['winner']['fitness']['tiny_mc']:.3f}" in page
     assert "finished" in page and "not finished" not in page
 
-    # The heatmap shows every gene of the winner once: 2 specialists x 3 tensor classes x 2 layer groups.
-    matrices = gene_matrices(summary["winner"]["genes"])
+    assert "Selection of the winner" in page
+    # The heatmap shows every gene of the best evolved genome once (the winner's, when a candidate won
+    # selection): 2 specialists x 3 tensor classes x 2 layer groups.
+    genes = best_genes(load_run(run_dir))
+    assert genes is not None
+    if summary["selection"]["kind"] == "candidate":
+        assert genes == summary["winner"]["genes"]
+    matrices = gene_matrices(genes)
     assert set(matrices) == {"weight", "density"}
     rows, columns, values = matrices["density"]
     assert columns == ["g0", "g1"] and len(rows) == 6 and "specialist1 / attention" in rows
     shown = sorted(v for _, _, m in matrices.values() for v in m.ravel() if np.isfinite(v))
-    assert shown == sorted(gene["value"] for gene in summary["winner"]["genes"])
+    assert shown == sorted(gene["value"] for gene in genes)
 
 
 def test_report_of_an_unfinished_run_decodes_the_best_genotype(tiny_sources, tiny_evals, tmp_path):

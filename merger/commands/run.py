@@ -61,7 +61,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
-    from merger.finish.final import finish_run, finished_summary, score_table
+    from merger.finish.final import finalist_table, finish_run, finished_summary, score_table
+    from merger.finish.selection import selection_note
     from merger.rundir.layout import RunDir
     from merger.search.loop import StopRequest
     from merger.search.open import open_search
@@ -85,10 +86,15 @@ def execute(recipe: Any, run_dir: Path, progress: bool = True) -> int:
                     f"best so far {result.best.score:.4f}. Run the same command again to resume.",
                 )
                 return 0
-            summary = finished_summary(run_dir, result) or finish_run(search, result)
+            summary = finished_summary(run_dir, result, recipe) or finish_run(search, result)
     finally:
         search.executor.close()
     print(score_table(summary))
+    if summary.selection is not None:
+        print(finalist_table(summary.selection))
+        note = selection_note(summary.selection)
+        if note:
+            print(note)
     layout = RunDir(run_dir)
     print(f"winner: {layout.final}  config: {layout.best_config}  summary: {layout.summary}")
     if recipe.output.publish:

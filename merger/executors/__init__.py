@@ -43,6 +43,16 @@ class ItemResult:
     digest: str | None = None  # of the merged weights (`engine.weights.model_digest`), when merged
 
 
+ModelToScore = Path | np.ndarray  # a checkpoint on disk, or a genotype merged in memory
+
+
+class Scored(NamedTuple):
+    """One model scored on one eval set: lm-eval's task scores, and each item's metric value."""
+
+    scores: dict[str, float]
+    items: dict[str, dict[int, float]]  # task -> doc id -> value
+
+
 class Executor(Protocol):
     def evaluate(
         self,
@@ -75,14 +85,15 @@ class Executor(Protocol):
         """The candidate merged again, written over `checkpoint`'s weights; returns its digest."""
         ...
 
-    def score_checkpoints(
+    def score_models(
         self,
-        jobs: Sequence[tuple[Path, str]],
-        on_result: Callable[[int, dict[str, float]], None] | None = None,
-    ) -> list[dict[str, float]]:
-        """Scores of each (checkpoint, eval set), in the order given (on as many workers as there are).
+        jobs: Sequence[tuple[ModelToScore, str]],
+        on_result: Callable[[int, Scored], None] | None = None,
+    ) -> list[Scored]:
+        """Scores of each (checkpoint or genotype, eval set), in the order given (on as many workers as
+        there are).
 
-        `on_result(job, scores)` is called as each job finishes, so that its scores can be kept at once.
+        `on_result(job, scored)` is called as each job finishes, so that its scores can be kept at once.
         """
         ...
 

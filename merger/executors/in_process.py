@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from merger.executors import CandidateTask, ItemJob, ItemResult
+from merger.executors import CandidateTask, ItemJob, ItemResult, ModelToScore, Scored
 from merger.executors.worker import CandidateWorker
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
@@ -53,14 +53,14 @@ class InProcessExecutor:
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         return self.worker.write_scored_weights(genotype, checkpoint)
 
-    def score_checkpoints(
+    def score_models(
         self,
-        jobs: Sequence[tuple[Path, str]],
-        on_result: Callable[[int, dict[str, float]], None] | None = None,
-    ) -> list[dict[str, float]]:
+        jobs: Sequence[tuple[ModelToScore, str]],
+        on_result: Callable[[int, Scored], None] | None = None,
+    ) -> list[Scored]:
         results = []
-        for job, (path, set_name) in enumerate(jobs):
-            results.append(self.worker.score_checkpoint(path, set_name))
+        for job, (model, set_name) in enumerate(jobs):
+            results.append(self.worker.score_model(model, set_name))
             if on_result is not None:
                 on_result(job, results[-1])
         return results

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.executors import CandidateTask, ItemJob, ItemResult
+from merger.executors import CandidateTask, ItemJob, ItemResult, ModelToScore, Scored
 from merger.executors.worker import WORST_OBJECTIVE, CandidateWorker
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
@@ -72,8 +72,8 @@ class WorkerActor:
     def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
         return self.worker.score_genotype(genotype, set_name)
 
-    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
-        return self.worker.score_checkpoint(path, set_name)
+    def score_model(self, model: ModelToScore, set_name: str) -> Scored:
+        return self.worker.score_model(model, set_name)
 
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         return self.worker.write_scored_weights(genotype, checkpoint)
@@ -270,29 +270,30 @@ class RayExecutor:
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         return self._on_one_actor("write_scored_weights", genotype, checkpoint)
 
-    def score_checkpoints(
+    def score_models(
         self,
-        jobs: Sequence[tuple[Path, str]],
-        on_result: Callable[[int, dict[str, float]], None] | None = None,
-    ) -> list[dict[str, float]]:
+        jobs: Sequence[tuple[ModelToScore, str]],
+        on_result: Callable[[int, Scored], None] | None = None,
+    ) -> list[Scored]:
         """Each job on the next free worker; a lost worker is replaced and its job tried again."""
-        results: dict[int, dict[str, float]] = {}
+        results: dict[int, Scored] = {}
 
-        def finish(job: int, result: dict[str, float]) -> None:
+        def finish(job: int, result: Scored) -> None:
             results[job] = result
             if on_result is not None:
                 on_result(job, result)
 
         def give_up(job: int, error: BaseException) -> None:
-            path, set_name = jobs[job]
+            model, set_name = jobs[job]
+            what = "a merged candidate" if isinstance(model, np.ndarray) else str(model)
             raise MergerError(
-                f"executor: the Ray worker died {MAX_ATTEMPTS} times scoring {path} on {set_name}: "
+                f"executor: the Ray worker died {MAX_ATTEMPTS} times scoring {what} on {set_name}: "
                 f"{root_cause(error)}"
             ) from None
 
         self._spread(
             len(jobs),
-            lambda actor, job: actor.score_checkpoint.remote(*jobs[job]),
+            lambda actor, job: actor.score_model.remote(*jobs[job]),
             finish,
             give_up,
         )

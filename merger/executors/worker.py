@@ -16,7 +16,7 @@ import torch
 
 from merger.engine.factory import draw_key, engine_for_recipe
 from merger.engine.weights import rewrite_tensors
-from merger.executors import ItemJob, ItemResult
+from merger.executors import ItemJob, ItemResult, ModelToScore, Scored
 from merger.recipe import Recipe
 from merger.rundir.ledger import EvaluationRecord
 from merger.scoring.fitness import Scorer, load_tokenizer
@@ -128,11 +128,15 @@ class CandidateWorker:
         rewrite_tensors(checkpoint, self.engine.exported_state())
         return self.engine.digest()
 
-    def score_checkpoint(self, path: Path, set_name: str) -> dict[str, float]:
-        """Scores of a checkpoint on disk (a source alone, or the exported winner)."""
-        self.engine.load_checkpoint(path)  # a layer path's model is a view of the sources: never written into
+    def score_model(self, model: ModelToScore, set_name: str) -> Scored:
+        """Scores and item values of a checkpoint on disk (a source, a baseline, the exported winner) or
+        of a genotype merged in memory (a finalist)."""
+        if isinstance(model, np.ndarray):
+            self.merge(model)
+        else:
+            self.engine.load_checkpoint(model)  # a layer path's model is a view of the sources: never written into
         self.scoring.refresh()
-        return self.scorer.score(set_name)
+        return Scored(*self.scorer.score_logged(set_name))
 
 
 def _describe(error: BaseException) -> str:

@@ -1,109 +1,84 @@
-"""The end of a run: best.yaml, the winner exported by mergekit, its scores next to every source's and
-every untuned baseline's, summary.json.
-
-Finishing resumes as the search does: each final score is committed to the ledger as it finishes
-(keyed by model and eval set, with the identity of the weights scored), a finished export whose
-configuration matches is reused, and a run killed here re-scores only what the ledger lacks.
+"""The end of a run: the winner chosen (on the validation set, merger.finish.selection, or by fitness),
+best.yaml and the winner exported by mergekit, its scores next to every source's and every untuned
+baseline's, summary.json. What is scored and kept on the way: merger.finish.models.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mergekit.config import MergeConfiguration
 
-from merger.common.files import publish_directory, staging_dir, write_atomic
-from merger.engine.reference import export_merge
+from merger.common.files import write_atomic
 from merger.finish.baselines import BaselinePlan, plan_baselines
+from merger.finish.models import FinalModel, ScoreTable, config_identity, export_once, merge_yaml, score_final
 from merger.finish.scored_export import match_scored_weights
-from merger.recipe import Recipe
-from merger.rundir.layout import AcrossTasks, Baseline, LineageEntry, RunDir, Scores, Summary, Winner
-from merger.rundir.ledger import WINNER_KEY, FinalScore, baseline_key, source_key
+from merger.finish.selection import Contender, candidate_contenders, choose, finalist_rows, untuned_contenders
+from merger.recipe import PASSTHROUGH, Recipe
+from merger.rundir.layout import (
+    AcrossTasks,
+    Baseline,
+    LineageEntry,
+    RunDir,
+    Scores,
+    Selection,
+    Summary,
+    Winner,
+)
+from merger.rundir.ledger import WINNER_KEY, baseline_key, candidate_key, source_key
 from merger.scoring.fitness import eval_sets, weighted_score, worst_task
 from merger.search.loop import Search, SearchResult
 from merger.sources.lineage import LINEAGE_META
 from merger.space.layer_path import path_card_lines
 
 
-@dataclass(frozen=True)
-class FinalModel:
-    """A checkpoint scored at the end: the winner, a source alone, or a baseline."""
+def export_winner(search: Search, winner: Contender) -> tuple[FinalModel, str]:
+    """best.yaml and final/: the chosen model as mergekit exports it (reused when already exported).
 
-    key: str  # the ledger's model key
-    path: Path
-    identity: str  # which weights: a source's weights digest, a merge's config digest
-    config: MergeConfiguration | None = None  # a merge exported before it is scored
-    config_file: Path | None = None
-
-
-def config_identity(config_yaml: str) -> str:
-    return "config:" + hashlib.sha256(config_yaml.encode()).hexdigest()
-
-
-def merge_yaml(config: MergeConfiguration) -> str:
-    """The text of best.yaml and baselines/NAME.yaml: what `mergekit-yaml` reproduces."""
-    return config.to_yaml() + "\n"
-
-
-def export_once(
-    model: FinalModel, search: Search, check: Callable[[Path], None] | None = None
-) -> None:
-    """mergekit's export of `model.config` into `model.path`, its YAML into `model.config_file`.
-
-    An export already there from the same YAML is kept; otherwise it is written to a staging
-    directory, given to `check` (which may refuse it or rewrite its weights), and renamed into
-    place, so a finished directory is always a whole, checked export.
-    """
-    assert model.config is not None and model.config_file is not None
-    text = merge_yaml(model.config)
-    if model.path.is_dir() and model.config_file.is_file() and model.config_file.read_text() == text:
-        return
-    shutil.rmtree(model.path, ignore_errors=True)  # never left next to a YAML it does not match
-    model.config_file.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(model.config_file, text.encode())
-    staging = staging_dir(model.path)
-    shutil.rmtree(staging, ignore_errors=True)
-    recipe = search.recipe
-    config = model.config.model_copy(deep=True)  # mergekit's export rewrites the config it is given
-    export_merge(config, staging, seed=recipe.optimizer.seed, trust_remote_code=recipe.trust_remote_code)
-    if check is not None:
-        check(staging)
-    publish_directory(staging, model.path)
-
-
-def export_winner(search: Search, result: SearchResult) -> tuple[FinalModel, str]:
-    """best.yaml and final/: the winner as mergekit exports it (reused when already exported).
-
-    Returns the winner as scored at the end (identified by its best.yaml) and best.yaml's text.
+    A candidate's export is checked against the weights it was scored with; a baseline's is its own
+    merge again; a source's is mergekit's passthrough of it. Returns the winner as scored at the end
+    (identified by its best.yaml) and best.yaml's text.
     """
     layout = RunDir(search.run_dir)
-    config = search.genome.to_config(np.asarray(result.best.genotype))
+    check = None
+    if winner.record is not None:
+        record = winner.record
+        config = search.genome.to_config(np.asarray(record.genotype))
+        check = lambda staging: match_scored_weights(  # noqa: E731
+            search.executor, record, staging, search.recipe.trust_remote_code
+        )
+    elif winner.model.config is not None:
+        config = winner.model.config
+    else:
+        config = passthrough_config(search, winner.model)
     config_yaml = merge_yaml(config)
     exported = FinalModel(WINNER_KEY, layout.final, config_identity(config_yaml), config, layout.best_config)
-    export_once(
-        exported,
-        search,
-        check=lambda staging: match_scored_weights(
-            search.executor, result.best, staging, search.recipe.trust_remote_code
-        ),
-    )
+    export_once(exported, search, check=check)
     return FinalModel(WINNER_KEY, exported.path, exported.identity), config_yaml
 
 
-def final_models(
-    search: Search, winner: FinalModel, source_paths: dict[str, Path], baselines: BaselinePlan
-) -> list[FinalModel]:
-    """The winner, each source (its recorded digest: no source is hashed again), each baseline."""
+def passthrough_config(search: Search, source: FinalModel) -> MergeConfiguration:
+    """A source as mergekit exports it alone: its weights in the recipe's dtype, with the run's tokenizer."""
+    recipe = search.recipe
+    data: dict[str, Any] = {
+        "merge_method": PASSTHROUGH,
+        "models": [{"model": str(source.path)}],
+        "dtype": recipe.engine.dtype,
+    }
+    if recipe.tokenizer_source:
+        data["tokenizer_source"] = str(search.source_paths[recipe.tokenizer_source])
+    return MergeConfiguration.model_validate(data)
+
+
+def untuned_models(search: Search, baselines: BaselinePlan) -> list[FinalModel]:
+    """Each source (its recorded digest: no source is hashed again), then each baseline."""
     layout = RunDir(search.run_dir)
     lineage = search.ledger.meta()[LINEAGE_META]
     sources = [
-        FinalModel(source_key(name), source_paths[name], "weights:" + lineage[name]["sha256"])
+        FinalModel(source_key(name), search.source_paths[name], "weights:" + lineage[name]["sha256"])
         for name in search.recipe.source_names
     ]
     merges = []
@@ -111,59 +86,50 @@ def final_models(
         config = MergeConfiguration.model_validate(data)
         identity = config_identity(merge_yaml(config))
         merges.append(
-            FinalModel(
-                baseline_key(name), layout.baseline(name), identity, config, layout.baseline_config(name)
-            )
+            FinalModel(baseline_key(name), layout.baseline(name), identity, config, layout.baseline_config(name))
         )
-    return [winner, *sources, *merges]
+    return [*sources, *merges]
 
 
-def score_final(search: Search, models: list[FinalModel]) -> dict[str, dict[str, dict[str, float]]]:
-    """`{model key: {eval set: scores}}`: what the ledger holds for these weights, and the rest scored now.
-
-    Merges are exported only when one of their scores is missing. All missing jobs go to the executor
-    at once (a Ray executor spreads them over its workers) and each is committed as it finishes.
-    """
-    sets = list(eval_sets(search.recipe))
-    identities = {model.key: model.identity for model in models}
-    kept = {
-        (row.model, row.eval_set): row.scores
-        for row in search.ledger.final_scores()
-        if identities.get(row.model) == row.identity
-    }
-    missing = [
-        (model, set_name) for model in models for set_name in sets if (model.key, set_name) not in kept
-    ]
-    for model in {model.key: model for model, _ in missing}.values():
-        if model.config is not None:
-            export_once(model, search)
-
-    def keep(job: int, scores: dict[str, float]) -> None:
-        model, set_name = missing[job]
-        search.ledger.record_final_score(FinalScore(model.key, set_name, model.identity, scores))
-        kept[(model.key, set_name)] = scores
-
-    search.executor.score_checkpoints([(model.path, set_name) for model, set_name in missing], keep)
-    return {model.key: {set_name: kept[(model.key, set_name)] for set_name in sets} for model in models}
+def select_winner(
+    search: Search, result: SearchResult, untuned: list[FinalModel], scores: ScoreTable
+) -> tuple[Contender, Selection | None]:
+    """The finalist best on the validation set (`selection:`), or the best candidate by fitness."""
+    recipe = search.recipe
+    if not recipe.selects:
+        return Contender(FinalModel(candidate_key(result.best.generation, result.best.index), None, ""),
+                         "candidate", "", result.best), None
+    candidates = candidate_contenders(search.ledger, search.genome, recipe.selection.top_k)
+    scores.update(score_final(search, [c.model for c in candidates], ["validation"]))
+    contenders = untuned_contenders(untuned) + candidates
+    rows = finalist_rows(recipe, search.ledger, contenders, scores)
+    return choose(contenders, rows, recipe.selection.top_k)
 
 
 def build_summary(
     search: Search,
+    winner: Contender,
     result: SearchResult,
-    scores: dict[str, dict[str, dict[str, float]]],
+    scores: ScoreTable,
     baselines: BaselinePlan,
+    selection: Selection | None,
 ) -> Summary:
     recipe = search.recipe
     meta = search.ledger.meta()
-    best = result.best
+    record = winner.record
+    fitness = (
+        record.score
+        if record is not None
+        else next(row.fitness for row in selection.finalists if row.name == selection.chosen)  # type: ignore[union-attr]
+    )
     return Summary(
         winner=Winner(
             **with_across_tasks(scores[WINNER_KEY], recipe),
-            genotype=best.genotype,
-            score=best.score,
-            generation=best.generation,
-            index=best.index,
-            genes=search.genome.table(np.asarray(best.genotype)),
+            genotype=record.genotype if record is not None else [],
+            score=fitness,
+            generation=record.generation if record is not None else None,
+            index=record.index if record is not None else None,
+            genes=search.genome.table(np.asarray(record.genotype)) if record is not None else None,
         ),
         sources={
             name: Scores(**with_across_tasks(scores[source_key(name)], recipe)) for name in recipe.source_names
@@ -190,6 +156,7 @@ def build_summary(
         },
         lineage=summary_lineage(meta[LINEAGE_META]),
         scoring_precision=meta.get("scoring_precision"),
+        selection=selection,
     )
 
 
@@ -227,6 +194,18 @@ def score_table(summary: Summary) -> str:
     )
 
 
+def finalist_table(selection: Selection) -> str:
+    """The finalists as selection saw them: fitness and validation score, each +- its standard error."""
+
+    lines = [["finalist", "kind", "fitness", selection.eval_set, ""]]
+    for row in selection.finalists:
+        lines.append([*row.cells(), "<- winner" if row.name == selection.chosen else ""])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
 def model_card(search: Search, summary: Summary, config_yaml: str) -> str:
     recipe = search.recipe
     base = summary.lineage[recipe.base_model].reference if recipe.base_model else None
@@ -239,10 +218,7 @@ def model_card(search: Search, summary: Summary, config_yaml: str) -> str:
         front
         + [
             "",
-            f"# Evolutionary merge ({recipe.genome.method})",
-            "",
-            f"Found by `merger` with CMA-ES over {summary.genome} in {summary.evaluations} "
-            f"evaluations (seed {summary.seed}).",
+            *card_title(summary, recipe.genome.method),
             "",
             "## Sources",
             sources,
@@ -253,6 +229,7 @@ def model_card(search: Search, summary: Summary, config_yaml: str) -> str:
             score_table(summary),
             "```",
             "",
+            *selection_card_lines(summary.selection),
             "## mergekit configuration",
             "```yaml",
             config_yaml.rstrip(),
@@ -262,25 +239,59 @@ def model_card(search: Search, summary: Summary, config_yaml: str) -> str:
     )
 
 
-def finished_summary(run_dir: Path, result: SearchResult) -> Summary | None:
+def card_title(summary: Summary, method: str) -> list[str]:
+    searched = f"CMA-ES over {summary.genome} in {summary.evaluations} evaluations (seed {summary.seed})"
+    selection = summary.selection
+    if selection is None or selection.kind == "candidate":
+        return [f"# Evolutionary merge ({method})", "", f"Found by `merger` with {searched}.", ""]
+    what = "An untuned merge" if selection.kind == "baseline" else "A source model"
+    return [
+        f"# {what}: {selection.chosen}",
+        "",
+        f"`merger` searched with {searched}; on the {selection.eval_set} set no evolved candidate beat "
+        f"{selection.chosen}, so it is the winner.",
+        "",
+    ]
+
+
+def selection_card_lines(selection: Selection | None) -> list[str]:
+    if selection is None:
+        return []
+    return [
+        "## Selection",
+        f"The winner is the best of these finalists on the {selection.eval_set} set, which shares no item with "
+        f"the fitness set: the {selection.top_k} best candidates by fitness, every untuned baseline and every "
+        "source (± one standard error, bootstrap over items).",
+        "```",
+        finalist_table(selection),
+        "```",
+        "",
+    ]
+
+
+def finished_summary(run_dir: Path, result: SearchResult, recipe: Recipe) -> Summary | None:
     """The summary of a run that already finished with this result (rerunning it re-scores nothing)."""
     layout = RunDir(run_dir)
     if not layout.final.is_dir():
         return None
     summary = layout.read_summary()
-    if summary is None:
+    if summary is None or summary.evaluations != result.evaluations:
         return None
-    same_winner = summary.winner.genotype == list(result.best.genotype)
-    return summary if summary.evaluations == result.evaluations and same_winner else None
+    if recipe.selects:
+        return summary if summary.selection is not None else None
+    same_winner = summary.selection is None and summary.winner.genotype == list(result.best.genotype)
+    return summary if same_winner else None
 
 
 def finish_run(search: Search, result: SearchResult) -> Summary:
     layout = RunDir(search.run_dir)
-    winner, config_yaml = export_winner(search, result)
-    source_paths = search.source_paths
-    baselines = plan_baselines(search.recipe, source_paths)
-    scores = score_final(search, final_models(search, winner, source_paths, baselines))
-    summary = build_summary(search, result, scores, baselines)
+    baselines = plan_baselines(search.recipe, search.source_paths)
+    untuned = untuned_models(search, baselines)
+    scores = score_final(search, untuned)
+    chosen, selection = select_winner(search, result, untuned, scores)
+    winner, config_yaml = export_winner(search, chosen)
+    scores.update(score_final(search, [winner]))
+    summary = build_summary(search, chosen, result, scores, baselines, selection)
     write_atomic(layout.final / "README.md", model_card(search, summary, config_yaml).encode())
     layout.write_summary(summary)
     for name in baselines.configs:  # scored and kept in the ledger: only their YAML stays

@@ -17,6 +17,7 @@ from merger.recipe.schema import (
     RacingSpec,
     Recipe,
     SearchRange,
+    SelectionSpec,
     Source,
     TaskSpec,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "RacingSpec",
     "Recipe",
     "SearchRange",
+    "SelectionSpec",
     "Source",
     "TaskSpec",
     "load_recipe",

@@ -242,15 +242,9 @@ def untuned_config(
     if inputs < (contract.min_inputs or 1) or (contract.max_inputs is not None and inputs > contract.max_inputs):
         bounds = f"{contract.min_inputs}" + (f"-{contract.max_inputs}" if contract.max_inputs else " or more")
         raise NotApplicable(f"it merges {bounds} models, the recipe has {inputs}")
-    per_model: dict[str, Any] = {}
-    shared: dict[str, Any] = {}
-    for parameter in info.parameters.values():
-        if parameter.kind != "number":
-            continue  # switches (normalize, rescale, ...) keep mergekit's defaults
-        count = {ParameterScope.INPUT: inputs, ParameterScope.NON_BASE: len(others)}.get(parameter.scope, 1)
-        value = given[parameter.name] if parameter.name in given else _untuned_value(parameter, count, info)
-        if value is not None:
-            (per_model if parameter.per_source else shared)[parameter.name] = value
+    values = untuned_values(info, inputs, len(others), given)
+    per_model = {name: value for name, value in values.items() if info.parameters[name].per_source}
+    shared = {name: value for name, value in values.items() if not info.parameters[name].per_source}
     models = [
         {"model": str(sources[name]), **({"parameters": dict(per_model)} if per_model else {})} for name in others
     ]
@@ -264,6 +258,22 @@ def untuned_config(
     if tokenizer_source:
         config["tokenizer_source"] = str(sources[tokenizer_source])
     return config
+
+
+def untuned_values(
+    info: MethodInfo, inputs: int, non_base: int, given: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The numeric parameters an untuned merge of `inputs` models (`non_base` of them not the base) sets,
+    by name; a parameter left out keeps mergekit's default (switches always do)."""
+    values: dict[str, Any] = {}
+    for parameter in info.parameters.values():
+        if parameter.kind != "number":
+            continue  # switches (normalize, rescale, ...) keep mergekit's defaults
+        count = {ParameterScope.INPUT: inputs, ParameterScope.NON_BASE: non_base}.get(parameter.scope, 1)
+        value = (given or {}).get(parameter.name, _untuned_value(parameter, count, info))
+        if value is not None:
+            values[parameter.name] = value
+    return values
 
 
 def _untuned_value(parameter: ParameterInfo, inputs: int, info: MethodInfo) -> Any:

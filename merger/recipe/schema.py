@@ -272,6 +272,16 @@ class Output(StrictModel):
     registry: str | None = None
 
 
+class SelectionSpec(StrictModel):
+    """How the run picks its winner (merger.finish.selection): the finalists (the `top_k` candidates by
+    fitness, every baseline, every source) re-scored on the validation set, the best one exported.
+    On by default where the recipe names `validation:`; `selection: {enabled: false}` exports the best
+    candidate by fitness instead."""
+
+    enabled: bool | None = None  # None: on where the recipe names validation:
+    top_k: Annotated[int, Field(ge=1)] = 5
+
+
 # untuned standard merges scored next to the winner (merger.finish.baselines)
 BaselineName = Literal["defaults", "linear", "model_stock", "karcher"]
 
@@ -293,6 +303,22 @@ class Recipe(StrictModel):
     executor: ExecutorSpec = ExecutorSpec()
     output: Output = Output()
     baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
+    selection: SelectionSpec = SelectionSpec()
+
+    @model_validator(mode="after")
+    def _selection_has_a_set(self) -> Recipe:
+        asked = self.selection.enabled or (self.selection.enabled is None and self.selection != SelectionSpec())
+        if asked and self.validation is None:
+            raise ValueError(
+                "selection: nothing to select on: the recipe has no validation set (add `validation:` "
+                "with tasks the fitness never scores, or give `selection: {enabled: false}`)"
+            )
+        return self
+
+    @property
+    def selects(self) -> bool:
+        """Whether the winner is chosen on the validation set (merger.finish.selection)."""
+        return self.selection.enabled is not False and self.validation is not None
 
     @model_validator(mode="after")
     def _sources_fit_method(self) -> Recipe:

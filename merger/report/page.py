@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.report.data import RunData, best_config_text
-from merger.rundir.layout import Summary
+from merger.rundir.layout import Selection, Summary
 from merger.scoring.items import item_accounting
 
 
@@ -50,6 +50,24 @@ def score_table_html(summary: Summary) -> str:
         for name, row in zip(names, values, strict=True)
     ]
     return _table(["model"] + [f"{s}: {task}" for s, task in columns], body, bold)
+
+
+def _candidate_won(run: RunData) -> bool:
+    selection = run.summary.selection if run.summary is not None else None
+    return selection is None or selection.kind == "candidate"
+
+
+def finalist_table_html(selection: Selection) -> str:
+    """The finalists with fitness and selection score (± standard error); the winner's row bold."""
+    body = [row.cells() for row in selection.finalists]
+    chosen = next(i for i, row in enumerate(selection.finalists) if row.name == selection.chosen)
+    bold = {(chosen, column) for column in range(4)}
+    return (
+        f"<p>The winner is the best finalist on the {selection.eval_set} set, which shares no item with the "
+        f"fitness set: the {selection.top_k} best candidates by fitness, every untuned baseline and every source "
+        "(± one standard error, bootstrap over items).</p>"
+        + _table(["finalist", "kind", "fitness", selection.eval_set], body, bold)
+    )
 
 
 def overview_rows(run: RunData) -> list[list[str]]:
@@ -96,7 +114,7 @@ def render_html(run: RunData, files: ReportFiles) -> str:
         _table(None, overview_rows(run)),
         "<h2>Fitness</h2>",
         f'<img src="{files.fitness_plot.name}" alt="best and mean fitness and validation per generation">',
-        "<h2>Best genome</h2>",
+        "<h2>Best genome</h2>" if _candidate_won(run) else "<h2>Best evolved genome (not the winner)</h2>",
     ]
     if files.genome_plot is not None:
         parts.append(f'<img src="{files.genome_plot.name}" alt="coefficients of the best genome">')
@@ -109,6 +127,8 @@ def render_html(run: RunData, files: ReportFiles) -> str:
             f"<p>baseline {html.escape(name)} not scored: {html.escape(reason)}</p>"
             for name, reason in run.summary.baselines_skipped.items()
         ]
+        if run.summary.selection is not None:
+            parts += ["<h2>Selection of the winner</h2>", finalist_table_html(run.summary.selection)]
     else:
         parts.append(
             "<p>The run has not finished: the table of sources and winner comes with its summary.json.</p>"

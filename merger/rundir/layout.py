@@ -85,6 +85,37 @@ class Baseline(Scores):
     config: str = ""  # its mergekit YAML (also RUN_DIR/baselines/NAME.yaml)
 
 
+class Finalist(_Block):
+    """One model the selection re-scored: its fitness and its selection score, each with its standard
+    error (bootstrap over the items)."""
+
+    name: str  # its row: "gen 3 #4", "baseline: linear", a source's name
+    kind: str  # candidate, baseline or source
+    fitness: float
+    fitness_se: float | None = None
+    selection: float
+    selection_se: float | None = None
+    identity: str = ""  # the weights it names (FinalScore.identity)
+
+    def cells(self) -> list[str]:
+        """Its row in every finalist table: name, kind, fitness and selection score, each ± its error."""
+
+        def shown(value: float, se: float | None) -> str:
+            return f"{value:.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+        return [self.name, self.kind, shown(self.fitness, self.fitness_se), shown(self.selection, self.selection_se)]
+
+
+class Selection(_Block):
+    """How the winner was chosen: the best finalist on the validation set (merger.finish.selection)."""
+
+    eval_set: str = "validation"
+    top_k: int
+    chosen: str  # the winning finalist's name
+    kind: str  # its kind: candidate, baseline or source
+    finalists: list[Finalist] = Field(default_factory=list)
+
+
 class LineageEntry(_Block):
     path: str | None = None
     registry: str | None = None
@@ -107,6 +138,7 @@ class Summary(_Block):
     lineage: dict[str, LineageEntry] = Field(default_factory=dict)
     final_sha256: str | None = None  # weights_digest of final/, taken once when it was exported
     scoring_precision: str | None = None  # fp32 or bf16: what lm-eval scored every model in
+    selection: Selection | None = None  # None: the winner is the best candidate by fitness
 
     @property
     def fitness(self) -> float | None:

@@ -101,7 +101,16 @@ WINNER_KEY = "winner"
 SOURCE_PREFIX = "source:"
 BASELINE_PREFIX = "baseline:"
 FORMER_SOURCE_PREFIX = "source/"  # item_outcomes' source rows before the one prefix
-WARM_START_GENERATION = -1  # the candidates scored before the first generation (genome.x0)
+WARM_START_GENERATION = -1  # the candidates scored before the first generation (genome.warm_start)
+WARM_START_META = "warm_starts"  # meta: each warm start's label, by its index in generation -1
+
+
+FINAL_ITEMS_PREFIX = "final:"  # item_outcomes of a model scored at the end, keyed by its identity
+
+
+def final_items_key(identity: str) -> str:
+    """The item_outcomes key of what the end of a run scored on one model's weights (`FinalScore.identity`)."""
+    return FINAL_ITEMS_PREFIX + identity
 
 
 def candidate_key(generation: int, index: int) -> str:
@@ -289,7 +298,8 @@ class Ledger:
     def items_spent(self) -> dict[str, int]:
         """Item-evaluations recorded: on search candidates, and on sources (anchor selection)."""
         rows = self._db.execute(
-            "SELECT candidate LIKE ?, COUNT(*) FROM item_outcomes GROUP BY 1", (SOURCE_PREFIX + "%",)
+            "SELECT candidate LIKE ?, COUNT(*) FROM item_outcomes WHERE candidate NOT LIKE ? GROUP BY 1",
+            (SOURCE_PREFIX + "%", FINAL_ITEMS_PREFIX + "%"),
         ).fetchall()
         counts = {bool(is_source): count for is_source, count in rows}
         return {"candidates": counts.get(False, 0), "sources": counts.get(True, 0)}
@@ -314,6 +324,12 @@ class Ledger:
 
         A candidate a strategy only estimated (cut from a race, scored on anchors) competes once its
         full-set score is known, with that score."""
+        ranked = self.ranked(generation)
+        return ranked[0] if ranked else None
+
+    def ranked(self, generation: int | None = None) -> list[EvaluationRecord]:
+        """The successful evaluations scored on the whole fitness set, best first (ties: earliest first),
+        each with its full-set score (`best`'s rule)."""
         estimates = self.estimates()
         successful = []
         for record in self.evaluations(generation):
@@ -321,7 +337,7 @@ class Ledger:
             if record.failed or (known is not None and known.full_score is None):
                 continue
             successful.append(record if known is None else replace(record, score=known.full_score))
-        return max(successful, key=lambda r: r.score, default=None)
+        return sorted(successful, key=lambda r: -r.score)
 
 
 def record_as_dict(record: EvaluationRecord) -> dict[str, Any]:

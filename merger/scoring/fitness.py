@@ -24,7 +24,7 @@ from merger.scoring.lm_eval_bridge import (
     task_manager_for,
 )
 from merger.scoring.results import item_values, metric_refusal, needs_loglikelihood, task_score
-from merger.scoring.taskdata import check_task_data
+from merger.scoring.taskdata import check_task_data, data_file_paths
 
 ItemScores = dict[str, dict[int, float]]  # task -> doc_id -> the item's metric value
 BUNDLED_EVALS = bundled_dir("evals")  # merger's own tasks, searched after a recipe's task_paths
@@ -47,6 +47,7 @@ def check_tasks(recipe: Recipe) -> None:
     loaded)."""
     paths = task_paths(recipe)
     configs = []
+    by_set: dict[str, list[Any]] = {}
     for set_name, eval_set in eval_sets(recipe).items():
         manager = task_manager_for([t.name for t in eval_set.tasks], paths)
         for index, task in enumerate(eval_set.tasks):
@@ -56,8 +57,40 @@ def check_tasks(recipe: Recipe) -> None:
                     f"(not under {', '.join(paths) or 'any task path'} nor an lm-eval built-in)"
                 )
             _check_metric(f"{set_name}.tasks.{index}.metric", manager, task)
-        configs += anchored_task_configs(manager, [t.name for t in eval_set.tasks])
+        by_set[set_name] = anchored_task_configs(manager, [t.name for t in eval_set.tasks])
+        configs += by_set[set_name]
     check_task_data(configs)
+    if recipe.selects:
+        _check_disjoint(by_set["fitness"], by_set["validation"])
+
+
+def _check_disjoint(fitness: list[Any], validation: list[Any]) -> None:
+    """Selection needs items the fitness never scored: no validation task reads a fitness task's data."""
+    scored = {key: _name(config) for config in fitness for key in _item_sources(config)}
+    for config in validation:
+        shared = next((scored[key] for key in _item_sources(config) if key in scored), None)
+        if shared is not None:
+            raise MergerError(
+                f"validation: task {_name(config)!r} shares items with fitness task {shared!r}; selection "
+                "needs items the fitness never saw (give validation other data, or `selection: {enabled: false}`)"
+            )
+
+
+def _name(config: Any) -> str:
+    return str(config.get("task")) if isinstance(config, dict) else str(config)
+
+
+def _item_sources(config: Any) -> set[tuple[str, ...]]:
+    """Where a task's scored items come from: its local data files (for the split it scores), or its
+    dataset and split; two tasks sharing one share items."""
+    if not isinstance(config, dict):
+        return {("task", str(config))}
+    split = config.get("test_split") or config.get("validation_split") or ""
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if config.get("dataset_path") == "json" and files is not None:
+        chosen = files.get(split, files) if isinstance(files, dict) else files
+        return {("file", str(path.resolve()), split) for path in data_file_paths(chosen)}
+    return {("dataset", str(config.get("dataset_path")), str(config.get("dataset_name")), split)}
 
 
 def _check_metric(where: str, manager: Any, task: TaskSpec) -> None:
@@ -87,15 +120,24 @@ def fitness_score(scores: Mapping[str, float], fitness: FitnessSet) -> float:
            fraction of the floor it misses: a task at 0 costs its whole share once more, a task at the
            floor costs nothing. Every task at or above the floor gives the mean; the score lies in [-1, 1].
     """
-    if fitness.aggregate == "worst":
-        return worst_task({task.name: scores[task.name] for task in fitness.tasks})[1]
-    mean = weighted_score(scores, fitness)
-    if fitness.aggregate == "mean" or fitness.floor is None:
+    return aggregate_score(scores, fitness, fitness.aggregate, fitness.floor)
+
+
+def selection_score(scores: Mapping[str, float], recipe: Recipe) -> float:
+    """A finalist's score on the selection (validation) set, aggregated as the fitness is."""
+    assert recipe.validation is not None
+    return aggregate_score(scores, recipe.validation, recipe.fitness.aggregate, recipe.fitness.floor)
+
+
+def aggregate_score(scores: Mapping[str, float], eval_set: EvalSet, aggregate: str, floor: float | None) -> float:
+    """One number from an eval set's task scores: `fitness_score`'s rule on any set."""
+    if aggregate == "worst":
+        return worst_task({task.name: scores[task.name] for task in eval_set.tasks})[1]
+    mean = weighted_score(scores, eval_set)
+    if aggregate == "mean" or floor is None:
         return mean
-    total = sum(task.weight for task in fitness.tasks)
-    shortfall = sum(
-        task.weight * max(0.0, fitness.floor - scores[task.name]) / fitness.floor for task in fitness.tasks
-    )
+    total = sum(task.weight for task in eval_set.tasks)
+    shortfall = sum(task.weight * max(0.0, floor - scores[task.name]) / floor for task in eval_set.tasks)
     return mean - shortfall / total
 
 

@@ -34,13 +34,13 @@ def check_task_data(configs: Iterable[Any]) -> None:
         if not isinstance(config, dict) or config.get("dataset_path") != "json":
             continue
         kwargs = config.get("dataset_kwargs") or {}
-        for path in _data_files(kwargs.get("data_files")):
+        for path in data_file_paths(kwargs.get("data_files")):
             if path.resolve() not in checked:
                 checked.add(path.resolve())
                 _DataFile(str(config.get("task")), path).check(whole_document="field" in kwargs)
 
 
-def _data_files(files: Any) -> list[Path]:
+def data_file_paths(files: Any) -> list[Path]:
     """The local files `data_files` names (a path, a list, or a split -> path(s) mapping); globs expanded."""
     if isinstance(files, dict):
         names = [name for value in files.values() for name in (value if isinstance(value, list) else [value])]

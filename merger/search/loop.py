@@ -14,7 +14,13 @@ import numpy as np
 from merger.common.errors import MergerError
 from merger.executors import Executor
 from merger.recipe import Recipe
-from merger.rundir.ledger import WARM_START_GENERATION, EvaluationRecord, GenerationRecord, Ledger
+from merger.rundir.ledger import (
+    WARM_START_GENERATION,
+    WARM_START_META,
+    EvaluationRecord,
+    GenerationRecord,
+    Ledger,
+)
 from merger.search.budget import Budget, generations_left
 from merger.search.state import SearchState, load_state, new_state, save_state
 from merger.search.strategies import make_strategy
@@ -85,7 +91,9 @@ class Search:
     def _start(self, should_stop: Callable[[], bool]) -> SearchState | None:
         """A new run's state: the strategy started (the warm start scored), CMA-ES from the warm start's
         best; None if stopped."""
-        if self.strategy.start(self.genome.warm_start(), should_stop) is None:
+        starts = self.genome.warm_start()
+        self.ledger.set_meta(**{WARM_START_META: [start.label for start in starts]})  # by index in generation -1
+        if self.strategy.start([start.genotype for start in starts], should_stop) is None:
             return None
         best = self.ledger.best(WARM_START_GENERATION)
         return new_state(self.recipe, self.genome, np.asarray(best.genotype) if best is not None else None)

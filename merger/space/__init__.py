@@ -9,6 +9,7 @@ import numpy as np
 from mergekit.config import MergeConfiguration
 
 from merger.recipe import Recipe
+from merger.space.warm import WarmStart
 
 
 class SearchSpace(Protocol):
@@ -17,7 +18,7 @@ class SearchSpace(Protocol):
 
     def initial(self) -> np.ndarray: ...
 
-    def warm_start(self) -> list[np.ndarray]:
+    def warm_start(self) -> list[WarmStart]:
         """Candidates scored before the first generation (generation -1, paid from the budget);
         CMA-ES starts from the best of them. Empty: it starts from `initial()` unscored."""
         ...

@@ -24,6 +24,7 @@ from mergekit.config import MergeConfiguration
 
 from merger.common.errors import MergerError
 from merger.recipe import PASSTHROUGH, Recipe
+from merger.space.warm import WarmStart
 
 THRESHOLD = 0.5
 START_MARGIN = 0.25  # `start: anchor`: the anchor's slots start at 0.75, every other slot at 0.25
@@ -92,10 +93,10 @@ class LayerPathGenome:
         return text
 
     # -- unit cube <-> path ----------------------------------------------------------------------
-    def warm_start(self) -> list[np.ndarray]:
+    def warm_start(self) -> list[WarmStart]:
         """`start: anchor`: the anchor's own path is scored first, so the search never returns a
         path that scored below its starting model (PS+DFS: the parameter-space winner)."""
-        return [self.initial()] if self.settings.start == "anchor" else []
+        return [WarmStart("anchor path", self.initial())] if self.settings.start == "anchor" else []
 
     def initial(self) -> np.ndarray:
         """x0: the anchor's own layers (`start: anchor`) or every gene at the centre (`start: center`)."""

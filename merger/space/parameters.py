@@ -14,7 +14,8 @@ from mergekit.config import MergeConfiguration
 
 from merger.common.errors import MergerError
 from merger.recipe import TENSOR_CLASS_FILTERS, Recipe
-from merger.recipe.methods import METHODS
+from merger.recipe.methods import METHODS, untuned_values
+from merger.space.warm import WarmStart
 
 DEFAULT_CLASS = "default"
 X0_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # optimizer.x0: grid, as fractions of each gene's searched range
@@ -101,11 +102,33 @@ class Genome:
         high = np.array([g.high for g in self.genes])
         return (np.asarray(values, dtype=float) - low) / (high - low)
 
-    def warm_start(self) -> list[np.ndarray]:
-        """`optimizer.x0: grid`: the merges giving every gene one value of X0_GRID."""
-        if self.recipe.optimizer.x0 != "grid":
+    def warm_start(self) -> list[WarmStart]:
+        """The untuned baselines this genome can express, then `optimizer.x0: grid`'s merges giving every
+        gene one value of X0_GRID."""
+        starts = self.baseline_starts()
+        if self.recipe.optimizer.x0 == "grid":
+            starts += [WarmStart(f"x0 grid {value:g}", np.full(self.dimension, value)) for value in X0_GRID]
+        return starts
+
+    def baseline_starts(self) -> list[WarmStart]:
+        """The recipe's baselines of the searched method (`defaults`, or the method named), when every gene
+        can take its untuned value and the fixed parameters and options are the untuned ones."""
+        recipe, genome = self.recipe, self.recipe.genome
+        names = [name for name in recipe.baselines if name in ("defaults", genome.method)]
+        if not names or genome.options:
             return []
-        return [np.full(self.dimension, value) for value in X0_GRID]
+        info = METHODS[genome.method]
+        uses_base = info.takes_base and recipe.base_model is not None
+        non_base = [name for name in recipe.source_names if not (uses_base and name == recipe.base_model)]
+        untuned = untuned_values(info, len(non_base) + int(uses_base), len(non_base))
+        fixed = {name: value for name, value in genome.parameters.items() if name not in genome.searched}
+        if any(untuned.get(name, info.parameters[name].default) != value for name, value in fixed.items()):
+            return []
+        values = [untuned.get(gene.parameter, info.parameters[gene.parameter].default) for gene in self.genes]
+        genes = zip(self.genes, values, strict=True)
+        if any(value is None or not gene.low <= value <= gene.high for gene, value in genes):
+            return []
+        return [WarmStart(f"baseline {names[0]}", self.encode(np.array(values, dtype=float)))]
 
     def initial(self) -> np.ndarray:
         """x0: the centre of the bounds, or the recipe's given merge (a value per parameter or per source)."""

@@ -1,0 +1,143 @@
+"""Choosing the winner on items the search never saw.
+
+The fitness winner is the best of dozens of noisy scores on the same items, so its fitness overstates
+it (the winner's curse). The finalists (the `selection.top_k` best candidates by fitness, every untuned
+baseline and every source) are scored on the validation set, which shares no item with the fitness set
+(`merger.scoring.fitness.check_tasks`), and the best of them there is the winner. Ties go to the
+untuned models: a merge is exported only when it did better than every untuned one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from merger.finish.models import FinalModel, ScoreTable, config_identity, merge_yaml
+from merger.recipe import Recipe
+from merger.rundir.layout import Finalist, Selection
+from merger.rundir.ledger import (
+    BASELINE_PREFIX,
+    SOURCE_PREFIX,
+    EvaluationRecord,
+    Ledger,
+    candidate_key,
+    final_items_key,
+)
+from merger.scoring.fitness import fitness_score, selection_score
+from merger.scoring.uncertainty import ItemValues, standard_error
+from merger.space import SearchSpace
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A finalist and what exporting it takes."""
+
+    model: FinalModel
+    kind: str  # candidate, baseline or source
+    name: str
+    record: EvaluationRecord | None = None  # a candidate's evaluation
+
+
+def candidate_contenders(ledger: Ledger, genome: SearchSpace, top_k: int) -> list[Contender]:
+    """The `top_k` best candidates by fitness, one per merge (a repeated genotype counts once)."""
+    chosen: list[Contender] = []
+    seen: set[str] = set()
+    for record in ledger.ranked():
+        config = genome.to_config(np.asarray(record.genotype))
+        identity = config_identity(merge_yaml(config))
+        if identity in seen:
+            continue
+        seen.add(identity)
+        key = candidate_key(record.generation, record.index)
+        model = FinalModel(key, None, identity, config=config, genotype=np.asarray(record.genotype))
+        chosen.append(Contender(model, "candidate", f"gen {record.generation} #{record.index}", record))
+        if len(chosen) == top_k:
+            break
+    return chosen
+
+
+def untuned_contenders(models: list[FinalModel]) -> list[Contender]:
+    """Baselines first, then sources: the order in which they win ties."""
+    contenders = []
+    for prefix, kind, label in ((BASELINE_PREFIX, "baseline", "baseline: "), (SOURCE_PREFIX, "source", "")):
+        for model in models:
+            if model.key.startswith(prefix):
+                name = model.key.removeprefix(prefix)
+                contenders.append(Contender(model, kind, label + name))
+    return contenders
+
+
+def finalist_rows(
+    recipe: Recipe, ledger: Ledger, contenders: list[Contender], scores: ScoreTable
+) -> list[Finalist]:
+    """Each contender's fitness and selection score with their standard errors, in `contenders`' order."""
+    items = ledger.item_outcomes()
+
+    def fitness_of(task_means: Mapping[str, float]) -> float:
+        return fitness_score(task_means, recipe.fitness)
+
+    def selection_of(task_means: Mapping[str, float]) -> float:
+        return selection_score(task_means, recipe)
+
+    rows = []
+    for contender in contenders:
+        model = contender.model
+        selected = scores[model.key]["validation"]
+        if contender.record is not None:
+            fitness = contender.record.score
+            fitness_items = items.get(model.key, {})
+        else:
+            fitness = fitness_of(scores[model.key]["fitness"])
+            fitness_items = _in_set(items.get(final_items_key(model.identity), {}), scores[model.key]["fitness"])
+        selection_items = _in_set(items.get(final_items_key(model.identity), {}), selected)
+        rows.append(
+            Finalist(
+                name=contender.name,
+                kind=contender.kind,
+                fitness=fitness,
+                fitness_se=_se(fitness_items, recipe.fitness.tasks, fitness_of),
+                selection=selection_of(selected),
+                selection_se=_se(selection_items, recipe.validation.tasks if recipe.validation else [], selection_of),
+                identity=model.identity,
+            )
+        )
+    return rows
+
+
+def _in_set(items: ItemValues, task_scores: Mapping[str, float]) -> ItemValues:
+    return {task: values for task, values in items.items() if task in task_scores}
+
+
+def _se(items: ItemValues, tasks: list, aggregate: object) -> float | None:
+    if not items or any(task.name not in items for task in tasks):
+        return None  # not every task's items were recorded (a run finished by an older version)
+    return standard_error(items, aggregate)  # type: ignore[arg-type]
+
+
+def choose(contenders: list[Contender], rows: list[Finalist], top_k: int) -> tuple[Contender, Selection]:
+    """The best finalist on the selection set; the first of equals (untuned models come first)."""
+    best = max(range(len(rows)), key=lambda i: (rows[i].selection, -i))
+    winner = contenders[best]
+    return winner, Selection(top_k=top_k, chosen=rows[best].name, kind=winner.kind, finalists=rows)
+
+
+def selection_note(selection: Selection) -> str | None:
+    """One line when an untuned model won: the run exports it, not an evolved merge."""
+    if selection.kind == "candidate":
+        return None
+    rows = {row.name: row for row in selection.finalists}
+    best_candidate = max(
+        (row for row in selection.finalists if row.kind == "candidate"), key=lambda row: row.selection, default=None
+    )
+    chosen = rows[selection.chosen]
+    against = (
+        f"; the best evolved candidate scored {best_candidate.selection:.3f}" if best_candidate is not None else ""
+    )
+    what = "untuned baseline" if selection.kind == "baseline" else "source"
+    name = selection.chosen.removeprefix("baseline: ")
+    return (
+        f"selection: the {what} {name!r} scored {chosen.selection:.3f} on {selection.eval_set}{against}, "
+        f"so the winner exported is {name!r}, not an evolved merge"
+    )
