@@ -45,19 +45,22 @@ from merger.scoring.items import Item, ItemSet, Values
 from merger.search.racing import Bounds, cut_beaten
 
 BET_CAP = 0.9  # the largest bet, as a share of what the capital can lose on one item
+# sums of item values carry rounding: a tie (two equal scores, or the seen values against the worst
+# the rest can bring) must not read as decided
+ROUNDING = 1e-9
 
 
 def capital_crosses(steps: np.ndarray, population: int, alpha: float) -> bool:
     """Whether the bettor's capital against "the mean of the `population` values in [-1, 1] is at most 0"
     reaches 1/alpha on `steps`, the first of them in a uniformly random order (in that order)."""
-    if steps.sum() > population - len(steps):  # the values seen outweigh any the rest could bring
+    if steps.sum() > population - len(steps) + ROUNDING:  # the values seen outweigh any the rest could bring
         return True
     count = np.arange(len(steps), dtype=float)  # values seen before each step
     before = np.cumsum(steps) - steps
     null_mean = -before / (population - count)  # the rest's mean if the whole mean were 0
-    settled = np.flatnonzero(np.abs(null_mean) >= 1)  # from here the seen values alone decide
+    settled = np.flatnonzero(np.abs(null_mean) >= 1 - ROUNDING)  # from here the seen values alone decide
     if len(settled):
-        if null_mean[settled[0]] < -1:  # the values seen outweigh any the rest could bring
+        if null_mean[settled[0]] < -1 - ROUNDING:  # the values seen outweigh any the rest could bring
             return True
         steps, null_mean, count, before = (a[: settled[0]] for a in (steps, null_mean, count, before))
     estimate = before / (count + 1)  # the running mean, with one prior value at 0
@@ -76,7 +79,7 @@ def surely_ahead(
     weights = np.array([item_set.weight(item) for item in seen])
     differences = np.array([ahead[task][doc] - behind[task][doc] for task, doc in seen])
     if len(seen) >= len(item_set):
-        return float(weights @ differences) > 0
+        return float(weights @ differences) > ROUNDING
     population = len(item_set)
     half_range = population * max(item_set.task_weight.values())  # |N w_i d_i| never exceeds it
     return capital_crosses(population * weights * differences / half_range, population, alpha)
