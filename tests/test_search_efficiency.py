@@ -19,7 +19,7 @@ from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
 from merger.recipe import EvalSet, parse_recipe
 from merger.rundir.ledger import Ledger, source_key
-from merger.scoring.items import ItemSet
+from merger.scoring.items import ItemSet, item_accounting
 from merger.search.anchors import choose_anchors
 from merger.search.racing import bounds, cuts, ranking_values
 from merger.search.strategies import RacingStrategy
@@ -31,6 +31,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "full": {"strategy": "full"},
     # a loose bound on all 24 items, so that the tiny fixtures' candidates (all near 0.5) get cut
     "racing": {"strategy": "racing", "limit": 24, "racing": {"block": 2, "bound": "hoeffding", "delta": 0.9}},
+    "paired": {"strategy": "racing", "limit": 24, "racing": {"block": 2, "pairing": "paired", "delta": 0.9}},
     "anchors": {"strategy": "anchors", "anchors": {"count": 4}},
 }
 
@@ -203,13 +204,28 @@ def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
     spent = ledger.items_spent()["candidates"]
     assert spent == 96 and result.generations == 2
     status = status_text(ledger)
-    assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources)" in status
+    # seconds per item beside the items: the candidates' scoring seconds over the items they scored
+    eval_seconds = sum(record.eval_seconds for record in ledger.evaluations())
+    assert eval_seconds > 0
+    per_item = f"{eval_seconds / spent:.4f} s per item ({eval_seconds:.1f} s scoring candidates)"
+    assert f"item-evaluations: {spent} ({spent} on candidates, 0 on sources), {per_item}" in status
     assert "(0 generations)" in status  # the item budget is spent
     from merger.report.data import load_run
     from merger.report.page import overview_rows
 
     rows = dict((row[0], row[1]) for row in overview_rows(load_run(tmp_path / "run")))
-    assert rows["item-evaluations"].startswith(f"{spent} ({spent} on candidates")
+    assert rows["item-evaluations"].startswith(f"{spent} ({spent} on candidates, 0 on sources), {per_item}")
+
+
+def test_seconds_per_item_are_shown_only_where_items_were_scored_and_timed():
+    assert item_accounting({"candidates": 40, "sources": 8}, 2, 20, eval_seconds=2.0) == (
+        "item-evaluations: 48 (40 on candidates, 8 on sources), 0.0500 s per item (2.0 s scoring candidates)"
+        "; full would have spent 40: saved -8 (-20%)"
+    )
+    assert item_accounting({"candidates": 0, "sources": 0}, 0, None, eval_seconds=1.0) == (
+        "item-evaluations: 0 (0 on candidates, 0 on sources)"
+    )
+    assert "s per item" not in item_accounting({"candidates": 40}, 2, 20)  # a ledger without timings
 
 
 def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
@@ -295,7 +311,7 @@ def ledger_state(run_dir: Path) -> tuple:
 
 
 @pytest.mark.slow  # a `merger run` subprocess per strategy
-@pytest.mark.parametrize("strategy", ["full", "racing", "anchors"])
+@pytest.mark.parametrize("strategy", ["full", "racing", "paired", "anchors"])
 def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sources, tiny_evals, tmp_path):
     data = strategy_data(tiny_sources, tiny_evals, strategy, x0="grid", max_evaluations=13)
     reference, _ = run_here(data, tmp_path / "uninterrupted")
@@ -314,7 +330,7 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sour
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert 0 < len(item_rows(run_dir)) < len(expected[2])
-    if strategy == "racing":
+    if strategy in ("racing", "paired"):
         assert any(row[6] is None for row in expected[1]), "no candidate was cut: the race is not tested"
 
     resumed, _ = run_here(data, run_dir)

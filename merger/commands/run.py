@@ -127,11 +127,13 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def item_lines(ledger: Any, evaluations: int) -> list[str]:
-    """Item-evaluations spent and saved; each anchor check (estimate against the full-set score)."""
+def item_lines(ledger: Any, records: list[Any]) -> list[str]:
+    """Item-evaluations spent, seconds per item and saved; each anchor check (estimate against the
+    full-set score)."""
     from merger.scoring.items import item_accounting
 
-    lines = [item_accounting(ledger.items_spent(), evaluations, ledger.meta().get("fitness_items"))]
+    eval_seconds = sum(record.eval_seconds for record in records)
+    lines = [item_accounting(ledger.items_spent(), len(records), ledger.meta().get("fitness_items"), eval_seconds)]
     for (generation, index), estimate in ledger.estimates().items():
         if estimate.strategy == "anchors" and estimate.full_score is not None:
             lines.append(
@@ -155,7 +157,7 @@ def status_text(ledger: Any, show_all: bool = False) -> str:
     best = ledger.best()
     state = load_state(ledger.path.parent)
     lines.append(f"evaluations: {len(records)}  generations closed: {len(generations)}")
-    lines.extend(item_lines(ledger, len(records)))
+    lines.extend(item_lines(ledger, records))
     if generations:
         per_generation = sum(g.seconds for g in generations) / len(generations)
         lines.append(f"seconds per generation: {per_generation:.1f}")

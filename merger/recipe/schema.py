@@ -204,6 +204,15 @@ class RacingSpec(StrictModel):
     block: Annotated[int, Field(ge=1)] = 8  # items per block; every candidate of a generation sees the same
     bound: Literal["exact", "hoeffding"] = "hoeffding"
     delta: Annotated[float, Field(gt=0, lt=1)] = 0.1  # hoeffding: chance that one bound is wrong
+    # independent: a bound per candidate (`bound`); paired: a test on the candidates' per-item
+    # differences (merger.search.paired), where delta is the chance of any wrong cut in a generation
+    pairing: Literal["independent", "paired"] = "independent"
+
+    @model_validator(mode="after")
+    def _paired_has_its_test(self) -> RacingSpec:
+        if self.pairing == "paired" and self.bound == "exact":
+            raise ValueError("racing.bound: exact is for pairing: independent (paired racing has its own test)")
+        return self
 
 
 class AnchorsSpec(StrictModel):

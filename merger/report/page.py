@@ -78,8 +78,12 @@ def overview_rows(run: RunData) -> list[list[str]]:
         ["seed", str(run.recipe.optimizer.seed)],
         ["evaluations", f"{len(run.evaluations)} ({failures} failed)"],
         ["generations closed", str(len(run.generations))],
-        ["item-evaluations", item_accounting(run.items_spent, len(run.evaluations), run.meta.get("fitness_items"))
-         .removeprefix("item-evaluations: ")],
+        ["item-evaluations", item_accounting(
+            run.items_spent,
+            len(run.evaluations),
+            run.meta.get("fitness_items"),
+            sum(record.eval_seconds for record in run.evaluations),
+        ).removeprefix("item-evaluations: ")],
         ["state", "finished" if run.summary is not None else "not finished (running, stopped or killed)"],
     ]
     if run.generations:

@@ -63,10 +63,17 @@ def as_request(items: Iterable[Item]) -> dict[str, list[int]]:
     return {task: sorted(docs) for task, docs in request.items()}
 
 
-def item_accounting(spent: Mapping[str, int], evaluations: int, items_per_candidate: int | None) -> str:
-    """One line: item-evaluations spent, and saved against scoring every candidate on every item (`full`)."""
+def item_accounting(
+    spent: Mapping[str, int], evaluations: int, items_per_candidate: int | None, eval_seconds: float = 0.0
+) -> str:
+    """One line: item-evaluations spent, the candidates' scoring seconds per item (`eval_seconds` in all;
+    the same unit for teacher-forced and generated scoring), and what was saved against scoring every
+    candidate on every item (`full`)."""
     total = spent.get("candidates", 0) + spent.get("sources", 0)
-    line = f"item-evaluations: {total} ({spent.get('candidates', 0)} on candidates, {spent.get('sources', 0)} on sources)"
+    on_candidates = spent.get("candidates", 0)
+    line = f"item-evaluations: {total} ({on_candidates} on candidates, {spent.get('sources', 0)} on sources)"
+    if on_candidates and eval_seconds > 0:
+        line += f", {eval_seconds / on_candidates:.4f} s per item ({eval_seconds:.1f} s scoring candidates)"
     if items_per_candidate:
         full = evaluations * items_per_candidate
         line += (

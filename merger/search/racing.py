@@ -15,7 +15,7 @@ generation's mu best. No cut ever leaves fewer than mu candidates in the race.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,15 +51,25 @@ def bounds(item_set: ItemSet, values: Values, seen: Iterable[Item], kind: str, d
 
 def cuts(known: Mapping[int, Bounds], racing: Iterable[int], mu: int) -> set[int]:
     """The racing candidates that at least `mu` others beat for sure; weakest first, leaving `mu` racing."""
-    racing = sorted(racing, key=lambda c: (known[c].upper, c))
-    still = len(racing)
+    return cut_beaten(
+        sorted(racing, key=lambda c: (known[c].upper, c)),
+        known,
+        lambda ahead, behind: known[ahead].lower > known[behind].upper,
+        mu,
+    )
+
+
+def cut_beaten(
+    weakest_first: Sequence[int], contenders: Iterable[int], beats: Callable[[int, int], bool], mu: int
+) -> set[int]:
+    """The candidates (racing, weakest first) that at least `mu` contenders beat; leaving `mu` racing."""
+    contenders = list(contenders)
+    still = len(weakest_first)
     cut: set[int] = set()
-    for candidate in racing:
+    for candidate in weakest_first:
         if still <= mu:
             break
-        beaters = sum(
-            1 for other, b in known.items() if other != candidate and b.lower > known[candidate].upper
-        )
+        beaters = sum(1 for other in contenders if other != candidate and beats(other, candidate))
         if beaters >= mu:
             cut.add(candidate)
             still -= 1

@@ -3,14 +3,15 @@ per generation.
 
 - `full`: every candidate on every fitness item.
 - `racing`: item block by item block; a candidate stops when it can no longer be among the mu best
-  (`merger.search.racing`).
+  (`merger.search.racing`; `racing.pairing: paired` decides it from paired differences,
+  `merger.search.paired`).
 - `anchors`: every candidate on a few items that stand for the fitness set, the best estimate then
   on every item (`merger.search.anchors`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,11 +19,12 @@ import numpy as np
 
 from merger.common.errors import MergerError
 from merger.executors import CandidateTask, Executor, ItemJob
-from merger.recipe import Recipe
+from merger.recipe import RacingSpec, Recipe
 from merger.rundir.ledger import WARM_START_GENERATION, EvaluationRecord, Ledger, source_key
-from merger.scoring.items import as_request
+from merger.scoring.items import Item, ItemSet, Values, as_request
 from merger.search.anchors import Anchors, choose_anchors
 from merger.search.itemwise import ItemScoring
+from merger.search.paired import comparison_alpha, paired_cuts
 from merger.search.racing import Bounds, bounds, cuts, ranking_values
 from merger.space import SearchSpace
 
@@ -118,18 +120,39 @@ class RacingStrategy(ItemScoring):
                 return None
             for i in racing:
                 seen_count[i] = start + len(block)
-            known = {
-                i: bounds(self.item_set, values[i], order[: seen_count[i]], settings.bound, settings.delta)
-                for i in seen_count
-                if i not in failed
-            }
-            cut |= cuts(known, [i for i in racing if i not in failed], mu)
+            alive = {i: n for i, n in seen_count.items() if i not in failed}
+            still = [i for i in racing if i not in failed]
+            size = len(genotypes)
+            known, newly_cut = race_look(self.item_set, order, values, alive, still, mu, settings, size)
+            cut |= newly_cut
         complete = {i for i in known if known[i].items == len(self.item_set)}
         full = {i: self._complete_score(values[i]) for i in complete}
         known = {i: Bounds(full[i], full[i], full[i], b.items) if i in full else b for i, b in known.items()}
         value = ranking_values(known, complete, mu)
         objective = {i: -v for i, v in value.items()}
         return self._finish(generation, genotypes, failed, known, values, objective, full)
+
+
+def race_look(
+    item_set: ItemSet,
+    order: Sequence[Item],
+    values: Mapping[int, Values],
+    seen_count: Mapping[int, int],
+    racing: Sequence[int],
+    mu: int,
+    settings: RacingSpec,
+    candidates: int,
+) -> tuple[dict[int, Bounds], set[int]]:
+    """One look of a race: each candidate's bounds (on the first `seen_count` items of the order), and
+    which of the racing ones are cut; `candidates` is the generation's size."""
+    known = {
+        i: bounds(item_set, values[i], order[:seen], settings.bound, settings.delta)
+        for i, seen in seen_count.items()
+    }
+    if settings.pairing == "independent":
+        return known, cuts(known, racing, mu)
+    alpha = comparison_alpha(settings.delta, candidates)
+    return known, paired_cuts(item_set, order, values, seen_count, racing, known, mu, alpha)
 
 
 class AnchorsStrategy(ItemScoring):
