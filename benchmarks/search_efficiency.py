@@ -49,6 +49,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "racing": {"strategy": "racing", "racing": {"block": 8, "bound": "hoeffding", "delta": 0.2}},
     "anchors": {"strategy": "anchors", "anchors": {"count": 12}},
     "anchors+grid": {"strategy": "anchors", "anchors": {"count": 12}},  # x0: grid as well
+    "anchors-irt": {"strategy": "anchors", "anchors": {"count": 12, "method": "irt"}},
+    "anchors-irt+grid": {"strategy": "anchors", "anchors": {"count": 12, "method": "irt"}},
 }
 RECIPES = {
     "quickstart": ROOT / "recipes" / "quickstart.yaml",

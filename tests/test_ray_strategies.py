@@ -1,4 +1,5 @@
-"""Racing (independent and paired) and anchors on Ray (2 one-CPU workers) give the in-process result, a killed worker included."""
+"""Racing (independent and paired) and anchors (k-means and IRT) on Ray (2 one-CPU workers) give the
+in-process result, a killed worker included."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # local Ray and several worker processes
 
 
-@pytest.mark.parametrize("strategy", ["racing", "paired", "anchors"])
+@pytest.mark.parametrize("strategy", ["racing", "paired", "anchors", "anchors-irt"])
 def test_ray_gives_the_in_process_result(strategy, ray_session, tiny_sources, tiny_evals, tmp_path):  # noqa: F811
     data = strategy_data(tiny_sources, tiny_evals, strategy, x0="grid", max_evaluations=13)
     reference = run_search(data, tmp_path / "in_process")

@@ -33,6 +33,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "racing": {"strategy": "racing", "limit": 24, "racing": {"block": 2, "bound": "hoeffding", "delta": 0.9}},
     "paired": {"strategy": "racing", "limit": 24, "racing": {"block": 2, "pairing": "paired", "delta": 0.9}},
     "anchors": {"strategy": "anchors", "anchors": {"count": 4}},
+    "anchors-irt": {"strategy": "anchors", "anchors": {"count": 4, "method": "irt"}},
 }
 
 
@@ -311,7 +312,7 @@ def ledger_state(run_dir: Path) -> tuple:
 
 
 @pytest.mark.slow  # a `merger run` subprocess per strategy
-@pytest.mark.parametrize("strategy", ["full", "racing", "paired", "anchors"])
+@pytest.mark.parametrize("strategy", ["full", "racing", "paired", "anchors", "anchors-irt"])
 def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sources, tiny_evals, tmp_path):
     data = strategy_data(tiny_sources, tiny_evals, strategy, x0="grid", max_evaluations=13)
     reference, _ = run_here(data, tmp_path / "uninterrupted")
@@ -343,7 +344,7 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(strategy, tiny_sour
     assert resumed.best.score == reference.best.score
     status = status_text(Ledger(run_dir))
     assert "item-evaluations:" in status
-    assert ("anchor check, generation 1 best" in status) == (strategy == "anchors")
+    assert ("anchor check, generation 1 best" in status) == strategy.startswith("anchors")
 
 
 def test_fitness_generation_is_capped(tiny_evals):

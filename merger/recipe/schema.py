@@ -216,7 +216,10 @@ class RacingSpec(StrictModel):
 
 
 class AnchorsSpec(StrictModel):
-    count: Annotated[int, Field(ge=1)] = 12  # anchor items (k-means clusters of the items' outcomes)
+    count: Annotated[int, Field(ge=1)] = 12  # anchor items
+    # kmeans: clusters of the items' outcomes (merger.search.anchors); irt: the most informative items
+    # of a Rasch model, the estimate from the fitted ability (merger.search.irt_anchors)
+    method: Literal["kmeans", "irt"] = "kmeans"
 
 
 class FitnessSet(EvalSet):

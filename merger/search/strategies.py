@@ -6,7 +6,7 @@ per generation.
   (`merger.search.racing`; `racing.pairing: paired` decides it from paired differences,
   `merger.search.paired`).
 - `anchors`: every candidate on a few items that stand for the fitness set, the best estimate then
-  on every item (`merger.search.anchors`).
+  on every item (`merger.search.anchors`, or `merger.search.irt_anchors` with `anchors.method: irt`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from merger.recipe import RacingSpec, Recipe
 from merger.rundir.ledger import WARM_START_GENERATION, EvaluationRecord, Ledger, source_key
 from merger.scoring.items import Item, ItemSet, Values, as_request
 from merger.search.anchors import Anchors, choose_anchors
+from merger.search.irt_anchors import IrtAnchors, choose_irt_anchors
 from merger.search.itemwise import ItemScoring
 from merger.search.paired import comparison_alpha, paired_cuts
 from merger.search.racing import Bounds, bounds, cuts, ranking_values
 from merger.space import SearchSpace
 
 ANCHORS_META = "anchors"
+ANCHOR_CHOOSERS = {"kmeans": choose_anchors, "irt": choose_irt_anchors}
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -159,7 +161,7 @@ class AnchorsStrategy(ItemScoring):
     """The sources are scored on every item first; the warm start in full (it helps choose the anchors)."""
 
     name = "anchors"
-    anchors: Anchors | None = None  # chosen at the start, or read back from the ledger on a resume
+    anchors: Anchors | IrtAnchors | None = None  # chosen at the start, or read back from the ledger on a resume
 
     def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
         if not self.score_sources(should_stop):
@@ -183,19 +185,21 @@ class AnchorsStrategy(ItemScoring):
                 raise MergerError(f"{result.candidate}: could not be scored for anchors: {result.failure}")
         return results is not None
 
-    def choose_anchors(self, extra_models: Sequence[str] = ()) -> Anchors:
+    def choose_anchors(self, extra_models: Sequence[str] = ()) -> Anchors | IrtAnchors:
         """The run's anchors: chosen once (stored in the ledger's meta), from the sources' and the given
         fully scored candidates' outcomes."""
         stored = self.ledger.meta().get(ANCHORS_META)
         if stored is None:
             models = [source_key(name) for name in self.recipe.source_names] + list(extra_models)
             outcomes = [self._outcomes(key) for key in models]
-            anchors = choose_anchors(
-                self.item_set, outcomes, self.recipe.fitness.anchors.count, self.recipe.optimizer.seed
+            settings = self.recipe.fitness.anchors
+            anchors = ANCHOR_CHOOSERS[settings.method](
+                self.item_set, outcomes, settings.count, self.recipe.optimizer.seed
             )
             self.ledger.set_meta(**{ANCHORS_META: anchors.to_json()})
             stored = anchors.to_json()
-        self.anchors = Anchors.from_json(stored)
+        # k-means anchors are stored as a list (as before methods), IRT anchors as a dict
+        self.anchors = IrtAnchors.from_json(stored) if isinstance(stored, dict) else Anchors.from_json(stored)
         return self.anchors
 
     def evaluate(
