@@ -87,6 +87,8 @@ def run(recipe_path: Path, seed: int, run_dir: Path) -> None:
     wall = run_dir / WALL_FILE
     spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
     wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
+    if RunDir(run_dir).read_summary() is None:  # stopped (SIGINT/SIGTERM): the next sitting resumes it
+        raise SystemExit(f"{run_dir} stopped before it finished; run the benchmark again to resume it")
 
 
 def final_models(run_dir: Path) -> dict[str, Model]:
