@@ -51,6 +51,38 @@ def _budget_lines(summary: Summary) -> list[str]:
     return lines
 
 
+def _origin_lines(summary: Summary, method: str) -> list[str]:
+    searched = (
+        f"CMA-ES searched `{method}` merge parameters with mergekit, scoring candidates with lm-eval"
+    )
+    selection = summary.selection
+    if selection is None or selection.kind == "candidate":
+        return [f"An evolutionary merge made with `merger`: {searched}.", ""]
+    what = "an untuned merge" if selection.kind == "baseline" else "a source model"
+    return [
+        f"Made with `merger`: {searched}, but on the held-out selection set no evolved candidate beat "
+        f"{what}, `{selection.chosen}`, so it is what this entry holds.",
+        "",
+    ]
+
+
+def _selection_lines(summary: Summary) -> list[str]:
+    selection = summary.selection
+    if selection is None:
+        return []
+    rows = [f"| {' | '.join(row.cells())} |" for row in selection.finalists]
+    return [
+        f"## Selection (on {selection.eval_set}, items the fitness never saw)",
+        "",
+        "| finalist | kind | fitness | selection |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Winner: `{selection.chosen}` (± one standard error, bootstrap over items).",
+        "",
+    ]
+
+
 def render_card(name: str, version: int, run: FinishedRun, parents: list[Parent]) -> str:
     """The full README.md text; its front matter parses with `huggingface_hub.ModelCard`."""
     winner = run.winner
@@ -67,9 +99,7 @@ def render_card(name: str, version: int, run: FinishedRun, parents: list[Parent]
     body = [
         f"# {name} (version {version})",
         "",
-        f"An evolutionary merge made with `merger`: CMA-ES searched `{method}` merge parameters "
-        "with mergekit, scoring candidates with lm-eval.",
-        "",
+        *_origin_lines(run.summary, method),
         "## Sources",
         "",
         "| source | kind | reference | weights sha256 |",
@@ -87,11 +117,9 @@ def render_card(name: str, version: int, run: FinishedRun, parents: list[Parent]
         "",
         f"Fitness of the winner: {_format_score(run.fitness)}",
         "",
+        *_selection_lines(run.summary),
         *path_card_lines(winner.genes or []),
-        "## Best genotype",
-        "",
-        f"`{[round(float(value), 6) for value in genotype]}`",
-        "",
+        *(["## Best genotype", "", f"`{[round(float(value), 6) for value in genotype]}`", ""] if genotype else []),
         "## Budget spent",
         "",
         *_budget_lines(run.summary),
