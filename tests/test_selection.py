@@ -200,3 +200,36 @@ def test_selection_turned_off_exports_the_fitness_winner(tiny_sources, tiny_eval
         ledger.close()
     assert summary is not None and summary.selection is None and best is not None
     assert summary.winner.genotype == best.genotype
+
+
+def test_a_shared_score_cache_spares_another_seed_the_untuned_models(
+    tiny_sources, tiny_evals, tmp_path, monkeypatch
+):
+    from merger.executors.in_process import InProcessExecutor
+    from merger.finish.score_cache import SCORE_CACHE_ENV
+
+    monkeypatch.setenv(SCORE_CACHE_ENV, str(tmp_path / "scores"))
+    first = write_recipe(tmp_path / "first.yaml", small(tiny_sources, tiny_evals, tmp_path / "first"))
+    assert merger.cli.main(["run", str(first), "--no-progress"]) == 0
+    scored: list = []
+    original = InProcessExecutor.score_models
+
+    def spy(self, jobs, on_result=None):
+        scored.extend(jobs)
+        return original(self, jobs, on_result)
+
+    monkeypatch.setattr(InProcessExecutor, "score_models", spy)
+    data = small(tiny_sources, tiny_evals, tmp_path / "second", optimizer={"popsize": 4, "max_evaluations": 5, "seed": 4})
+    second = write_recipe(tmp_path / "second.yaml", data)
+    assert merger.cli.main(["run", str(second), "--no-progress"]) == 0
+    assert not any(isinstance(model, Path) and model.parent == tiny_sources["base"].parent for model, _ in scored)
+    assert not any(isinstance(model, Path) and model.parent.name == "baselines" for model, _ in scored)
+    one, two = (RunDir(tmp_path / name).read_summary() for name in ("first", "second"))
+    assert one is not None and two is not None
+    assert one.sources == two.sources and one.baselines == two.baselines
+    ledger = Ledger(tmp_path / "second")
+    try:
+        rows = ledger.final_scores()
+        assert len(rows) >= 7 * 3 and all(ledger.item_outcomes(f"final:{row.identity}") for row in rows)
+    finally:
+        ledger.close()

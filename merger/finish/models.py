@@ -20,6 +20,7 @@ from mergekit.config import MergeConfiguration
 from merger.common.files import publish_directory, staging_dir, write_atomic
 from merger.engine.reference import export_merge
 from merger.executors import Scored
+from merger.finish.score_cache import ScoreCache
 from merger.rundir.ledger import FinalScore, final_items_key
 from merger.scoring.fitness import eval_sets
 from merger.search.loop import Search
@@ -89,15 +90,25 @@ def score_final(search: Search, models: list[FinalModel], sets: list[str] | None
         if (model.identity, name) in held
     }
     missing = [(model, name) for model in models for name in sets if (model.key, name) not in kept]
-    for model in {model.key: model for model, _ in missing}.values():
-        if model.config is not None and model.genotype is None:
-            export_once(model, search)
+    shared = ScoreCache.from_env(search)
 
     def keep(job: int, scored: Scored) -> None:
         model, name = missing[job]
         search.ledger.record_items(final_items_key(model.identity), scored.items)
         search.ledger.record_final_score(FinalScore(model.key, name, model.identity, scored.scores))
         kept[(model.key, name)] = scored.scores
+        if shared is not None:
+            shared.put(model.identity, name, scored)
+
+    if shared is not None:
+        for job, (model, name) in enumerate(missing):
+            found = shared.get(model.identity, name)
+            if found is not None:
+                keep(job, found)
+        missing = [(model, name) for model, name in missing if (model.key, name) not in kept]
+    for model in {model.key: model for model, _ in missing}.values():
+        if model.config is not None and model.genotype is None:
+            export_once(model, search)
 
     jobs = [(model.genotype if model.genotype is not None else model.path, name) for model, name in missing]
     search.executor.score_models(jobs, keep)  # type: ignore[arg-type]
