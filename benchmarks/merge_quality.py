@@ -2,7 +2,9 @@
 on the held-out test items, over several seeds, with paired bootstrap intervals.
 
 Each (recipe, seed) runs `merger run` in its own run directory under --out, kept and reused: a finished
-run is read back, a stopped or killed one resumes, so the table fills up across sittings.
+run is read back, a stopped or killed one resumes, so the table fills up across sittings. The runs share
+their sources' and baselines' final scores through MERGER_SCORE_CACHE (default: --out/scores): those do
+not depend on the seed, and scoring is deterministic.
 
     python benchmarks/merge_quality.py                          # quickstart and skills, seeds 1-5
     python benchmarks/merge_quality.py --recipes skills --seeds 1 2
@@ -36,6 +38,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from merger.finish.score_cache import SCORE_CACHE_ENV  # noqa: E402
 from merger.recipe import Recipe, load_recipe  # noqa: E402
 from merger.rundir.layout import RunDir  # noqa: E402
 from merger.rundir.ledger import BASELINE_PREFIX, SOURCE_PREFIX, WINNER_KEY, Ledger, final_items_key  # noqa: E402
@@ -80,9 +83,10 @@ def run(recipe_path: Path, seed: int, run_dir: Path) -> None:
     recipe = seeded_recipe(recipe_path, seed, run_dir)
     started = time.perf_counter()
     print(f"running {recipe} ({load()})", file=sys.stderr, flush=True)
+    shared = {SCORE_CACHE_ENV: os.environ.get(SCORE_CACHE_ENV) or str(run_dir.parent / "scores")}
     subprocess.run(
         [sys.executable, "-m", "merger.cli", "run", str(recipe), "--no-progress"],
-        check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **shared},
     )
     wall = run_dir / WALL_FILE
     spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
