@@ -16,7 +16,14 @@ from merger.common.files import write_atomic
 from merger.finish.baselines import BaselinePlan, plan_baselines
 from merger.finish.models import FinalModel, ScoreTable, config_identity, export_once, merge_yaml, score_final
 from merger.finish.scored_export import match_scored_weights
-from merger.finish.selection import Contender, candidate_contenders, choose, finalist_rows, untuned_contenders
+from merger.finish.selection import (
+    Contender,
+    candidate_contenders,
+    choose,
+    finalist_rows,
+    fitness_winner,
+    untuned_contenders,
+)
 from merger.recipe import PASSTHROUGH, Recipe
 from merger.rundir.layout import (
     AcrossTasks,
@@ -28,7 +35,7 @@ from merger.rundir.layout import (
     Summary,
     Winner,
 )
-from merger.rundir.ledger import WINNER_KEY, baseline_key, candidate_key, source_key
+from merger.rundir.ledger import WINNER_KEY, baseline_key, source_key
 from merger.scoring.fitness import eval_sets, weighted_score, worst_task
 from merger.search.loop import Search, SearchResult
 from merger.sources.lineage import LINEAGE_META
@@ -97,8 +104,7 @@ def select_winner(
     """The finalist best on the validation set (`selection:`), or the best candidate by fitness."""
     recipe = search.recipe
     if not recipe.selects:
-        return Contender(FinalModel(candidate_key(result.best.generation, result.best.index), None, ""),
-                         "candidate", "", result.best), None
+        return fitness_winner(result.best), None
     candidates = candidate_contenders(search.ledger, search.genome, recipe.selection.top_k)
     scores.update(score_final(search, [c.model for c in candidates], ["validation"]))
     contenders = untuned_contenders(untuned) + candidates

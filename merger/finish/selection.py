@@ -58,6 +58,12 @@ def candidate_contenders(ledger: Ledger, genome: SearchSpace, top_k: int) -> lis
     return chosen
 
 
+def fitness_winner(best: EvaluationRecord) -> Contender:
+    """The best candidate by fitness, the winner of a run that does not select."""
+    key = candidate_key(best.generation, best.index)
+    return Contender(FinalModel(key, None, ""), "candidate", f"gen {best.generation} #{best.index}", best)
+
+
 def untuned_contenders(models: list[FinalModel]) -> list[Contender]:
     """Baselines first, then sources: the order in which they win ties."""
     contenders = []
