@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -234,7 +235,7 @@ class Disagreement:
     doc: int
     exact_match: float
     greedy: float
-    target: str
+    continuation: str  # the twin's gold answer + terminator, which the greedy match needs token for token
     generated: str
     reason: str
 
@@ -248,20 +249,11 @@ def disagreements(table: Table) -> tuple[int, list[Disagreement]]:
                 total += 1
                 greedy = scored.acc.items[task][doc]
                 if value != greedy:
-                    found.append(
-                        describe(key, task, doc, value, greedy, scored.exact_match.samples[task][doc])
-                    )
+                    continuation = str(scored.acc.samples[task][doc].get("target", ""))
+                    generated = _generated_text(scored.exact_match.samples[task][doc])
+                    reason = why_they_differ(continuation, generated, value, greedy)
+                    found.append(Disagreement(key, task, doc, value, greedy, continuation, generated, reason))
     return total, found
-
-
-def describe(
-    key: str, task: str, doc: int, value: float, greedy: float, sample: Mapping[str, Any]
-) -> Disagreement:
-    target = str(sample.get("target", ""))
-    text = _generated_text(sample)
-    return Disagreement(
-        key, task, doc, value, greedy, target, text, why_they_differ(target, text, value, greedy)
-    )
 
 
 def _generated_text(sample: Mapping[str, Any]) -> str:
@@ -271,13 +263,16 @@ def _generated_text(sample: Mapping[str, Any]) -> str:
     return str(response)
 
 
-def why_they_differ(target: str, generated: str, exact_match: float, greedy: float) -> str:
-    """Why generated exact_match and the greedy gold-token match disagree on one item."""
+def why_they_differ(continuation: str, generated: str, exact_match: float, greedy: float) -> str:
+    """Why generated exact_match and the greedy match of the gold `continuation` (answer + newline)
+    disagree on one item; generation stops before the newline, so the same text is `generated + "\n"`."""
     if exact_match > greedy:
-        if generated.strip() == target.strip():
-            return "same text, other tokens (tokenisation at the boundary) or another terminator"
-        return "exact_match normalises it (case, punctuation or surrounding spaces)"
-    return "greedy gold tokens, but generation (batched, padded) produced other text"
+        if generated + "\n" == continuation:
+            return "same text, other tokens at the boundary (tokenisation)"
+        if generated.strip() == continuation.strip():
+            return "surrounding spaces or another terminator, which exact_match forgives"
+        return "case or punctuation, which exact_match normalises"
+    return "the gold tokens are greedy, but generation (batched, padded) produced other text"
 
 
 def spread(keys: list[str], count: int | None) -> list[str]:
@@ -415,7 +410,7 @@ def report(result: dict[str, Any]) -> str:
     for d in result["examples"]:
         lines.append(
             f"  {d['candidate']} {d['task']}#{d['doc']}: exact_match {d['exact_match']:.0f} greedy "
-            f"{d['greedy']:.0f}  gold {d['target']!r}  generated {d['generated']!r}"
+            f"{d['greedy']:.0f}  gold {d['continuation']!r}  generated {d['generated']!r}"
         )
     cost = result["seconds_per_item"]
     lines += [
@@ -429,13 +424,13 @@ def report(result: dict[str, Any]) -> str:
 
 
 def tiny_setup(root: Path) -> Recipe:
-    """Tiny random models and a generated task with its teacher-forced twin: the mechanics only."""
+    """Tiny random models and a generated task with its teacher-forced twin: the mechanics only. Run it
+    from `root` (the tasks name their data relative to the folder above evals/)."""
     from merger.zoo import data
     from tests.recipes import tiny_recipe
     from tests.test_teacher_forced import sum_rows, tiny_yaml
     from tests.tiny_models import build_sources
 
-    os.chdir(root)  # the twin tasks name their data relative to the folder above evals/
     data.write_eval_data(
         root / "evals", "tiny_tf", {"sum_val": sum_rows()}, "tiny_", tiny_yaml, data.teacher_forced_yaml
     )
@@ -464,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, help="fewer held-out items per task than the recipe's")
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a quick self-check")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch if args.tiny else "."):
         if args.tiny:
             recipe, run_dir, name = tiny_setup(Path(scratch)), Path(scratch) / "run", "tiny"
         elif args.run_dir is not None:
