@@ -318,9 +318,15 @@ def with_limits(recipe: Recipe, fitness_limit: int | None, test_limit: int | Non
 
 def measure(recipe: Recipe, run_dir: Path, count: int | None) -> dict[str, Any]:
     genotypes = ledger_candidates(run_dir, count)
-    started = time.perf_counter()
+    load_before, started = load_average(), time.perf_counter()
     table = score_candidates(recipe, genotypes)
-    return summarize(recipe, run_dir, table, time.perf_counter() - started)
+    result = summarize(recipe, run_dir, table, time.perf_counter() - started)
+    return {**result, "loadavg_before": load_before}
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(load, 2) for load in os.getloadavg()]
 
 
 def item_count(scored: Sequence[CandidateScores]) -> int:
@@ -366,7 +372,7 @@ def summarize(recipe: Recipe, run_dir: Path, table: Table, seconds: float) -> di
         "seconds": round(seconds, 1),
         "fitness": {name: [_round(v) for v in values] for name, values in table.fitness.items()},
         "held_out": [_round(v) for v in table.held_out],
-        "loadavg": [round(load, 2) for load in os.getloadavg()],
+        "loadavg": load_average(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
 
@@ -417,7 +423,8 @@ def report(result: dict[str, Any]) -> str:
         f"seconds per item: generated {cost['generated']}  teacher-forced {cost['teacher_forced']} (gold_prob, "
         f"acc and blend from one pass)  held-out generated {cost['held_out_generated']}; merge "
         f"{result['merge_seconds_per_candidate']} s per candidate; {result['seconds']} s in all",
-        f"load average {result['loadavg']}  OMP_NUM_THREADS={result['omp_num_threads']}",
+        f"load average (1/5/15 min) {result.get('loadavg_before')} before, {result['loadavg']} after, on "
+        f"{os.cpu_count()} CPUs  OMP_NUM_THREADS={result['omp_num_threads']}",
         json.dumps(result),
     ]
     return "\n".join(lines)
