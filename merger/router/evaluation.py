@@ -20,25 +20,42 @@ def accuracy_of_choices(correct: np.ndarray, choices: np.ndarray) -> float:
     return float(correct[np.arange(len(choices)), choices].mean())
 
 
-def logistic_regression_choices(
-    train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarray
-) -> np.ndarray:
-    """One binary classifier per member (is it right on this prompt?); choose the most probable."""
+def fit_logistic_regression(
+    train_x: np.ndarray, train_correct: np.ndarray
+) -> Callable[[np.ndarray], np.ndarray]:
+    """One binary classifier per member (is it right on this prompt?); the fitted chooser picks the most
+    probable member."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x)
-    train_features, test_features = scaler.transform(train_x), scaler.transform(test_x)
-    probabilities = np.zeros((len(test_x), train_correct.shape[1]))
+    train_features = scaler.transform(train_x)
+    models: list[LogisticRegression | float] = []
     for member in range(train_correct.shape[1]):
         labels = (train_correct[:, member] >= 0.5).astype(int)
         if labels.min() == labels.max():
-            probabilities[:, member] = float(labels[0])
+            models.append(float(labels[0]))
             continue
-        model = LogisticRegression(C=1.0, max_iter=2000).fit(train_features, labels)
-        probabilities[:, member] = model.predict_proba(test_features)[:, 1]
+        models.append(LogisticRegression(C=1.0, max_iter=2000).fit(train_features, labels))
     # ties (e.g. constant members) go to the member best on the training items
-    return (probabilities + 1e-6 * train_correct.mean(axis=0)).argmax(axis=1)
+    tie_break = 1e-6 * train_correct.mean(axis=0)
+
+    def choose(test_x: np.ndarray) -> np.ndarray:
+        features = scaler.transform(test_x)
+        probabilities = np.zeros((len(test_x), len(models)))
+        for member, model in enumerate(models):
+            probabilities[:, member] = (
+                model if isinstance(model, float) else model.predict_proba(features)[:, 1]
+            )
+        return (probabilities + tie_break).argmax(axis=1)
+
+    return choose
+
+
+def logistic_regression_choices(
+    train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarray
+) -> np.ndarray:
+    return fit_logistic_regression(train_x, train_correct)(test_x)
 
 
 def knn_choices(train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarray) -> np.ndarray:

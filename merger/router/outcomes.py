@@ -154,7 +154,15 @@ class _Evaluator:
 
     def rows(self, member: Member, tasks: list[str]) -> Iterator[tuple[str, list[MemberRow]]]:
         """(task, the member's rows on it) as each task finishes, one model load for all of them."""
-        lm, chat = self._language_model(member)
+        try:
+            lm, chat = self._language_model(member)
+        except MergerError:
+            raise
+        except Exception as error:  # transformers' own errors for a missing or broken tokenizer or config
+            raise MergerError(
+                f"member {member.name!r} cannot score task {tasks[0]!r}: its tokenizer or model does not load"
+                f" ({one_line(error)})"
+            ) from error
         for task in tasks:
             yield task, self._task_rows(lm, chat, member, task)
 
@@ -163,10 +171,18 @@ class _Evaluator:
         try:
             # loaded as configs with anchored data files: a task's relative data paths work from any directory
             loaded = load_tasks([task], self.include_paths)
-            result = evaluate_tasks(lm, loaded, limit=self.tasks.limit, log_samples=True, apply_chat_template=chat)
         except Exception as error:  # lm-eval raises bare exceptions for unknown tasks, bad data...
             raise MergerError(
-                f"lm-eval failed on task {task!r} for member {member.name!r}: {error}"
+                f"lm-eval failed on task {task!r} for member {member.name!r}: {one_line(error)}"
+            ) from error
+        refuse_unscorable(member, task, loaded)
+        try:
+            result = evaluate_tasks(
+                lm, loaded, limit=self.tasks.limit, log_samples=True, apply_chat_template=chat
+            )
+        except Exception as error:  # a tokenizer that cannot encode the task's text, bad data...
+            raise MergerError(
+                f"lm-eval failed on task {task!r} for member {member.name!r}: {one_line(error)}"
             ) from error
         elapsed = time.perf_counter() - started
         scored = scored_samples(result, task)  # the task's first metric, as fitness reads it
@@ -185,11 +201,30 @@ class _Evaluator:
         ]
 
 
+REMOTE_OUTPUT_TYPES = ("generate_until",)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def refuse_unscorable(member: Member, task: str, loaded: dict[str, Any]) -> None:
+    """A chat-completions member returns text only: it cannot score a task that needs log-likelihoods."""
+    if member.remote is None:
+        return
+    for loaded_task in loaded["tasks"].values():
+        output_type = loaded_task.get_config("output_type")
+        if output_type not in REMOTE_OUTPUT_TYPES:
+            raise MergerError(
+                f"member {member.name!r} cannot score task {task!r}: it is a remote chat-completions endpoint "
+                f"(text only) and the task asks for {output_type} (log-likelihoods); use a generate_until task"
+            )
+
+
 def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:
     content = member_content_key(member, pool.work_dir / "weights-digests.json", pool.registry_root)
     key = hashlib.sha256(f"{content}|{task_key}".encode()).hexdigest()[:20]
     return pool.work_dir / "outcomes" / f"{member.name}-{key}.json"
-
 
 
 def member_rows(
