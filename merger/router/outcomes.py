@@ -140,16 +140,19 @@ def _prompt_of(sample: dict[str, Any]) -> str:
 class _Evaluator:
     """One lm per member; the bridge keeps one TaskManager per process (building it is the slow part)."""
 
-    def __init__(self, tasks: TaskSet, registry_root: Path | None = None) -> None:
+    def __init__(
+        self, tasks: TaskSet, registry_root: Path | None = None, exports_dir: Path | None = None
+    ) -> None:
         self.tasks = tasks
         self.registry_root = registry_root
+        self.exports_dir = exports_dir
         self.include_paths = (str(tasks.include_path),) if tasks.include_path is not None else ()
 
     def _language_model(self, member: Member) -> tuple[Any, bool]:
         if member.remote is not None:
             key = os.environ.get(member.remote.api_key_env or "", "") if member.remote.api_key_env else ""
             return chat_completions_lm(member.remote.base_url, member.remote.model, key), True
-        checkpoint = member_checkpoint(member, self.registry_root)
+        checkpoint = member_checkpoint(member, self.registry_root, self.exports_dir)
         return quiet_lm(str(checkpoint), batch_size=self.tasks.batch_size, device=self.tasks.device), False
 
     def rows(self, member: Member, tasks: list[str]) -> Iterator[tuple[str, list[MemberRow]]]:
@@ -222,7 +225,9 @@ def refuse_unscorable(member: Member, task: str, loaded: dict[str, Any]) -> None
 
 
 def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:
-    content = member_content_key(member, pool.work_dir / "weights-digests.json", pool.registry_root)
+    content = member_content_key(
+        member, pool.work_dir / "weights-digests.json", pool.registry_root, pool.exports_dir
+    )
     key = hashlib.sha256(f"{content}|{task_key}".encode()).hexdigest()[:20]
     return pool.work_dir / "outcomes" / f"{member.name}-{key}.json"
 
@@ -264,7 +269,7 @@ def build_outcome_table(pool: Pool, progress: Any = None) -> OutcomeTable:
 
     def evaluator() -> _Evaluator:  # built on first need: a fully cached table loads no lm-eval tasks
         if not evaluators:
-            evaluators.append(_Evaluator(tasks, pool.registry_root))
+            evaluators.append(_Evaluator(tasks, pool.registry_root, pool.exports_dir))
         return evaluators[0]
 
     per_member: dict[str, dict[str, MemberRow]] = {}

@@ -122,7 +122,7 @@ def checkpoint_gib(checkpoint: Path) -> float:
 def _member_gib(pool: Pool) -> dict[str, float | None]:
     """Each local member's weight files in GiB; None for remote members (nothing resident here)."""
     return {
-        member.name: checkpoint_gib(member_checkpoint(member, pool.registry_root))
+        member.name: checkpoint_gib(member_checkpoint(member, pool.registry_root, pool.exports_dir))
         if member.is_local
         else None
         for member in pool.members
