@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.router.evaluation import KNN_NEIGHBOURS, fit_logistic_regression, knn_choices
+from merger.router.evaluation import KNN_NEIGHBOURS, fit_logistic_regression, gap_closed, knn_choices
 from merger.router.head import train_head
 from merger.router.outcomes import OutcomeTable
 from merger.router.pool import RouterSettings
@@ -126,10 +126,6 @@ def bootstrap_interval(per_split_correct: list[np.ndarray], draws: list[np.ndarr
     return float(low), float(high)
 
 
-def _gap_closed(value: float, best_single: float, oracle: float) -> float | None:
-    return None if oracle - best_single <= 1e-12 else (value - best_single) / (oracle - best_single)
-
-
 def summarize(
     table: OutcomeTable,
     splits: list[SplitResult],
@@ -216,7 +212,7 @@ def _gap_rows(table: OutcomeTable, rows: dict[str, dict[str, Any]]) -> dict[str,
     oracle = rows[ORACLE_ROW]["per_split"]
     gap: dict[str, dict[str, Any]] = {}
     for name in ROUTED_ROWS:
-        per_split = [_gap_closed(rows[name]["per_split"][k], best_single[k], oracle[k]) for k in range(count)]
+        per_split = [gap_closed(rows[name]["per_split"][k], best_single[k], oracle[k]) for k in range(count)]
         known = [value for value in per_split if value is not None]
         gap[name] = {"per_split": per_split, "mean": float(np.mean(known)) if known else None}
     return gap

@@ -67,7 +67,8 @@ def knn_choices(train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarr
     return (votes + 1e-6 * train_correct.mean(axis=0)).argmax(axis=1)
 
 
-def _gap_closed(value: float, best_single: float, oracle: float) -> float | None:
+def gap_closed(value: float, best_single: float, oracle: float) -> float | None:
+    """(value - best single) / (oracle - best single); None when the oracle is no better."""
     return None if oracle - best_single <= 1e-12 else (value - best_single) / (oracle - best_single)
 
 
@@ -113,11 +114,11 @@ def evaluate(
         },
         "oracle": oracle,
         "random": float(test_correct.mean()),
-        "gap_closed": _gap_closed(router, best_on_held_out, oracle),
+        "gap_closed": gap_closed(router, best_on_held_out, oracle),
         "per_member": per_member,
         "calls_per_member": {name: int((router_choices == i).sum()) for i, name in enumerate(members)},
         "baselines": {
-            name: {"accuracy": value, "gap_closed": _gap_closed(value, best_on_held_out, oracle)}
+            name: {"accuracy": value, "gap_closed": gap_closed(value, best_on_held_out, oracle)}
             for name, value in baselines.items()
         },
         "per_task": _per_task(table, held_out_rows, router_choices),
