@@ -26,6 +26,7 @@ from merger.router.outcomes import build_outcome_table
 from merger.router.pool import RouterSettings, load_pool
 from tests.test_router_head import MEMBERS, clustered_table
 from tests.test_router_outcomes import write_pool
+from tests.tiny_models import write_tasks
 
 ENCODER = {"id": "synthetic", "seconds": 0.001, "gib": 0.5}
 
@@ -159,3 +160,42 @@ def test_a_member_whose_tokenizer_does_not_load_is_named_with_the_task(
     assert main(["router", "eval", str(pool_file)]) == 2
     error = error_line(capsys.readouterr().err)
     assert "member 'broken' cannot score task 'tiny_mc'" in error
+
+
+def write_teacher_forced_task(evals: Path) -> None:
+    """tiny_tf: tiny_gen's items as one log-likelihood request each, reporting perplexity and greedy match."""
+    write_tasks(evals)
+    (evals / "tiny_tf.yaml").write_text(
+        f"""task: tiny_tf
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {evals / "tiny_gen.jsonl"}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{question}}}}"
+doc_to_target: " {{{{answer}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
+
+
+def test_outcomes_are_read_with_the_named_metric_and_must_be_right_or_wrong(
+    tmp_path: Path, tiny_sources: dict[str, Path]
+) -> None:
+    evals = tmp_path / "evals"
+    write_teacher_forced_task(evals)
+    pool_file = write_pool(tmp_path, {"base": tiny_sources["base"]}, evals, tasks="[tiny_tf]")
+    text = pool_file.read_text()
+    pool_file.write_text(text.replace("batch_size: 4}", "batch_size: 4, metric: perplexity}"))
+    with pytest.raises(MergerError, match="member 'base' cannot score task 'tiny_tf' as right or wrong"):
+        build_outcome_table(load_pool(pool_file))
+    pool_file.write_text(text.replace("batch_size: 4}", "batch_size: 4, metric: acc}"))
+    table = build_outcome_table(load_pool(pool_file))
+    assert table.correct.shape == (6, 1) and set(np.unique(table.correct)) <= {0.0, 1.0}

@@ -119,6 +119,8 @@ def task_keys(tasks: TaskSet) -> dict[str, str]:
     keys = {}
     for name in tasks.names:
         parts: dict[str, Any] = {"name": name, "limit": tasks.limit}
+        if tasks.metric is not None:  # only when named: the keys of pools without one stay as they were
+            parts["metric"] = tasks.metric
         if tasks.include_path is not None:
             own = _files_of_task(name, files, yaml_texts)
             for path in own:
@@ -188,7 +190,9 @@ class _Evaluator:
                 f"lm-eval failed on task {task!r} for member {member.name!r}: {one_line(error)}"
             ) from error
         elapsed = time.perf_counter() - started
-        scored = scored_samples(result, task)  # the task's first metric, as fitness reads it
+        # the named metric, else the task's first, as fitness reads it
+        scored = scored_samples(result, task, self.tasks.metric)
+        refuse_non_binary(member, task, [value for _, value in scored])
         if not scored:
             raise MergerError(f"lm-eval logged no samples for task {task!r} (member {member.name!r})")
         per_item = elapsed / max(1, len(scored))
@@ -222,6 +226,16 @@ def refuse_unscorable(member: Member, task: str, loaded: dict[str, Any]) -> None
                 f"member {member.name!r} cannot score task {task!r}: it is a remote chat-completions endpoint "
                 f"(text only) and the task asks for {output_type} (log-likelihoods); use a generate_until task"
             )
+
+
+def refuse_non_binary(member: Member, task: str, values: list[float]) -> None:
+    """The head, the oracle and every accuracy read an item's outcome as right (1) or wrong (0)."""
+    outside = next((value for value in values if not 0.0 <= value <= 1.0), None)
+    if outside is not None:
+        raise MergerError(
+            f"member {member.name!r} cannot score task {task!r} as right or wrong: its metric gives {outside:.4g}"
+            " for an item; name a 0/1 metric in tasks.metric (acc for teacher-forced *_tf tasks)"
+        )
 
 
 def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:

@@ -111,6 +111,9 @@ class TaskSet(StrictModel):
 
     names: Annotated[list[str], Field(min_length=1)]
     include_path: Path | None = None
+    # the per-item metric, 0 or 1 (default: the task's first reported); `acc` on teacher-forced `*_tf`
+    # tasks, whose first reported metric may be the log-likelihood
+    metric: str | None = None
     limit: Annotated[int, Field(ge=1)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 8
     device: str = "cpu"
