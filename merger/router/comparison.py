@@ -166,7 +166,7 @@ def summarize(
         ],
         "head_parameters": max(split.head_parameters for split in splits),
         "knn_neighbours": KNN_NEIGHBOURS,
-        "interval": f"{INTERVAL_LEVEL:.0%}, bootstrap over held-out items ({BOOTSTRAP_RESAMPLES} resamples)",
+        "interval": f"{INTERVAL_LEVEL:.0%} interval: bootstrap over held-out items ({BOOTSTRAP_RESAMPLES} resamples)",
         "encoder": encoder,
         "rows": rows,
         "gap_closed": gap,
@@ -234,7 +234,7 @@ def format_comparison(report: dict[str, Any]) -> str:
     lines = [
         f"{len(splits)} train/held-out splits of {report['items']} items "
         f"(held out per split: {', '.join(str(s['held_out_items']) for s in splits)}); "
-        f"accuracy: mean over splits, {report['interval']}",
+        f"accuracy: mean over splits; {report['interval']}",
         f"{'row':44s} {'accuracy':>8s}  {'95% interval':15s} {'resident GiB':>12s}  {'s/answer':>8s}  members resident",
     ]
     for name, row in report["rows"].items():
