@@ -249,8 +249,9 @@ def format_comparison(report: dict[str, Any]) -> str:
         per_split = " ".join(ratio(value) for value in gap["per_split"])
         lines.append(f"  {labels[name]:42s} {per_split}   mean {ratio(gap['mean'])}")
     encoder = report["encoder"]
+    encoder_name = f"{encoder['member']}'s hidden states" if encoder.get("member") else encoder["id"]
     lines.append(
         f"s/answer: the member's recorded seconds per item in the outcome table; routed rows add "
-        f"{encoder['seconds']:.4f} s to embed one prompt ({encoder['id']}, measured here) and the time to choose"
+        f"{encoder['seconds']:.4f} s to embed one prompt ({encoder_name}, measured here) and the time to choose"
     )
     return "\n".join(lines)
