@@ -134,7 +134,7 @@ def main() -> None:
             backends = {
                 member.name: RemoteBackend(member)
                 if member is remote
-                else build_backend(member, pool.registry_root)
+                else build_backend(member, pool.registry_root, pool.exports_dir)
                 for member in members
             }
             conductor = Conductor(pool.model_copy(update={"members": members}), head, embedder, backends)

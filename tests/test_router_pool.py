@@ -44,7 +44,7 @@ server: {api_key_env: MERGER_KEY}
     ("data", "expected"),
     [
         ({"members": []}, "members: List should have at least 1 item"),
-        ({"members": [{"name": "a"}]}, "needs exactly one of registry, path, zoo, remote (got none)"),
+        ({"members": [{"name": "a"}]}, "needs exactly one of registry, path, zoo, remote, run (got none)"),
         ({"members": [{"name": "a", "path": "x", "registry": "y"}]}, "got ['registry', 'path']"),
         ({"members": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "repeated: ['a']"),
         ({"members": [{"name": "bad name", "path": "x"}]}, "members.0.name"),
@@ -111,7 +111,9 @@ def test_zoo_member_names_a_zoo_checkpoint(tmp_path: Path, monkeypatch: pytest.M
 
     built: dict[str, Path] = {"base": tmp_path / "base", "add": tmp_path / "add", "cap": tmp_path / "cap"}
     monkeypatch.setattr(build, "build_zoo", lambda **_: built)  # building the real zoo takes minutes
-    pool = parse_pool({"members": [{"name": "adder", "zoo": "add"}, {"name": "x", "zoo": "poetry"}]}, tmp_path)
+    pool = parse_pool(
+        {"members": [{"name": "adder", "zoo": "add"}, {"name": "x", "zoo": "poetry"}]}, tmp_path
+    )
     assert member_checkpoint(pool.members[0]) == built["add"]
     with pytest.raises(MergerError, match="the zoo has base, add, cap, not 'poetry'"):
         member_checkpoint(pool.members[1])
@@ -134,3 +136,78 @@ def test_shipped_pool_examples_name_tasks_that_lm_eval_finds_with_readable_data(
     configs = anchored_task_configs(manager, tasks.names)
     assert all(isinstance(config, dict) for config in configs)  # local tasks, not lm-eval built-ins
     check_task_data(configs)
+
+
+def _finished_run(run: Path, sources: dict[str, Path]) -> None:
+    """A finished run directory: the winner's export, two baselines' mergekit YAML and their scores."""
+    import shutil
+
+    import yaml
+
+    from merger.rundir.layout import Baseline, RunDir, Summary, Winner
+
+    layout = RunDir(run)
+    shutil.copytree(sources["specialist2"], layout.final)
+    layout.baselines.mkdir(parents=True)
+    for name, weight in (("linear", 0.5), ("lopsided", 0.9)):
+        config = {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": str(sources["base"]), "parameters": {"weight": 1 - weight}},
+                {"model": str(sources["specialist1"]), "parameters": {"weight": weight}},
+            ],
+        }
+        layout.baseline_config(name).write_text(yaml.safe_dump(config))
+    baselines = {
+        "linear": Baseline(method="linear", validation={"tiny_mc": 0.4, "tiny_gen": 0.2}),
+        "lopsided": Baseline(method="linear", validation={"tiny_mc": 0.6, "tiny_gen": 0.3}),
+    }
+    layout.write_summary(Summary(winner=Winner(), baselines=baselines, seed=0))
+
+
+def test_run_members_name_a_finished_runs_winner_and_its_best_baseline(
+    tmp_path: Path, tiny_sources: dict[str, Path]
+) -> None:
+    from safetensors.torch import load_file
+
+    from merger.router.members import member_checkpoint
+
+    _finished_run(tmp_path / "runs/skills", tiny_sources)
+    pool = parse_pool(
+        {
+            "members": [
+                {"name": "winner", "run": "runs/skills"},
+                {"name": "baseline", "run": "runs/skills", "run_model": "best-baseline"},
+                {"name": "plain", "run": "runs/skills", "run_model": "baseline:linear"},
+                {"name": "missing", "run": "runs/skills", "run_model": "baseline:nope"},
+            ],
+            "work_dir": "work",
+        },
+        tmp_path,
+    )
+    winner, best, plain, missing = pool.members
+    assert member_checkpoint(winner, None, pool.exports_dir) == tmp_path / "runs/skills/final"
+    exported = member_checkpoint(best, None, pool.exports_dir)
+    assert exported.parent == pool.exports_dir  # the best on validation is `lopsided`: 0.9 of specialist1
+    merged, base, specialist = (
+        load_file(path / "model.safetensors")
+        for path in (exported, tiny_sources["base"], tiny_sources["specialist1"])
+    )
+    name = next(key for key in merged if key.endswith("q_proj.weight"))
+    expected = 0.1 * base[name].float() + 0.9 * specialist[name].float()
+    assert (merged[name].float() - expected).abs().max() < 1e-5
+    assert member_checkpoint(best, None, pool.exports_dir) == exported  # kept, not exported again
+    assert member_checkpoint(plain, None, pool.exports_dir) != exported
+    with pytest.raises(MergerError, match="the run has no baseline 'nope' \\(it has linear, lopsided\\)"):
+        member_checkpoint(missing, None, pool.exports_dir)
+
+
+def test_run_model_needs_a_run_and_an_unfinished_run_is_named(tmp_path: Path) -> None:
+    from merger.router.members import member_checkpoint
+
+    with pytest.raises(MergerError, match="run_model names a model of a run; it needs `run:`"):
+        _parse({"members": [{"name": "m", "path": "/x", "run_model": "winner"}]})
+    pool = parse_pool({"members": [{"name": "m", "run": "runs/unfinished"}]}, tmp_path)
+    with pytest.raises(MergerError, match="is not a finished run \\(no summary.json\\)"):
+        member_checkpoint(pool.members[0], None, pool.exports_dir)

@@ -12,6 +12,20 @@ from merger.common.extras import require_extra
 DEFAULT_PORT = 8321
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -32,13 +46,21 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     require_extra("router", "merger router eval")
-    from merger.router.evaluation import format_report
     from merger.router.pool import load_pool
-    from merger.router.training import evaluate_router
 
     pool = load_pool(args.pool)
-    report = evaluate_router(pool, _progress)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.saved_head:
+        from merger.router.evaluation import format_report
+        from merger.router.training import evaluate_router
+
+        report = evaluate_router(pool, _progress)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
+    from merger.router.comparison import format_comparison
+    from merger.router.training import compare_over_splits
+
+    comparison = compare_over_splits(pool, args.splits, args.holdout, _progress)
+    print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
     return 0
 
 
@@ -66,8 +88,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = actions.add_parser("train", help="build the outcome table (cached) and train the head")
     train.add_argument("pool", type=Path, help="pool YAML")
     train.set_defaults(handler=_train)
-    evaluate = actions.add_parser("eval", help="held-out accuracy of the router next to baselines")
+    evaluate = actions.add_parser(
+        "eval", help="merge or route: each member, the router, baselines and the oracle on held-out splits"
+    )
     evaluate.add_argument("pool", type=Path, help="pool YAML")
+    evaluate.add_argument(
+        "--splits",
+        type=_positive_int,
+        default=5,
+        help="train/held-out splits, each with a fresh head (default 5)",
+    )
+    evaluate.add_argument(
+        "--holdout",
+        type=_fraction,
+        default=None,
+        help="held-out fraction of each task (default router.holdout_fraction)",
+    )
+    evaluate.add_argument(
+        "--saved-head",
+        action="store_true",
+        help="instead: the head saved by `router train` on its own held-out split, per task and cost-quality",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
     evaluate.set_defaults(handler=_eval)
 

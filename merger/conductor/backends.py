@@ -60,7 +60,9 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-def build_backend(member: Member, registry_root: Path | None = None) -> Backend:
+def build_backend(
+    member: Member, registry_root: Path | None = None, exports_dir: Path | None = None
+) -> Backend:
     # imported here: both modules import the protocol and failures from this one
     from merger.conductor.local_backend import LocalBackend
     from merger.conductor.remote_backend import RemoteBackend
@@ -68,7 +70,8 @@ def build_backend(member: Member, registry_root: Path | None = None) -> Backend:
     if member.remote is not None:
         return RemoteBackend(member)
     try:
-        return LocalBackend(member.name, member_checkpoint(member, registry_root), member.chat_template)
+        checkpoint = member_checkpoint(member, registry_root, exports_dir)
+        return LocalBackend(member.name, checkpoint, member.chat_template)
     except MergerError:
         raise
     except Exception as error:

@@ -193,5 +193,7 @@ def build_conductor(pool: Pool) -> Conductor:
             raise MergerError(
                 f"the head was trained on {head.encoder_id!r} embeddings, the pool uses {embedder.encoder_id!r}"
             )
-    backends = {member.name: build_backend(member, pool.registry_root) for member in pool.members}
+    backends = {
+        member.name: build_backend(member, pool.registry_root, pool.exports_dir) for member in pool.members
+    }
     return Conductor(pool, head, embedder, backends)

@@ -154,8 +154,10 @@ def build_embedder(pool: Pool, use_cache: bool = True) -> Embedder:
         return Embedder("all-MiniLM-L6-v2", lambda: _minilm_encoder(settings.batch_size), cache)
     member = pool.member(settings.member or "")
     assert member is not None  # the pool validator guarantees a local member
-    checkpoint = member_checkpoint(member, pool.registry_root)
-    content_key = member_content_key(member, pool.work_dir / "weights-digests.json", pool.registry_root)
+    checkpoint = member_checkpoint(member, pool.registry_root, pool.exports_dir)
+    content_key = member_content_key(
+        member, pool.work_dir / "weights-digests.json", pool.registry_root, pool.exports_dir
+    )
     return Embedder(
         f"hidden_states:{content_key}", lambda: _hidden_states_encoder(checkpoint, settings.batch_size), cache
     )

@@ -20,25 +20,42 @@ def accuracy_of_choices(correct: np.ndarray, choices: np.ndarray) -> float:
     return float(correct[np.arange(len(choices)), choices].mean())
 
 
-def logistic_regression_choices(
-    train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarray
-) -> np.ndarray:
-    """One binary classifier per member (is it right on this prompt?); choose the most probable."""
+def fit_logistic_regression(
+    train_x: np.ndarray, train_correct: np.ndarray
+) -> Callable[[np.ndarray], np.ndarray]:
+    """One binary classifier per member (is it right on this prompt?); the fitted chooser picks the most
+    probable member."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x)
-    train_features, test_features = scaler.transform(train_x), scaler.transform(test_x)
-    probabilities = np.zeros((len(test_x), train_correct.shape[1]))
+    train_features = scaler.transform(train_x)
+    models: list[LogisticRegression | float] = []
     for member in range(train_correct.shape[1]):
         labels = (train_correct[:, member] >= 0.5).astype(int)
         if labels.min() == labels.max():
-            probabilities[:, member] = float(labels[0])
+            models.append(float(labels[0]))
             continue
-        model = LogisticRegression(C=1.0, max_iter=2000).fit(train_features, labels)
-        probabilities[:, member] = model.predict_proba(test_features)[:, 1]
+        models.append(LogisticRegression(C=1.0, max_iter=2000).fit(train_features, labels))
     # ties (e.g. constant members) go to the member best on the training items
-    return (probabilities + 1e-6 * train_correct.mean(axis=0)).argmax(axis=1)
+    tie_break = 1e-6 * train_correct.mean(axis=0)
+
+    def choose(test_x: np.ndarray) -> np.ndarray:
+        features = scaler.transform(test_x)
+        probabilities = np.zeros((len(test_x), len(models)))
+        for member, model in enumerate(models):
+            probabilities[:, member] = (
+                model if isinstance(model, float) else model.predict_proba(features)[:, 1]
+            )
+        return (probabilities + tie_break).argmax(axis=1)
+
+    return choose
+
+
+def logistic_regression_choices(
+    train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarray
+) -> np.ndarray:
+    return fit_logistic_regression(train_x, train_correct)(test_x)
 
 
 def knn_choices(train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarray) -> np.ndarray:
@@ -50,7 +67,8 @@ def knn_choices(train_x: np.ndarray, train_correct: np.ndarray, test_x: np.ndarr
     return (votes + 1e-6 * train_correct.mean(axis=0)).argmax(axis=1)
 
 
-def _gap_closed(value: float, best_single: float, oracle: float) -> float | None:
+def gap_closed(value: float, best_single: float, oracle: float) -> float | None:
+    """(value - best single) / (oracle - best single); None when the oracle is no better."""
     return None if oracle - best_single <= 1e-12 else (value - best_single) / (oracle - best_single)
 
 
@@ -96,11 +114,11 @@ def evaluate(
         },
         "oracle": oracle,
         "random": float(test_correct.mean()),
-        "gap_closed": _gap_closed(router, best_on_held_out, oracle),
+        "gap_closed": gap_closed(router, best_on_held_out, oracle),
         "per_member": per_member,
         "calls_per_member": {name: int((router_choices == i).sum()) for i, name in enumerate(members)},
         "baselines": {
-            name: {"accuracy": value, "gap_closed": _gap_closed(value, best_on_held_out, oracle)}
+            name: {"accuracy": value, "gap_closed": gap_closed(value, best_on_held_out, oracle)}
             for name, value in baselines.items()
         },
         "per_task": _per_task(table, held_out_rows, router_choices),

