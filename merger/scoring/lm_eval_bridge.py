@@ -117,9 +117,14 @@ def is_mean_aggregation(aggregation: Any) -> bool:
     return aggregation is mean
 
 
-def quiet_lm(pretrained: Any, tokenizer: Any = None, batch_size: int = 1, device: str | None = None) -> Any:
-    """lm-eval's HFLM on a model object (or a checkpoint path), without its per-request progress bars."""
+@cache
+def _hflm_classes() -> tuple[type, type]:
+    """HFLM without per-request progress bars, and the same scoring teacher-forced requests with the output
+    head only at the answer's positions (`merger.scoring.answer_logits`)."""
+    import torch
     from lm_eval.models.huggingface import HFLM
+
+    from merger.scoring.answer_logits import answer_lengths, answer_logits, answer_spans, body_and_head
 
     class QuietHFLM(HFLM):
         def loglikelihood(self, requests, disable_tqdm=True):  # type: ignore[no-untyped-def]
@@ -131,12 +136,54 @@ def quiet_lm(pretrained: Any, tokenizer: Any = None, batch_size: int = 1, device
         def generate_until(self, requests, disable_tqdm=True):  # type: ignore[no-untyped-def]
             return super().generate_until(requests, disable_tqdm=True)
 
+    class AnswerLogitsHFLM(QuietHFLM):
+        """lm-eval batches and reads the logits as ever; `_model_call` knows which inputs it may see
+        (set for the duration of `_loglikelihood_tokens`) and returns only their answers' window."""
+
+        _answer_lengths: dict[tuple[int, ...], int] | None = None  # input tokens -> longest answer on it
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):  # type: ignore[no-untyped-def]
+            if self.backend == "causal":
+                self._answer_lengths = answer_lengths(requests, self.max_length)
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            finally:
+                self._answer_lengths = None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):  # type: ignore[no-untyped-def]
+            parts = body_and_head(self.model)
+            if self._answer_lengths is None or attn_mask is not None or parts is None:
+                return super()._model_call(inps, attn_mask, labels)
+            spans = [answer_spans(row, self._answer_lengths) for row in inps.tolist()]
+            if not all(spans):  # an input it was not told of (e.g. batch-size detection)
+                return super()._model_call(inps, attn_mask, labels)
+            precision = self.mixed_precision_dtype
+            with (
+                torch.no_grad(),
+                torch.autocast(device_type=self.device.type, dtype=precision, enabled=precision is not None),
+            ):
+                return answer_logits(*parts, inps, spans)
+
+    return QuietHFLM, AnswerLogitsHFLM
+
+
+def quiet_lm(
+    pretrained: Any,
+    tokenizer: Any = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    answer_logits_only: bool = True,
+) -> Any:
+    """lm-eval's HFLM on a model object (or a checkpoint path), without its per-request progress bars;
+    teacher-forced requests get logits only at their answers' positions unless `answer_logits_only` is off
+    (or the model's structure is not known to allow it)."""
+    quiet, answer_only = _hflm_classes()
     options: dict[str, Any] = {"pretrained": pretrained, "batch_size": batch_size}
     if tokenizer is not None:
         options["tokenizer"] = tokenizer
     if device is not None:
         options["device"] = device
-    return QuietHFLM(**options)
+    return (answer_only if answer_logits_only else quiet)(**options)
 
 
 def chat_completions_lm(base_url: str, model: str, api_key: str = "") -> Any:
