@@ -138,7 +138,7 @@ def test_shipped_pool_examples_name_tasks_that_lm_eval_finds_with_readable_data(
     check_task_data(configs)
 
 
-def _finished_run(run: Path, sources: dict[str, Path]) -> None:
+def write_finished_run(run: Path, sources: dict[str, Path]) -> None:
     """A finished run directory: the winner's export, two baselines' mergekit YAML and their scores."""
     import shutil
 
@@ -173,7 +173,7 @@ def test_run_members_name_a_finished_runs_winner_and_its_best_baseline(
 
     from merger.router.members import member_checkpoint
 
-    _finished_run(tmp_path / "runs/skills", tiny_sources)
+    write_finished_run(tmp_path / "runs/skills", tiny_sources)
     pool = parse_pool(
         {
             "members": [
