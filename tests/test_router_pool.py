@@ -8,7 +8,7 @@ import pytest
 
 from merger.cli import main
 from merger.common.errors import MergerError
-from merger.router.pool import Role, load_pool, parse_pool
+from merger.router.pool import Pool, Role, load_pool, parse_pool
 
 
 def _parse(data: object) -> object:
@@ -211,3 +211,18 @@ def test_run_model_needs_a_run_and_an_unfinished_run_is_named(tmp_path: Path) ->
     pool = parse_pool({"members": [{"name": "m", "run": "runs/unfinished"}]}, tmp_path)
     with pytest.raises(MergerError, match="is not a finished run \\(no summary.json\\)"):
         member_checkpoint(pool.members[0], None, pool.exports_dir)
+
+
+def test_run_members_are_merged_models_and_merged_marks_any_other() -> None:
+    pool = _parse(
+        {
+            "members": [
+                {"name": "winner", "run": "runs/skills"},
+                {"name": "published", "registry": "skills-winner", "merged": True},
+                {"name": "base", "zoo": "base"},
+                {"name": "unmerged", "run": "runs/skills", "run_model": "baseline:linear", "merged": False},
+            ]
+        }
+    )
+    assert isinstance(pool, Pool)
+    assert [member.is_merged for member in pool.members] == [True, True, False, False]
