@@ -194,6 +194,15 @@ def three_member_pool(tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals:
     return write_pool(tmp_path, members, tiny_evals)
 
 
+def assert_printed_rows(pool_file: Path, labels: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The printed table over five splits, with a row starting with each label."""
+    assert main(["router", "eval", str(pool_file), "--splits", "5"]) == 0
+    text = capsys.readouterr().out
+    missing = [label for label in labels if f"\n{label}" not in text]
+    assert not missing, text
+    return text
+
+
 def test_cli_prints_the_table_over_five_splits(
     three_member_pool: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -211,18 +220,8 @@ def test_cli_prints_the_table_over_five_splits(
     assert report["encoder"]["member"] == "base" and report["encoder"]["seconds"] > 0
     assert json.loads((three_member_pool.parent / "work/comparison.json").read_text()) == report
 
-    assert main(["router", "eval", str(three_member_pool), "--splits", "5"]) == 0
-    text = capsys.readouterr().out
-    for label in (
-        "base",
-        "s1",
-        "s2",
-        "router (sep-CMA-ES head",
-        "logistic regression",
-        "k-NN (k=5)",
-        "oracle",
-    ):
-        assert f"\n{label}" in text
+    labels = ["base", "s1", "s2", "router (sep-CMA-ES head", "logistic regression", "k-NN (k=5)", "oracle"]
+    text = assert_printed_rows(three_member_pool, labels, capsys)
     assert "gap closed" in text
 
 
@@ -257,14 +256,8 @@ def test_cli_gives_the_merged_winner_and_the_router_over_the_specialists_rows_of
     assert all(s <= o for s, o in zip(subset_oracle, rows[ORACLE_ROW]["per_split"], strict=True))
     assert set(report["gap_closed"]) == {*ROUTED_ROWS, *(row_key(row, SPECIALISTS) for row in ROUTED_ROWS)}
 
-    assert main(["router", "eval", str(three_member_pool), "--splits", "5"]) == 0
-    text = capsys.readouterr().out
-    for label in (
-        "winner (merged winner)",
-        "router over specialists (",
-        "router over specialists + winner (",
-    ):
-        assert f"\n{label}" in text, label
+    labels = ["winner (merged winner)", "router over specialists (", "router over specialists + winner ("]
+    assert_printed_rows(three_member_pool, labels, capsys)
 
 
 def test_cli_refuses_a_split_that_leaves_no_training_items_in_one_line(
