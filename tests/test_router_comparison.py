@@ -17,15 +17,20 @@ from merger.router.comparison import (
     ORACLE_ROW,
     ROUTED_ROWS,
     ROUTER_ROW,
+    SPECIALISTS,
     check_splits,
+    format_comparison,
+    member_subsets,
     oracle_choices,
+    row_key,
     run_split,
     summarize,
 )
-from merger.router.outcomes import build_outcome_table
+from merger.router.outcomes import OutcomeTable, build_outcome_table
 from merger.router.pool import RouterSettings, load_pool
 from tests.test_router_head import MEMBERS, clustered_table
 from tests.test_router_outcomes import write_pool
+from tests.test_router_pool import write_finished_run
 from tests.tiny_models import write_tasks
 
 ENCODER = {"id": "synthetic", "seconds": 0.001, "gib": 0.5}
@@ -74,6 +79,91 @@ def test_resident_members_and_seconds_follow_the_choices() -> None:
     assert rows[ORACLE_ROW]["seconds_per_answer"] == pytest.approx(1.0)
 
 
+def with_merged_members(table: OutcomeTable, seed: int = 0) -> OutcomeTable:
+    """The clustered table plus a merged `winner` (right on 80% of the maths and geography topics) and an
+    untuned `baseline` (right on 30% of every item)."""
+    rng = np.random.default_rng(seed)
+    topic = np.array([int(task.removeprefix("topic")) for task in table.tasks])
+    winner = (topic < 2) & (rng.random(len(topic)) < 0.8)
+    baseline = rng.random(len(topic)) < 0.3
+    correct = np.column_stack([table.correct, winner, baseline]).astype(float)
+    return OutcomeTable(
+        table.item_ids,
+        table.tasks,
+        table.prompts,
+        [*table.members, "winner", "baseline"],
+        correct,
+        np.ones_like(correct),
+    )
+
+
+def test_the_subset_rule_gives_the_specialists_and_the_specialists_plus_each_merged_model() -> None:
+    members = ["base", "add", "sort", "winner", "baseline"]
+    subsets = member_subsets(members, ["winner", "baseline"])
+    assert [(subset.name, subset.columns.tolist()) for subset in subsets] == [
+        (SPECIALISTS, [0, 1, 2]),
+        (f"{SPECIALISTS} + winner", [0, 1, 2, 3]),
+        (f"{SPECIALISTS} + baseline", [0, 1, 2, 4]),
+    ]
+    # one merged member: the specialists plus it are the whole pool, which has its own rows
+    assert [subset.name for subset in member_subsets(members[:4], ["winner"])] == [SPECIALISTS]
+    # no merged member, or one specialist alone (no routing over one member): no subset rows
+    assert member_subsets(members, []) == []
+    assert [
+        subset.name for subset in member_subsets(["base", "winner", "baseline"], ["winner", "baseline"])
+    ] == [
+        f"{SPECIALISTS} + winner",
+        f"{SPECIALISTS} + baseline",
+    ]
+
+
+def test_subset_rows_choose_only_their_members_and_their_oracle_is_below_the_pools() -> None:
+    clustered, embeddings = clustered_table(items=150, seed=4)
+    table = with_merged_members(clustered)
+    merged = ["winner", "baseline"]
+    subsets = member_subsets(table.members, merged)
+    settings = RouterSettings(hidden_size=8, evaluations=1500)
+    results = []
+    for number in range(3):
+        train, held_out = table.split(0.3, seed=number)
+        split_settings = settings.model_copy(update={"seed": number})
+        results.append(run_split(table, embeddings, train, held_out, "synthetic", split_settings, subsets))
+    for split in results:
+        for subset in subsets:
+            for row in (ROUTER_ROW, ORACLE_ROW):
+                chosen = set(split.choices[row_key(row, subset.name)].tolist())
+                assert chosen <= set(subset.columns.tolist()), (row, subset.name)
+    notes = {"winner": "merged winner", "baseline": "best untuned merge baseline"}
+    report = summarize(table, results, {}, ENCODER, member_notes=notes, merged=merged)
+    rows = report["rows"]
+    specialists_rows = [row_key(row, SPECIALISTS) for row in (ROUTER_ROW, LOGISTIC_ROW, KNN_ROW, ORACLE_ROW)]
+    assert set(specialists_rows) <= set(rows)
+    assert row_key(ROUTER_ROW, f"{SPECIALISTS} + winner") in rows
+    assert row_key(LOGISTIC_ROW, f"{SPECIALISTS} + winner") not in rows  # baselines: pool and specialists
+    assert list(rows)[-1] == ORACLE_ROW
+    for name, row in rows.items():
+        low, high = row["interval"]
+        assert low <= row["accuracy"] <= high, name
+    for subset in subsets:
+        subset_oracle = rows[row_key(ORACLE_ROW, subset.name)]["per_split"]
+        assert all(s <= o for s, o in zip(subset_oracle, rows[ORACLE_ROW]["per_split"], strict=True))
+        assert rows[row_key(ROUTER_ROW, subset.name)]["choosable"] == [
+            table.members[c] for c in subset.columns
+        ]
+        assert row_key(ROUTER_ROW, subset.name) in report["gap_closed"]
+    assert rows[ROUTER_ROW]["scope"] == f"{SPECIALISTS} + winner + baseline"
+    assert rows["winner"]["note"] == "merged winner" and rows["maths"]["note"] is None
+    text = format_comparison(report)
+    for label in (
+        "\nwinner (merged winner)",
+        "\nrouter over specialists (sep-CMA-ES head",
+        "\nrouter over specialists + winner (sep-CMA-ES head",
+        "\nk-NN over specialists (k=5)",
+        "\noracle over specialists + baseline",
+    ):
+        assert label in text, label
+
+
 def test_the_oracle_takes_the_preferred_member_among_those_right() -> None:
     correct = np.array([[1, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 1]], dtype=float)
     preference = np.array([2, 0, 1])
@@ -104,6 +194,15 @@ def three_member_pool(tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals:
     return write_pool(tmp_path, members, tiny_evals)
 
 
+def assert_printed_rows(pool_file: Path, labels: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The printed table over five splits, with a row starting with each label."""
+    assert main(["router", "eval", str(pool_file), "--splits", "5"]) == 0
+    text = capsys.readouterr().out
+    missing = [label for label in labels if f"\n{label}" not in text]
+    assert not missing, text
+    return text
+
+
 def test_cli_prints_the_table_over_five_splits(
     three_member_pool: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -121,19 +220,44 @@ def test_cli_prints_the_table_over_five_splits(
     assert report["encoder"]["member"] == "base" and report["encoder"]["seconds"] > 0
     assert json.loads((three_member_pool.parent / "work/comparison.json").read_text()) == report
 
-    assert main(["router", "eval", str(three_member_pool), "--splits", "5"]) == 0
-    text = capsys.readouterr().out
-    for label in (
-        "base",
-        "s1",
-        "s2",
-        "router (sep-CMA-ES head",
-        "logistic regression",
-        "k-NN (k=5)",
-        "oracle",
-    ):
-        assert f"\n{label}" in text
+    labels = ["base", "s1", "s2", "router (sep-CMA-ES head", "logistic regression", "k-NN (k=5)", "oracle"]
+    text = assert_printed_rows(three_member_pool, labels, capsys)
     assert "gap closed" in text
+
+
+def test_cli_gives_the_merged_winner_and_the_router_over_the_specialists_rows_of_their_own(
+    three_member_pool: Path, tiny_sources: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = three_member_pool.parent / "runs"
+    write_finished_run(runs / "skills", tiny_sources)
+    text = three_member_pool.read_text()
+    three_member_pool.write_text(text.replace("tasks:", "  - {name: winner, run: runs/skills}\ntasks:", 1))
+    assert main(["router", "eval", str(three_member_pool), "--splits", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["rows"]
+    specialists = ["base", "s1", "s2"]
+    assert list(rows) == [
+        *specialists,
+        "winner",
+        *(row_key(row, SPECIALISTS) for row in (ROUTER_ROW, LOGISTIC_ROW, KNN_ROW)),
+        *ROUTED_ROWS,
+        row_key(ORACLE_ROW, SPECIALISTS),
+        ORACLE_ROW,
+    ]
+    assert rows["winner"]["note"] == "merged winner" and rows["winner"]["resident"] == ["winner"]
+    assert rows[ROUTER_ROW]["scope"] == f"{SPECIALISTS} + winner"
+    for row in (ROUTER_ROW, LOGISTIC_ROW, KNN_ROW, ORACLE_ROW):
+        subset_row = rows[row_key(row, SPECIALISTS)]
+        assert subset_row["choosable"] == specialists
+        assert "winner" not in subset_row["resident"]
+        assert subset_row["interval"][0] <= subset_row["accuracy"] <= subset_row["interval"][1]
+        assert subset_row["resident_gib"] > 0 and subset_row["seconds_per_answer"] > 0
+    subset_oracle = rows[row_key(ORACLE_ROW, SPECIALISTS)]["per_split"]
+    assert all(s <= o for s, o in zip(subset_oracle, rows[ORACLE_ROW]["per_split"], strict=True))
+    assert set(report["gap_closed"]) == {*ROUTED_ROWS, *(row_key(row, SPECIALISTS) for row in ROUTED_ROWS)}
+
+    labels = ["winner (merged winner)", "router over specialists (", "router over specialists + winner ("]
+    assert_printed_rows(three_member_pool, labels, capsys)
 
 
 def test_cli_refuses_a_split_that_leaves_no_training_items_in_one_line(

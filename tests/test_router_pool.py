@@ -8,7 +8,7 @@ import pytest
 
 from merger.cli import main
 from merger.common.errors import MergerError
-from merger.router.pool import Role, load_pool, parse_pool
+from merger.router.pool import Pool, Role, load_pool, parse_pool
 
 
 def _parse(data: object) -> object:
@@ -138,7 +138,7 @@ def test_shipped_pool_examples_name_tasks_that_lm_eval_finds_with_readable_data(
     check_task_data(configs)
 
 
-def _finished_run(run: Path, sources: dict[str, Path]) -> None:
+def write_finished_run(run: Path, sources: dict[str, Path]) -> None:
     """A finished run directory: the winner's export, two baselines' mergekit YAML and their scores."""
     import shutil
 
@@ -173,7 +173,7 @@ def test_run_members_name_a_finished_runs_winner_and_its_best_baseline(
 
     from merger.router.members import member_checkpoint
 
-    _finished_run(tmp_path / "runs/skills", tiny_sources)
+    write_finished_run(tmp_path / "runs/skills", tiny_sources)
     pool = parse_pool(
         {
             "members": [
@@ -211,3 +211,18 @@ def test_run_model_needs_a_run_and_an_unfinished_run_is_named(tmp_path: Path) ->
     pool = parse_pool({"members": [{"name": "m", "run": "runs/unfinished"}]}, tmp_path)
     with pytest.raises(MergerError, match="is not a finished run \\(no summary.json\\)"):
         member_checkpoint(pool.members[0], None, pool.exports_dir)
+
+
+def test_run_members_are_merged_models_and_merged_marks_any_other() -> None:
+    pool = _parse(
+        {
+            "members": [
+                {"name": "winner", "run": "runs/skills"},
+                {"name": "published", "registry": "skills-winner", "merged": True},
+                {"name": "base", "zoo": "base"},
+                {"name": "unmerged", "run": "runs/skills", "run_model": "baseline:linear", "merged": False},
+            ]
+        }
+    )
+    assert isinstance(pool, Pool)
+    assert [member.is_merged for member in pool.members] == [True, True, False, False]

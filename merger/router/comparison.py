@@ -4,6 +4,9 @@ items of several train/held-out splits, with intervals, the members each must ke
 Accuracy is the mean over splits of each split's held-out accuracy. Its 95% interval is a bootstrap over
 held-out items: each resample draws every split's held-out items with replacement (the same draws for
 every row, so rows stay comparable) and averages the splits again.
+
+When the pool holds merged models (a run's winner or baselines), the router and the oracle also get rows
+restricted to member subsets (see `member_subsets`), trained and measured on the same splits.
 """
 
 from __future__ import annotations
@@ -33,15 +36,56 @@ Progress = Callable[[str], None]
 
 @dataclass
 class SplitResult:
-    """One split: the held-out rows, each row's chosen member per held-out item, and the seconds per item
-    each row spends choosing (0 for a member alone and for the oracle, which is not a real policy)."""
+    """One split: the held-out rows, each row's chosen member per held-out item, the members each row may
+    choose from, the seconds per item each routed row spends choosing (members alone and oracles have
+    none: the oracle is not a real policy), and each router row's head size."""
 
     seed: int
     train_rows: np.ndarray
     held_out_rows: np.ndarray
     choices: dict[str, np.ndarray] = field(default_factory=dict)
+    choosable: dict[str, np.ndarray] = field(default_factory=dict)
     choose_seconds: dict[str, float] = field(default_factory=dict)
-    head_parameters: int = 0
+    head_parameters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemberSubset:
+    """Members a row may choose from, named for the table: `specialists`, `specialists + winner`."""
+
+    name: str
+    columns: np.ndarray
+
+
+SPECIALISTS = "specialists"
+
+
+def member_subsets(members: list[str], merged: list[str]) -> list[MemberSubset]:
+    """The subsets that get rows of their own. The specialists are every member that is not a merged model
+    (the base included); the subsets are the specialists alone and the specialists plus each merged model,
+    each kept when it has at least two members and is not the whole pool (which has its own rows)."""
+    specialists = [index for index, name in enumerate(members) if name not in merged]
+    merged_columns = [index for index, name in enumerate(members) if name in merged]
+    if not merged_columns:
+        return []
+    candidates = [specialists] + [sorted([*specialists, column]) for column in merged_columns]
+    subsets = []
+    for columns in candidates:
+        if 2 <= len(columns) < len(members):
+            subsets.append(MemberSubset(scope_name(members, merged, columns), np.array(columns)))
+    return subsets
+
+
+def scope_name(members: list[str], merged: list[str], columns: list[int]) -> str:
+    """`specialists`, `specialists + winner`, ... (just the merged names where no specialist is in it)."""
+    chosen = [members[column] for column in columns]
+    parts = [SPECIALISTS] if any(name not in merged for name in chosen) else []
+    return " + ".join(parts + [name for name in chosen if name in merged])
+
+
+def row_key(row: str, scope: str | None) -> str:
+    """A row of the whole pool (`router`), or of a subset (`router [specialists]`)."""
+    return row if not scope else f"{row} [{scope}]"
 
 
 def check_splits(table: OutcomeTable, splits: list[tuple[np.ndarray, np.ndarray]], fraction: float) -> None:
@@ -80,35 +124,62 @@ def run_split(
     held_out_rows: np.ndarray,
     encoder_id: str,
     settings: RouterSettings,
+    subsets: list[MemberSubset] | None = None,
 ) -> SplitResult:
-    """Train the head and both non-evolved choosers on the training rows; record every row's choices."""
-    train_x, test_x = embeddings[train_rows], embeddings[held_out_rows]
-    train_correct = table.correct[train_rows]
+    """Train the head and both non-evolved choosers on the training rows, over each subset and the whole
+    pool (the head on every subset, the others on the specialists only); record every row's choices."""
     result = SplitResult(settings.seed, train_rows, held_out_rows)
-    items = len(held_out_rows)
     for index, name in enumerate(table.members):
-        result.choices[name] = np.full(items, index)
+        result.choices[name] = np.full(len(held_out_rows), index)
+        result.choosable[name] = np.array([index])
+    whole_pool = MemberSubset("", np.arange(len(table.members)))
+    scoped = list(subsets or [])
+    for subset in [*scoped, whole_pool]:
+        baselines = subset is whole_pool or subset.name == SPECIALISTS
+        _route(table, embeddings, result, subset, encoder_id, settings, baselines)
+    for subset in [*scoped, whole_pool]:
+        train_correct = table.correct[np.ix_(train_rows, subset.columns)]
+        preference = np.argsort(-train_correct.mean(axis=0), kind="stable")
+        choices = oracle_choices(table.correct[np.ix_(held_out_rows, subset.columns)], preference)
+        result.choices[row_key(ORACLE_ROW, subset.name)] = subset.columns[choices]
+        result.choosable[row_key(ORACLE_ROW, subset.name)] = subset.columns
+    return result
+
+
+def _route(
+    table: OutcomeTable,
+    embeddings: np.ndarray,
+    result: SplitResult,
+    subset: MemberSubset,
+    encoder_id: str,
+    settings: RouterSettings,
+    baselines: bool,
+) -> None:
+    """The head (and, with `baselines`, logistic regression and k-NN) trained on the subset's columns only,
+    so they can choose no member outside it; choices are recorded as whole-pool member indices."""
+    columns = subset.columns
+    train_x, test_x = embeddings[result.train_rows], embeddings[result.held_out_rows]
+    train_correct = table.correct[np.ix_(result.train_rows, columns)]
     head = train_head(
         train_x,
         train_correct,
-        table.members,
+        [table.members[column] for column in columns],
         encoder_id,
         settings,
-        cost=None if table.cost is None else table.cost[train_rows],
-        latency=table.latency[train_rows],
+        cost=None if table.cost is None else table.cost[np.ix_(result.train_rows, columns)],
+        latency=table.latency[np.ix_(result.train_rows, columns)],
     )
-    result.head_parameters = head.num_parameters
-    logistic = fit_logistic_regression(train_x, train_correct)
-    routed = {
-        ROUTER_ROW: lambda: head.choose(test_x),
-        LOGISTIC_ROW: lambda: logistic(test_x),
-        KNN_ROW: lambda: knn_choices(train_x, train_correct, test_x),
-    }
-    for name, choose in routed.items():
-        result.choices[name], result.choose_seconds[name] = _timed(choose, items)
-    preference = np.argsort(-train_correct.mean(axis=0), kind="stable")
-    result.choices[ORACLE_ROW] = oracle_choices(table.correct[held_out_rows], preference)
-    return result
+    result.head_parameters[row_key(ROUTER_ROW, subset.name)] = head.num_parameters
+    routed: dict[str, Callable[[], np.ndarray]] = {ROUTER_ROW: lambda: head.choose(test_x)}
+    if baselines:
+        logistic = fit_logistic_regression(train_x, train_correct)
+        routed[LOGISTIC_ROW] = lambda: logistic(test_x)
+        routed[KNN_ROW] = lambda: knn_choices(train_x, train_correct, test_x)
+    for row, choose in routed.items():
+        key = row_key(row, subset.name)
+        choices, result.choose_seconds[key] = _timed(choose, len(result.held_out_rows))
+        result.choices[key] = columns[choices]
+        result.choosable[key] = columns
 
 
 def _per_item_correct(table: OutcomeTable, split: SplitResult, row: str) -> np.ndarray:
@@ -132,17 +203,20 @@ def summarize(
     member_gib: dict[str, float | None],
     encoder: dict[str, Any],
     seed: int = 0,
+    member_notes: dict[str, str] | None = None,
+    merged: list[str] | None = None,
 ) -> dict[str, Any]:
     """The table as plain data: per row accuracy, interval, resident members, seconds per answer; and the
     gap each routed row closes per split. `encoder` names what routing adds: `member` (a pool member whose
-    hidden states embed the prompt) or `gib`, and `seconds` per prompt."""
+    hidden states embed the prompt) or `gib`, and `seconds` per prompt. `member_notes` says what a member
+    is (`merged winner`); `merged` names the merged members, which name the scope of each routed row."""
     rng = np.random.default_rng(seed)
     draws = [
         rng.integers(0, len(split.held_out_rows), (BOOTSTRAP_RESAMPLES, len(split.held_out_rows)))
         for split in splits
     ]
     rows: dict[str, dict[str, Any]] = {}
-    for name in [*table.members, *ROUTED_ROWS, ORACLE_ROW]:
+    for name in splits[0].choices:
         per_split = [_per_item_correct(table, split, name) for split in splits]
         accuracies = [float(correct.mean()) for correct in per_split]
         low, high = bootstrap_interval(per_split, draws)
@@ -150,10 +224,13 @@ def summarize(
             "accuracy": float(np.mean(accuracies)),
             "interval": [low, high],
             "per_split": accuracies,
+            **_describe(table, splits[0], name, member_notes or {}, merged or []),
             **_resident(table, splits, name, member_gib, encoder),
             "seconds_per_answer": _seconds_per_answer(table, splits, name, encoder),
         }
-    gap = _gap_rows(table, rows)
+        if name in splits[0].head_parameters:
+            rows[name]["head_parameters"] = max(split.head_parameters[name] for split in splits)
+    gap = _gap_rows(table, rows, list(splits[0].choose_seconds))
     return {
         "items": len(table.item_ids),
         "splits": [
@@ -164,13 +241,27 @@ def summarize(
             }
             for split in splits
         ],
-        "head_parameters": max(split.head_parameters for split in splits),
+        "head_parameters": rows[ROUTER_ROW]["head_parameters"],
         "knn_neighbours": KNN_NEIGHBOURS,
         "interval": f"{INTERVAL_LEVEL:.0%} interval: bootstrap over held-out items ({BOOTSTRAP_RESAMPLES} resamples)",
         "encoder": encoder,
         "rows": rows,
         "gap_closed": gap,
     }
+
+
+def _describe(
+    table: OutcomeTable, split: SplitResult, row: str, notes: dict[str, str], merged: list[str]
+) -> dict[str, Any]:
+    """What the row is: `kind` (member, router, logistic regression, k-NN, oracle), the members it may
+    choose from, and for a choosing row its `scope` (`specialists + winner`; none without merged members)."""
+    choosable = [table.members[column] for column in split.choosable[row]]
+    if row in table.members:
+        return {"kind": "member", "choosable": choosable, "note": notes.get(row)}
+    kind = row.split(" [")[0]
+    columns = [int(column) for column in split.choosable[row]]
+    scope = scope_name(table.members, merged, columns) if merged else None
+    return {"kind": kind, "choosable": choosable, "scope": scope}
 
 
 def _resident(
@@ -184,7 +275,7 @@ def _resident(
     used = sorted({int(index) for split in splits for index in np.unique(split.choices[row])})
     names = [table.members[index] for index in used]
     extra_gib = 0.0
-    if row in ROUTED_ROWS:
+    if row in splits[0].choose_seconds:
         if encoder.get("member") and encoder["member"] not in names:
             names.append(encoder["member"])
         extra_gib = float(encoder.get("gib") or 0.0)
@@ -201,21 +292,37 @@ def _seconds_per_answer(
     for split in splits:
         choices = split.choices[row]
         answer = table.latency[split.held_out_rows, choices].mean()
-        routing = float(encoder["seconds"]) + split.choose_seconds[row] if row in ROUTED_ROWS else 0.0
-        per_split.append(answer + routing)
+        routing = split.choose_seconds.get(row)
+        per_split.append(answer + (0.0 if routing is None else float(encoder["seconds"]) + routing))
     return float(np.mean(per_split))
 
 
-def _gap_rows(table: OutcomeTable, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _gap_rows(
+    table: OutcomeTable, rows: dict[str, dict[str, Any]], routed: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Every routed row against the whole pool's best single member and oracle, so subset rows compare
+    with the merged winner alone: below it, a row's gap closed is negative."""
     count = len(rows[ORACLE_ROW]["per_split"])
     best_single = [max(rows[name]["per_split"][k] for name in table.members) for k in range(count)]
     oracle = rows[ORACLE_ROW]["per_split"]
     gap: dict[str, dict[str, Any]] = {}
-    for name in ROUTED_ROWS:
+    for name in routed:
         per_split = [gap_closed(rows[name]["per_split"][k], best_single[k], oracle[k]) for k in range(count)]
         known = [value for value in per_split if value is not None]
         gap[name] = {"per_split": per_split, "mean": float(np.mean(known)) if known else None}
     return gap
+
+
+def row_label(name: str, row: dict[str, Any], knn_neighbours: int) -> str:
+    """`winner (merged winner)`, `router over specialists (sep-CMA-ES head, 1,234 params)`, `k-NN (k=5)`."""
+    if row["kind"] == "member":
+        return f"{name} ({row['note']})" if row.get("note") else name
+    scope = f" over {row['scope']}" if row.get("scope") else ""
+    details = {
+        ROUTER_ROW: f" (sep-CMA-ES head, {row.get('head_parameters', 0):,} params)",
+        KNN_ROW: f" (k={knn_neighbours})",
+    }
+    return f"{row['kind']}{scope}{details.get(row['kind'], '')}"
 
 
 def format_comparison(report: dict[str, Any]) -> str:
@@ -226,32 +333,36 @@ def format_comparison(report: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
     splits = report["splits"]
-    labels = {
-        ROUTER_ROW: f"router (sep-CMA-ES head, {report['head_parameters']:,} params)",
-        LOGISTIC_ROW: "logistic regression",
-        KNN_ROW: f"k-NN (k={report['knn_neighbours']})",
-    }
+    labels = {name: row_label(name, row, report["knn_neighbours"]) for name, row in report["rows"].items()}
+    width = max(44, *(len(label) for label in labels.values()))
     lines = [
         f"{len(splits)} train/held-out splits of {report['items']} items "
         f"(held out per split: {', '.join(str(s['held_out_items']) for s in splits)}); "
         f"accuracy: mean over splits; {report['interval']}",
-        f"{'row':44s} {'accuracy':>8s}  {'95% interval':15s} {'resident GiB':>12s}  {'s/answer':>8s}  members resident",
+        f"{'row':{width}s} {'accuracy':>8s}  {'95% interval':15s} {'resident GiB':>12s}  {'s/answer':>8s}  members resident",
     ]
     for name, row in report["rows"].items():
         low, high = row["interval"]
         lines.append(
-            f"{labels.get(name, name):44s} {pct(row['accuracy']):>8s}  "
+            f"{labels[name]:{width}s} {pct(row['accuracy']):>8s}  "
             f"{f'[{100 * low:.1f}, {100 * high:.1f}]':15s} {row['resident_gib']:12.3f}  "
             f"{row['seconds_per_answer']:8.4f}  {', '.join(row['resident'])}"
         )
-    lines.append("gap closed, (row - best single) / (oracle - best single), per split and mean:")
+    lines.append(
+        "gap closed, (row - best single) / (oracle - best single), whole pool's best single and oracle, "
+        "per split and mean:"
+    )
     for name, gap in report["gap_closed"].items():
         per_split = " ".join(ratio(value) for value in gap["per_split"])
-        lines.append(f"  {labels[name]:42s} {per_split}   mean {ratio(gap['mean'])}")
+        lines.append(f"  {labels[name]:{width}s} {per_split}   mean {ratio(gap['mean'])}")
     encoder = report["encoder"]
     encoder_name = f"{encoder['member']}'s hidden states" if encoder.get("member") else encoder["id"]
     lines.append(
         f"s/answer: the member's recorded seconds per item in the outcome table; routed rows add "
         f"{encoder['seconds']:.4f} s to embed one prompt ({encoder_name}, measured here) and the time to choose"
     )
+    if any(row.get("scope") for row in report["rows"].values()):
+        lines.append(
+            f"{SPECIALISTS}: every member that is not a merged model (a `run:` member, or `merged: true`)"
+        )
     return "\n".join(lines)

@@ -66,6 +66,9 @@ class Member(StrictModel):
     # local members: false sends a lone user message as the raw prompt (as lm-eval does without
     # apply_chat_template), for models tuned on plain prompts
     chat_template: bool = True
+    # a merged model, not a specialist (default: true for `run:` members); `router eval` gives the router
+    # over the specialists alone, and over the specialists plus each merged model, rows of their own
+    merged: bool | None = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Member:
@@ -83,6 +86,10 @@ class Member(StrictModel):
     @property
     def is_local(self) -> bool:
         return self.remote is None
+
+    @property
+    def is_merged(self) -> bool:
+        return self.run is not None if self.merged is None else self.merged
 
     @property
     def model_of_run(self) -> str:

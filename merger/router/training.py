@@ -13,13 +13,13 @@ import numpy as np
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
 from merger.registry.files import weight_files
-from merger.router.comparison import check_splits, run_split, summarize
+from merger.router.comparison import check_splits, member_subsets, run_split, summarize
 from merger.router.embeddings import build_embedder
 from merger.router.evaluation import evaluate
 from merger.router.head import RouterHead, train_head
 from merger.router.members import member_checkpoint
 from merger.router.outcomes import OutcomeTable, build_outcome_table
-from merger.router.pool import Pool
+from merger.router.pool import RUN_BASELINE_PREFIX, RUN_BEST_BASELINE, RUN_WINNER, Member, Pool
 
 GIB = 1024**3
 EMBED_TIMING_PROMPTS = 16
@@ -94,25 +94,42 @@ def compare_over_splits(
     pool: Pool, splits: int, holdout_fraction: float | None = None, progress: Progress | None = None
 ) -> dict[str, Any]:
     """The merge-or-route table: a head (and both baselines) trained afresh on each of `splits` splits,
-    seeded router.seed, router.seed + 1, ...; written to the work dir as comparison.json."""
+    seeded router.seed, router.seed + 1, ..., over the whole pool and over the member subsets that separate
+    merging from routing (`member_subsets`); written to the work dir as comparison.json."""
     fraction = pool.router.holdout_fraction if holdout_fraction is None else holdout_fraction
     table = build_outcome_table(pool, progress)
     pairs = [table.split(fraction, pool.router.seed + number) for number in range(splits)]
     check_splits(table, pairs, fraction)
     embedder = build_embedder(pool)
     embeddings = embedder(table.prompts)
+    merged = [member.name for member in pool.members if member.is_merged]
+    subsets = member_subsets(table.members, merged)
     results = []
     for number, (train_rows, held_out_rows) in enumerate(pairs):
         settings = pool.router.model_copy(update={"seed": pool.router.seed + number})
-        results.append(run_split(table, embeddings, train_rows, held_out_rows, embedder.encoder_id, settings))
+        results.append(
+            run_split(table, embeddings, train_rows, held_out_rows, embedder.encoder_id, settings, subsets)
+        )
         if progress is not None:
             progress(
                 f"split {number + 1} of {splits}: trained on {len(train_rows)}, held out {len(held_out_rows)}"
             )
     encoder = _encoder_facts(pool, embedder.encoder_id, table.prompts)
-    report = summarize(table, results, _member_gib(pool), encoder, seed=pool.router.seed)
+    notes = {member.name: member_note(member) for member in pool.members if member.is_merged}
+    report = summarize(table, results, _member_gib(pool), encoder, pool.router.seed, notes, merged)
     write_atomic(pool.work_dir / "comparison.json", json.dumps(report, indent=2).encode())
     return report
+
+
+def member_note(member: Member) -> str:
+    """What a merged member is, for its row: the run's winner, one of its untuned baselines, or merged."""
+    if member.run is None:
+        return "merged"
+    if member.model_of_run == RUN_WINNER:
+        return "merged winner"
+    if member.model_of_run == RUN_BEST_BASELINE:
+        return "best untuned merge baseline"
+    return f"untuned merge baseline {member.model_of_run.removeprefix(RUN_BASELINE_PREFIX)}"
 
 
 def checkpoint_gib(checkpoint: Path) -> float:
