@@ -39,6 +39,7 @@ def recipe_data(sources: dict[str, Path], evals: Path, **overrides: Any) -> dict
         "optimizer": {"popsize": POPSIZE, "max_evaluations": 8, "seed": 5},
         "fitness": {"tasks": [{"name": "tiny_mc", "metric": "acc"}], "limit": 12},
         "task_paths": [str(evals)],
+        "baselines": [],  # no untuned warm start: generations of POPSIZE from the first evaluation
     }
     data.update(overrides)
     return data

@@ -39,6 +39,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 def strategy_data(tiny_sources: dict[str, Path], tiny_evals: Path, strategy: str, **optimizer: Any) -> dict:
     data = recipe_data(tiny_sources, tiny_evals)
+    data["baselines"] = []  # no untuned warm start: the budgets and generations below are the strategies' own
     data["fitness"] = {**data["fitness"], **STRATEGIES[strategy]}
     data["optimizer"] = {**data["optimizer"], **optimizer}
     return data

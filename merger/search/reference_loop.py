@@ -8,13 +8,15 @@
             score = scorer.fitness(...)           # lm-eval on the recipe's fitness tasks
         es.tell(genotypes, [-s for s in scores])  # pycma minimises, so it is told minus the score
 
+Before the first generation the untuned merges the space can express (its warm start: the recipe's
+baselines of the searched method, `x0: grid`) are scored, and CMA-ES starts from the best of them.
+
 Read this first; it gives the same genotypes and fitness scores as the real loop
 (`merger.search.loop.Search.run`, opened by `open_search`) for a recipe it supports: the optimizer is
 built by the real loop's `new_state`, the sources, space, engine and scorer are the real ones. What
 production adds around the same ask/merge/score/tell: the ledger (every record and item outcome in
 SQLite), checkpoint/resume after a kill, budgets (evaluations, seconds, items), the failure policy (a
-candidate that cannot merge or score is ranked last instead of stopping the run), the warm start
-(`x0: grid`), racing and anchors (`merger.search.strategies`), Ray executors (`merger.executors`),
+candidate that cannot merge or score is ranked last instead of stopping the run), racing and anchors (`merger.search.strategies`), Ray executors (`merger.executors`),
 layer-path spaces, validation per generation, and the finish: export, test scores and report
 (`merger.finish`, `merger.report`).
 """
@@ -56,12 +58,17 @@ def run_reference_loop(
     num_layers = check_compatible(source_paths, recipe.trust_remote_code)
     space = make_genome(recipe, source_paths, num_layers)
     check_tasks(recipe)
-    es = new_state(recipe, space).es  # the real loop's pycma options: bounds, popsize, seed, diagonal...
 
     # -- one resident model the candidates are merged into, and lm-eval scoring it -------------
     engine = engine_for_recipe(recipe, source_paths, pick_device(recipe.engine.device))
     tokenizer = load_tokenizer(source_paths[recipe.tokenizer_name], recipe.trust_remote_code)
     scorer = Scorer(recipe, engine.model, tokenizer)
+
+    # -- the warm start: the untuned merges the space can express, CMA-ES starts at the best ----
+    starts = [start.genotype for start in space.warm_start()]
+    start_scores = [merge_and_score(space, engine, scorer, x) for x in starts]
+    x0 = starts[int(np.argmax(start_scores))] if starts else None
+    es = new_state(recipe, space, x0).es  # the real loop's pycma options: bounds, popsize, seed, diagonal...
 
     # -- the loop ----------------------------------------------------------------------------
     history = []
@@ -88,7 +95,6 @@ def refuse_production_features(recipe: Recipe) -> None:
     """What only the real loop does; the reference would silently differ from it there."""
     unsupported = {
         "genome.space: layer_path": recipe.genome.space == "layer_path",
-        "optimizer.x0: grid (a warm start)": recipe.optimizer.x0 == "grid",
         f"fitness.strategy: {recipe.fitness.strategy}": recipe.fitness.strategy != "full",
     }
     named = [feature for feature, present in unsupported.items() if present]
