@@ -99,12 +99,14 @@ def final_models(run_dir: Path) -> dict[str, Model]:
     """The test scores and test items of every model the end of the run scored, by ledger key."""
     ledger = Ledger(run_dir)
     try:
-        rows = [row for row in ledger.final_scores() if row.eval_set == "test"]
-        return {
-            row.model: Model(row.model, row.scores, ledger.item_outcomes(final_items_key(row.identity)).get(
-                final_items_key(row.identity), {}))
-            for row in rows
-        }
+        models = {}
+        for row in ledger.final_scores():
+            if row.eval_set != "test":
+                continue
+            key = final_items_key(row.identity)  # every set's items of these weights: keep the test tasks'
+            items = ledger.item_outcomes(key).get(key, {})
+            models[row.model] = Model(row.model, row.scores, {task: items[task] for task in row.scores if task in items})
+        return models
     finally:
         ledger.close()
 

@@ -16,8 +16,8 @@ import pytest
 
 import merger.cli
 from merger.finish.models import FinalModel
-from merger.finish.selection import Contender, choose, selection_note
-from merger.recipe import parse_recipe
+from merger.finish.selection import Contender, choose, selection_note, with_margins
+from merger.recipe import SelectionSpec, parse_recipe
 from merger.rundir.layout import Finalist, RunDir
 from merger.rundir.ledger import WARM_START_GENERATION, WARM_START_META, Ledger
 from merger.scoring.uncertainty import paired_difference, standard_error
@@ -43,25 +43,57 @@ KNOWN = [  # (kind, name, fitness, selection): the best fitness is not the best 
 ]
 
 
+BEST = SelectionSpec(top_k=2, rule="best")
+CONFIDENT = SelectionSpec(top_k=2, rule="confident")
+
+
 def test_selection_picks_the_baseline_when_it_is_better_on_the_selection_set():
     contenders = [contender(kind, name) for kind, name, _, _ in KNOWN]
     rows = [row(*entry) for entry in KNOWN]
-    winner, selection = choose(contenders, rows, top_k=2)
-    assert winner.name == "baseline: linear" and selection.kind == "baseline"
-    assert selection.chosen == "baseline: linear" and len(selection.finalists) == 4
+    for rule in (BEST, CONFIDENT):
+        winner, selection = choose(contenders, rows, rule)
+        assert winner.name == "baseline: linear" and selection.kind == "baseline"
+        assert selection.chosen == "baseline: linear" and len(selection.finalists) == 4
     note = selection_note(selection)
     assert note is not None and "'linear'" in note and "0.700" in note and "0.650" in note and "\n" not in note
 
 
-def test_a_candidate_wins_only_when_strictly_better_than_every_untuned_model():
+def test_a_candidate_wins_only_when_better_than_every_untuned_model():
     contenders = [contender(kind, name) for kind, name, _, _ in KNOWN]
     better = [row(*entry) for entry in KNOWN]
     better[2] = row("candidate", "gen 2 #1", 0.80, 0.71)
-    winner, selection = choose(contenders, better, top_k=2)
+    winner, selection = choose(contenders, better, BEST)
     assert winner.name == "gen 2 #1" and selection_note(selection) is None
     tied = [row(*entry) for entry in KNOWN]
     tied[2] = row("candidate", "gen 2 #1", 0.80, 0.70)
-    assert choose(contenders, tied, top_k=2)[0].name == "baseline: linear"
+    assert choose(contenders, tied, BEST)[0].name == "baseline: linear"
+
+
+def items(values: list[float]) -> dict[str, dict[int, float]]:
+    return {"t": dict(enumerate(values))}
+
+
+def test_the_confident_rule_needs_a_lead_beyond_the_noise():
+    """On 200 shared items: a candidate one item ahead of the best untuned finalist is noise, one 30
+    items ahead is not; the confident rule exports the first only under `best`."""
+    rng = np.random.default_rng(0)
+    base = (rng.random(200) < 0.5).astype(float)
+    baseline = base.copy()
+    slightly = base.copy()
+    slightly[np.flatnonzero(base == 0)[:1]] = 1.0  # one more item right
+    clearly = base.copy()
+    clearly[np.flatnonzero(base == 0)[:30]] = 1.0  # thirty more
+    mean = lambda means: means["t"]  # noqa: E731
+    for candidate, expected in ((slightly, "baseline: linear"), (clearly, "gen 2 #1")):
+        names = [("baseline", "baseline: linear"), ("candidate", "gen 2 #1")]
+        values = [baseline, candidate]
+        rows = [row(kind, name, 0.5, float(v.mean())) for (kind, name), v in zip(names, values, strict=True)]
+        rows = with_margins(rows, [items(list(v)) for v in values], mean, confidence=0.95)
+        contenders = [contender(kind, name) for kind, name in names]
+        assert choose(contenders, rows, CONFIDENT)[0].name == expected
+        assert choose(contenders, rows, BEST)[0].name == "gen 2 #1"
+        assert rows[1].reference == "baseline: linear" and rows[1].lower_bound is not None
+        assert (rows[1].lower_bound > 0) == (expected == "gen 2 #1")
 
 
 def test_bootstrap_standard_error_and_paired_interval():
@@ -121,9 +153,12 @@ def test_a_run_selects_on_validation_and_exports_what_it_selected(tiny_sources, 
     selection = summary.selection
     kinds = [finalist.kind for finalist in selection.finalists]
     assert kinds == ["baseline"] * 4 + ["source"] * 3 + ["candidate"] * 3
-    best = max(finalist.selection for finalist in selection.finalists)
+    eligible = [f for f in selection.finalists if f.kind != "candidate" or (f.lower_bound or 0.0) > 0.0]
+    best = max(finalist.selection for finalist in eligible)
     chosen = next(f for f in selection.finalists if f.name == selection.chosen)
+    assert selection.rule == "confident" and chosen in eligible
     assert chosen.selection == best and summary.winner.validation == {"tiny_gen": best}
+    assert all(f.lower_bound is not None for f in selection.finalists if f.kind == "candidate")
     assert all(f.selection_se is not None and f.fitness_se is not None for f in selection.finalists)
     assert "finalist" in out and selection.chosen in out and "±" in out
     ledger = Ledger(layout.path)

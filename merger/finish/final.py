@@ -26,6 +26,7 @@ from merger.finish.selection import (
 )
 from merger.recipe import PASSTHROUGH, Recipe
 from merger.rundir.layout import (
+    LEAD_HEADER,
     AcrossTasks,
     Baseline,
     LineageEntry,
@@ -34,6 +35,7 @@ from merger.rundir.layout import (
     Selection,
     Summary,
     Winner,
+    selection_rule_text,
 )
 from merger.rundir.ledger import WINNER_KEY, baseline_key, source_key
 from merger.scoring.fitness import eval_sets, weighted_score, worst_task
@@ -109,7 +111,7 @@ def select_winner(
     scores.update(score_final(search, [c.model for c in candidates], ["validation"]))
     contenders = untuned_contenders(untuned) + candidates
     rows = finalist_rows(recipe, search.ledger, contenders, scores)
-    return choose(contenders, rows, recipe.selection.top_k)
+    return choose(contenders, rows, recipe.selection)
 
 
 def build_summary(
@@ -203,7 +205,7 @@ def score_table(summary: Summary) -> str:
 def finalist_table(selection: Selection) -> str:
     """The finalists as selection saw them: fitness and validation score, each +- its standard error."""
 
-    lines = [["finalist", "kind", "fitness", selection.eval_set, ""]]
+    lines = [["finalist", "kind", "fitness", selection.eval_set, LEAD_HEADER, ""]]
     for row in selection.finalists:
         lines.append([*row.cells(), "<- winner" if row.name == selection.chosen else ""])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
@@ -265,9 +267,7 @@ def selection_card_lines(selection: Selection | None) -> list[str]:
         return []
     return [
         "## Selection",
-        f"The winner is the best of these finalists on the {selection.eval_set} set, which shares no item with "
-        f"the fitness set: the {selection.top_k} best candidates by fitness, every untuned baseline and every "
-        "source (± one standard error, bootstrap over items).",
+        selection_rule_text(selection),
         "```",
         finalist_table(selection),
         "```",

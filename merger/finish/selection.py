@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from merger.finish.models import FinalModel, ScoreTable, config_identity, merge_yaml
-from merger.recipe import Recipe
+from merger.recipe import Recipe, SelectionSpec
 from merger.rundir.layout import Finalist, Selection
 from merger.rundir.ledger import (
     BASELINE_PREFIX,
@@ -26,7 +26,7 @@ from merger.rundir.ledger import (
     final_items_key,
 )
 from merger.scoring.fitness import fitness_score, selection_score
-from merger.scoring.uncertainty import ItemValues, standard_error
+from merger.scoring.uncertainty import Aggregate, ItemValues, paired_difference, standard_error
 from merger.space import SearchSpace
 
 
@@ -88,6 +88,7 @@ def finalist_rows(
         return selection_score(task_means, recipe)
 
     rows = []
+    selection_items: list[ItemValues] = []
     for contender in contenders:
         model = contender.model
         selected = scores[model.key]["validation"]
@@ -97,7 +98,7 @@ def finalist_rows(
         else:
             fitness = fitness_of(scores[model.key]["fitness"])
             fitness_items = _in_set(items.get(final_items_key(model.identity), {}), scores[model.key]["fitness"])
-        selection_items = _in_set(items.get(final_items_key(model.identity), {}), selected)
+        selection_items.append(_in_set(items.get(final_items_key(model.identity), {}), selected))
         rows.append(
             Finalist(
                 name=contender.name,
@@ -105,10 +106,31 @@ def finalist_rows(
                 fitness=fitness,
                 fitness_se=_se(fitness_items, recipe.fitness.tasks, fitness_of),
                 selection=selection_of(selected),
-                selection_se=_se(selection_items, recipe.validation.tasks if recipe.validation else [], selection_of),
+                selection_se=_se(
+                    selection_items[-1], recipe.validation.tasks if recipe.validation else [], selection_of
+                ),
                 identity=model.identity,
             )
         )
+    return with_margins(rows, selection_items, selection_of, recipe.selection.confidence)
+
+
+def with_margins(
+    rows: list[Finalist], items: list[ItemValues], aggregate: Aggregate, confidence: float
+) -> list[Finalist]:
+    """Each candidate's lower confidence bound on how far it is above the best untuned finalist on the
+    selection set: paired bootstrap over the items both were scored on, one-sided at `confidence`,
+    Bonferroni-corrected over the candidates (k comparisons, each at (1 - confidence) / k)."""
+    untuned = [i for i, row in enumerate(rows) if row.kind != "candidate"]
+    candidates = [i for i, row in enumerate(rows) if row.kind == "candidate"]
+    if not untuned or not candidates:
+        return rows
+    reference = max(untuned, key=lambda i: (rows[i].selection, -i))
+    level = 1 - 2 * (1 - confidence) / len(candidates)  # the two-sided interval whose lower end is that bound
+    for i in candidates:
+        if items[i] and items[reference]:
+            low = paired_difference(items[i], items[reference], aggregate, level=level)[1]
+            rows[i] = rows[i].model_copy(update={"lower_bound": low, "reference": rows[reference].name})
     return rows
 
 
@@ -122,11 +144,25 @@ def _se(items: ItemValues, tasks: list, aggregate: object) -> float | None:
     return standard_error(items, aggregate)  # type: ignore[arg-type]
 
 
-def choose(contenders: list[Contender], rows: list[Finalist], top_k: int) -> tuple[Contender, Selection]:
-    """The best finalist on the selection set; the first of equals (untuned models come first)."""
-    best = max(range(len(rows)), key=lambda i: (rows[i].selection, -i))
+def choose(
+    contenders: list[Contender], rows: list[Finalist], selection: SelectionSpec
+) -> tuple[Contender, Selection]:
+    """The winner among the finalists (`selection.rule`):
+    best:      the best on the selection set; the first of equals (untuned models come first);
+    confident: the same among the untuned finalists and the candidates whose lower bound on their lead
+               over the best untuned one is above zero (`with_margins`); the best untuned one otherwise.
+    """
+    eligible = [
+        i
+        for i, row in enumerate(rows)
+        if selection.rule == "best" or row.kind != "candidate" or (row.lower_bound or 0.0) > 0.0
+    ]
+    best = max(eligible, key=lambda i: (rows[i].selection, -i))
     winner = contenders[best]
-    return winner, Selection(top_k=top_k, chosen=rows[best].name, kind=winner.kind, finalists=rows)
+    chosen = Selection(
+        top_k=selection.top_k, rule=selection.rule, chosen=rows[best].name, kind=winner.kind, finalists=rows
+    )
+    return winner, chosen
 
 
 def selection_note(selection: Selection) -> str | None:

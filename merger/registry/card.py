@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from merger.registry.finished_run import FinishedRun
 from merger.registry.index import Parent
-from merger.rundir.layout import WINNER_ROW, Summary
+from merger.rundir.layout import LEAD_HEADER, WINNER_ROW, Summary, selection_rule_text
 from merger.space.layer_path import path_card_lines
 
 TAGS = ["merge", "mergekit", "evolutionary-merge"]
@@ -74,11 +74,11 @@ def _selection_lines(summary: Summary) -> list[str]:
     return [
         f"## Selection (on {selection.eval_set}, items the fitness never saw)",
         "",
-        "| finalist | kind | fitness | selection |",
-        "|---|---|---|---|",
+        f"| finalist | kind | fitness | selection | {LEAD_HEADER} |",
+        "|---|---|---|---|---|",
         *rows,
         "",
-        f"Winner: `{selection.chosen}` (± one standard error, bootstrap over items).",
+        f"Winner: `{selection.chosen}`. {selection_rule_text(selection)}",
         "",
     ]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.report.data import RunData, best_config_text
-from merger.rundir.layout import Selection, Summary
+from merger.rundir.layout import LEAD_HEADER, Selection, Summary, selection_rule_text
 from merger.scoring.items import item_accounting
 
 
@@ -61,13 +61,9 @@ def finalist_table_html(selection: Selection) -> str:
     """The finalists with fitness and selection score (± standard error); the winner's row bold."""
     body = [row.cells() for row in selection.finalists]
     chosen = next(i for i, row in enumerate(selection.finalists) if row.name == selection.chosen)
-    bold = {(chosen, column) for column in range(4)}
-    return (
-        f"<p>The winner is the best finalist on the {selection.eval_set} set, which shares no item with the "
-        f"fitness set: the {selection.top_k} best candidates by fitness, every untuned baseline and every source "
-        "(± one standard error, bootstrap over items).</p>"
-        + _table(["finalist", "kind", "fitness", selection.eval_set], body, bold)
-    )
+    bold = {(chosen, column) for column in range(5)}
+    header = ["finalist", "kind", "fitness", selection.eval_set, LEAD_HEADER]
+    return f"<p>{html.escape(selection_rule_text(selection))}</p>" + _table(header, body, bold)
 
 
 def overview_rows(run: RunData) -> list[list[str]]:

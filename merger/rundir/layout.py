@@ -96,6 +96,8 @@ class Finalist(_Block):
     selection: float
     selection_se: float | None = None
     identity: str = ""  # the weights it names (FinalScore.identity)
+    lower_bound: float | None = None  # a candidate's: its lead over `reference` on selection, lower bound
+    reference: str | None = None  # the best untuned finalist that lead is measured against
 
     def cells(self) -> list[str]:
         """Its row in every finalist table: name, kind, fitness and selection score, each ± its error."""
@@ -103,7 +105,29 @@ class Finalist(_Block):
         def shown(value: float, se: float | None) -> str:
             return f"{value:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
-        return [self.name, self.kind, shown(self.fitness, self.fitness_se), shown(self.selection, self.selection_se)]
+        lead = "" if self.lower_bound is None else f"{self.lower_bound:+.3f}"
+        return [
+            self.name, self.kind, shown(self.fitness, self.fitness_se), shown(self.selection, self.selection_se), lead
+        ]
+
+
+LEAD_HEADER = "lead over best untuned (low)"  # Finalist.lower_bound's column
+
+
+def selection_rule_text(selection: Selection) -> str:
+    """One paragraph for cards and reports: how these finalists were chosen and read."""
+    rule = (
+        "the best of them there is the winner"
+        if selection.rule == "best"
+        else "a candidate wins only if the lower bound of its lead over the best untuned finalist there "
+        "(paired bootstrap over the items, one-sided, corrected for the number of candidates) is above "
+        "zero; the best such candidate, else the best untuned finalist"
+    )
+    return (
+        f"The finalists (the {selection.top_k} best candidates by fitness, every untuned baseline and every "
+        f"source) were scored on the {selection.eval_set} set, which shares no item with the fitness set; "
+        f"{rule}. Scores ± one standard error (bootstrap over items)."
+    )
 
 
 class Selection(_Block):
@@ -111,6 +135,7 @@ class Selection(_Block):
 
     eval_set: str = "validation"
     top_k: int
+    rule: str = "best"  # SelectionSpec.rule
     chosen: str  # the winning finalist's name
     kind: str  # its kind: candidate, baseline or source
     finalists: list[Finalist] = Field(default_factory=list)
