@@ -161,6 +161,10 @@ def test_a_run_selects_on_validation_and_exports_what_it_selected(tiny_sources, 
     assert all(f.lower_bound is not None for f in selection.finalists if f.kind == "candidate")
     assert all(f.selection_se is not None and f.fitness_se is not None for f in selection.finalists)
     assert "finalist" in out and selection.chosen in out and "±" in out
+    winner_rows = [row for row in final_rows(layout.path) if row[0] == "winner"]
+    assert len(winner_rows) == 3 and all(identity == winner_rows[0][2] for _, _, identity in winner_rows)
+    if selection.kind != "candidate":  # the winner is that model's weights: its rows are the winner's
+        assert winner_rows[0][2] == chosen.identity
     ledger = Ledger(layout.path)
     try:
         warm = ledger.evaluations(WARM_START_GENERATION)

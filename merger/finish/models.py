@@ -82,13 +82,17 @@ def score_final(search: Search, models: list[FinalModel], sets: list[str] | None
     committed with its items as it finishes.
     """
     sets = sets or list(eval_sets(search.recipe))
-    held = {(row.identity, row.eval_set): row.scores for row in search.ledger.final_scores()}
-    kept = {
-        (model.key, name): held[(model.identity, name)]
-        for model in models
-        for name in sets
-        if (model.identity, name) in held
-    }
+    rows = search.ledger.final_scores()
+    held = {(row.identity, row.eval_set): row.scores for row in rows}
+    recorded = {(row.model, row.eval_set): row.identity for row in rows}
+    kept = {}
+    for model in models:
+        for name in sets:
+            if (model.identity, name) not in held:
+                continue
+            kept[(model.key, name)] = held[(model.identity, name)]
+            if recorded.get((model.key, name)) != model.identity:  # held under another key (a baseline as winner)
+                search.ledger.record_final_score(FinalScore(model.key, name, model.identity, kept[(model.key, name)]))
     missing = [(model, name) for model in models for name in sets if (model.key, name) not in kept]
     shared = ScoreCache.from_env(search)
 
