@@ -28,7 +28,10 @@ FRESH: dict[str, Any] = {
 
 def fresh_data(tiny_sources: dict[str, Path], tiny_evals: Path, **overrides: Any) -> dict[str, Any]:
     # a validation task: each generation's best is merged again between generations
-    return recipe_data(tiny_sources, tiny_evals, validation={"tasks": ["tiny_gen"]}, **FRESH, **overrides)
+    # the winner is the fitness winner (no selection): the export checked is a scored candidate's
+    return recipe_data(
+        tiny_sources, tiny_evals, validation={"tasks": ["tiny_gen"]}, selection={"enabled": False}, **FRESH, **overrides
+    )
 
 
 def ledger(run_dir: Path) -> list[tuple]:

@@ -18,6 +18,7 @@ from merger.engine.reference import merge_in_memory
 from merger.finish.baselines import plan_baselines
 from merger.recipe import SearchRange, parse_recipe
 from merger.recipe.methods import METHODS, SEARCHABLE_METHODS, NotApplicable, untuned_config
+from merger.space.parameters import Genome
 from tests.recipes import tiny_recipe, write_recipe
 
 RANGE = {"min": 0.2, "max": 0.8}
@@ -43,7 +44,7 @@ def method_recipe(tiny_sources, tiny_evals, run_dir: Path, method: str) -> dict[
         sources, tiny_evals, run_dir,
         base_model=base,
         genome={"method": method, "parameters": parameters, "options": options, "tensor_classes": []},
-        optimizer={"popsize": 2, "max_evaluations": 2},
+        optimizer={"popsize": 2, "max_evaluations": 3},  # the untuned merge where the genome expresses it, 1 generation
         fitness={"tasks": [{"name": "tiny_mc", "metric": "acc"}], "limit": 4},
         validation=None,
         test={"tasks": ["tiny_mc"], "limit": 4},
@@ -58,6 +59,10 @@ def test_every_method_with_a_numeric_parameter_is_searchable():
     assert set(METHODS) - set(SEARCHABLE_METHODS) == {"model_stock", "karcher", "arcee_fusion", "passthrough"}
 
 
+def recipe_sources(recipe: dict) -> dict[str, str]:
+    return {source["name"]: source["path"] for source in recipe["sources"]}
+
+
 @pytest.mark.slow  # a search per method
 @pytest.mark.parametrize("method", list(NEW_METHODS))
 def test_a_recipe_of_each_new_method_runs_one_generation(tiny_sources, tiny_evals, tmp_path, capsys, method):
@@ -68,7 +73,8 @@ def test_a_recipe_of_each_new_method_runs_one_generation(tiny_sources, tiny_eval
     assert main(["run", str(write_recipe(tmp_path / "recipe.yaml", recipe)), "--no-progress"]) == 0
     assert "WINNER" in capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["evaluations"] == 2
+    warm_starts = len(Genome(parsed, {name: Path(p) for name, p in recipe_sources(recipe).items()}, 4).warm_start())
+    assert summary["evaluations"] == warm_starts + 2
     assert 0.0 <= summary["winner"]["test"]["tiny_mc"] <= 1.0
     assert f"merge_method: {method}" in (run_dir / "best.yaml").read_text()
     with sqlite3.connect(run_dir / "ledger.sqlite") as db:
