@@ -355,6 +355,7 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     sources = {"ps": "registry:ps-winner", **{k: v for k, v in tiny_sources.items() if k != "base"}}
     data = dfs_recipe(sources, tiny_evals, tmp_path / "dfs", anchor="ps", fix_ends=True, scales="per_slot")
     data.pop("base_model")
+    data["selection"] = {"enabled": False}  # the path CMA-ES found is what this test follows to the registry
     data["output"] = {"run_dir": str(tmp_path / "dfs"), "publish": "dfs-winner", "registry": str(registry)}
     assert main(["run", str(write_recipe(tmp_path / "dfs.yaml", data)), "--no-progress"]) == 0
     captured = capsys.readouterr()

@@ -27,7 +27,7 @@ def test_short_search_on_the_real_model(tmp_path, capsys):
             "layer_granularity": 10,
             "parameters": {"weight": {"min": 0.0, "max": 1.5}, "density": {"min": 0.3, "max": 1.0}},
         },
-        "optimizer": {"popsize": 2, "max_evaluations": 2, "seed": 1},
+        "optimizer": {"popsize": 2, "max_evaluations": 3, "seed": 1},  # the untuned TIES merge, then 2
         "fitness": {"tasks": ["zoo_mix_val"], "limit": 3, "batch_size": 3},
         "test": {"tasks": ["zoo_mix_test"], "limit": 3, "batch_size": 3},
         "output": {"run_dir": str(tmp_path / "run")},
@@ -35,7 +35,7 @@ def test_short_search_on_the_real_model(tmp_path, capsys):
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
     assert main(["run", str(path), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["evaluations"] == 2
+    assert summary["evaluations"] == 3
     assert set(summary["sources"]) == {"base", "add", "cap"}
     assert "zoo_mix_test" in summary["winner"]["test"]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
