@@ -119,14 +119,13 @@ def with_margins(
     rows: list[Finalist], items: list[ItemValues], aggregate: Aggregate, confidence: float
 ) -> list[Finalist]:
     """Each candidate's lower confidence bound on how far it is above the best untuned finalist on the
-    selection set: paired bootstrap over the items both were scored on, one-sided at `confidence`,
-    Bonferroni-corrected over the candidates (k comparisons, each at (1 - confidence) / k)."""
+    selection set: a paired bootstrap over the items both were scored on, one-sided at `confidence`."""
     untuned = [i for i, row in enumerate(rows) if row.kind != "candidate"]
     candidates = [i for i, row in enumerate(rows) if row.kind == "candidate"]
     if not untuned or not candidates:
         return rows
     reference = max(untuned, key=lambda i: (rows[i].selection, -i))
-    level = 1 - 2 * (1 - confidence) / len(candidates)  # the two-sided interval whose lower end is that bound
+    level = 2 * confidence - 1  # the two-sided interval whose lower end is that one-sided bound
     for i in candidates:
         if items[i] and items[reference]:
             low = paired_difference(items[i], items[reference], aggregate, level=level)[1]
@@ -149,14 +148,17 @@ def choose(
 ) -> tuple[Contender, Selection]:
     """The winner among the finalists (`selection.rule`):
     best:      the best on the selection set; the first of equals (untuned models come first);
-    confident: the same among the untuned finalists and the candidates whose lower bound on their lead
-               over the best untuned one is above zero (`with_margins`); the best untuned one otherwise.
+    confident: the candidate best on the selection set, if the lower bound of its lead over the best
+               untuned finalist is above zero (`with_margins`: one test, of the one candidate the
+               selection set prefers); the best untuned finalist otherwise.
     """
-    eligible = [
-        i
-        for i, row in enumerate(rows)
-        if selection.rule == "best" or row.kind != "candidate" or (row.lower_bound or 0.0) > 0.0
-    ]
+    untuned = [i for i, row in enumerate(rows) if row.kind != "candidate"]
+    candidates = [i for i, row in enumerate(rows) if row.kind == "candidate"]
+    eligible = list(range(len(rows)))
+    if selection.rule == "confident" and candidates:
+        best_candidate = max(candidates, key=lambda i: (rows[i].selection, -i))
+        confident = (rows[best_candidate].lower_bound or 0.0) > 0.0
+        eligible = untuned + ([best_candidate] if confident or not untuned else [])
     best = max(eligible, key=lambda i: (rows[i].selection, -i))
     winner = contenders[best]
     chosen = Selection(

@@ -292,8 +292,8 @@ class SelectionSpec(StrictModel):
 
     enabled: bool | None = None  # None: on where the recipe names validation:
     top_k: Annotated[int, Field(ge=1)] = 5
-    # best: the best finalist on validation; confident: a candidate must beat the best untuned finalist
-    # with a paired bootstrap lower bound above zero (one-sided at `confidence`, Bonferroni over top_k)
+    # best: the best finalist on validation; confident: the candidate best on validation must beat the
+    # best untuned finalist with a paired bootstrap lower bound above zero (one-sided at `confidence`)
     rule: Literal["best", "confident"] = "confident"
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
 

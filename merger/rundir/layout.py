@@ -119,9 +119,9 @@ def selection_rule_text(selection: Selection) -> str:
     rule = (
         "the best of them there is the winner"
         if selection.rule == "best"
-        else "a candidate wins only if the lower bound of its lead over the best untuned finalist there "
-        "(paired bootstrap over the items, one-sided, corrected for the number of candidates) is above "
-        "zero; the best such candidate, else the best untuned finalist"
+        else "the candidate best there wins only if the lower bound of its lead over the best untuned "
+        "finalist there (paired bootstrap over the items, one-sided 95%) is above zero, else the best "
+        "untuned finalist wins"
     )
     return (
         f"The finalists (the {selection.top_k} best candidates by fitness, every untuned baseline and every "
