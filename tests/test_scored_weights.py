@@ -24,7 +24,8 @@ from merger.registry import Registry
 from merger.sources.resolve import resolve_sources
 from merger.space.parameters import Genome
 from tests.cli import assert_one_line_error, run_merger
-from tests.recipes import tiny_recipe, write_recipe
+from tests.recipes import tiny_recipe as plain_recipe
+from tests.recipes import write_recipe
 
 BAD_TENSOR = "model.layers.1.mlp.up_proj.weight"
 DARE = {
@@ -32,6 +33,12 @@ DARE = {
     "layer_granularity": 2,
     "parameters": {"weight": {"min": 0.2, "max": 1.0}, "density": {"min": 0.3, "max": 0.8}},
 }
+
+
+def tiny_recipe(*args: Any, **overrides: Any) -> dict[str, Any]:
+    """The tests' recipe, its winner the fitness winner and no untuned warm start: these tests follow a
+    searched candidate's export, and count the candidates of whole generations."""
+    return plain_recipe(*args, **{"selection": {"enabled": False}, "baselines": [], **overrides})
 
 
 def nonfinite_copy(source: Path, out: Path, value: float = float("nan")) -> Path:
