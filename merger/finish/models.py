@@ -96,19 +96,23 @@ def score_final(search: Search, models: list[FinalModel], sets: list[str] | None
     missing = [(model, name) for model in models for name in sets if (model.key, name) not in kept]
     shared = ScoreCache.from_env(search)
 
-    def keep(job: int, scored: Scored) -> None:
+    def record(job: int, scored: Scored) -> None:
         model, name = missing[job]
         search.ledger.record_items(final_items_key(model.identity), scored.items)
         search.ledger.record_final_score(FinalScore(model.key, name, model.identity, scored.scores))
         kept[(model.key, name)] = scored.scores
+
+    def keep(job: int, scored: Scored) -> None:  # scored now: shared with other runs too
+        record(job, scored)
         if shared is not None:
+            model, name = missing[job]
             shared.put(model.identity, name, scored)
 
     if shared is not None:
         for job, (model, name) in enumerate(missing):
             found = shared.get(model.identity, name)
             if found is not None:
-                keep(job, found)
+                record(job, found)
         missing = [(model, name) for model, name in missing if (model.key, name) not in kept]
     for model in {model.key: model for model, _ in missing}.values():
         if model.config is not None and model.genotype is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from merger.finish.models import FinalModel, ScoreTable, config_identity, merge_yaml
-from merger.recipe import Recipe, SelectionSpec
+from merger.recipe import Recipe, SelectionSpec, TaskSpec
 from merger.rundir.layout import Finalist, Selection
 from merger.rundir.ledger import (
     BASELINE_PREFIX,
@@ -79,7 +79,9 @@ def finalist_rows(
     recipe: Recipe, ledger: Ledger, contenders: list[Contender], scores: ScoreTable
 ) -> list[Finalist]:
     """Each contender's fitness and selection score with their standard errors, in `contenders`' order."""
-    items = ledger.item_outcomes()
+    def items(key: str) -> ItemValues:  # one model's rows only: a run's ledger holds every candidate's
+        return ledger.item_outcomes(key).get(key, {})
+
 
     def fitness_of(task_means: Mapping[str, float]) -> float:
         return fitness_score(task_means, recipe.fitness)
@@ -94,11 +96,11 @@ def finalist_rows(
         selected = scores[model.key]["validation"]
         if contender.record is not None:
             fitness = contender.record.score
-            fitness_items = items.get(model.key, {})
+            fitness_items = items(model.key)
         else:
             fitness = fitness_of(scores[model.key]["fitness"])
-            fitness_items = _in_set(items.get(final_items_key(model.identity), {}), scores[model.key]["fitness"])
-        selection_items.append(_in_set(items.get(final_items_key(model.identity), {}), selected))
+            fitness_items = _in_set(items(final_items_key(model.identity)), scores[model.key]["fitness"])
+        selection_items.append(_in_set(items(final_items_key(model.identity)), selected))
         rows.append(
             Finalist(
                 name=contender.name,
@@ -137,10 +139,10 @@ def _in_set(items: ItemValues, task_scores: Mapping[str, float]) -> ItemValues:
     return {task: values for task, values in items.items() if task in task_scores}
 
 
-def _se(items: ItemValues, tasks: list, aggregate: object) -> float | None:
+def _se(items: ItemValues, tasks: list[TaskSpec], aggregate: Aggregate) -> float | None:
     if not items or any(task.name not in items for task in tasks):
         return None  # not every task's items were recorded (a run finished by an older version)
-    return standard_error(items, aggregate)  # type: ignore[arg-type]
+    return standard_error(items, aggregate)
 
 
 def choose(
