@@ -21,94 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from bench_runs import RECIPES, ROOT, final_models, load, run, variant_recipe, wall_seconds
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from merger.finish.score_cache import SCORE_CACHE_ENV  # noqa: E402
-from merger.recipe import Recipe, load_recipe  # noqa: E402
-from merger.rundir.layout import RunDir  # noqa: E402
-from merger.rundir.ledger import BASELINE_PREFIX, SOURCE_PREFIX, WINNER_KEY, Ledger, final_items_key  # noqa: E402
-from merger.scoring.fitness import weighted_score, worst_task  # noqa: E402
-from merger.scoring.uncertainty import ItemValues, paired_difference  # noqa: E402
-
-RECIPES = {"quickstart": ROOT / "recipes" / "quickstart.yaml", "skills": ROOT / "recipes" / "skills.yaml"}
-WALL_FILE = "wall_seconds.json"  # beside each run: how long `merger run` took here, over its sittings
-
-
-@dataclass
-class Model:
-    name: str
-    test: dict[str, float]  # task -> score
-    items: ItemValues
-
-    def mean(self, recipe: Recipe) -> float:
-        assert recipe.test is not None
-        return weighted_score(self.test, recipe.test)
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
-
-
-def seeded_recipe(recipe_path: Path, seed: int, run_dir: Path) -> Path:
-    """The bundled recipe with only the optimizer's seed changed, written beside the run."""
-    data = yaml.safe_load(recipe_path.read_text())
-    data["optimizer"]["seed"] = seed
-    data["output"] = {**data.get("output", {}), "run_dir": str(run_dir), "publish": None}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def run(recipe_path: Path, seed: int, run_dir: Path) -> None:
-    """`merger run` on one seed unless its summary is there; its wall time is added to WALL_FILE."""
-    if RunDir(run_dir).read_summary() is not None:
-        return
-    recipe = seeded_recipe(recipe_path, seed, run_dir)
-    started = time.perf_counter()
-    print(f"running {recipe} ({load()})", file=sys.stderr, flush=True)
-    shared = {SCORE_CACHE_ENV: os.environ.get(SCORE_CACHE_ENV) or str(run_dir.parent / "scores")}
-    subprocess.run(
-        [sys.executable, "-m", "merger.cli", "run", str(recipe), "--no-progress"],
-        check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **shared},
-    )
-    wall = run_dir / WALL_FILE
-    spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
-    wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
-    if RunDir(run_dir).read_summary() is None:  # stopped (SIGINT/SIGTERM): the next sitting resumes it
-        raise SystemExit(f"{run_dir} stopped before it finished; run the benchmark again to resume it")
-
-
-def final_models(run_dir: Path) -> dict[str, Model]:
-    """The test scores and test items of every model the end of the run scored, by ledger key."""
-    ledger = Ledger(run_dir)
-    try:
-        models = {}
-        for row in ledger.final_scores():
-            if row.eval_set != "test":
-                continue
-            key = final_items_key(row.identity)  # every set's items of these weights: keep the test tasks'
-            items = ledger.item_outcomes(key).get(key, {})
-            models[row.model] = Model(row.model, row.scores, {task: items[task] for task in row.scores if task in items})
-        return models
-    finally:
-        ledger.close()
+from merger.recipe import Recipe, load_recipe
+from merger.rundir.layout import RunDir
+from merger.rundir.ledger import BASELINE_PREFIX, SOURCE_PREFIX, WINNER_KEY
+from merger.scoring.fitness import weighted_score, worst_task
+from merger.scoring.uncertainty import paired_difference
 
 
 def seed_row(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -134,7 +57,7 @@ def seed_row(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "best_source": best_source.name,
         "minus_baseline": paired_difference(winner.items, best_baseline.items, mean_of),
         "minus_source": paired_difference(winner.items, best_source.items, mean_of),
-        "seconds": json.loads((run_dir / WALL_FILE).read_text())["seconds"] if (run_dir / WALL_FILE).exists() else None,
+        "seconds": wall_seconds(run_dir),
     }
 
 
@@ -163,7 +86,7 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = args.out / f"{name}-seed{seed}"
             if not args.no_run:
-                run(RECIPES[name], seed, run_dir)
+                run(variant_recipe(RECIPES[name], seed, run_dir), args.out / "scores")
             if RunDir(run_dir).read_summary() is None:
                 continue
             rows[seed] = seed_row(recipe, run_dir)
