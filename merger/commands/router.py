@@ -82,6 +82,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth(args: argparse.Namespace) -> int:
+    require_extra("router", "merger router depth")
+    from merger.conductor.depth import format_depth, measure_depth
+    from merger.router.pool import load_pool
+
+    pool = load_pool(args.pool)
+    report = measure_depth(pool, args.per_task, _progress)
+    print(json.dumps(report, indent=2) if args.json else format_depth(report))
+    print("`merger router train` now learns the confident gate from these outcomes", file=sys.stderr)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     router = subparsers.add_parser("router", help="train and evaluate the router over a pool")
     actions = router.add_subparsers(dest="router_command", required=True, metavar="ACTION")
@@ -111,6 +123,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
     evaluate.set_defaults(handler=_eval)
+
+    depth = actions.add_parser(
+        "depth", help="plan-execute-verify against one call per task, and the confident gate learned from it"
+    )
+    depth.add_argument("pool", type=Path, help="pool YAML (its head trained by `router train`)")
+    depth.add_argument(
+        "--per-task", type=_positive_int, default=25,
+        help="items of each task measured from each split, training and held-out (default 25)",
+    )
+    depth.add_argument("--json", action="store_true", help="print the full report as JSON")
+    depth.set_defaults(handler=_depth)
 
     serve = subparsers.add_parser("serve", help="OpenAI-compatible conductor over a pool")
     serve.add_argument("pool", type=Path, help="pool YAML")

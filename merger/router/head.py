@@ -2,6 +2,8 @@
 
 Role targets come from the outcome table, not from labels: an item that every member gets right needs only a
 Worker (one call), one that some get right needs a Verifier, one that nobody gets right needs a Thinker's plan.
+Where the pool has measured workflow depth (merger.router.depth), the targets come from that instead: the
+Worker where plan–execute–verify did not raise the item's correctness, the Thinker where it did.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def train_head(
     cost: np.ndarray | None = None,
     latency: np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
+    roles: np.ndarray | None = None,
 ) -> RouterHead:
     """Fit the head with sep-CMA-ES (pycma, diagonal covariance) on expected utility of the chosen member."""
     import cma
@@ -172,8 +175,10 @@ def train_head(
     scale = np.maximum(spread, 0.25 * float(spread.mean()) + 1e-6)
     features = (embeddings - mean) / scale
     values = utility(correct, cost, latency if latency is not None else np.zeros_like(correct), settings)
-    roles = role_targets(correct)
-    role_onehot = np.eye(len(ROLES))[roles]
+    roles = role_targets(correct) if roles is None else roles
+    known = roles >= 0  # an item without a target (merger.router.depth.UNKNOWN_ROLE) adds no role loss
+    role_onehot = np.eye(len(ROLES))[np.where(known, roles, 0)] * known[:, None]
+    role_items = max(1, int(known.sum()))
 
     def loss(vector: np.ndarray) -> float:
         arrays = _unpack(np.asarray(vector), shapes)
@@ -182,7 +187,7 @@ def train_head(
         choice = softmax(out[:, : len(members)] / settings.temperature)
         expected = float((choice * values).sum(axis=1).mean())
         role_log_probs = np.log(softmax(out[:, len(members) :]) + 1e-12)
-        role_loss = float(-(role_onehot * role_log_probs).sum(axis=1).mean())
+        role_loss = float(-(role_onehot * role_log_probs).sum() / role_items)
         return -expected + settings.role_weight * role_loss + L2_WEIGHT * float(np.dot(vector, vector))
 
     rng = np.random.default_rng(settings.seed)

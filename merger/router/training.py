@@ -14,6 +14,7 @@ from merger.common.errors import MergerError
 from merger.common.files import write_atomic
 from merger.registry.files import weight_files
 from merger.router.comparison import check_splits, member_subsets, run_split, summarize
+from merger.router.depth import depth_role_targets, load_depth
 from merger.router.embeddings import build_embedder
 from merger.router.evaluation import evaluate
 from merger.router.head import RouterHead, train_head
@@ -48,6 +49,10 @@ def _prepare(
 def train_router(pool: Pool, progress: Progress | None = None) -> RouterHead:
     """Train the head on the training split of the outcome table and save it under the work dir."""
     table, embeddings, encoder_id, train_rows, held_out_rows = _prepare(pool, progress)
+    depth = load_depth(pool)
+    roles = depth_role_targets([table.item_ids[i] for i in train_rows], depth) if depth else None
+    if roles is not None and progress is not None:
+        progress(f"the confident gate learns from {int((roles >= 0).sum())} items' measured workflow depth")
     head = train_head(
         embeddings[train_rows],
         table.correct[train_rows],
@@ -57,7 +62,9 @@ def train_router(pool: Pool, progress: Progress | None = None) -> RouterHead:
         cost=None if table.cost is None else table.cost[train_rows],
         latency=table.latency[train_rows],
         progress=progress,
+        roles=roles,
     )
+    head.meta["gate"] = "learned from measured depth" if roles is not None else "member agreement"
     head.meta["held_out_items"] = [table.item_ids[i] for i in held_out_rows]
     head.meta["train_items"] = len(train_rows)
     head.save(head_dir(pool))
