@@ -109,3 +109,11 @@ def test_gold_answers_are_the_tasks_targets(tmp_path: Path, tiny_evals: Path) ->
     assert golds == {"tiny_gen:0": rows[0]["answer"], "tiny_mc:1": mc[1]["choices"][mc[1]["label"]]}
     assert is_right(f" {rows[0]['answer']}\nmore", golds["tiny_gen:0"]) == 1.0
     assert is_right("", golds["tiny_gen:0"]) == 0.0
+
+
+def test_router_depth_without_tasks_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(f"members:\n  - {{name: a, path: {tmp_path}}}\n  - {{name: b, path: {tmp_path}}}\n")
+    assert main(["router", "depth", str(pool_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs the pool's tasks" in err and "Traceback" not in err
