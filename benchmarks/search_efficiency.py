@@ -41,7 +41,7 @@ from bench_runs import RECIPES, ROOT, final_models, load, run, variant_recipe, w
 
 from merger.recipe import Recipe, load_recipe
 from merger.rundir.layout import RunDir
-from merger.rundir.ledger import SOURCE_PREFIX, WINNER_KEY, Ledger
+from merger.rundir.ledger import FINAL_ITEMS_PREFIX, SOURCE_PREFIX, WINNER_KEY, Ledger
 from merger.scoring.fitness import TaskSuite, task_paths, weighted_score
 from merger.scoring.uncertainty import paired_difference
 
@@ -79,9 +79,11 @@ def spent_by_generation(ledger: Ledger) -> dict[int, int]:
     sources = 0
     for candidate, tasks in ledger.item_outcomes().items():
         count = sum(len(docs) for docs in tasks.values())
+        if candidate.startswith(FINAL_ITEMS_PREFIX):  # scored at the end, not by the search
+            continue
         if candidate.startswith(SOURCE_PREFIX):
             sources += count
-        elif candidate[0].isdigit() or candidate[0] == "-":  # a search candidate: "GEN/IDX"
+        else:  # a search candidate: "GEN/IDX"
             generation = int(candidate.split("/")[0])
             per_generation[generation] = per_generation.get(generation, 0) + count
     spent, total = {}, sources

@@ -85,6 +85,7 @@ def test_router_depth_measures_through_the_conductor_resumes_and_trains_the_gate
     assert report["tasks"]["all"]["items"] == 4 and report["train_items"] == 4
     assert report["tasks"]["all"]["single"]["calls"] == 1.0
     assert report["tasks"]["all"]["plan_execute_verify"]["calls"] >= 3.0
+    assert report["saved_gate_source"] == "member agreement"
 
     def no_more_generation(*args: object, **kwargs: object) -> None:
         raise AssertionError("a resumed measurement generated again")

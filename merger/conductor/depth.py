@@ -5,7 +5,8 @@ its held-out split), each prompt is routed as a request would be, then answered 
 ranking, and plan–execute–verify. An answer is right when its first line is the gold answer. The outcomes
 are stored (merger.router.depth) and resumed item by item. The gate is then learned from the training
 items (a head trained with depth role targets) and measured on the held-out ones, next to one call
-always, the pipeline always, and the gate of the head as it was trained (member agreement).
+always, the pipeline always, and the gate of the saved head (member agreement, unless it was trained after
+a depth measurement; the report names which).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from merger.conductor.backends import Generation
 from merger.conductor.routing import Conductor, build_conductor
 from merger.conductor.workflow import FOLLOW_PLAN_PROMPT, PLAN_PROMPT, REVISE_PROMPT, VERIFY_PROMPT, answer
 from merger.router.depth import DepthOutcome, depth_role_targets, load_depth, save_depth
-from merger.router.head import RouterHead, softmax, train_head
-from merger.router.outcomes import OutcomeTable, build_outcome_table
+from merger.router.head import RouterHead, softmax
+from merger.router.outcomes import OutcomeTable
 from merger.router.pool import ROLES, Pool, Role
-from merger.router.training import load_head
+from merger.router.training import fit_head, load_head, prepare_for
 from merger.scoring.lm_eval_bridge import load_tasks
 from merger.scoring.uncertainty import paired_difference
 
@@ -106,10 +107,7 @@ def measure_depth(pool: Pool, per_task: int, progress: Progress | None = None) -
     if pool.tasks is None:
         raise MergerError("router depth needs the pool's tasks: the items it measures come from them")
     head = load_head(pool)
-    table = build_outcome_table(pool, progress)
-    train_rows, held_out_rows = table.split(pool.router.holdout_fraction, pool.router.seed)
-    if head.meta.get("held_out_items") != [table.item_ids[i] for i in held_out_rows]:
-        raise MergerError("the held-out split changed since the head was trained; run `merger router train` again")
+    table, embeddings, train_rows, held_out_rows = prepare_for(pool, head, progress)
     generation = Generation(max_tokens=pool.server.max_tokens, stop=("\n",))
     key = workflow_key(generation)
     sample = sample_items(table, train_rows, held_out_rows, per_task)
@@ -117,23 +115,36 @@ def measure_depth(pool: Pool, per_task: int, progress: Progress | None = None) -
     todo = [(row, split) for row, split in sample if table.item_ids[row] not in outcomes]
     if todo:
         golds = gold_answers(pool, [table.item_ids[row] for row, _ in todo])
-        conductor = build_conductor(pool)
-        for done, (row, split) in enumerate(todo, start=1):
-            item_id = table.item_ids[row]
-            measured = asyncio.run(measure_item(conductor, table.prompts[row], golds[item_id], generation))
-            outcomes[item_id] = DepthOutcome(item_id=item_id, task=table.tasks[row], split=split, **measured)
-            save_depth(pool, key, outcomes)  # each item once: a stopped run resumes where it was
-            if progress is not None and (done % 10 == 0 or done == len(todo)):
-                progress(f"workflow depth: {done} of {len(todo)} items measured")
-        asyncio.run(_close(conductor))
-    report = gate_report(pool, table, head, train_rows, outcomes)
+        asyncio.run(_measure(pool, table, todo, golds, generation, outcomes, key, progress))
+    report = gate_report(pool, table, embeddings, head, train_rows, outcomes)
     write_atomic(pool.work_dir / REPORT_FILE, json.dumps(report, indent=2).encode())
     return report
 
 
-async def _close(conductor: Conductor) -> None:
-    for backend in conductor.backends.values():
-        await backend.close()
+async def _measure(
+    pool: Pool,
+    table: OutcomeTable,
+    todo: list[tuple[int, str]],
+    golds: dict[str, str],
+    generation: Generation,
+    outcomes: dict[str, DepthOutcome],
+    key: str,
+    progress: Progress | None,
+) -> None:
+    """Every item in one event loop (remote members' clients belong to the loop that opened them), each
+    stored as soon as it is measured: a stopped measurement resumes at the next item."""
+    conductor = build_conductor(pool)
+    try:
+        for done, (row, split) in enumerate(todo, start=1):
+            item_id = table.item_ids[row]
+            measured = await measure_item(conductor, table.prompts[row], golds[item_id], generation)
+            outcomes[item_id] = DepthOutcome(item_id=item_id, task=table.tasks[row], split=split, **measured)
+            save_depth(pool, key, outcomes)
+            if progress is not None and (done % 10 == 0 or done == len(todo)):
+                progress(f"workflow depth: {done} of {len(todo)} items measured")
+    finally:
+        for backend in conductor.backends.values():
+            await backend.close()
 
 
 def _confident(head: RouterHead, embeddings: np.ndarray, threshold: float) -> np.ndarray:
@@ -142,28 +153,26 @@ def _confident(head: RouterHead, embeddings: np.ndarray, threshold: float) -> np
 
 
 def gate_report(
-    pool: Pool, table: OutcomeTable, head: RouterHead, train_rows: np.ndarray, outcomes: dict[str, DepthOutcome]
+    pool: Pool,
+    table: OutcomeTable,
+    embeddings: np.ndarray,
+    head: RouterHead,
+    train_rows: np.ndarray,
+    outcomes: dict[str, DepthOutcome],
 ) -> dict[str, Any]:
-    """Per task on the held-out sampled items: one call, the pipeline, the learned gate and the head's
-    own gate; accuracy, calls and seconds per answer. The learned gate's head is trained on the whole
-    training split (routing as usual) with depth role targets on the training items measured."""
-    from merger.router.embeddings import build_embedder
-
-    embedder = build_embedder(pool)
+    """Per task on the held-out sampled items: one call, the pipeline, the learned gate and the gate of
+    the saved `head`; accuracy, calls and seconds per answer. The learned gate's head is trained on the
+    whole training split (routing as usual) with depth role targets on the training items measured."""
     train_ids = [table.item_ids[i] for i in train_rows]
-    learned = train_head(
-        embedder([table.prompts[i] for i in train_rows]), table.correct[train_rows], table.members,
-        embedder.encoder_id, pool.router, cost=None if table.cost is None else table.cost[train_rows],
-        latency=table.latency[train_rows], roles=depth_role_targets(train_ids, outcomes),
-    )
+    learned = fit_head(pool, table, embeddings, head.encoder_id, train_rows, depth_role_targets(train_ids, outcomes))
     held = [o for o in outcomes.values() if o.split == "held_out"]
     if not held:
         raise MergerError("no held-out item was measured; raise --per-task")
-    prompts = {item_id: prompt for item_id, prompt in zip(table.item_ids, table.prompts, strict=True)}
-    embeddings = embedder([prompts[o.item_id] for o in held])
+    row_of = {item_id: row for row, item_id in enumerate(table.item_ids)}
+    held_embeddings = embeddings[[row_of[o.item_id] for o in held]]
     gates = {
-        "learned": ~_confident(learned, embeddings, pool.router.confidence),
-        "agreement": ~_confident(head, embeddings, pool.router.confidence),
+        "learned": ~_confident(learned, held_embeddings, pool.router.confidence),
+        "saved": ~_confident(head, held_embeddings, pool.router.confidence),
     }
     train = [o for o in outcomes.values() if o.split == "train"]
     report: dict[str, Any] = {
@@ -171,15 +180,17 @@ def gate_report(
         "train_pev_better": sum(o.pev > o.single for o in train),
         "train_pev_worse": sum(o.pev < o.single for o in train),
         "max_tokens": pool.server.max_tokens,
+        "saved_gate_source": str(head.meta.get("gate", "member agreement")),
         "tasks": {},
     }
     for task in [*sorted({o.task for o in held}), "all"]:
         rows = [i for i, o in enumerate(held) if task in ("all", o.task)]
         report["tasks"][task] = _modes(held, rows, gates)
-    single = _by_task(held, "single")
-    report["pev_minus_single"] = paired_difference(_by_task(held, "pev"), single, _mean)
+    single = _per_task(held, [o.single for o in held])
+    report["pev_minus_single"] = paired_difference(_per_task(held, [o.pev for o in held]), single, _mean)
     for name, deep in gates.items():
-        report[f"{name}_gate_minus_single"] = paired_difference(_gated(held, deep), single, _mean)
+        gated = [o.pev if go_deep else o.single for o, go_deep in zip(held, deep, strict=True)]
+        report[f"{name}_gate_minus_single"] = paired_difference(_per_task(held, gated), single, _mean)
     return report
 
 
@@ -201,25 +212,19 @@ def _modes(held: list[DepthOutcome], rows: list[int], gates: dict[str, np.ndarra
     }
 
 
-def _by_task(held: list[DepthOutcome], field: str) -> dict[str, dict[int, float]]:
-    values: dict[str, dict[int, float]] = {}
-    for index, outcome in enumerate(held):
-        values.setdefault(outcome.task, {})[index] = getattr(outcome, field)
-    return values
-
-
-def _gated(held: list[DepthOutcome], deep: np.ndarray) -> dict[str, dict[int, float]]:
-    values: dict[str, dict[int, float]] = {}
-    for index, outcome in enumerate(held):
-        values.setdefault(outcome.task, {})[index] = outcome.pev if deep[index] else outcome.single
-    return values
+def _per_task(held: list[DepthOutcome], values: list[float]) -> dict[str, dict[int, float]]:
+    """`values` (one per held-out outcome) as task -> item -> value, for the paired bootstrap."""
+    per_task: dict[str, dict[int, float]] = {}
+    for index, (outcome, value) in enumerate(zip(held, values, strict=True)):
+        per_task.setdefault(outcome.task, {})[index] = value
+    return per_task
 
 
 def _mean(task_means: Any) -> float:
     return float(np.mean(list(task_means.values())))
 
 
-MODES = ("single", "plan_execute_verify", "learned_gate", "agreement_gate")
+MODES = ("single", "plan_execute_verify", "learned_gate", "saved_gate")
 
 
 def format_depth(report: dict[str, Any]) -> str:
@@ -236,7 +241,8 @@ def format_depth(report: dict[str, Any]) -> str:
             for m in MODES
         ]
         lines.append(f"{task:<24} {row['items']:>5}  " + "  ".join(f"{cell:>26}" for cell in cells))
-    for name in ("pev_minus_single", "learned_gate_minus_single", "agreement_gate_minus_single"):
+    lines.append(f"saved gate: the saved head's ({report['saved_gate_source']})")
+    for name in ("pev_minus_single", "learned_gate_minus_single", "saved_gate_minus_single"):
         point, low, high = report[name]
         lines.append(f"{name.replace('_', ' ')}: {point:+.3f} [{low:+.3f}, {high:+.3f}] (paired bootstrap 95%)")
     return "\n".join(lines)

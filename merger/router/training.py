@@ -46,14 +46,18 @@ def _prepare(
     return table, embeddings, embedder.encoder_id, train_rows, held_out_rows
 
 
-def train_router(pool: Pool, progress: Progress | None = None) -> RouterHead:
-    """Train the head on the training split of the outcome table and save it under the work dir."""
-    table, embeddings, encoder_id, train_rows, held_out_rows = _prepare(pool, progress)
-    depth = load_depth(pool)
-    roles = depth_role_targets([table.item_ids[i] for i in train_rows], depth) if depth else None
-    if roles is not None and progress is not None:
-        progress(f"the confident gate learns from {int((roles >= 0).sum())} items' measured workflow depth")
-    head = train_head(
+def fit_head(
+    pool: Pool,
+    table: OutcomeTable,
+    embeddings: np.ndarray,
+    encoder_id: str,
+    train_rows: np.ndarray,
+    roles: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> RouterHead:
+    """A head fitted on the training rows of the outcome table (`roles`: role targets in their place of
+    member agreement, as merger.router.depth gives them)."""
+    return train_head(
         embeddings[train_rows],
         table.correct[train_rows],
         table.members,
@@ -64,6 +68,16 @@ def train_router(pool: Pool, progress: Progress | None = None) -> RouterHead:
         progress=progress,
         roles=roles,
     )
+
+
+def train_router(pool: Pool, progress: Progress | None = None) -> RouterHead:
+    """Train the head on the training split of the outcome table and save it under the work dir."""
+    table, embeddings, encoder_id, train_rows, held_out_rows = _prepare(pool, progress)
+    depth = load_depth(pool)
+    roles = depth_role_targets([table.item_ids[i] for i in train_rows], depth) if depth else None
+    if roles is not None and progress is not None:
+        progress(f"the confident gate learns from {int((roles >= 0).sum())} items' measured workflow depth")
+    head = fit_head(pool, table, embeddings, encoder_id, train_rows, roles, progress)
     head.meta["gate"] = "learned from measured depth" if roles is not None else "member agreement"
     head.meta["held_out_items"] = [table.item_ids[i] for i in held_out_rows]
     head.meta["train_items"] = len(train_rows)
@@ -81,8 +95,11 @@ def load_head(pool: Pool) -> RouterHead:
     return head
 
 
-def evaluate_router(pool: Pool, progress: Progress | None = None) -> dict[str, Any]:
-    head = load_head(pool)
+def prepare_for(
+    pool: Pool, head: RouterHead, progress: Progress | None = None
+) -> tuple[OutcomeTable, np.ndarray, np.ndarray, np.ndarray]:
+    """The outcome table, its embeddings and the train / held-out rows the saved `head` was trained on;
+    refused, in one line, when the encoder or the split changed since."""
     table, embeddings, encoder_id, train_rows, held_out_rows = _prepare(pool, progress)
     if encoder_id != head.encoder_id:
         raise MergerError(
@@ -92,6 +109,12 @@ def evaluate_router(pool: Pool, progress: Progress | None = None) -> dict[str, A
         raise MergerError(
             "the held-out split changed since the head was trained; run `merger router train` again"
         )
+    return table, embeddings, train_rows, held_out_rows
+
+
+def evaluate_router(pool: Pool, progress: Progress | None = None) -> dict[str, Any]:
+    head = load_head(pool)
+    table, embeddings, train_rows, held_out_rows = prepare_for(pool, head, progress)
     report = evaluate(head, table, embeddings, train_rows, held_out_rows, pool.router, progress)
     write_atomic(pool.work_dir / "eval.json", json.dumps(report, indent=2).encode())
     return report
