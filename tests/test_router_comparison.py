@@ -12,11 +12,6 @@ import pytest
 from merger.cli import main
 from merger.common.errors import MergerError
 from merger.router.comparison import (
-    KNN_ROW,
-    LOGISTIC_ROW,
-    ORACLE_ROW,
-    ROUTED_ROWS,
-    ROUTER_ROW,
     SPECIALISTS,
     check_splits,
     format_comparison,
@@ -28,6 +23,7 @@ from merger.router.comparison import (
 )
 from merger.router.outcomes import OutcomeTable, build_outcome_table
 from merger.router.pool import RouterSettings, load_pool
+from merger.router.rows import KNN_ROW, LOGISTIC_ROW, ORACLE_ROW, ROUTED_ROWS, ROUTER_ROW
 from tests.test_router_head import MEMBERS, clustered_table
 from tests.test_router_outcomes import write_pool
 from tests.test_router_pool import write_finished_run

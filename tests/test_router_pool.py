@@ -70,6 +70,8 @@ server: {api_key_env: MERGER_KEY}
             "surprise: Extra inputs are not permitted",
         ),
         ({"members": [{"name": "merger", "path": "x"}]}, "collides with a member name"),
+        ({"members": [{"name": "oracle", "path": "x"}]}, "member names ['oracle'] are rows of the router's table"),
+        ({"members": [{"name": "router", "path": "x"}]}, "member names ['router'] are rows"),
         ([1, 2], "expected a mapping"),
     ],
 )

@@ -241,6 +241,24 @@ def test_a_generation_that_scored_no_item_does_not_end_an_item_budget(tmp_path):
     assert ledger.generation_items(0) == 3 and generations_within_items(ledger, 100, 0) == (100 - 4) // 3
 
 
+def test_saved_is_priced_on_evaluated_candidates_only(tmp_path):
+    """Mid-generation under racing, items of candidates still being scored are spent (the budget
+    counts them) but not yet priced against `full`: status never shows a negative saving for them."""
+    from merger.rundir.ledger import EvaluationRecord
+
+    ledger = Ledger(tmp_path)
+    ledger.record_evaluation(EvaluationRecord(0, 0, [0.5], "x", score=0.5))
+    ledger.record_items("0/0", {"t": {1: 1.0, 2: 0.0}})
+    ledger.record_items("1/0", {"t": {1: 1.0, 2: 1.0, 3: 0.0}})  # generation 1 in progress
+    ledger.record_items(source_key("base"), {"t": {1: 1.0}})
+    assert ledger.items_spent() == {"candidates": 5, "sources": 1}
+    assert ledger.items_spent(evaluated_only=True) == {"candidates": 2, "sources": 1}
+    ledger.set_meta(fitness_items=3)
+    status = status_text(ledger)
+    assert "item-evaluations: 3 (2 on candidates, 1 on sources)" in status
+    assert "full would have spent 3: saved 0 (0%)" in status
+
+
 def test_source_outcomes_of_an_older_ledger_take_the_one_source_key(tmp_path):
     Ledger(tmp_path).close()
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # as anchors runs wrote them before

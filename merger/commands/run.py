@@ -133,7 +133,7 @@ def item_lines(ledger: Any, records: list[Any]) -> list[str]:
     from merger.scoring.items import item_accounting
 
     eval_seconds = sum(record.eval_seconds for record in records)
-    lines = [item_accounting(ledger.items_spent(), len(records), ledger.meta().get("fitness_items"), eval_seconds)]
+    lines = [item_accounting(ledger.items_spent(evaluated_only=True), len(records), ledger.meta().get("fitness_items"), eval_seconds)]
     for (generation, index), estimate in ledger.estimates().items():
         if estimate.strategy == "anchors" and estimate.full_score is not None:
             lines.append(

@@ -52,7 +52,7 @@ def load_run(run_dir: Path) -> RunData:
                 ledger.generations(),
                 ledger.best(),
                 None,
-                ledger.items_spent(),
+                ledger.items_spent(evaluated_only=True),
             )
         finally:
             ledger.close()

@@ -23,14 +23,10 @@ from merger.router.evaluation import KNN_NEIGHBOURS, fit_logistic_regression, ga
 from merger.router.head import train_head
 from merger.router.outcomes import OutcomeTable
 from merger.router.pool import RouterSettings
+from merger.router.rows import KNN_ROW, LOGISTIC_ROW, ORACLE_ROW, ROUTER_ROW
 
 BOOTSTRAP_RESAMPLES = 1000
 INTERVAL_LEVEL = 0.95
-ROUTER_ROW = "router"
-LOGISTIC_ROW = "logistic regression"
-KNN_ROW = "k-NN"
-ORACLE_ROW = "oracle"
-ROUTED_ROWS = (ROUTER_ROW, LOGISTIC_ROW, KNN_ROW)
 Progress = Callable[[str], None]
 
 

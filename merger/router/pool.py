@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from merger.common.errors import MergerError
 from merger.common.schema import StrictModel, format_validation_error
 from merger.common.yamlsafe import read_yaml_file
+from merger.router.rows import TABLE_ROWS
 
 MEMBER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_HEAD_PARAMETERS = 20_000
@@ -193,6 +194,9 @@ class Pool(StrictModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"member names must be unique, repeated: {duplicates}")
+        taken = sorted(set(names) & set(TABLE_ROWS))
+        if taken:
+            raise ValueError(f"member names {taken} are rows of the router's table; rename the member")
         if self.server.model_name in names:
             raise ValueError(f"server.model_name {self.server.model_name!r} collides with a member name")
         if self.routing == "head" and self.priority is not None:

@@ -161,7 +161,6 @@ class Summary(_Block):
     genome: str | None = None
     budget: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, LineageEntry] = Field(default_factory=dict)
-    final_sha256: str | None = None  # weights_digest of final/, taken once when it was exported
     scoring_precision: str | None = None  # fp32 or bf16: what lm-eval scored every model in
     selection: Selection | None = None  # None: the winner is the best candidate by fitness
 

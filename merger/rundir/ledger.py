@@ -295,11 +295,15 @@ class Ledger:
             table.setdefault(key, {}).setdefault(task, {})[doc] = value
         return table
 
-    def items_spent(self) -> dict[str, int]:
-        """Item-evaluations recorded: on search candidates, and on sources (anchor selection)."""
+    def items_spent(self, evaluated_only: bool = False) -> dict[str, int]:
+        """Item-evaluations recorded: on search candidates, and on sources (anchor selection). With
+        `evaluated_only`, a candidate's count only once its evaluation is recorded: what a saving is
+        priced against, while a generation is in progress."""
+        evaluated = "generation || '/' || idx"
         rows = self._db.execute(
-            "SELECT candidate LIKE ?, COUNT(*) FROM item_outcomes WHERE candidate NOT LIKE ? GROUP BY 1",
-            (SOURCE_PREFIX + "%", FINAL_ITEMS_PREFIX + "%"),
+            "SELECT candidate LIKE ?, COUNT(*) FROM item_outcomes WHERE candidate NOT LIKE ? AND "
+            f"(NOT ? OR candidate LIKE ? OR candidate IN (SELECT {evaluated} FROM evaluations)) GROUP BY 1",
+            (SOURCE_PREFIX + "%", FINAL_ITEMS_PREFIX + "%", evaluated_only, SOURCE_PREFIX + "%"),
         ).fetchall()
         counts = {bool(is_source): count for is_source, count in rows}
         return {"candidates": counts.get(False, 0), "sources": counts.get(True, 0)}
