@@ -99,6 +99,13 @@ def test_router_depth_measures_through_the_conductor_resumes_and_trains_the_gate
     head_meta = json.loads((tmp_path / "work/head/head.json").read_text())
     assert head_meta["gate"] == "learned from measured depth"
 
+    stored_file = tmp_path / "work/depth.json"
+    stale = json.loads(stored_file.read_text())
+    stored_file.write_text(json.dumps({**stale, "workflow": "an older workflow"}))
+    assert main(["router", "train", str(pool_file)]) == 0
+    assert "measured with another workflow" in capsys.readouterr().err
+    assert json.loads((tmp_path / "work/head/head.json").read_text())["gate"] == "member agreement"
+
 
 def test_gold_answers_are_the_tasks_targets(tmp_path: Path, tiny_evals: Path) -> None:
     from merger.conductor.depth import gold_answers, is_right

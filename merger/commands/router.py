@@ -32,11 +32,12 @@ def _progress(message: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     require_extra("router", "merger router train")
+    from merger.conductor.depth import depth_generation, workflow_key
     from merger.router.pool import load_pool
     from merger.router.training import head_dir, train_router
 
     pool = load_pool(args.pool)
-    head = train_router(pool, _progress)
+    head = train_router(pool, _progress, workflow_key(depth_generation(pool)))
     print(
         f"router head: {head.num_parameters} parameters, {head.meta['evaluations']} evaluations, "
         f"trained on {head.meta['train_items']} items; saved to {head_dir(pool)}"

@@ -45,6 +45,11 @@ def workflow_key(generation: Generation) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def depth_generation(pool: Pool) -> Generation:
+    """How every measured answer is generated: the server's token limit, one line."""
+    return Generation(max_tokens=pool.server.max_tokens, stop=("\n",))
+
+
 def gold_answers(pool: Pool, item_ids: list[str]) -> dict[str, str]:
     """Each item's gold answer text, from its lm-eval task (`task:doc_id` ids, as in the outcome table)."""
     assert pool.tasks is not None
@@ -108,7 +113,7 @@ def measure_depth(pool: Pool, per_task: int, progress: Progress | None = None) -
         raise MergerError("router depth needs the pool's tasks: the items it measures come from them")
     head = load_head(pool)
     table, embeddings, train_rows, held_out_rows = prepare_for(pool, head, progress)
-    generation = Generation(max_tokens=pool.server.max_tokens, stop=("\n",))
+    generation = depth_generation(pool)
     key = workflow_key(generation)
     sample = sample_items(table, train_rows, held_out_rows, per_task)
     outcomes = load_depth(pool, key)

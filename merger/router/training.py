@@ -70,10 +70,14 @@ def fit_head(
     )
 
 
-def train_router(pool: Pool, progress: Progress | None = None) -> RouterHead:
-    """Train the head on the training split of the outcome table and save it under the work dir."""
+def train_router(pool: Pool, progress: Progress | None = None, workflow: str | None = None) -> RouterHead:
+    """Train the head on the training split of the outcome table and save it under the work dir. The
+    gate learns from depth outcomes measured with `workflow` (the conductor's workflow key; None: any)."""
     table, embeddings, encoder_id, train_rows, held_out_rows = _prepare(pool, progress)
-    depth = load_depth(pool)
+    depth = load_depth(pool, workflow)
+    if not depth and progress is not None and load_depth(pool):
+        progress("depth.json was measured with another workflow, so the gate does not learn from it; "
+                 "run `merger router depth POOL.yaml` again")
     roles = depth_role_targets([table.item_ids[i] for i in train_rows], depth) if depth else None
     if roles is not None and progress is not None:
         progress(f"the confident gate learns from {int((roles >= 0).sum())} items' measured workflow depth")
