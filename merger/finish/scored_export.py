@@ -2,10 +2,11 @@
 
 mergekit's export of `best.yaml` is bit-identical to the resident engine's candidate for task arithmetic,
 TIES and breadcrumbs (except where magnitudes tie at the density threshold: the engine keeps every tied
-element, mergekit the first k of torch's unstable argsort), and for DARE / DELLA at density 1; it differs by an ulp or so for linear and slerp
-(the engine folds the normalization into the weights; slerp's coefficients come from float64), and
-entirely for DARE / DELLA below density 1 (the engine draws its own random numbers, keyed per run, or per
-genotype under `fresh_randomness`; mergekit draws from torch's generator). Where the digests differ, the
+element, mergekit the first k of torch's unstable argsort), and for DARE / DELLA at density 1; it differs
+by an ulp or so for linear and slerp (the engine folds the normalization into the weights; slerp's
+coefficients come from float64), and entirely for DARE / DELLA below density 1 (the engine draws its own
+random numbers, keyed per run, or per genotype under `fresh_randomness`; mergekit draws from torch's
+generator). Where the digests differ, the
 worker merges the winner again and writes those weights over mergekit's (same files, names and dtypes),
 and the digest is checked again: a mismatch then is an error and nothing is published.
 """

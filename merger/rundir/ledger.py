@@ -299,7 +299,7 @@ class Ledger:
         """Item-evaluations recorded: on search candidates, and on sources (anchor selection). With
         `evaluated_only`, a candidate's count only once its evaluation is recorded: what a saving is
         priced against, while a generation is in progress."""
-        evaluated = "generation || '/' || idx"
+        evaluated = "generation || '/' || idx"  # candidate_key(generation, index), in SQL
         rows = self._db.execute(
             "SELECT candidate LIKE ?, COUNT(*) FROM item_outcomes WHERE candidate NOT LIKE ? AND "
             f"(NOT ? OR candidate LIKE ? OR candidate IN (SELECT {evaluated} FROM evaluations)) GROUP BY 1",
