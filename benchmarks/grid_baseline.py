@@ -23,8 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from merger.executors import ScoreJob  # noqa: E402
 from merger.executors.worker import CandidateWorker  # noqa: E402
 from merger.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from merger.search.records import candidate_record  # noqa: E402
 from merger.sources.resolve import check_compatible, resolve_sources  # noqa: E402
 from merger.space import make_genome  # noqa: E402
 
@@ -56,7 +58,7 @@ def main() -> None:
     results = []
     for index, x in enumerate(grid):
         genotype = np.full(worker.genome.dimension, x)
-        record = worker.evaluate(0, index, genotype)
+        record = candidate_record(0, index, genotype, worker.score(ScoreJob(f"0/{index}", genotype)), recipe.fitness)
         weight = x * args.max_weight
         results.append((round(float(weight), 4), record.score))
         print(f"weight {weight:.3f}: fitness {record.score:.4f} {record.failure or ''}", flush=True)
@@ -65,7 +67,7 @@ def main() -> None:
     report = {"grid": results, "best_weight": results[best][0], "fitness": results[best][1]}
     for set_name in ("validation", "test"):
         if set_name in worker.scorer.suites:
-            report[set_name] = worker.score_genotype(best_genotype, set_name)
+            report[set_name] = worker.score(ScoreJob("best", best_genotype, set_name)).scores
     print(f"best single coefficient {results[best][0]} -> {report}")
     print(json.dumps(report))
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from merger.executors.jobs import score_models  # noqa: E402
 from merger.recipe import parse_recipe  # noqa: E402
 from merger.search.open import open_search  # noqa: E402
 from tests.tiny_models import build_tokenizer, write_tasks  # noqa: E402
@@ -92,7 +93,7 @@ def timed_run(data: dict[str, Any], run_dir: Path, sources: dict[str, Path]) -> 
         result = search.run()
         seconds = [generation.seconds for generation in search.ledger.generations()]
         started = time.perf_counter()
-        search.executor.score_models([(path, "fitness") for path in sources.values()])
+        score_models(search.executor, [(path, "fitness") for path in sources.values()])
         scoring = time.perf_counter() - started
     finally:
         search.executor.close()

@@ -17,7 +17,7 @@ import yaml
 import merger.cli
 import merger.registry.files
 from merger.common.errors import MergerError
-from merger.executors.in_process import InProcessExecutor
+from merger.finish import models
 from merger.finish.final import finish_run
 from merger.recipe import parse_recipe
 from merger.registry import Registry
@@ -161,15 +161,15 @@ def test_sigkill_while_finishing_resumes_with_only_the_missing_scores(
 
     scored: list[tuple[Any, str]] = []
     scored_files: dict[Path, int] = {}
-    original = InProcessExecutor.score_models
+    original = models.score_models
 
-    def spy(self: InProcessExecutor, jobs: list, on_result: Any = None) -> list:
+    def spy(executor: Any, jobs: list, on_result: Any = None) -> list:
         scored.extend(jobs)
         files = [model / "model.safetensors" for model, _ in jobs if isinstance(model, Path)]
         scored_files.update({file: file.stat().st_ino for file in files})
-        return original(self, jobs, on_result)
+        return original(executor, jobs, on_result)
 
-    monkeypatch.setattr(InProcessExecutor, "score_models", spy)
+    monkeypatch.setattr(models, "score_models", spy)
     assert run_command(recipe) == 0
     after = final_score_rows(layout.path)
     assert after[:14] == before and len(after) == total

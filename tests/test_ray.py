@@ -13,6 +13,7 @@ import pytest
 from merger.common.errors import MergerError
 from merger.executors import Scored
 from merger.executors.in_process import InProcessExecutor
+from merger.executors.jobs import score_models
 from merger.executors.ray_executor import RayExecutor
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
@@ -135,13 +136,13 @@ def test_final_scoring_is_spread_over_the_workers_and_survives_losing_them(
     recipe = parse_recipe({**search_data, "executor": RAY})
     jobs = [(path, "fitness") for path in tiny_sources.values()]
     genome = Genome(recipe, tiny_sources, 4)
-    expected = InProcessExecutor(recipe, tiny_sources, genome).score_models(jobs)
+    expected = score_models(InProcessExecutor(recipe, tiny_sources, genome), jobs)
     executor = RayExecutor(recipe, tiny_sources, genome)
     try:
         for pid in executor.worker_pids:  # both die before the first job reaches them
             os.kill(pid, signal.SIGKILL)
         reported: dict[int, Scored] = {}  # as each job finishes (the end of a run keeps them)
-        scores = executor.score_models(jobs + jobs, reported.__setitem__)
+        scores = score_models(executor, jobs + jobs, reported.__setitem__)
         assert executor.lost_workers == 2  # both slots were given a job (one worker would lose one)
     finally:
         executor.close()

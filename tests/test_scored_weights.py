@@ -17,10 +17,12 @@ from merger.common.errors import MergerError
 from merger.engine.reference import MergekitEngine, export_merge
 from merger.engine.resident import ResidentEngine
 from merger.engine.weights import checkpoint_digest, parameter_names
+from merger.executors import ScoreJob
 from merger.executors.in_process import InProcessExecutor
 from merger.finish.scored_export import match_scored_weights
 from merger.recipe import parse_recipe
 from merger.registry import Registry
+from merger.search.records import candidate_record
 from merger.sources.resolve import resolve_sources
 from merger.space.parameters import Genome
 from tests.cli import assert_one_line_error, run_merger
@@ -219,7 +221,7 @@ def test_match_scored_weights_on_a_tampered_export(tiny_sources, tiny_evals, tmp
     genome = Genome(recipe, paths, 4)
     executor = InProcessExecutor(recipe, paths, genome)
     genotype = np.full(genome.dimension, 0.4)
-    record = executor.worker.evaluate(0, 0, genotype)
+    record = candidate_record(0, 0, genotype, executor.worker.score(ScoreJob("0/0", genotype)), recipe.fitness)
     staging = tmp_path / "staging"
     export_merge(genome.to_config(genotype), staging, seed=3)
     match_scored_weights(executor, record, staging)  # TIES: mergekit's own export is the scored model

@@ -16,10 +16,12 @@ import torch
 
 from merger.cli import main
 from merger.common.errors import MergerError
+from merger.executors import ScoreJob
 from merger.executors.worker import CandidateWorker
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
 from merger.scoring.precision import CPU_BF16_FLAGS, has_native_bf16, resolve_precision
+from merger.search.records import candidate_record
 from merger.sources.resolve import check_compatible, resolve_sources
 from merger.space import make_genome
 from tests.recipes import tiny_recipe, write_recipe
@@ -51,7 +53,7 @@ def test_bf16_scores_a_copy_of_each_merge_and_records_the_merged_digest(tiny_sou
     rng = np.random.default_rng(0)
     for generation in range(2):  # the copy follows every merge, not only the first
         genotype = rng.uniform(0.2, 0.9, bf16.genome.dimension)
-        record = bf16.evaluate(generation, 0, genotype)
+        record = candidate_record(generation, 0, genotype, bf16.score(ScoreJob("0/0", genotype)), bf16.recipe.fitness)
         assert record.failure is None and 0.0 <= record.score <= 1.0
         fp32.merge(genotype)
         assert record.digest == fp32.engine.digest()

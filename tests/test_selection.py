@@ -246,20 +246,20 @@ def test_selection_turned_off_exports_the_fitness_winner(tiny_sources, tiny_eval
 def test_a_shared_score_cache_spares_another_seed_the_untuned_models(
     tiny_sources, tiny_evals, tmp_path, monkeypatch
 ):
-    from merger.executors.in_process import InProcessExecutor
+    from merger.finish import models
     from merger.finish.score_cache import SCORE_CACHE_ENV
 
     monkeypatch.setenv(SCORE_CACHE_ENV, str(tmp_path / "scores"))
     first = write_recipe(tmp_path / "first.yaml", small(tiny_sources, tiny_evals, tmp_path / "first"))
     assert merger.cli.main(["run", str(first), "--no-progress"]) == 0
     scored: list = []
-    original = InProcessExecutor.score_models
+    original = models.score_models
 
-    def spy(self, jobs, on_result=None):
+    def spy(executor, jobs, on_result=None):
         scored.extend(jobs)
-        return original(self, jobs, on_result)
+        return original(executor, jobs, on_result)
 
-    monkeypatch.setattr(InProcessExecutor, "score_models", spy)
+    monkeypatch.setattr(models, "score_models", spy)
     data = small(tiny_sources, tiny_evals, tmp_path / "second", optimizer={"popsize": 4, "max_evaluations": 5, "seed": 4})
     second = write_recipe(tmp_path / "second.yaml", data)
     assert merger.cli.main(["run", str(second), "--no-progress"]) == 0

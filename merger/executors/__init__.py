@@ -1,4 +1,7 @@
-"""Where candidates are evaluated. The search loop sees only `Executor`; it knows no models."""
+"""Where models are scored. The search loop and the end of a run see only `Executor`; it knows no
+search: a job names a model (a genotype merged in memory, or a checkpoint), an eval set and optionally
+some of its items, and a result comes back for each job, failures included (merger.executors.jobs turns
+them into the records each caller keeps)."""
 
 from __future__ import annotations
 
@@ -11,90 +14,73 @@ import numpy as np
 
 from merger.common.extras import require_extra
 from merger.recipe import Recipe
-from merger.rundir.ledger import EvaluationRecord
 
 if TYPE_CHECKING:
     from merger.space import SearchSpace
 
-
-class CandidateTask(NamedTuple):
-    generation: int
-    index: int
-    genotype: np.ndarray
-
-
-class ItemJob(NamedTuple):
-    """Score some fitness items of one model: a genotype (merged first) or a checkpoint on disk."""
-
-    candidate: str  # the ledger's key for the model (ledger.candidate_key or ledger.source_key)
-    genotype: np.ndarray | None
-    checkpoint: Path | None
-    items: dict[str, list[int]]  # task -> doc ids
-
-
-@dataclass
-class ItemResult:
-    candidate: str
-    values: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> doc id -> value
-    config: str = ""  # the merged candidate's mergekit YAML, as the worker rendered it
-    merge_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    failure: str | None = None
-    digest: str | None = None  # of the merged weights (`engine.weights.model_digest`), when merged
-
-
 ModelToScore = Path | np.ndarray  # a checkpoint on disk, or a genotype merged in memory
+ItemValues = dict[str, dict[int, float]]  # task -> doc id -> the item's metric value
+
+
+class ScoreJob(NamedTuple):
+    """Score one model on one eval set: every item of it, or only `doc_ids` (task -> doc ids)."""
+
+    key: str  # the ledger's key of the model (candidate_key, source_key, a final model's key)
+    model: ModelToScore
+    eval_set: str = "fitness"
+    doc_ids: dict[str, list[int]] | None = None
 
 
 class Scored(NamedTuple):
     """One model scored on one eval set: lm-eval's task scores, and each item's metric value."""
 
     scores: dict[str, float]
-    items: dict[str, dict[int, float]]  # task -> doc id -> value
+    items: ItemValues
+
+
+@dataclass
+class ScoreResult:
+    """What a worker made of one `ScoreJob`: scores and item values, or the failure that stopped it."""
+
+    key: str
+    scores: dict[str, float] = field(default_factory=dict)  # lm-eval's task scores (whole-set jobs only)
+    values: ItemValues = field(default_factory=dict)
+    config: str = ""  # a merged genotype's mergekit YAML, as the worker rendered it
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    digest: str | None = None  # of the merged weights (`engine.weights.model_digest`), when merged
+    failure: str | None = None
+
+    @property
+    def scored(self) -> Scored:
+        return Scored(self.scores, self.values)
+
+
+def never() -> bool:
+    return False
 
 
 class Executor(Protocol):
-    def evaluate(
+    def score(
         self,
-        tasks: Sequence[CandidateTask],
-        on_record: Callable[[EvaluationRecord], None],
-        should_stop: Callable[[], bool],
-    ) -> list[EvaluationRecord]:
-        """Evaluate candidates, calling `on_record` as each finishes; results come back in task order.
-
-        Once `should_stop()` is true no new candidate starts; those in flight finish and are recorded.
-        """
-        ...
-
-    def score_items(
-        self, jobs: Sequence[ItemJob], on_result: Callable[[ItemResult], None], should_stop: Callable[[], bool]
+        jobs: Sequence[ScoreJob],
+        on_result: Callable[[int, ScoreResult], None],
+        should_stop: Callable[[], bool] = never,
     ) -> None:
-        """Score each job's items, calling `on_result` as each finishes (failures come back as results).
+        """Score each job on the next free worker, calling `on_result(job index, result)` as each finishes.
 
-        Once `should_stop()` is true no new job starts; those in flight finish and are reported.
+        A job that fails (a bad merge, non-finite weights or scores, a worker lost too often) comes back
+        as a result with its `failure`. Once `should_stop()` is true no new job starts; those in flight
+        finish and are reported.
         """
         ...
 
     def fitness_items(self) -> dict[str, list[int]]:
-        """Every item of the fitness set, per task (what a full evaluation scores)."""
+        """Every item of the fitness set, per task (what a whole-set job scores)."""
         ...
-
-    def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]: ...
 
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         """The candidate merged again, written over `checkpoint`'s weights; returns its digest."""
-        ...
-
-    def score_models(
-        self,
-        jobs: Sequence[tuple[ModelToScore, str]],
-        on_result: Callable[[int, Scored], None] | None = None,
-    ) -> list[Scored]:
-        """Scores of each (checkpoint or genotype, eval set), in the order given (on as many workers as
-        there are).
-
-        `on_result(job, scored)` is called as each job finishes, so that its scores can be kept at once.
-        """
         ...
 
     def close(self) -> None: ...

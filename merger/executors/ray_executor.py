@@ -1,9 +1,9 @@
 """Candidates evaluated in parallel on Ray: one actor per GPU or per `cpus_per_worker` cores.
 
 Each actor holds its own `CandidateWorker` (sources resident, one model, lm-eval tasks loaded), so
-only genotypes go out and `EvaluationRecord`s come back. An actor that dies is replaced and its
-candidate queued again; the search loop tells pycma in candidate order, so the results do not
-depend on which actor finished first.
+only `ScoreJob`s go out and `ScoreResult`s come back. An actor that dies is replaced and its
+job queued again; the search loop tells pycma in candidate order, so the results do not depend on
+which actor finished first.
 
 On a cluster (`executor.address`), every node needs `merger` installed and the sources, task files
 and run directory at the same paths as the driver (shared storage).
@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.executors import CandidateTask, ItemJob, ItemResult, ModelToScore, Scored
-from merger.executors.worker import WORST_OBJECTIVE, CandidateWorker
+from merger.executors import ScoreJob, ScoreResult, never
+from merger.executors.worker import CandidateWorker
 from merger.recipe import Recipe
-from merger.rundir.ledger import EvaluationRecord
 
 if TYPE_CHECKING:
     from merger.space import SearchSpace
@@ -60,20 +59,11 @@ class WorkerActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, generation: int, index: int, genotype: np.ndarray) -> EvaluationRecord:
-        return self.worker.evaluate(generation, index, genotype)
-
-    def score_items(self, job: ItemJob) -> ItemResult:
-        return self.worker.score_items(job)
+    def score(self, job: ScoreJob) -> ScoreResult:
+        return self.worker.score(job)
 
     def fitness_items(self) -> dict[str, list[int]]:
         return self.worker.fitness_items()
-
-    def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
-        return self.worker.score_genotype(genotype, set_name)
-
-    def score_model(self, model: ModelToScore, set_name: str) -> Scored:
-        return self.worker.score_model(model, set_name)
 
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         return self.worker.write_scored_weights(genotype, checkpoint)
@@ -210,43 +200,17 @@ class RayExecutor:
                     on_result(job, result)
                 idle.append(slot)
 
-    def evaluate(
+    def score(
         self,
-        tasks: Sequence[CandidateTask],
-        on_record: Callable[[EvaluationRecord], None],
-        should_stop: Callable[[], bool],
-    ) -> list[EvaluationRecord]:
-        records: dict[int, EvaluationRecord] = {}
-
-        def finish(job: int, record: EvaluationRecord) -> None:
-            records[job] = record
-            on_record(record)
-
-        self._spread(
-            len(tasks),
-            lambda actor, job: actor.evaluate.remote(
-                tasks[job].generation, tasks[job].index, tasks[job].genotype
-            ),
-            finish,
-            lambda job, error: finish(job, _worker_lost_record(tasks[job], error)),
-            should_stop,
-        )
-        return [records[job] for job in range(len(tasks)) if job in records]
-
-    def score_items(
-        self, jobs: Sequence[ItemJob], on_result: Callable[[ItemResult], None], should_stop: Callable[[], bool]
+        jobs: Sequence[ScoreJob],
+        on_result: Callable[[int, ScoreResult], None],
+        should_stop: Callable[[], bool] = never,
     ) -> None:
         def give_up(job: int, error: BaseException) -> None:
-            reason = f"worker died {MAX_ATTEMPTS} times scoring these items ({root_cause(error)})"
-            on_result(ItemResult(jobs[job].candidate, failure=reason))
+            reason = f"worker died {MAX_ATTEMPTS} times scoring this model ({root_cause(error)})"
+            on_result(job, ScoreResult(jobs[job].key, failure=reason))
 
-        self._spread(
-            len(jobs),
-            lambda actor, job: actor.score_items.remote(jobs[job]),
-            lambda job, result: on_result(result),
-            give_up,
-            should_stop,
-        )
+        self._spread(len(jobs), lambda actor, job: actor.score.remote(jobs[job]), on_result, give_up, should_stop)
 
     def fitness_items(self) -> dict[str, list[int]]:
         return self._on_one_actor("fitness_items")
@@ -264,40 +228,8 @@ class RayExecutor:
             f"executor: the Ray worker died {MAX_ATTEMPTS} times running {method}: {root_cause(lost)}"
         )
 
-    def score_genotype(self, genotype: np.ndarray, set_name: str) -> dict[str, float]:
-        return self._on_one_actor("score_genotype", genotype, set_name)
-
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         return self._on_one_actor("write_scored_weights", genotype, checkpoint)
-
-    def score_models(
-        self,
-        jobs: Sequence[tuple[ModelToScore, str]],
-        on_result: Callable[[int, Scored], None] | None = None,
-    ) -> list[Scored]:
-        """Each job on the next free worker; a lost worker is replaced and its job tried again."""
-        results: dict[int, Scored] = {}
-
-        def finish(job: int, result: Scored) -> None:
-            results[job] = result
-            if on_result is not None:
-                on_result(job, result)
-
-        def give_up(job: int, error: BaseException) -> None:
-            model, set_name = jobs[job]
-            what = "a merged candidate" if isinstance(model, np.ndarray) else str(model)
-            raise MergerError(
-                f"executor: the Ray worker died {MAX_ATTEMPTS} times scoring {what} on {set_name}: "
-                f"{root_cause(error)}"
-            ) from None
-
-        self._spread(
-            len(jobs),
-            lambda actor, job: actor.score_model.remote(*jobs[job]),
-            finish,
-            give_up,
-        )
-        return [results[job] for job in range(len(jobs))]
 
     def close(self) -> None:
         if self.ray.is_initialized():
@@ -313,16 +245,3 @@ def root_cause(error: BaseException | None) -> str:
     """The last line of a Ray error (its text ends with the remote traceback's exception line)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(error).__name__
-
-
-def _worker_lost_record(task: CandidateTask, error: BaseException) -> EvaluationRecord:
-    reason = root_cause(error)
-    return EvaluationRecord(
-        task.generation,
-        task.index,
-        [float(v) for v in task.genotype],
-        config="",
-        score=0.0,
-        objective=WORST_OBJECTIVE,
-        failure=f"worker died {MAX_ATTEMPTS} times evaluating this candidate ({reason})",
-    )

@@ -20,6 +20,7 @@ from mergekit.config import MergeConfiguration
 from merger.common.files import publish_directory, staging_dir, write_atomic
 from merger.engine.reference import export_merge
 from merger.executors import Scored
+from merger.executors.jobs import score_models
 from merger.finish.score_cache import ScoreCache
 from merger.rundir.ledger import FinalScore, final_items_key
 from merger.scoring.fitness import eval_sets
@@ -119,6 +120,6 @@ def score_final(search: Search, models: list[FinalModel], sets: list[str] | None
             export_once(model, search)
 
     jobs = [(model.genotype if model.genotype is not None else model.path, name) for model, name in missing]
-    search.executor.score_models(jobs, keep)  # type: ignore[arg-type]
+    score_models(search.executor, jobs, keep)  # type: ignore[arg-type]
     return {model.key: {name: kept[(model.key, name)] for name in sets} for model in models}
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from merger.executors import Executor, ItemJob, ItemResult
-from merger.executors.worker import WORST_OBJECTIVE
+from merger.executors import Executor, ScoreJob, ScoreResult
+from merger.executors.jobs import score_all
 from merger.recipe import Recipe
 from merger.rundir.ledger import (
     WARM_START_GENERATION,
@@ -27,6 +27,7 @@ from merger.rundir.ledger import (
 from merger.scoring.fitness import fitness_score
 from merger.scoring.items import Item, ItemSet, Values
 from merger.search.racing import Bounds
+from merger.search.records import failed_record
 from merger.space import SearchSpace
 
 
@@ -64,24 +65,20 @@ class ItemScoring:
     ) -> list[EvaluationRecord] | None:
         raise NotImplementedError
 
-    def _score(self, jobs: list[ItemJob], should_stop: Callable[[], bool]) -> dict[str, ItemResult] | None:
+    def _score(self, jobs: list[ScoreJob], should_stop: Callable[[], bool]) -> dict[str, ScoreResult] | None:
         """Run the jobs, each result's outcomes in the ledger as it comes; None when a stop came first."""
-        results: dict[str, ItemResult] = {}
 
-        def record(result: ItemResult) -> None:
-            merge, scoring = self._seconds.get(result.candidate, (0.0, 0.0))
-            self._seconds[result.candidate] = (merge + result.merge_seconds, scoring + result.eval_seconds)
+        def record(result: ScoreResult) -> None:
+            merge, scoring = self._seconds.get(result.key, (0.0, 0.0))
+            self._seconds[result.key] = (merge + result.merge_seconds, scoring + result.eval_seconds)
             if result.failure is None:
-                self.ledger.record_items(result.candidate, result.values)
+                self.ledger.record_items(result.key, result.values)
             if result.digest is not None:
-                self._digests[result.candidate] = result.digest
+                self._digests[result.key] = result.digest
             if result.config:
-                self._configs[result.candidate] = result.config
-            results[result.candidate] = result
+                self._configs[result.key] = result.config
 
-        if jobs:
-            self.executor.score_items(jobs, record, should_stop)
-        return results if len(results) == len(jobs) else None
+        return score_all(self.executor, jobs, record, should_stop)
 
     def _outcomes(self, key: str) -> dict[str, dict[int, float]]:
         return self.ledger.item_outcomes(key).get(key, {})
@@ -93,15 +90,7 @@ class ItemScoring:
         return {task: sum(v) / len(v) for task, v in per_task.items()}
 
     def _failed(self, generation: int, index: int, genotype: np.ndarray, failure: str) -> EvaluationRecord:
-        record = EvaluationRecord(
-            generation,
-            index,
-            [float(v) for v in genotype],
-            config="",
-            score=0.0,
-            objective=WORST_OBJECTIVE,
-            failure=failure,
-        )
+        record = failed_record(generation, index, genotype, failure)
         self.ledger.record_evaluation(record)
         return record
 
@@ -169,7 +158,7 @@ class ItemScoring:
 
     def _absorb(
         self,
-        results: dict[str, ItemResult],
+        results: dict[str, ScoreResult],
         generation: int,
         genotypes: Sequence[np.ndarray],
         keys: list[str],

@@ -13,6 +13,7 @@ import numpy as np
 
 from merger.common.errors import MergerError
 from merger.executors import Executor
+from merger.executors.jobs import score_genotype
 from merger.recipe import Recipe
 from merger.rundir.ledger import (
     WARM_START_GENERATION,
@@ -144,7 +145,7 @@ class Search:
         best_idx = int(np.argmin([r.objective for r in records]))
         validation = None
         if self.recipe.validation is not None and not records[best_idx].failed:
-            validation = self.executor.score_genotype(np.asarray(records[best_idx].genotype), "validation")
+            validation = score_genotype(self.executor, np.asarray(records[best_idx].genotype), "validation")
         self.ledger.record_generation(
             GenerationRecord(
                 generation=state.generation,

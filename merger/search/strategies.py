@@ -18,15 +18,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.executors import CandidateTask, Executor, ItemJob
-from merger.recipe import RacingSpec, Recipe
-from merger.rundir.ledger import WARM_START_GENERATION, EvaluationRecord, Ledger, source_key
+from merger.executors import Executor, ScoreJob, ScoreResult
+from merger.executors.jobs import score_all
+from merger.recipe import FitnessSet, RacingSpec, Recipe
+from merger.rundir.ledger import WARM_START_GENERATION, EvaluationRecord, Ledger, candidate_key, source_key
 from merger.scoring.items import Item, ItemSet, Values, as_request
 from merger.search.anchors import Anchors, choose_anchors
 from merger.search.irt_anchors import IrtAnchors, choose_irt_anchors
 from merger.search.itemwise import ItemScoring
 from merger.search.paired import comparison_alpha, paired_cuts
 from merger.search.racing import Bounds, bounds, cuts, ranking_values
+from merger.search.records import candidate_record
 from merger.space import SearchSpace
 
 ANCHORS_META = "anchors"
@@ -59,16 +61,17 @@ def make_strategy(
     item_strategies: dict[str, type[ItemScoring]] = {"racing": RacingStrategy, "anchors": AnchorsStrategy}
     if kind in item_strategies:
         return item_strategies[kind](recipe, genome, executor, ledger, on_progress, source_paths)
-    return FullStrategy(executor, ledger, on_progress)
+    return FullStrategy(executor, ledger, on_progress, recipe.fitness)
 
 
 class FullStrategy:
-    """Every candidate on every fitness item, in one `Executor.evaluate` call."""
+    """Every candidate on every fitness item, in one `Executor.score` call."""
 
-    def __init__(self, executor: Executor, ledger: Ledger, on_progress: Progress):
+    def __init__(self, executor: Executor, ledger: Ledger, on_progress: Progress, fitness: FitnessSet):
         self.executor = executor
         self.ledger = ledger
         self.on_progress = on_progress
+        self.fitness = fitness
 
     def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
         return self.evaluate(WARM_START_GENERATION, warm_start, 1, should_stop) if warm_start else []
@@ -77,20 +80,23 @@ class FullStrategy:
         self, generation: int, genotypes: Sequence[np.ndarray], mu: int, should_stop: Callable[[], bool]
     ) -> list[EvaluationRecord] | None:
         done = {r.index: r for r in self.ledger.evaluations(generation)}
-        tasks = [
-            CandidateTask(generation, index, genotype)
+        jobs = [
+            ScoreJob(candidate_key(generation, index), genotype)
             for index, genotype in enumerate(genotypes)
             if index not in done
         ]
+        index_of = {candidate_key(generation, index): index for index in range(len(genotypes))}
 
-        def record(result: EvaluationRecord) -> None:
-            if result.items:  # the outcomes first: a record in the ledger means its candidate is done
-                self.ledger.record_items(result.candidate, result.items)
-            self.ledger.record_evaluation(result)
-            done[result.index] = result
-            self.on_progress({"generation": generation, "record": result})
+        def record(result: ScoreResult) -> None:
+            index = index_of[result.key]
+            record = candidate_record(generation, index, genotypes[index], result, self.fitness)
+            if record.items:  # the outcomes first: a record in the ledger means its candidate is done
+                self.ledger.record_items(record.candidate, record.items)
+            self.ledger.record_evaluation(record)
+            done[index] = record
+            self.on_progress({"generation": generation, "record": record})
 
-        self.executor.evaluate(tasks, record, should_stop)
+        score_all(self.executor, jobs, record, should_stop)
         if len(done) < len(genotypes):
             return None
         return [done[index] for index in range(len(genotypes))]
@@ -112,7 +118,7 @@ class RacingStrategy(ItemScoring):
             block = order[start : start + settings.block]
             racing = [i for i in range(len(genotypes)) if i not in failed and i not in cut]
             jobs = [
-                ItemJob(keys[i], genotypes[i], None, as_request(missing))
+                ScoreJob(keys[i], genotypes[i], doc_ids=as_request(missing))
                 for i in racing
                 if (missing := self.item_set.missing(values[i], block))
             ]
@@ -166,7 +172,7 @@ class AnchorsStrategy(ItemScoring):
     def start(self, warm_start: Sequence[np.ndarray], should_stop: Callable[[], bool]) -> list[EvaluationRecord] | None:
         if not self.score_sources(should_stop):
             return None
-        records = FullStrategy(self.executor, self.ledger, self.on_progress).start(warm_start, should_stop)
+        records = FullStrategy(self.executor, self.ledger, self.on_progress, self.recipe.fitness).start(warm_start, should_stop)
         if records is not None:
             self.choose_anchors([r.candidate for r in records if not r.failed])
         return records
@@ -178,11 +184,11 @@ class AnchorsStrategy(ItemScoring):
             key = source_key(name)
             missing = self.item_set.missing(self._outcomes(key), self.item_set.items)
             if missing:
-                jobs.append(ItemJob(key, None, Path(path), as_request(missing)))
+                jobs.append(ScoreJob(key, Path(path), doc_ids=as_request(missing)))
         results = self._score(jobs, should_stop)
         for result in (results or {}).values():
             if result.failure is not None:
-                raise MergerError(f"{result.candidate}: could not be scored for anchors: {result.failure}")
+                raise MergerError(f"{result.key}: could not be scored for anchors: {result.failure}")
         return results is not None
 
     def choose_anchors(self, extra_models: Sequence[str] = ()) -> Anchors | IrtAnchors:
@@ -211,7 +217,7 @@ class AnchorsStrategy(ItemScoring):
         assert self.anchors is not None
         keys, failed, values = self._candidates(generation, genotypes)
         jobs = [
-            ItemJob(keys[i], genotypes[i], None, as_request(missing))
+            ScoreJob(keys[i], genotypes[i], doc_ids=as_request(missing))
             for i in range(len(genotypes))
             if i not in failed and (missing := self.item_set.missing(values[i], self.anchors.items))
         ]
@@ -224,7 +230,7 @@ class AnchorsStrategy(ItemScoring):
         if alive:
             best = max(alive, key=lambda i: (estimate[i], -i))
             missing = self.item_set.missing(values[best], self.item_set.items)
-            check = [ItemJob(keys[best], genotypes[best], None, as_request(missing))] if missing else []
+            check = [ScoreJob(keys[best], genotypes[best], doc_ids=as_request(missing))] if missing else []
             results = self._score(check, should_stop)
             self._absorb(results or {}, generation, genotypes, keys, failed, values)
             if results is None:
