@@ -295,15 +295,12 @@ def ledger_candidates(run_dir: Path, count: int | None) -> dict[str, list[float]
 
 def run_search(recipe: Recipe, run_dir: Path) -> None:
     """The recipe's search into `run_dir` (resumed, or nothing to do, when it is there already)."""
-    from merger.search.open import open_search
+    from merger.search.loop import Search
+    from merger.search.open import open_run
 
     recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"run_dir": str(run_dir)})})
-    search, _ = open_search(recipe, run_dir)
-    try:
-        search.run()
-    finally:
-        search.executor.close()
-        search.ledger.close()
+    with open_run(recipe, run_dir) as run:
+        Search(run).run()
 
 
 def with_limits(recipe: Recipe, fitness_limit: int | None, test_limit: int | None) -> Recipe:

@@ -57,13 +57,13 @@ def main() -> None:
     grid = np.linspace(0.0, 1.0, count)
     results = []
     for index, x in enumerate(grid):
-        genotype = np.full(worker.genome.dimension, x)
+        genotype = np.full(worker.space.dimension, x)
         record = candidate_record(0, index, genotype, worker.score(ScoreJob(f"0/{index}", genotype)), recipe.fitness)
         weight = x * args.max_weight
         results.append((round(float(weight), 4), record.score))
         print(f"weight {weight:.3f}: fitness {record.score:.4f} {record.failure or ''}", flush=True)
     best = int(np.argmax([score for _, score in results]))
-    best_genotype = np.full(worker.genome.dimension, grid[best])
+    best_genotype = np.full(worker.space.dimension, grid[best])
     report = {"grid": results, "best_weight": results[best][0], "fitness": results[best][1]}
     for set_name in ("validation", "test"):
         if set_name in worker.scorer.suites:

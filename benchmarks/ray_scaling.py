@@ -32,7 +32,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from merger.executors.jobs import score_models  # noqa: E402
 from merger.recipe import parse_recipe  # noqa: E402
-from merger.search.open import open_search  # noqa: E402
+from merger.search.loop import Search  # noqa: E402
+from merger.search.open import open_run  # noqa: E402
 from tests.tiny_models import build_tokenizer, write_tasks  # noqa: E402
 
 
@@ -88,16 +89,12 @@ def recipe_data(
 def timed_run(data: dict[str, Any], run_dir: Path, sources: dict[str, Path]) -> tuple[float, float, float]:
     """(median seconds per generation, best score, seconds to score every source as the end of a run
     does) of a fresh run; start-up is not counted."""
-    search, _ = open_search(parse_recipe(data), run_dir)
-    try:
-        result = search.run()
-        seconds = [generation.seconds for generation in search.ledger.generations()]
+    with open_run(parse_recipe(data), run_dir) as run:
+        result = Search(run).run()
+        seconds = [generation.seconds for generation in run.ledger.generations()]
         started = time.perf_counter()
-        score_models(search.executor, [(path, "fitness") for path in sources.values()])
+        score_models(run.executor, [(path, "fitness") for path in sources.values()])
         scoring = time.perf_counter() - started
-    finally:
-        search.executor.close()
-        search.ledger.close()
     return statistics.median(seconds), result.best.score, scoring
 
 

@@ -60,7 +60,7 @@ def generation(recipe: Recipe, worker: CandidateWorker, count: int) -> list[np.n
     from merger.search.state import new_state
 
     sized = recipe.model_copy(update={"optimizer": recipe.optimizer.model_copy(update={"popsize": count})})
-    return [np.asarray(x) for x in new_state(sized, worker.genome).es.ask()]
+    return [np.asarray(x) for x in new_state(sized, worker.space).es.ask()]
 
 
 def open_worker(recipe: Recipe) -> CandidateWorker:

@@ -9,12 +9,14 @@ import pytest
 import yaml
 
 from merger.common.errors import MergerError
-from merger.finish.final import finish_run, score_table
+from merger.finish.final import finish_run
 from merger.recipe import FitnessSet, parse_recipe
 from merger.report.page import score_table_html
 from merger.rundir.layout import RunDir
+from merger.rundir.render import score_grid, text_table
 from merger.scoring.fitness import fitness_score
-from merger.search.open import open_search, prepare_run_dir
+from merger.search.loop import Search
+from merger.search.open import open_run, prepare_run_dir
 from tests.recipes import tiny_recipe
 
 SCORES = {"a": 0.9, "b": 0.6, "c": 0.1}  # a known table: three tasks, weights 2, 1, 1
@@ -79,18 +81,14 @@ def test_a_worst_task_search_records_the_worst_task_and_the_summary_shows_it(
         baselines=["linear"],
         selection={"enabled": False},  # validation scores the fitness tasks again: nothing unseen to select on
     )
-    search, _ = open_search(parse_recipe(data), tmp_path / "run")
-    try:
-        result = search.run()
-        records = search.ledger.evaluations()
+    with open_run(parse_recipe(data), tmp_path / "run") as run:
+        result = Search(run).run()
+        records = run.ledger.evaluations()
         assert len(records) == 4 and not any(r.failed for r in records)
         for record in records:
             assert set(record.scores) == {"tiny_mc", "tiny_gen"}
             assert record.score == min(record.scores.values()) and record.objective == -record.score
-        summary = finish_run(search, result)
-    finally:
-        search.executor.close()
-        search.ledger.close()
+        summary = finish_run(run, result)
 
     written = json.loads(RunDir(tmp_path / "run").summary.read_text())
     assert written["winner"]["score"] == result.best.score
@@ -100,7 +98,7 @@ def test_a_worst_task_search_records_the_worst_task_and_the_summary_shows_it(
             across, by_task = row["across_tasks"][split], row[split]
             assert across["worst"] == min(by_task.values()) and by_task[across["worst_task"]] == across["worst"]
             assert across["mean"] == pytest.approx(sum(by_task.values()) / len(by_task))
-    table = score_table(summary).splitlines()
+    table = text_table(score_grid(summary)).splitlines()
     assert "fitness:(mean)" in table[0] and "fitness:(worst)" in table[0]
     assert "validation:(worst)" not in table[0]  # one task: its column says it all
     winner_row = next(line for line in table if line.startswith("WINNER"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from merger.commands.run import status_text
+from merger.commands.status import status_text
 from merger.common.errors import MergerError
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger, candidate_key
@@ -92,7 +92,7 @@ def test_a_run_with_irt_anchors_scores_candidates_on_the_anchors_and_the_best_on
     data = strategy_data(tiny_sources, tiny_evals, "anchors-irt", x0="grid", max_evaluations=13)
     run_here(data, tmp_path / "run")
     ledger = Ledger(tmp_path / "run")
-    stored = ledger.meta()["anchors"]
+    stored = ledger.meta().anchors
     assert stored["method"] == "irt"
     anchors = IrtAnchors.from_json(stored)
     assert len(anchors.items) == 4 and len(anchors.all_items) == 12

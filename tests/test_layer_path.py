@@ -23,7 +23,8 @@ from merger.engine.factory import engine_for_recipe
 from merger.engine.layer_path import LayerPathEngine, path_of_config
 from merger.engine.reference import export_merge
 from merger.recipe import load_recipe, parse_recipe, recipe_to_yaml
-from merger.search.open import open_search
+from merger.rundir.ledger import Ledger
+from merger.search.open import open_run
 from merger.space.layer_path import LayerPathGenome, PathLayer, passthrough_config
 from tests.recipes import tiny_recipe, write_recipe
 from tests.test_search import assert_resume_after_sigkill_equals_an_uninterrupted_run, run_in_process
@@ -406,13 +407,13 @@ def test_the_anchor_start_is_scored_first_and_never_beaten_by_a_worse_path(start
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path / "run", start=start, fix_ends=True)
     data["validation"] = None
     result, evaluated = run_in_process(data, tmp_path / "run")
-    search, _ = open_search(parse_recipe(data), tmp_path / "run")
-    warm = search.ledger.evaluations(-1)
+    with open_run(parse_recipe(data), tmp_path / "run") as run:
+        warm, space = run.ledger.evaluations(-1), run.space
     if start == "center":
         assert warm == [] and len(evaluated) == 8
         return
     assert len(evaluated) == 9 and len(warm) == 1
-    path = search.genome.decode(np.asarray(warm[0].genotype))
+    path = space.decode(np.asarray(warm[0].genotype))
     assert steps(path) == [("base", layer) for layer in range(4)]
     assert result.best.score >= warm[0].score
 
@@ -427,9 +428,8 @@ def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources,
     data["validation"] = None
     result, evaluated = run_in_process(data, tmp_path / "run")
     assert len(evaluated) == 12
-    search, _ = open_search(parse_recipe(data), tmp_path / "run")
-    records = search.ledger.evaluations()
-    genome = search.genome
+    with open_run(parse_recipe(data), tmp_path / "run") as run:
+        records, genome = run.ledger.evaluations(), run.space
     through_huge = [
         any(
             (layer.source, layer.layer) == ("specialist2", 1)
@@ -483,8 +483,7 @@ def test_item_strategies_search_a_layer_path(strategy, settings, tiny_sources, t
     data["validation"] = None
     data["fitness"].update({"strategy": strategy, **settings})
     result, evaluated = run_in_process(data, tmp_path / "run")
-    search, _ = open_search(parse_recipe(data), tmp_path / "run")
-    ledger = search.ledger
+    ledger = Ledger(tmp_path / "run")
 
     def items_scored(candidate: str) -> int:
         return sum(len(docs) for docs in ledger.item_outcomes(candidate)[candidate].values())

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
-from merger.commands.run import status_text
+from merger.commands.status import status_text
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
-from merger.search.loop import StopRequest
-from merger.search.open import open_search
+from merger.search.loop import Search, StopRequest
+from merger.search.open import open_run
 from merger.search.state import load_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,12 +57,8 @@ def run_here(data: dict[str, Any], run_dir: Path, stop_after: int | None = None)
             if stop_after is not None and len(evaluated) >= stop_after:
                 stop.requested = True
 
-    search, _ = open_search(parse_recipe(data), run_dir, progress)
-    try:
-        return search.run(stop), evaluated
-    finally:
-        search.executor.close()
-        search.ledger.close()
+    with open_run(parse_recipe(data), run_dir) as run:
+        return Search(run, progress).run(stop), evaluated
 
 
 def ledger_rows(run_dir: Path) -> list[tuple]:

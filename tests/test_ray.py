@@ -17,7 +17,8 @@ from merger.executors.jobs import score_models
 from merger.executors.ray_executor import RayExecutor
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
-from merger.search.open import open_search
+from merger.search.loop import Search
+from merger.search.open import open_run
 from merger.space.parameters import Genome
 from tests.test_overnight import recipe_data, run_here
 
@@ -59,20 +60,15 @@ def search_data(tiny_sources, tiny_evals) -> dict[str, Any]:
 def run_search(data: dict[str, Any], run_dir: Path, on_record=None) -> tuple[Any, Any, list]:
     """Run a search to its end; returns (result, ledger evaluations, the (generation, index) recorded)."""
     recorded: list[tuple[int, int]] = []
-    search, _ = open_search(parse_recipe(data), run_dir)
+    with open_run(parse_recipe(data), run_dir) as run:
 
-    def progress(info: dict) -> None:
-        if "record" in info:
-            recorded.append((info["generation"], info["record"].index))
-            if on_record is not None:
-                on_record(search.executor, info["record"])
+        def progress(info: dict) -> None:
+            if "record" in info:
+                recorded.append((info["generation"], info["record"].index))
+                if on_record is not None:
+                    on_record(run.executor, info["record"])
 
-    search.on_progress = progress
-    try:
-        return search.run(), search.ledger.evaluations(), recorded
-    finally:
-        search.executor.close()
-        search.ledger.close()
+        return Search(run, progress).run(), run.ledger.evaluations(), recorded
 
 
 @pytest.fixture(scope="module")

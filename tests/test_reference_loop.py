@@ -7,7 +7,9 @@ import pytest
 
 from merger.common.errors import MergerError
 from merger.recipe import parse_recipe
-from merger.search.open import open_search
+from merger.rundir.ledger import Ledger
+from merger.search.loop import Search
+from merger.search.open import open_run
 from merger.search.reference_loop import run_reference_loop
 from tests.recipes import tiny_recipe
 
@@ -24,18 +26,16 @@ def test_reference_loop_asks_and_scores_what_the_real_search_does(tiny_sources, 
         test=None,
     )
     recipe = parse_recipe(data)
-    search, _ = open_search(recipe, tmp_path / "run")
-    try:
-        result = search.run()
-    finally:
-        search.executor.close()
+    with open_run(recipe, tmp_path / "run") as run:
+        result = Search(run).run()
+    ledger = Ledger(tmp_path / "run")
     assert result.generations == GENERATIONS
 
     reference = run_reference_loop(recipe, GENERATIONS)
 
     assert len(reference) == GENERATIONS
     for generation, asked in enumerate(reference):
-        records = search.ledger.evaluations(generation)
+        records = ledger.evaluations(generation)
         assert [r.index for r in records] == list(range(POPSIZE))
         assert not any(r.failed for r in records)
         for record, genotype, score in zip(records, asked.genotypes, asked.scores, strict=True):

@@ -28,6 +28,8 @@ from merger.registry import (
     weights_digest,
 )
 from merger.registry import index as registry_index
+from merger.rundir.render import model_card
+from merger.rundir.summary import parse_summary
 from merger.sources.resolve import resolve_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,6 @@ def make_run(
     """A run directory as the search loop writes it; `final/` is a copy of `final_from`."""
     run_dir.mkdir(parents=True)
     shutil.copytree(final_from, run_dir / "final")
-    (run_dir / "final" / "README.md").write_text("# the search loop's own card\n")
     names = list(sources)
     recipe = {
         "sources": [{"name": name, "path": path} for name, path in sources.items()],
@@ -92,6 +93,8 @@ def make_run(
         "lineage": lineage,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    card = model_card(parse_summary(summary, "summary"), (run_dir / "best.yaml").read_text())
+    (run_dir / "final" / "README.md").write_text(card)  # as the end of a run writes it
     return run_dir
 
 
@@ -223,9 +226,17 @@ def test_model_card_front_matter_and_content(
         weights_digest(tiny_sources["base"]) in text and weights_digest(tiny_sources["specialist1"]) in text
     )
     assert "[0.25, -0.5, 1.0]" in text
-    assert "0.7500" in text and "0.4000" in text  # winner validation tiny_mc, test tiny_gen
+    assert "0.750" in text and "0.400" in text  # winner validation tiny_mc, test tiny_gen
     assert "evaluations used: 24" in text and "budget seconds: 60" in text
-    assert "search loop's own card" not in text
+    assert (ref.path / "README.md").read_bytes() == (run_dir / "final" / "README.md").read_bytes()
+
+
+def test_a_run_without_a_card_gets_one_from_its_summary(registry: Registry, run_dir: Path) -> None:
+    """A run finished before its card was published unchanged: the same renderer writes it from summary.json."""
+    written = (run_dir / "final" / "README.md").read_text()
+    (run_dir / "final" / "README.md").unlink()
+    ref = registry.publish(run_dir, "tiny-merge")
+    assert (ref.path / "README.md").read_text() == written
 
 
 def test_default_root_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -357,7 +368,7 @@ CRASHING_PUBLISHER = textwrap.dedent(
     if point == "staging":
         publishing.copy_durably = copy_then_die
     elif point == "card":
-        publishing.render_card = lambda *args: die()
+        publishing.write_hashed = lambda *args: die()
     elif point == "after-rename":
         index.insert_entry = lambda connection, row: die()
     elif point == "before-commit":

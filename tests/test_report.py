@@ -54,7 +54,7 @@ def test_report_of_a_finished_run(tiny_sources, tiny_evals, tmp_path, capsys):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    for name in ("base", "specialist1", "specialist2", "WINNER", "validation: tiny_gen", "fitness: tiny_mc"):
+    for name in ("base", "specialist1", "specialist2", "WINNER", "validation:tiny_gen", "fitness:tiny_mc"):
         assert name in page
     assert f"{summary['winner']['fitness']['tiny_mc']:.3f}" in page
     assert "finished" in page and "not finished" not in page
@@ -110,10 +110,9 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
 
 def test_report_refuses_a_run_with_nothing_recorded(tiny_sources, tiny_evals, tmp_path):
     from merger.recipe import parse_recipe
-    from merger.search.open import open_search
+    from merger.search.open import open_run
 
-    search, _ = open_search(parse_recipe(recipe_data(tiny_sources, tiny_evals)), tmp_path / "run")
-    search.ledger.close()
+    open_run(parse_recipe(recipe_data(tiny_sources, tiny_evals)), tmp_path / "run").close()
     with pytest.raises(MergerError, match="no evaluation recorded yet"):
         write_report(tmp_path / "run")
 

@@ -146,7 +146,8 @@ def write_finished_run(run: Path, sources: dict[str, Path]) -> None:
 
     import yaml
 
-    from merger.rundir.layout import Baseline, RunDir, Summary, Winner
+    from merger.rundir.layout import RunDir
+    from merger.rundir.summary import Baseline, Summary, Winner
 
     layout = RunDir(run)
     shutil.copytree(sources["specialist2"], layout.final)

@@ -52,7 +52,7 @@ def test_bf16_scores_a_copy_of_each_merge_and_records_the_merged_digest(tiny_sou
     assert next(bf16.model.parameters()).dtype == torch.float32
     rng = np.random.default_rng(0)
     for generation in range(2):  # the copy follows every merge, not only the first
-        genotype = rng.uniform(0.2, 0.9, bf16.genome.dimension)
+        genotype = rng.uniform(0.2, 0.9, bf16.space.dimension)
         record = candidate_record(generation, 0, genotype, bf16.score(ScoreJob("0/0", genotype)), bf16.recipe.fitness)
         assert record.failure is None and 0.0 <= record.score <= 1.0
         fp32.merge(genotype)
@@ -71,7 +71,7 @@ def test_a_bf16_run_records_its_precision_and_the_merged_digests(tiny_sources, t
     assert header.startswith("model (scored in bf16)")
     assert json.loads((run_dir / "summary.json").read_text())["scoring_precision"] == "bf16"
     ledger = Ledger(run_dir)
-    assert ledger.meta()["scoring_precision"] == "bf16"
+    assert ledger.meta().scoring_precision == "bf16"
     fp32 = worker_for(precision_recipe(tiny_sources, tiny_evals, tmp_path / "other", "fp32"))
     records = ledger.evaluations()
     assert len(records) == 4

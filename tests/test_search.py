@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from merger.cli import main
 from merger.recipe import parse_recipe
-from merger.search.open import open_search
+from merger.rundir.ledger import Ledger
+from merger.search.loop import Search
+from merger.search.open import open_run
 from tests.recipes import tiny_recipe, write_recipe
 from tests.tiny_models import with_tensor_filled
 
@@ -33,8 +35,8 @@ def run_in_process(recipe_data: dict, run_dir: Path) -> tuple[object, list[tuple
         if "record" in info:
             evaluated.append((info["generation"], info["record"].index))
 
-    search, _ = open_search(parse_recipe(recipe_data), run_dir, progress)
-    return search.run(), evaluated
+    with open_run(parse_recipe(recipe_data), run_dir) as run:
+        return Search(run, progress).run(), evaluated
 
 
 def ledger_count(run_dir: Path) -> int:
@@ -135,8 +137,7 @@ def test_failing_candidates_do_not_stop_the_run(tiny_sources, tiny_evals, tmp_pa
     )
     result, evaluated = run_in_process(data, tmp_path / "run")
     assert len(evaluated) == 12
-    search, _ = open_search(parse_recipe(data), tmp_path / "run")
-    failures = [r for r in search.ledger.evaluations() if r.failed]
+    failures = [r for r in Ledger(tmp_path / "run").evaluations() if r.failed]
     assert failures, "expected some candidates to overflow"
     assert all("NaN or inf" in r.failure for r in failures)
     assert all(r.objective == 1.0 and r.score == 0.0 for r in failures)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from merger.commands.run import status_text
+from merger.commands.status import status_text
 from merger.common.errors import MergerError
 from merger.executors.in_process import InProcessExecutor
 from merger.recipe import EvalSet, parse_recipe

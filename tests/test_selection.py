@@ -18,8 +18,9 @@ import merger.cli
 from merger.finish.models import FinalModel
 from merger.finish.selection import Contender, choose, selection_note, with_margins
 from merger.recipe import SelectionSpec, parse_recipe
-from merger.rundir.layout import Finalist, RunDir
-from merger.rundir.ledger import WARM_START_GENERATION, WARM_START_META, Ledger
+from merger.rundir.layout import RunDir
+from merger.rundir.ledger import WARM_START_GENERATION, Ledger
+from merger.rundir.summary import Finalist
 from merger.scoring.uncertainty import paired_difference, standard_error
 from merger.space.parameters import Genome
 from tests.recipes import tiny_recipe, write_recipe
@@ -170,7 +171,7 @@ def test_a_run_selects_on_validation_and_exports_what_it_selected(tiny_sources, 
     ledger = Ledger(layout.path)
     try:
         warm = ledger.evaluations(WARM_START_GENERATION)
-        assert len(warm) == 1 and ledger.meta()[WARM_START_META] == ["baseline defaults"]
+        assert len(warm) == 1 and ledger.meta().warm_starts == ["baseline defaults"]
         assert ledger.count() == 5  # the warm start is paid from the budget
     finally:
         ledger.close()
@@ -246,20 +247,20 @@ def test_selection_turned_off_exports_the_fitness_winner(tiny_sources, tiny_eval
 def test_a_shared_score_cache_spares_another_seed_the_untuned_models(
     tiny_sources, tiny_evals, tmp_path, monkeypatch
 ):
-    from merger.finish import models
+    from merger.finish import scores as final_scores
     from merger.finish.score_cache import SCORE_CACHE_ENV
 
     monkeypatch.setenv(SCORE_CACHE_ENV, str(tmp_path / "scores"))
     first = write_recipe(tmp_path / "first.yaml", small(tiny_sources, tiny_evals, tmp_path / "first"))
     assert merger.cli.main(["run", str(first), "--no-progress"]) == 0
     scored: list = []
-    original = models.score_models
+    original = final_scores.score_models
 
     def spy(executor, jobs, on_result=None):
         scored.extend(jobs)
         return original(executor, jobs, on_result)
 
-    monkeypatch.setattr(models, "score_models", spy)
+    monkeypatch.setattr(final_scores, "score_models", spy)
     data = small(tiny_sources, tiny_evals, tmp_path / "second", optimizer={"popsize": 4, "max_evaluations": 5, "seed": 4})
     second = write_recipe(tmp_path / "second.yaml", data)
     assert merger.cli.main(["run", str(second), "--no-progress"]) == 0

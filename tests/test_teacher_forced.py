@@ -14,7 +14,7 @@ from merger.recipe import EvalSet, parse_recipe
 from merger.rundir.ledger import Ledger
 from merger.scoring.fitness import TaskSuite
 from merger.scoring.lm_eval_bridge import load_tasks, quiet_lm
-from merger.search.open import open_search
+from merger.search.open import open_run
 from merger.zoo import data
 from tests.test_overnight import recipe_data, run_here
 from tests.tiny_models import build_model, build_tokenizer
@@ -160,7 +160,7 @@ def test_gold_prob_on_a_task_without_one_known_answer_is_refused_before_loading(
 ) -> None:
     data_ = recipe_data(tiny_sources, tiny_evals, fitness={"tasks": [{"name": task, "metric": "gold_prob"}]})
     with pytest.raises(MergerError) as raised:
-        open_search(parse_recipe(data_), tmp_path / "run")
+        open_run(parse_recipe(data_), tmp_path / "run")
     message = str(raised.value)
     assert "\n" not in message and f"task {task} is {kind}" in message
     assert message.startswith("fitness.tasks.0.metric: metric gold_prob is teacher-forced")
@@ -172,4 +172,4 @@ def test_greedy_match_on_a_generating_task_is_refused(
 ) -> None:
     data_ = recipe_data(tiny_sources, tiny_evals, validation={"tasks": [{"name": "tiny_gen", "metric": "acc"}]})
     with pytest.raises(MergerError, match=r"validation.tasks.0.metric: .*task tiny_gen generates its answer"):
-        open_search(parse_recipe(data_), tmp_path / "run")
+        open_run(parse_recipe(data_), tmp_path / "run")

@@ -86,13 +86,13 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def make_executor(recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace) -> Executor:
-    """The recipe's executor; its workers decode genotypes with `genome` (handed to them, not rebuilt)."""
+def make_executor(recipe: Recipe, source_paths: dict[str, Path], space: SearchSpace) -> Executor:
+    """The recipe's executor; its workers decode genotypes with `space` (handed to them, not rebuilt)."""
     if recipe.executor.kind == "ray":
         require_extra("ray", "a recipe with `executor: ray`")
         from merger.executors.ray_executor import RayExecutor
 
-        return RayExecutor(recipe, source_paths, genome)
+        return RayExecutor(recipe, source_paths, space)
     from merger.executors.in_process import InProcessExecutor
 
-    return InProcessExecutor(recipe, source_paths, genome)
+    return InProcessExecutor(recipe, source_paths, space)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 class InProcessExecutor:
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace):
-        self.worker = CandidateWorker(recipe, source_paths, genome)
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], space: SearchSpace):
+        self.worker = CandidateWorker(recipe, source_paths, space)
 
     def score(
         self,

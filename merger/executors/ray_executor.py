@@ -50,11 +50,11 @@ MERGER_IMPORT_ROOT = Path(__file__).resolve().parents[2]  # the directory the dr
 class WorkerActor:
     """The body of one Ray actor: a `CandidateWorker` and the torch threads it may use."""
 
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace, threads: int):
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], space: SearchSpace, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.worker = CandidateWorker(recipe, source_paths, genome)
+        self.worker = CandidateWorker(recipe, source_paths, space)
 
     def pid(self) -> int:
         return os.getpid()
@@ -99,7 +99,7 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
 
 
 class RayExecutor:
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace):
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], space: SearchSpace):
         import ray
 
         self.ray = ray
@@ -116,7 +116,7 @@ class RayExecutor:
             max_restarts=0,  # a dead actor is replaced here, so that its candidate can be re-queued
             runtime_env=worker_runtime_env(),
         )
-        self._worker_args = (recipe, source_paths, genome, max(1, round(self.settings.cpus_per_worker)))
+        self._worker_args = (recipe, source_paths, space, max(1, round(self.settings.cpus_per_worker)))
         self.actors = [self._actor_class.remote(*self._worker_args) for _ in range(self.settings.num_workers)]
         self.worker_pids = self._wait_ready()
 

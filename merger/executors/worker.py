@@ -35,10 +35,10 @@ def run_scoring_precision(recipe: Recipe) -> str:
 
 
 class CandidateWorker:
-    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], genome: SearchSpace):
+    def __init__(self, recipe: Recipe, source_paths: dict[str, Path], space: SearchSpace):
         self.recipe = recipe
         self.source_paths = source_paths
-        self.genome = genome
+        self.space = space
         self.device = pick_device(recipe.engine.device)
         self.engine = engine_for_recipe(recipe, source_paths, self.device)
         self.model = self.engine.model
@@ -50,7 +50,7 @@ class CandidateWorker:
 
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""
-        config = self.genome.to_config(genotype)
+        config = self.space.to_config(genotype)
         self.engine.apply_config(config, draw=draw_key(genotype))
         return config.to_yaml()
 

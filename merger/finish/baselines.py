@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
+from mergekit.config import MergeConfiguration
+
+from merger.finish.models import FinalModel, config_identity, merge_yaml
 from merger.recipe import BaselineName, Recipe
 from merger.recipe.methods import NotApplicable, untuned_config
+from merger.rundir.ledger import baseline_key, source_key
+from merger.search.open import OpenRun
 
 BASELINE_NAMES: tuple[str, ...] = get_args(BaselineName)
 
@@ -56,3 +61,21 @@ def plan_baselines(recipe: Recipe, source_paths: dict[str, Path]) -> BaselinePla
             continue
         configs[name] = config
     return BaselinePlan(configs, skipped)
+
+
+def untuned_models(run: OpenRun, baselines: BaselinePlan) -> list[FinalModel]:
+    """Each source (its recorded digest: no source is hashed again), then each baseline."""
+    layout = run.layout
+    lineage = run.meta.lineage
+    sources = [
+        FinalModel(source_key(name), run.source_paths[name], f"weights:{lineage[name].sha256}")
+        for name in run.recipe.source_names
+    ]
+    merges = []
+    for name, data in baselines.configs.items():
+        config = MergeConfiguration.model_validate(data)
+        identity = config_identity(merge_yaml(config))
+        merges.append(
+            FinalModel(baseline_key(name), layout.baseline(name), identity, config, layout.baseline_config(name))
+        )
+    return [*sources, *merges]

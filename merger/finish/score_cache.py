@@ -20,23 +20,22 @@ from typing import Any
 from merger.common.files import write_atomic
 from merger.executors import Scored
 from merger.scoring.fitness import eval_sets
-from merger.search.loop import Search
-from merger.sources.lineage import LINEAGE_META
+from merger.search.open import OpenRun
 
 SCORE_CACHE_ENV = "MERGER_SCORE_CACHE"
 PACKAGES = ("merger", "lm_eval", "transformers", "torch")
 
 
 class ScoreCache:
-    def __init__(self, root: Path, search: Search):
+    def __init__(self, root: Path, run: OpenRun):
         self.root = root
-        recipe = search.recipe
-        meta = search.ledger.meta()
-        lineage = meta[LINEAGE_META]
+        recipe = run.recipe
+        meta = run.meta
+        lineage = meta.lineage
         self.context = {
-            "sources": {name: lineage[name]["sha256"] for name in recipe.source_names},
-            "tokenizer": lineage[recipe.tokenizer_name]["sha256"],
-            "precision": meta.get("scoring_precision"),
+            "sources": {name: lineage[name].sha256 for name in recipe.source_names},
+            "tokenizer": lineage[recipe.tokenizer_name].sha256,
+            "precision": meta.scoring_precision,
             "dtype": recipe.engine.dtype,
             "device": recipe.engine.device,
             "versions": {name: version(name.replace("_", "-")) for name in PACKAGES},
@@ -45,9 +44,9 @@ class ScoreCache:
         self.sets = {name: eval_set.model_dump(mode="json") for name, eval_set in eval_sets(recipe).items()}
 
     @classmethod
-    def from_env(cls, search: Search) -> ScoreCache | None:
+    def from_env(cls, run: OpenRun) -> ScoreCache | None:
         root = os.environ.get(SCORE_CACHE_ENV)
-        return cls(Path(root), search) if root else None
+        return cls(Path(root), run) if root else None
 
     def _path(self, identity: str, set_name: str) -> Path:
         key = json.dumps({"identity": identity, "set": self.sets[set_name], **self.context}, sort_keys=True)

@@ -10,13 +10,12 @@ untuned models: a merge is exported only when it did better than every untuned o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from merger.finish.models import FinalModel, ScoreTable, config_identity, merge_yaml
+from merger.finish.models import Contender, FinalModel, config_identity, merge_yaml
+from merger.finish.scores import ScoreTable, score_final
 from merger.recipe import Recipe, SelectionSpec, TaskSpec
-from merger.rundir.layout import Finalist, Selection
 from merger.rundir.ledger import (
     BASELINE_PREFIX,
     SOURCE_PREFIX,
@@ -25,27 +24,20 @@ from merger.rundir.ledger import (
     candidate_key,
     final_items_key,
 )
+from merger.rundir.summary import Finalist, Selection
 from merger.scoring.fitness import fitness_score, selection_score
 from merger.scoring.uncertainty import Aggregate, ItemValues, paired_difference, standard_error
+from merger.search.loop import SearchResult
+from merger.search.open import OpenRun
 from merger.space import SearchSpace
 
 
-@dataclass(frozen=True)
-class Contender:
-    """A finalist and what exporting it takes."""
-
-    model: FinalModel
-    kind: str  # candidate, baseline or source
-    name: str
-    record: EvaluationRecord | None = None  # a candidate's evaluation
-
-
-def candidate_contenders(ledger: Ledger, genome: SearchSpace, top_k: int) -> list[Contender]:
+def candidate_contenders(ledger: Ledger, space: SearchSpace, top_k: int) -> list[Contender]:
     """The `top_k` best candidates by fitness, one per merge (a repeated genotype counts once)."""
     chosen: list[Contender] = []
     seen: set[str] = set()
     for record in ledger.ranked():
-        config = genome.to_config(np.asarray(record.genotype))
+        config = space.to_config(np.asarray(record.genotype))
         identity = config_identity(merge_yaml(config))
         if identity in seen:
             continue
@@ -187,3 +179,17 @@ def selection_note(selection: Selection) -> str | None:
         f"selection: the {what} {name!r} scored {chosen.selection:.3f} on {selection.eval_set}{against}, "
         f"so the winner exported is {name!r}, not an evolved merge"
     )
+
+
+def select_winner(
+    run: OpenRun, result: SearchResult, untuned: list[FinalModel], scores: ScoreTable
+) -> tuple[Contender, Selection | None]:
+    """The finalist best on the validation set (`selection:`), or the best candidate by fitness."""
+    recipe = run.recipe
+    if not recipe.selects:
+        return fitness_winner(result.best), None
+    candidates = candidate_contenders(run.ledger, run.space, recipe.selection.top_k)
+    scores.update(score_final(run, [c.model for c in candidates], ["validation"]))
+    contenders = untuned_contenders(untuned) + candidates
+    rows = finalist_rows(recipe, run.ledger, contenders, scores)
+    return choose(contenders, rows, recipe.selection)

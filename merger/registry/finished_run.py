@@ -14,7 +14,8 @@ from merger.common.errors import MergerError
 from merger.common.yamlsafe import parse_yaml
 from merger.recipe import Recipe, parse_recipe
 from merger.registry.files import WEIGHT_SUFFIXES, relative_files
-from merger.rundir.layout import RunDir, Summary, Winner
+from merger.rundir.layout import RunDir
+from merger.rundir.summary import Summary, Winner
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

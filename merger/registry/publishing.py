@@ -18,9 +18,7 @@ from merger.common.errors import MergerError
 from merger.common.files import fsync_directory, fsync_tree
 from merger.common.references import is_registry_reference
 from merger.registry import index as idx
-from merger.registry.card import render_card
 from merger.registry.entries import (
-    CARD_FILE,
     ENTRIES_DIR,
     MERGEKIT_CONFIG_FILE,
     RECIPE_FILE,
@@ -39,6 +37,8 @@ from merger.registry.finished_run import FinishedRun
 from merger.registry.index import EntryRow, Parent
 from merger.registry.names import Reference, parse_reference, validate_name
 from merger.registry.staging import clean_orphans, staging_directory
+from merger.rundir.layout import CARD_FILE
+from merger.rundir.render import model_card
 
 if TYPE_CHECKING:
     from merger.registry.store import Registry
@@ -102,6 +102,8 @@ def _stage(run: FinishedRun, staging: Path) -> dict[str, FileRecord]:
         for name in relative_files(run.final)
         if name not in WRITTEN_BY_REGISTRY
     }
+    if CARD_FILE not in files:  # a run finished before its card was the published one
+        files[CARD_FILE] = write_hashed(staging / CARD_FILE, model_card(run.summary, run.best_text).encode())
     files[MERGEKIT_CONFIG_FILE] = write_hashed(staging / MERGEKIT_CONFIG_FILE, run.best_text.encode())
     files[RECIPE_FILE] = write_hashed(staging / RECIPE_FILE, run.recipe_text.encode())
     files[SUMMARY_FILE] = copy_durably(run.layout.summary, staging / SUMMARY_FILE)
@@ -118,8 +120,6 @@ def _install(
 ) -> EntryRef:
     with registry.index.transaction() as connection:
         version = idx.allocate_version(connection, name)
-        card = render_card(name, version, run, parents)
-        files[CARD_FILE] = write_hashed(staging / CARD_FILE, card.encode())
         fsync_tree(staging)
         target = registry.entry_path(name, version)
         registry.remove_unrecorded_versions(connection, name)

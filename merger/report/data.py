@@ -13,8 +13,10 @@ import numpy as np
 from merger.common.errors import MergerError
 from merger.common.yamlsafe import read_yaml_file
 from merger.recipe import Recipe, parse_recipe
-from merger.rundir.layout import LEDGER_FILE, RECIPE_FILE, RunDir, Summary
+from merger.rundir.layout import LEDGER_FILE, RECIPE_FILE, RunDir
 from merger.rundir.ledger import EvaluationRecord, GenerationRecord, Ledger
+from merger.rundir.meta import RunMeta
+from merger.rundir.summary import Summary
 
 EMBEDDINGS_COLUMN = "embed"
 
@@ -23,7 +25,7 @@ EMBEDDINGS_COLUMN = "embed"
 class RunData:
     run_dir: Path
     recipe: Recipe
-    meta: dict[str, Any]
+    meta: RunMeta
     evaluations: list[EvaluationRecord]
     generations: list[GenerationRecord]
     best: EvaluationRecord | None
@@ -93,11 +95,11 @@ def best_genes(run: RunData) -> list[dict[str, Any]] | None:
 
 def run_genome(run: RunData) -> Any:
     """The run's genome over the sources where the run found them (the lineage in the ledger's meta)."""
-    from merger.sources.lineage import LINEAGE_META, recorded_source_paths
+    from merger.sources.lineage import recorded_source_paths
     from merger.sources.resolve import check_compatible
     from merger.space import make_genome
 
-    recorded = run.meta.get(LINEAGE_META) or {}
+    recorded = run.meta.lineage
     if set(recorded) != set(run.recipe.source_names):
         raise MergerError(
             f"cannot decode the best genotype: the ledger records no lineage of the sources "

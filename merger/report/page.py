@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.report.data import RunData, best_config_text
-from merger.rundir.layout import LEAD_HEADER, Selection, Summary, selection_rule_text
+from merger.rundir.render import finalist_grid, score_cells, score_grid, selection_rule_text
+from merger.rundir.summary import Selection, Summary
 from merger.scoring.items import item_accounting
 
 
@@ -35,21 +36,14 @@ def _table(header: list[str] | None, rows: list[list[str]], bold: set[tuple[int,
 
 
 def score_table_html(summary: Summary) -> str:
-    """The rows of the terminal table and the model card (`Summary.score_rows`), the best of each column bold."""
-    columns = summary.score_columns()
-    rows = summary.score_rows()
-    names = list(rows)
-    values = [[rows[name].cell(s, task) for s, task in columns] for name in names]
+    """The terminal table's and the model card's rows (`merger.rundir.render`), the best of each column bold."""
+    headers, names, values = score_cells(summary)
     bold = set()
-    for c in range(len(columns)):
-        present = [v[c] for v in values if v[c] is not None]
-        top = max(present, default=None)
+    for c in range(len(headers)):
+        top = max((v[c] for v in values if v[c] is not None), default=None)
         bold |= {(r, c + 1) for r, v in enumerate(values) if top is not None and v[c] == top}
-    body = [
-        [name] + ["" if v is None else f"{v:.3f}" for v in row]
-        for name, row in zip(names, values, strict=True)
-    ]
-    return _table(["model"] + [f"{s}: {task}" for s, task in columns], body, bold)
+    header, body = score_grid(summary)
+    return _table(header, body, bold)
 
 
 def _candidate_won(run: RunData) -> bool:
@@ -59,10 +53,9 @@ def _candidate_won(run: RunData) -> bool:
 
 def finalist_table_html(selection: Selection) -> str:
     """The finalists with fitness and selection score (± standard error); the winner's row bold."""
-    body = [row.cells() for row in selection.finalists]
+    header, body = finalist_grid(selection)
     chosen = next(i for i, row in enumerate(selection.finalists) if row.name == selection.chosen)
-    bold = {(chosen, column) for column in range(5)}
-    header = ["finalist", "kind", "fitness", selection.eval_set, LEAD_HEADER]
+    bold = {(chosen, column) for column in range(len(header))}
     return f"<p>{html.escape(selection_rule_text(selection))}</p>" + _table(header, body, bold)
 
 
@@ -70,14 +63,14 @@ def overview_rows(run: RunData) -> list[list[str]]:
     failures = sum(r.failed for r in run.evaluations)
     rows = [
         ["merge method", run.recipe.genome.method],
-        ["genome", str(run.meta.get("genome", ""))],
+        ["search space", run.meta.search_space or ""],
         ["seed", str(run.recipe.optimizer.seed)],
         ["evaluations", f"{len(run.evaluations)} ({failures} failed)"],
         ["generations closed", str(len(run.generations))],
         ["item-evaluations", item_accounting(
             run.items_spent,
             len(run.evaluations),
-            run.meta.get("fitness_items"),
+            run.meta.fitness_items,
             sum(record.eval_seconds for record in run.evaluations),
         ).removeprefix("item-evaluations: ")],
         ["state", "finished" if run.summary is not None else "not finished (running, stopped or killed)"],

@@ -13,7 +13,8 @@ from merger.common.references import REGISTRY_PREFIX, ZOO_PREFIX
 from merger.common.yamlsafe import read_yaml_file
 from merger.registry.files import WEIGHT_SUFFIXES, weight_files
 from merger.router.pool import RUN_BASELINE_PREFIX, RUN_BEST_BASELINE, RUN_WINNER, Member
-from merger.rundir.layout import RunDir, Summary
+from merger.rundir.layout import RunDir
+from merger.rundir.summary import Summary
 from merger.sources.digest import remembered_digest
 from merger.sources.resolve import resolve_path
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from merger.rundir.layout import LEDGER_FILE
+from merger.rundir.meta import RunMeta
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -102,7 +103,6 @@ SOURCE_PREFIX = "source:"
 BASELINE_PREFIX = "baseline:"
 FORMER_SOURCE_PREFIX = "source/"  # item_outcomes' source rows before the one prefix
 WARM_START_GENERATION = -1  # the candidates scored before the first generation (genome.warm_start)
-WARM_START_META = "warm_starts"  # meta: each warm start's label, by its index in generation -1
 
 
 FINAL_ITEMS_PREFIX = "final:"  # item_outcomes of a model scored at the end, keyed by its identity
@@ -236,9 +236,11 @@ class Ledger:
             )
 
     def set_meta(self, **values: Any) -> None:
+        """Record `RunMeta` fields, by field name."""
+        stored = RunMeta.storage_keys(**values)
         with self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()]
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in stored.items()]
             )
 
     def record_final_score(self, score: FinalScore) -> None:
@@ -256,8 +258,8 @@ class Ledger:
         ).fetchall()
         return [FinalScore(row[0], row[1], row[2], json.loads(row[3])) for row in rows]
 
-    def meta(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+    def meta(self) -> RunMeta:
+        return RunMeta.model_validate({k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")})
 
     def evaluations(self, generation: int | None = None) -> list[EvaluationRecord]:
         query = "SELECT * FROM evaluations"
@@ -343,8 +345,3 @@ class Ledger:
             successful.append(record if known is None else replace(record, score=known.full_score))
         return sorted(successful, key=lambda r: -r.score)
 
-
-def record_as_dict(record: EvaluationRecord) -> dict[str, Any]:
-    data = asdict(record)
-    data.pop("items", None)
-    return data

@@ -12,6 +12,7 @@ from typing import Any
 
 from merger.recipe import OptimizerSpec
 from merger.rundir.ledger import WARM_START_GENERATION, Ledger
+from merger.rundir.meta import RunMeta
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,10 @@ class Budget:
         return cls(optimizer.popsize, optimizer.max_evaluations, optimizer.max_seconds, optimizer.max_items)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> Budget:
+    def from_meta(cls, meta: RunMeta) -> Budget:
         """The budget a run recorded in its ledger's meta (`as_meta`)."""
-        return cls(meta["popsize"], meta.get("max_evaluations"), meta.get("max_seconds"), meta.get("max_items"))
+        assert meta.popsize is not None
+        return cls(meta.popsize, meta.max_evaluations, meta.max_seconds, meta.max_items)
 
     def as_meta(self) -> dict[str, Any]:
         return asdict(self)

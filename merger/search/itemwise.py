@@ -39,14 +39,14 @@ class ItemScoring:
     def __init__(
         self,
         recipe: Recipe,
-        genome: SearchSpace,
+        space: SearchSpace,
         executor: Executor,
         ledger: Ledger,
         on_progress: Callable[[dict[str, Any]], None],
         source_paths: dict[str, Path],
     ):
         self.recipe = recipe
-        self.genome = genome
+        self.space = space
         self.executor = executor
         self.ledger = ledger
         self.on_progress = on_progress
@@ -143,7 +143,7 @@ class ItemScoring:
     def _config(self, key: str, genotype: np.ndarray) -> str:
         """The candidate's mergekit YAML as its worker rendered it; rendered here only when no worker
         merged it in this session (every item was scored before a resume)."""
-        return self._configs.pop(key, None) or self.genome.to_config(genotype).to_yaml()
+        return self._configs.pop(key, None) or self.space.to_config(genotype).to_yaml()
 
     def _complete_score(self, values: Values) -> float:
         return fitness_score(self._task_scores(values, self.item_set.items), self.recipe.fitness)

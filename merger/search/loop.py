@@ -6,26 +6,21 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.executors import Executor
 from merger.executors.jobs import score_genotype
-from merger.recipe import Recipe
 from merger.rundir.ledger import (
     WARM_START_GENERATION,
-    WARM_START_META,
     EvaluationRecord,
     GenerationRecord,
-    Ledger,
 )
 from merger.search.budget import Budget, generations_left
+from merger.search.open import OpenRun
 from merger.search.state import SearchState, load_state, new_state, save_state
 from merger.search.strategies import make_strategy
-from merger.space import SearchSpace
 
 
 class StopRequest:
@@ -59,25 +54,18 @@ class SearchResult:
 
 
 class Search:
-    def __init__(
-        self,
-        recipe: Recipe,
-        run_dir: Path,
-        genome: SearchSpace,
-        executor: Executor,
-        ledger: Ledger,
-        source_paths: dict[str, Path],
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-    ):
-        self.recipe = recipe
-        self.run_dir = run_dir
-        self.genome = genome
-        self.executor = executor
-        self.ledger = ledger
-        self.source_paths = source_paths
+    """The ask/tell loop over an opened run (`merger.search.open.open_run`, which owns and closes it)."""
+
+    def __init__(self, opened: OpenRun, on_progress: Callable[[dict[str, Any]], None] | None = None):
+        self.opened = opened
+        self.recipe = opened.recipe
+        self.space = opened.space
+        self.ledger = opened.ledger
         self.on_progress = on_progress or (lambda info: None)
-        self.budget = Budget.of(recipe.optimizer)
-        self.strategy = make_strategy(recipe, genome, source_paths, executor, ledger, self._progress)
+        self.budget = Budget.of(self.recipe.optimizer)
+        self.strategy = make_strategy(
+            self.recipe, self.space, opened.source_paths, opened.executor, self.ledger, self._progress
+        )
 
     def _progress(self, info: dict[str, Any]) -> None:
         self.on_progress(info)  # looked up on each call: the command sets its progress bar after opening
@@ -92,18 +80,18 @@ class Search:
     def _start(self, should_stop: Callable[[], bool]) -> SearchState | None:
         """A new run's state: the strategy started (the warm start scored), CMA-ES from the warm start's
         best; None if stopped."""
-        starts = self.genome.warm_start()
-        self.ledger.set_meta(**{WARM_START_META: [start.label for start in starts]})  # by index in generation -1
+        starts = self.space.warm_start()
+        self.ledger.set_meta(warm_starts=[start.label for start in starts])  # by index in generation -1
         if self.strategy.start([start.genotype for start in starts], should_stop) is None:
             return None
         best = self.ledger.best(WARM_START_GENERATION)
-        return new_state(self.recipe, self.genome, np.asarray(best.genotype) if best is not None else None)
+        return new_state(self.recipe, self.space, np.asarray(best.genotype) if best is not None else None)
 
     def run(self, stop: StopRequest | None = None) -> SearchResult:
         def should_stop() -> bool:
             return stop is not None and stop.requested
 
-        state = load_state(self.run_dir)
+        state = load_state(self.opened.layout.path)
         if state is None:
             state = self._start(should_stop)
             if state is None:
@@ -111,7 +99,7 @@ class Search:
                 if best is None:
                     raise MergerError("stopped before any candidate was scored; run the same command again to resume")
                 return SearchResult(best, self.ledger.count(), 0, True)
-            save_state(self.run_dir, state)
+            save_state(self.opened.layout.path, state)
         stopped_early = False
         while self._budget_left(state) and (state.pending is not None or not state.es.stop()):
             if stop is not None and stop.requested:
@@ -120,20 +108,20 @@ class Search:
             started = time.time()
             if state.pending is None:
                 state.pending = [np.asarray(x) for x in state.es.ask()]
-                save_state(self.run_dir, state)
+                save_state(self.opened.layout.path, state)
             mu = int(state.es.sp.weights.mu)
             records = self.strategy.evaluate(state.generation, state.pending, mu, should_stop)
             if records is None:
                 stopped_early = True
                 state.seconds += time.time() - started
-                save_state(self.run_dir, state)
+                save_state(self.opened.layout.path, state)
                 break
             state.es.tell(state.pending, [r.objective for r in records])
             self._close_generation(state, records, time.time() - started)
             state.seconds += time.time() - started
             state.generation += 1
             state.pending = None
-            save_state(self.run_dir, state)
+            save_state(self.opened.layout.path, state)
         best = self.ledger.best()
         if best is None:
             raise MergerError("every candidate failed; see `merger status` for the reasons")
@@ -145,7 +133,7 @@ class Search:
         best_idx = int(np.argmin([r.objective for r in records]))
         validation = None
         if self.recipe.validation is not None and not records[best_idx].failed:
-            validation = score_genotype(self.executor, np.asarray(records[best_idx].genotype), "validation")
+            validation = score_genotype(self.opened.executor, np.asarray(records[best_idx].genotype), "validation")
         self.ledger.record_generation(
             GenerationRecord(
                 generation=state.generation,

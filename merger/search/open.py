@@ -1,22 +1,49 @@
 """Opening a run: the recipe checked against the world, the sources loaded once, the run directory
-created (or checked to be this recipe's, to resume it)."""
+created (or checked to be this recipe's, to resume it). `open_run` returns the run's one owner, an `OpenRun`: closing
+it closes the executor and the ledger."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
-from merger.executors import make_executor
+from merger.executors import Executor, make_executor
 from merger.executors.worker import run_scoring_precision
 from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger
+from merger.rundir.meta import RunMeta
 from merger.search.budget import Budget
-from merger.search.loop import Search
-from merger.space import make_genome
+from merger.space import SearchSpace, make_genome
+
+
+@dataclass
+class OpenRun:
+    """One sitting of a run: what was opened for it. A context manager; `close` is idempotent."""
+
+    recipe: Recipe
+    layout: RunDir
+    space: SearchSpace  # the genotypes' space: decodes each to a mergekit config or a layer path
+    source_paths: dict[str, Path]
+    executor: Executor
+    ledger: Ledger
+    resuming: bool
+
+    @property
+    def meta(self) -> RunMeta:
+        return self.ledger.meta()
+
+    def close(self) -> None:
+        self.executor.close()
+        self.ledger.close()
+
+    def __enter__(self) -> OpenRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _same_recipe(stored: Path, text: str) -> bool:
@@ -47,34 +74,36 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path) -> bool:
     return False
 
 
-def open_search(
-    recipe: Recipe, run_dir: Path, on_progress: Callable[[dict[str, Any]], None] | None = None
-) -> tuple[Search, bool]:
-    """Validate everything against the world, then load sources once; returns (search, resuming)."""
+def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
+    """Validate everything against the world, then load sources once, then open the run directory."""
     from merger.scoring.fitness import check_tasks
-    from merger.sources.lineage import LINEAGE_META, source_lineage
-    from merger.sources.resolve import check_compatible, resolve_sources
+    from merger.sources.lineage import source_lineage
+    from merger.sources.resolve import resolve_checked
 
-    source_paths = resolve_sources(recipe)
-    num_layers = check_compatible(source_paths, recipe.trust_remote_code)
-    genome = make_genome(recipe, source_paths, num_layers)
+    source_paths, num_layers = resolve_checked(recipe)
+    space = make_genome(recipe, source_paths, num_layers)
     check_tasks(recipe)
     # loading the sources is the last check (a NaN/inf tensor is refused): before the run directory
-    executor = make_executor(recipe, source_paths, genome)
+    executor = make_executor(recipe, source_paths, space)
     try:
         resuming = prepare_run_dir(recipe, run_dir)
         ledger = Ledger(run_dir)
+    except BaseException:
+        executor.close()
+        raise
+    run = OpenRun(recipe, RunDir(run_dir), space, source_paths, executor, ledger, resuming)
+    try:
         ledger.set_meta(
-            **{LINEAGE_META: source_lineage(recipe, source_paths, ledger.meta().get(LINEAGE_META))},
+            lineage=source_lineage(recipe, source_paths, ledger.meta().lineage),
             seed=recipe.optimizer.seed,
-            dimension=genome.dimension,
-            genome=genome.describe(),
+            dimension=space.dimension,
+            search_space=space.describe(),
             **Budget.of(recipe.optimizer).as_meta(),
             strategy=recipe.fitness.strategy,
             scoring_precision=run_scoring_precision(recipe),
         )
         ledger.set_meta(fitness_items=sum(len(ids) for ids in executor.fitness_items().values()))
-        return Search(recipe, run_dir, genome, executor, ledger, source_paths, on_progress), resuming
     except BaseException:
-        executor.close()
+        run.close()
         raise
+    return run

@@ -33,13 +33,13 @@ class SearchState:
     history: list[float] = field(default_factory=list)
 
 
-def new_state(recipe: Recipe, genome: SearchSpace, x0: np.ndarray | None = None) -> SearchState:
+def new_state(recipe: Recipe, space: SearchSpace, x0: np.ndarray | None = None) -> SearchState:
     import cma
 
     optimizer = recipe.optimizer
     diagonal = optimizer.diagonal
     if diagonal == "auto":
-        diagonal = genome.dimension > DIAGONAL_AUTO_DIMENSION
+        diagonal = space.dimension > DIAGONAL_AUTO_DIMENSION
     options = {
         "bounds": [0.0, 1.0],
         "popsize": optimizer.popsize,
@@ -58,7 +58,7 @@ def new_state(recipe: Recipe, genome: SearchSpace, x0: np.ndarray | None = None)
         # The negative (active) update weighs the worst candidates by their order; a race leaves the
         # order of the cut candidates to a few items each, so it must not steer the covariance.
         options["CMA_active"] = False
-    es = cma.CMAEvolutionStrategy(genome.initial() if x0 is None else x0, optimizer.sigma0, options)
+    es = cma.CMAEvolutionStrategy(space.initial() if x0 is None else x0, optimizer.sigma0, options)
     return SearchState(generation=0, es=es)
 
 

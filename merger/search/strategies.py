@@ -31,7 +31,6 @@ from merger.search.racing import Bounds, bounds, cuts, ranking_values
 from merger.search.records import candidate_record
 from merger.space import SearchSpace
 
-ANCHORS_META = "anchors"
 ANCHOR_CHOOSERS = {"kmeans": choose_anchors, "irt": choose_irt_anchors}
 Progress = Callable[[dict[str, Any]], None]
 
@@ -51,7 +50,7 @@ class Strategy(Protocol):
 
 def make_strategy(
     recipe: Recipe,
-    genome: SearchSpace,
+    space: SearchSpace,
     source_paths: dict[str, Path],
     executor: Executor,
     ledger: Ledger,
@@ -60,7 +59,7 @@ def make_strategy(
     kind = recipe.fitness.strategy
     item_strategies: dict[str, type[ItemScoring]] = {"racing": RacingStrategy, "anchors": AnchorsStrategy}
     if kind in item_strategies:
-        return item_strategies[kind](recipe, genome, executor, ledger, on_progress, source_paths)
+        return item_strategies[kind](recipe, space, executor, ledger, on_progress, source_paths)
     return FullStrategy(executor, ledger, on_progress, recipe.fitness)
 
 
@@ -194,7 +193,7 @@ class AnchorsStrategy(ItemScoring):
     def choose_anchors(self, extra_models: Sequence[str] = ()) -> Anchors | IrtAnchors:
         """The run's anchors: chosen once (stored in the ledger's meta), from the sources' and the given
         fully scored candidates' outcomes."""
-        stored = self.ledger.meta().get(ANCHORS_META)
+        stored = self.ledger.meta().anchors
         if stored is None:
             models = [source_key(name) for name in self.recipe.source_names] + list(extra_models)
             outcomes = [self._outcomes(key) for key in models]
@@ -202,7 +201,7 @@ class AnchorsStrategy(ItemScoring):
             anchors = ANCHOR_CHOOSERS[settings.method](
                 self.item_set, outcomes, settings.count, self.recipe.optimizer.seed
             )
-            self.ledger.set_meta(**{ANCHORS_META: anchors.to_json()})
+            self.ledger.set_meta(anchors=anchors.to_json())
             stored = anchors.to_json()
         # k-means anchors are stored as a list (as before methods), IRT anchors as a dict
         self.anchors = IrtAnchors.from_json(stored) if isinstance(stored, dict) else Anchors.from_json(stored)

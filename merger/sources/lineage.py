@@ -1,6 +1,6 @@
 """Where each source of a run came from, with its weights digest, hashed once per run.
 
-`open_search` records the lineage in the ledger's meta; the end of the run (summary, final-score
+`open_run` records the lineage in the ledger's meta; the end of the run (summary, final-score
 identities) and publishing read the digests from there instead of hashing the sources again. A later
 session of the same run reuses a recorded digest while the source's weight files keep their names,
 sizes and modification times (`merger.sources.digest`).
@@ -15,10 +15,9 @@ from typing import Any
 from merger.common.references import REGISTRY_PREFIX, is_registry_reference
 from merger.recipe import Recipe
 from merger.registry import Registry, weights_digest
+from merger.rundir.meta import LineageRecord
 from merger.sources.digest import remembered_digest
 from merger.sources.resolve import registry_root
-
-LINEAGE_META = "lineage"
 
 
 def _digest(recipe: Recipe, reference: str, path: Path) -> str:
@@ -29,15 +28,17 @@ def _digest(recipe: Recipe, reference: str, path: Path) -> str:
 
 
 def source_lineage(
-    recipe: Recipe, source_paths: dict[str, Path], recorded: dict[str, Any] | None
+    recipe: Recipe, source_paths: dict[str, Path], recorded: dict[str, LineageRecord]
 ) -> dict[str, dict[str, Any]]:
-    """`{source: {path, registry, reference, sha256, stamp}}`, hashing only sources not recorded unchanged
-    before."""
-    recorded = recorded or {}
+    """`{source: {path, registry, reference, sha256, stamp}}` (`RunMeta.lineage`), hashing only sources not
+    recorded unchanged before."""
     lineage = {}
     for source in recipe.sources:
         path = source_paths[source.name]
-        digest = remembered_digest(path, recorded.get(source.name), partial(_digest, recipe, source.path))
+        before = recorded.get(source.name)
+        digest = remembered_digest(
+            path, before.model_dump() if before else None, partial(_digest, recipe, source.path)
+        )
         lineage[source.name] = {  # the fields of the summary's `LineageEntry`, then the stamp
             "path": digest["path"],
             "registry": source.path.removeprefix(REGISTRY_PREFIX) if is_registry_reference(source.path) else None,
@@ -48,6 +49,6 @@ def source_lineage(
     return lineage
 
 
-def recorded_source_paths(recorded: dict[str, Any]) -> dict[str, Path]:
+def recorded_source_paths(recorded: dict[str, LineageRecord]) -> dict[str, Path]:
     """Where the run found each source, as `source_lineage` recorded it (nothing resolved or hashed)."""
-    return {name: Path(entry["path"]) for name, entry in recorded.items()}
+    return {name: Path(entry.path) for name, entry in recorded.items() if entry.path is not None}

@@ -68,16 +68,22 @@ def registry_root(recipe: Recipe) -> Path | None:
 
 
 def resolve_sources(recipe: Recipe) -> dict[str, Path]:
-    """Local directories for every source, after checking they hold mergeable weights and that the
-    merged model's tokenizer can do what the eval sets ask of it (before any weights are loaded)."""
+    """Local directories for every source (`resolve_checked`'s checks)."""
+    return resolve_checked(recipe)[0]
+
+
+def resolve_checked(recipe: Recipe) -> tuple[dict[str, Path], int]:
+    """Local directories for every source and their number of layers, after checking they hold mergeable
+    weights of one architecture and that the merged model's tokenizer can do what the eval sets ask of
+    it (before any weights are loaded)."""
     paths = {}
     for source in recipe.sources:
         path = resolve_path(source.path, registry_root=registry_root(recipe))
         check_weights(source.name, path, recipe.allow_pickle)
         paths[source.name] = path.resolve()
-    check_compatible(paths, recipe.trust_remote_code)
+    num_layers = check_compatible(paths, recipe.trust_remote_code)
     check_chat_template(recipe, paths)
-    return paths
+    return paths, num_layers
 
 
 def check_compatible(paths: dict[str, Path], trust_remote_code: bool) -> int:
@@ -104,7 +110,6 @@ def check_compatible(paths: dict[str, Path], trust_remote_code: bool) -> int:
                     f"{getattr(first, field, None)} vs {getattr(config, field, None)}"
                 )
     return int(first.num_hidden_layers)
-
 
 
 def check_chat_template(recipe: Recipe, paths: dict[str, Path]) -> None:

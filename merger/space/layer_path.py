@@ -205,14 +205,3 @@ def passthrough_config(
     if tokenizer_source is not None:  # otherwise mergekit copies the first slice's: the anchor's
         config["tokenizer_source"] = source_paths[tokenizer_source]
     return MergeConfiguration.model_validate(config)
-
-
-def path_card_lines(genes: list[dict[str, Any]]) -> list[str]:
-    """The winner's layer path for a model card ('source.layer x scale' per position), or nothing."""
-    if not genes or "layer" not in genes[0]:
-        return []
-    steps = [
-        f"{gene['source']}.{gene['layer']}" + (f" x{gene['value']:.3g}" if gene["value"] != 1.0 else "")
-        for gene in genes
-    ]
-    return ["## Layer path", "", f"{len(steps)} layers: " + " → ".join(steps), ""]

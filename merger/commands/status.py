@@ -1,0 +1,92 @@
+"""`merger status RUN_DIR`: a run's ledger, also while it runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from merger.common.errors import MergerError
+
+if TYPE_CHECKING:
+    from merger.rundir.ledger import EvaluationRecord, Ledger
+    from merger.search.state import SearchState
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    status = subparsers.add_parser("status", help="the ledger of a run, also while it runs")
+    status.add_argument("run_dir", type=Path)
+    status.add_argument("--all", action="store_true", help="every evaluation, not only the last 20")
+    status.set_defaults(handler=status_command)
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from merger.rundir.ledger import Ledger
+
+    ledger = Ledger.open_existing(args.run_dir)
+    if ledger is None:
+        raise MergerError(f"{args.run_dir} is not a run directory (no ledger.sqlite)")
+    print(status_text(ledger, show_all=args.all))
+    return 0
+
+
+def item_lines(ledger: Ledger, records: list[EvaluationRecord]) -> list[str]:
+    """Item-evaluations spent, seconds per item and saved; each anchor check (estimate against the
+    full-set score)."""
+    from merger.scoring.items import item_accounting
+
+    eval_seconds = sum(record.eval_seconds for record in records)
+    spent = ledger.items_spent(evaluated_only=True)
+    lines = [item_accounting(spent, len(records), ledger.meta().fitness_items, eval_seconds)]
+    for (generation, index), estimate in ledger.estimates().items():
+        if estimate.strategy == "anchors" and estimate.full_score is not None:
+            lines.append(
+                f"anchor check, generation {generation} best (index {index}): estimate {estimate.estimate:.4f}, "
+                f"full set {estimate.full_score:.4f} ({estimate.estimate - estimate.full_score:+.4f})"
+            )
+    return lines
+
+
+def status_text(ledger: Ledger, show_all: bool = False) -> str:
+    from merger.search.state import load_state
+
+    records = ledger.evaluations()
+    generations = ledger.generations()
+    lines = [f"{'gen':>4} {'idx':>4} {'score':>7} {'merge_s':>8} {'eval_s':>7}  failure"]
+    for record in records if show_all else records[-20:]:
+        lines.append(
+            f"{record.generation:>4} {record.index:>4} {record.score:>7.4f} {record.merge_seconds:>8.2f} "
+            f"{record.eval_seconds:>7.2f}  {record.failure or ''}"
+        )
+    best = ledger.best()
+    state = load_state(ledger.path.parent)
+    lines.append(f"evaluations: {len(records)}  generations closed: {len(generations)}")
+    lines.extend(item_lines(ledger, records))
+    if generations:
+        per_generation = sum(g.seconds for g in generations) / len(generations)
+        lines.append(f"seconds per generation: {per_generation:.1f}")
+        lines.extend(time_left_lines(ledger, len(generations), state, per_generation))
+        last = generations[-1]
+        if last.validation:
+            lines.append(f"validation of generation {last.generation}'s best: {last.validation}")
+    if best is not None:
+        lines.append(f"best: {best.score:.4f} (generation {best.generation}, index {best.index})")
+    if state is not None and state.pending is not None:
+        lines.append(f"generation {state.generation} in progress")
+    return "\n".join(lines)
+
+
+def time_left_lines(
+    ledger: Ledger, generations_done: int, state: SearchState | None, per_generation: float
+) -> list[str]:
+    """The generations the run's budgets still pay for (the loop's own rule), and their time."""
+    from merger.search.budget import Budget, generations_left
+
+    meta = ledger.meta()
+    if meta.popsize is None:
+        return []
+    seconds = state.seconds if state is not None else None
+    left = generations_left(Budget.from_meta(meta), ledger, generations_done, seconds, per_generation)
+    if left is None:
+        return []
+    return [f"estimated time left: {left * per_generation:.0f} s ({left} generations)"]
