@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from merger.conductor.app import create_app  # noqa: E402
-from merger.conductor.backends import build_backend  # noqa: E402
+from merger.conductor.backend_factory import build_backend  # noqa: E402
 from merger.conductor.remote_backend import RemoteBackend  # noqa: E402
 from merger.conductor.routing import Conductor  # noqa: E402
 from merger.conductor.wire import MEMBERS_HEADER  # noqa: E402

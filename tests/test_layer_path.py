@@ -374,7 +374,8 @@ def test_ps_then_dfs_over_the_registry_winner(tiny_sources, tiny_evals, tmp_path
     assert_reproduced_by_mergekit(run_dir, tmp_path / "reproduced")
     assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
 
-    from merger.conductor.backends import Generation, build_backend
+    from merger.conductor.backend_factory import build_backend
+    from merger.conductor.backends import Generation
     from merger.registry import Registry
     from merger.router.pool import parse_pool
 

@@ -517,7 +517,7 @@ def test_corrupt_weights_are_caught_by_verify_resolve_and_export(
     with pytest.raises(MergerError, match="corrupt file model.safetensors.*|missing file tokenizer.json"):
         registry.resolve("tiny-merge@2")
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob("out.partial*"))
     assert registry.resolve("tiny-merge@1") == good.path
 
 

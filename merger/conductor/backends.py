@@ -6,12 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
-
-from merger.common.errors import MergerError
-from merger.router.members import member_checkpoint
-from merger.router.pool import Member
 
 Messages = list[dict[str, str]]
 
@@ -58,21 +53,3 @@ class Backend(Protocol):
     def stream(self, messages: Messages, generation: Generation, timeout_s: float) -> AsyncIterator[str]: ...
 
     async def close(self) -> None: ...
-
-
-def build_backend(
-    member: Member, registry_root: Path | None = None, exports_dir: Path | None = None
-) -> Backend:
-    # imported here: both modules import the protocol and failures from this one
-    from merger.conductor.local_backend import LocalBackend
-    from merger.conductor.remote_backend import RemoteBackend
-
-    if member.remote is not None:
-        return RemoteBackend(member)
-    try:
-        checkpoint = member_checkpoint(member, registry_root, exports_dir)
-        return LocalBackend(member.name, checkpoint, member.chat_template)
-    except MergerError:
-        raise
-    except Exception as error:
-        raise MergerError(f"member {member.name!r} could not be loaded: {error}") from error

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.conductor.backend_factory import build_backend
 from merger.conductor.backends import (
     Backend,
     Generation,
     MemberFailure,
     Messages,
     RequestRejected,
-    build_backend,
 )
 from merger.conductor.breaker import CircuitBreaker
 from merger.conductor.upstream import CallLimits, complete_within, stream_within

@@ -8,15 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
-
-from merger.common.extras import require_extra
-from merger.recipe import Recipe
-
-if TYPE_CHECKING:
-    from merger.space import SearchSpace
 
 ModelToScore = Path | np.ndarray  # a checkpoint on disk, or a genotype merged in memory
 ItemValues = dict[str, dict[int, float]]  # task -> doc id -> the item's metric value
@@ -84,15 +78,3 @@ class Executor(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def make_executor(recipe: Recipe, source_paths: dict[str, Path], space: SearchSpace) -> Executor:
-    """The recipe's executor; its workers decode genotypes with `space` (handed to them, not rebuilt)."""
-    if recipe.executor.kind == "ray":
-        require_extra("ray", "a recipe with `executor: ray`")
-        from merger.executors.ray_executor import RayExecutor
-
-        return RayExecutor(recipe, source_paths, space)
-    from merger.executors.in_process import InProcessExecutor
-
-    return InProcessExecutor(recipe, source_paths, space)

@@ -17,7 +17,7 @@ from merger.registry.names import (
     parse_reference,
     validate_name,
 )
-from merger.registry.store import Registry
+from merger.registry.registry import Registry
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",

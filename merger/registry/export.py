@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merger.common.diskspace import full_disk_is_an_error
 from merger.common.errors import MergerError
-from merger.common.files import fsync_tree
+from merger.common.files import publish_directory, staging_dir
 from merger.registry.entries import Entry, damaged
 from merger.registry.files import copy_durably, relative_files
 
 if TYPE_CHECKING:
-    from merger.registry.store import Registry
+    from merger.registry.store import Store
 
 
-def export_entry(registry: Registry, reference: str, destination: Path) -> Path:
+def export_entry(registry: Store, reference: str, destination: Path) -> Path:
     """Copy a verified entry to `destination` (absent or empty); the copy is checked byte for byte."""
     entry = registry.show(reference)
     destination = Path(destination).expanduser().resolve()
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise MergerError(f"export destination {destination} already exists and is not an empty directory")
-    partial = destination.with_name(f".{destination.name}.partial-{uuid.uuid4().hex}")
+    partial = staging_dir(destination)
     with full_disk_is_an_error(f"exporting {entry.ref} to {destination}"):
         destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed
         try:
             _copy_verified(entry, partial)
-            os.replace(partial, destination)
+            publish_directory(partial, destination)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return destination
@@ -45,11 +44,10 @@ def _copy_verified(entry: Entry, target: Path) -> None:
     ]
     if corrupt:
         raise MergerError(damaged(entry.ref, [f"corrupt file {name} (sha256 differs)" for name in corrupt]))
-    fsync_tree(target)
 
 
 def push_entry(
-    registry: Registry, reference: str, repo_id: str, *, private: bool = False, token: str | None = None
+    registry: Store, reference: str, repo_id: str, *, private: bool = False, token: str | None = None
 ) -> str:
     """Upload a verified entry to the Hugging Face Hub model repo `repo_id`; return the repo URL."""
     from huggingface_hub import HfApi, get_token

@@ -6,7 +6,6 @@ the version is allocated, the copy renamed to `entries/NAME/VERSION` and the ind
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 from datetime import UTC, datetime
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger.common.diskspace import full_disk_is_an_error
 from merger.common.errors import MergerError
-from merger.common.files import fsync_directory, fsync_tree
+from merger.common.files import fsync_directory, publish_directory
 from merger.common.references import is_registry_reference
 from merger.registry import index as idx
 from merger.registry.entries import (
@@ -41,10 +40,10 @@ from merger.rundir.layout import CARD_FILE
 from merger.rundir.render import model_card
 
 if TYPE_CHECKING:
-    from merger.registry.store import Registry
+    from merger.registry.store import Store
 
 
-def publish_run(registry: Registry, run: FinishedRun, name: str) -> EntryRef:
+def publish_run(registry: Store, run: FinishedRun, name: str) -> EntryRef:
     """Register the winner of a finished run as the next version of `name`."""
     validate_name(name)
     parents = lineage_parents(registry, run)
@@ -60,7 +59,7 @@ def publish_run(registry: Registry, run: FinishedRun, name: str) -> EntryRef:
                 raise
 
 
-def lineage_parents(registry: Registry, run: FinishedRun) -> list[Parent]:
+def lineage_parents(registry: Store, run: FinishedRun) -> list[Parent]:
     """Parents from the summary's lineage, falling back on the recipe's sources."""
     lineage = {name: entry.model_dump() for name, entry in run.summary.lineage.items()}
     declared = {source.name: source.path for source in run.recipe.sources}
@@ -78,7 +77,7 @@ def lineage_parents(registry: Registry, run: FinishedRun) -> list[Parent]:
     return parents
 
 
-def _registry_parent(registry: Registry, source: str, reference: Reference, info: dict[str, Any]) -> Parent:
+def _registry_parent(registry: Store, source: str, reference: Reference, info: dict[str, Any]) -> Parent:
     if reference.version is None and info.get("path"):
         # The run resolved `registry:NAME` to entries/NAME/VERSION: that is the version it merged.
         used = Path(info["path"]).resolve()
@@ -111,7 +110,7 @@ def _stage(run: FinishedRun, staging: Path) -> dict[str, FileRecord]:
 
 
 def _install(
-    registry: Registry,
+    registry: Store,
     name: str,
     run: FinishedRun,
     parents: list[Parent],
@@ -120,15 +119,13 @@ def _install(
 ) -> EntryRef:
     with registry.index.transaction() as connection:
         version = idx.allocate_version(connection, name)
-        fsync_tree(staging)
         target = registry.entry_path(name, version)
         registry.remove_unrecorded_versions(connection, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         fsync_directory(registry.root)
         fsync_directory(target.parent.parent)
-        os.rename(staging, target)
+        publish_directory(staging, target)
         try:
-            fsync_directory(target.parent)
             idx.insert_entry(connection, _row(name, version, run, parents, files))
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)  # still under the write lock: nobody sees it

@@ -18,7 +18,6 @@ import contextlib
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from merger.common.diskspace import full_disk_is_an_error
 from merger.common.errors import MergerError
@@ -37,12 +36,11 @@ from merger.registry.index import EntryRow, Index
 from merger.registry.names import Reference, parse_reference, validate_name
 from merger.registry.staging import clean_orphans
 
-if TYPE_CHECKING:
-    from merger.recipe import Recipe
 
-
-class Registry:
-    """A registry rooted at `root` (default: `default_root()`); safe to use from several processes."""
+class Store:
+    """A registry's entries and index rooted at `root` (default: `default_root()`): reading, resolving,
+    verifying and removing entries; safe to use from several processes. Publishing and exporting build on
+    it (merger.registry.registry.Registry)."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root).expanduser().resolve() if root is not None else default_root().resolve()
@@ -62,29 +60,6 @@ class Registry:
 
     def ref(self, name: str, version: int) -> EntryRef:
         return EntryRef(name, version, self.entry_path(name, version))
-
-    # ---------------------------------------------------------- publish, export
-    def publish(self, run_dir: Path, name: str, recipe: Recipe | None = None) -> EntryRef:
-        """Register the winner of a finished run as the next version of `name`.
-
-        `recipe` is the run's typed recipe when the caller holds it; otherwise recipe.yaml is parsed.
-        """
-        from merger.registry.finished_run import read_run
-        from merger.registry.publishing import publish_run
-
-        return publish_run(self, read_run(Path(run_dir), recipe), name)
-
-    def export(self, reference: str, destination: Path) -> Path:
-        """Copy a verified entry to `destination` (absent or empty); the copy is checked byte for byte."""
-        from merger.registry.export import export_entry
-
-        return export_entry(self, reference, destination)
-
-    def push(self, reference: str, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-        """Upload a verified entry to the Hugging Face Hub model repo `repo_id`; return the repo URL."""
-        from merger.registry.export import push_entry
-
-        return push_entry(self, reference, repo_id, private=private, token=token)
 
     # ----------------------------------------------------------------- reads
     def pin(self, reference: Reference) -> Reference:

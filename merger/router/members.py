@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from merger.common.errors import MergerError
-from merger.common.files import publish_directory, staging_dir
+from merger.common.files import publish_directory, staging_dir, write_atomic
 from merger.common.references import REGISTRY_PREFIX, ZOO_PREFIX
 from merger.common.yamlsafe import read_yaml_file
 from merger.registry.files import WEIGHT_SUFFIXES, weight_files
@@ -57,7 +57,7 @@ def memoized_weights_digest(checkpoint: Path, memo_file: Path | None = None) -> 
     if memo_file is not None and remembered != recorded:
         memo[str(checkpoint)] = remembered
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        memo_file.write_text(json.dumps(memo))
+        write_atomic(memo_file, json.dumps(memo).encode())
     return remembered["sha256"]
 
 

@@ -1,5 +1,5 @@
 """The one way into lm-eval: task managers, tasks loaded with anchored data files, evaluation, and the
-language-model wrappers. Fitness scoring, the router's outcome table and the zoo's headroom script all
+language-model wrappers. Fitness scoring, the router's outcome table and benchmarks/zoo_headroom.py all
 come through here; no other module imports `lm_eval`. What comes back is read by one rule, in
 `merger.scoring.results`.
 

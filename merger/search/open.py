@@ -9,7 +9,8 @@ from pathlib import Path
 
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
-from merger.executors import Executor, make_executor
+from merger.executors import Executor
+from merger.executors.factory import make_executor
 from merger.executors.worker import run_scoring_precision
 from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir

@@ -230,10 +230,6 @@ def write_jsonl(path: Path, rows: Iterable[Row]) -> None:
     path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
-def read_jsonl(path: Path) -> list[Row]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def write_zoo_data(evals_dir: Path, seed: int = DATA_SEED) -> dict[str, Path]:
     """Write every split's jsonl under `evals_dir/zoo/data` and one task YAML per eval split."""
     return write_eval_data(evals_dir, "zoo", generate(seed), TASK_PREFIX, task_yaml, teacher_forced_yaml)

@@ -1,6 +1,6 @@
 """How much a merge can gain: the base, each specialist and plain task-arithmetic merges on every zoo task.
 
-    python -m merger.zoo.headroom [--limit N] [--weights 1.0,0.5 ...]
+    python benchmarks/zoo_headroom.py [--limit N] [--weights 1.0,0.5 ...]
 
 Prints one row per model with exact-match accuracy on each task's validation and test split. This is a
 measurement script for choosing the zoo's skills, not part of the search.
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from merger.common.bundled import bundled_dir
-from merger.scoring.lm_eval_bridge import evaluate_tasks, load_tasks, quiet_lm
-from merger.zoo.data import task_names
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from merger.common.bundled import bundled_dir  # noqa: E402
+from merger.scoring.lm_eval_bridge import evaluate_tasks, load_tasks, quiet_lm  # noqa: E402
+from merger.zoo.data import task_names  # noqa: E402
 
 
 def task_arithmetic(base_state: dict, specialist_states: list[dict], weights: list[float]) -> dict:
