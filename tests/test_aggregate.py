@@ -68,6 +68,7 @@ def test_bad_aggregates_are_refused_in_one_line(tiny_sources, tiny_evals, tmp_pa
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow  # a search and its end
 def test_a_worst_task_search_records_the_worst_task_and_the_summary_shows_it(
     tiny_sources, tiny_evals, tmp_path
 ):

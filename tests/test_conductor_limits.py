@@ -180,6 +180,7 @@ def test_a_trickling_member_meets_the_deadline_and_the_next_member_answers(
     assert served.health()["first"]["state"] == "open"  # two failures: the breaker counted both
 
 
+@pytest.mark.slow  # a server and its deadline
 def test_an_endless_answer_ends_at_the_deadline_plain_and_after_the_first_token(
     serve: Callable[..., Served], fakes: dict[str, Fake]
 ) -> None:

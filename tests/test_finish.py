@@ -184,6 +184,7 @@ def test_sigkill_while_finishing_resumes_with_only_the_missing_scores(
     assert set(resumed["baselines"]) == BASELINES
 
 
+@pytest.mark.slow  # a search and its end
 def test_finishing_hashes_no_source_again(tiny_sources, tiny_evals, tmp_path, monkeypatch):
     """Sources are hashed once, when the run opens; finishing and a resumed session reuse the digests."""
     hashed: list[Path] = []

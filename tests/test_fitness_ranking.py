@@ -81,6 +81,7 @@ def fitness_recipe(sources: dict[str, Path], evals: Path, limit: int | None = No
     return tiny_recipe(sources, evals, evals / "run", fitness=task, validation=task, test=task)
 
 
+@pytest.mark.slow  # scores every candidate twice
 def test_scored_candidates_agree_item_by_item_unless_normalisation_hides_a_difference(
     bench: ModuleType,
     tiny_sources: dict[str, Path],

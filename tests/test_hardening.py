@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.cli import assert_one_line_error, run_merger
@@ -49,6 +50,7 @@ def test_small_alias_expansion_still_loads_but_echoes_are_bounded(
     assert_one_line_error(run_merger("run", str(recipe)), "laughs.yaml")
 
 
+@pytest.mark.slow  # subprocesses
 def test_huge_recipe_and_huge_values_are_bounded(
     tiny_sources: dict[str, Path], tiny_evals: Path, tmp_path: Path
 ) -> None:
@@ -63,6 +65,7 @@ def test_huge_recipe_and_huge_values_are_bounded(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # subprocesses
 def test_pool_yaml_is_bounded_the_same_way(tmp_path: Path) -> None:
     deep = tmp_path / "deep-pool.yaml"
     deep.write_text("members: " + "[" * 20000 + "\n")
@@ -84,6 +87,7 @@ def test_budget_below_one_generation_is_refused_before_loading(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # subprocesses
 def test_registry_versions_have_one_spelling(tmp_path: Path) -> None:
     for reference in ("name@01", "name@\uff11", "name@0", "name@1.0"):
         process = run_merger("registry", "--registry", str(tmp_path / "reg"), "show", reference)
@@ -96,6 +100,7 @@ def test_registry_show_of_a_name_that_never_existed(tmp_path: Path) -> None:
     assert "none left" not in line
 
 
+@pytest.mark.slow  # subprocesses
 def test_source_path_to_a_file_says_so(tiny_sources: dict[str, Path], tiny_evals: Path, tmp_path: Path) -> None:
     recipe = tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run")
     recipe["sources"][1]["path"] = str(tiny_sources["specialist1"] / "config.json")

@@ -28,6 +28,7 @@ def write_config(path: Path, genome: dict, **fields: object) -> Path:
     return path
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_documented_example_becomes_a_valid_recipe(tmp_path: Path) -> None:
     out = tmp_path / "recipe.yaml"
     process = run_merger("import-evolve", str(DOCS_EXAMPLE), "-o", str(out), cwd=tmp_path)
@@ -54,6 +55,7 @@ def test_the_documented_example_becomes_a_valid_recipe(tmp_path: Path) -> None:
     assert recipe.optimizer.max_evaluations == 100  # mergekit-evolve's --max-fevals default
 
 
+@pytest.mark.slow  # a subprocess
 def test_printed_without_output_file(tmp_path: Path) -> None:
     process = run_merger("import-evolve", str(DOCS_EXAMPLE), cwd=tmp_path)
     assert process.returncode == 0, process.stderr
@@ -128,6 +130,7 @@ def test_options_ranges_and_eval_settings_carry_over(tmp_path: Path, tiny_source
     assert (weight.min, weight.max) == (-1.0, 1.0)
 
 
+@pytest.mark.slow  # subprocesses
 def test_what_has_no_equivalent_is_reported_in_one_line(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "evolve.yml",
@@ -206,6 +209,7 @@ def test_a_configuration_it_cannot_import_is_one_error_line(
     assert not (tmp_path / "out.yaml").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_subprocess_user_sees_the_same_one_line_error(tmp_path: Path) -> None:
     config = write_config(tmp_path / "evolve.yml", {"models": ["a", "b+lora"], "merge_method": "linear"})
     assert_one_line_error(run_merger("import-evolve", str(config), cwd=tmp_path), "LoRA adapter")

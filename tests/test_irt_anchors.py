@@ -86,6 +86,7 @@ def test_the_anchor_method_is_kmeans_unless_asked(tiny_sources, tiny_evals):
         parse_recipe(data)
 
 
+@pytest.mark.slow  # a search
 def test_a_run_with_irt_anchors_scores_candidates_on_the_anchors_and_the_best_on_every_item(
     tiny_sources, tiny_evals, tmp_path
 ):

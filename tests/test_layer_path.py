@@ -402,6 +402,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_eva
 
 
 @pytest.mark.parametrize("start", ["anchor", "center"])
+@pytest.mark.slow  # a search
 def test_the_anchor_start_is_scored_first_and_never_beaten_by_a_worse_path(start, tiny_sources, tiny_evals, tmp_path):
     """`start: anchor` scores the anchor's own path as generation -1, paid from the budget, so the winner
     scores at least as well as the model the search started from; `start: center` has no such candidate."""
@@ -419,6 +420,7 @@ def test_the_anchor_start_is_scored_first_and_never_beaten_by_a_worse_path(start
     assert result.best.score >= warm[0].score
 
 
+@pytest.mark.slow  # a search
 def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources, tiny_evals, tmp_path):
     """specialist2's layer 1 has a huge (finite) norm weight: any path through it overflows."""
     key = "model.layers.1.post_attention_layernorm.weight"

@@ -146,6 +146,7 @@ def test_sigterm_mid_generation_then_resume_equals_an_uninterrupted_run(tiny_sou
     ]
 
 
+@pytest.mark.slow  # a search and a resume
 def test_wall_clock_budget_holds_across_a_resume(tiny_sources, tiny_evals, tmp_path):
     """max_seconds counts every session: a stopped run resumes its pending generation, then ends."""
     data = recipe_data(

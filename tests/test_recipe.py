@@ -90,6 +90,7 @@ def test_architectures_that_cannot_be_merged(tiny_sources, tiny_evals, tmp_path,
     assert "cannot be merged: num_hidden_layers is 4 vs 6" in err
 
 
+@pytest.mark.slow  # lm-eval's task index in a subprocess
 def test_unknown_task(tiny_sources, tiny_evals, tmp_path, capsys):
     recipe = tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run")
     recipe["validation"] = {"tasks": ["no_such_task_anywhere"]}

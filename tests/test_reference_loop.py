@@ -17,6 +17,7 @@ GENERATIONS = 2
 POPSIZE = 4
 
 
+@pytest.mark.slow  # a search and the reference loop
 def test_reference_loop_asks_and_scores_what_the_real_search_does(tiny_sources, tiny_evals, tmp_path):
     data = tiny_recipe(
         tiny_sources, tiny_evals, tmp_path / "run",

@@ -30,6 +30,7 @@ def referenced_images(page: str) -> list[str]:
     return re.findall(r'<img src="([^"]+)"', page)
 
 
+@pytest.mark.slow  # a whole run
 def test_report_of_a_finished_run(tiny_sources, tiny_evals, tmp_path, capsys):
     run_dir = tmp_path / "run"
     data = recipe_data(
@@ -74,6 +75,7 @@ def test_report_of_a_finished_run(tiny_sources, tiny_evals, tmp_path, capsys):
     assert shown == sorted(gene["value"] for gene in genes)
 
 
+@pytest.mark.slow  # a search
 def test_report_of_an_unfinished_run_decodes_the_best_genotype(tiny_sources, tiny_evals, tmp_path):
     run_dir = tmp_path / "run"
     data = recipe_data(tiny_sources, tiny_evals, genome=TIES_GENOME)

@@ -87,6 +87,7 @@ def final_digest(run_dir: Path) -> str:
 # ---- non-finite sources -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # loads every source
 def test_a_nan_source_is_refused_in_one_line_before_the_run_directory(nan_sources, tiny_evals, tmp_path):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(nan_sources, tiny_evals, run_dir))

@@ -63,6 +63,7 @@ def test_bf16_scores_a_copy_of_each_merge_and_records_the_merged_digest(tiny_sou
             assert torch.equal(scored[name], merged.to(torch.bfloat16)), name
 
 
+@pytest.mark.slow  # a whole run
 def test_a_bf16_run_records_its_precision_and_the_merged_digests(tiny_sources, tiny_evals, tmp_path, capsys):
     run_dir = tmp_path / "run"
     data = precision_recipe(tiny_sources, tiny_evals, run_dir, "bf16")

@@ -50,6 +50,7 @@ def ledger_count(run_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # `merger run` in a subprocess
 def test_short_run_end_to_end(tiny_sources, tiny_evals, tmp_path, capsys):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny_sources, tiny_evals, run_dir))
@@ -121,6 +122,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_sources, tiny_eva
     assert_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path, popsize=4, total=12)
 
 
+@pytest.mark.slow  # a search
 def test_failing_candidates_do_not_stop_the_run(tiny_sources, tiny_evals, tmp_path):
     """A source with huge weights overflows to inf for large merge weights: those candidates fail."""
     huge_tensor = "model.layers.1.mlp.up_proj.weight"

@@ -171,7 +171,7 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
     records = strategy.evaluate(0, [worst, *others], mu=2, should_stop=lambda: False)
     assert records is not None
     estimates = ledger.estimates()
-    assert estimates[(0, 0)].items == 4 and estimates[(0, 0)].full_score is None
+    assert estimates[(0, 0)].item_count == 4 and estimates[(0, 0)].full_score is None
     assert [estimates[(0, c)].full_score for c in (1, 2, 3)] == [1.0, 1.0, 1.0]
     assert sum(len(docs) for docs in ledger.item_outcomes("0/0")["0/0"].values()) == 4
     assert records[0].score == 0.0 and min(r.objective for r in records[1:]) < records[0].objective
@@ -180,6 +180,7 @@ def test_a_race_cuts_the_known_worst_candidate_after_its_first_block(tiny_source
 
 
 # -- warm start and item budgets --------------------------------------------------------------------
+@pytest.mark.slow  # a search
 def test_grid_warm_start_is_paid_from_the_budget_and_starts_cma_at_its_best(
     tiny_sources, tiny_evals, tmp_path
 ):
@@ -197,6 +198,7 @@ def test_grid_warm_start_is_paid_from_the_budget_and_starts_cma_at_its_best(
     assert "(0 generations)" in status_text(ledger)  # status counts the grid as the loop does
 
 
+@pytest.mark.slow  # a search
 def test_an_item_budget_ends_the_run(tiny_sources, tiny_evals, tmp_path):
     """A generation starts only when the items left pay for what the last one cost: 48 items a
     generation, so a budget of 100 pays for 2 and never for a third (144)."""
@@ -280,6 +282,7 @@ def test_a_checkpoint_written_before_the_search_package_split_loads(tmp_path, mo
     assert load_state(tmp_path) == state
 
 
+@pytest.mark.slow  # loads sources and tasks per strategy
 def test_itemwise_strategies_refuse_a_metric_that_is_not_a_mean(tiny_evals):
     from merger.recipe import FitnessSet
     from merger.scoring.fitness import TaskSuite

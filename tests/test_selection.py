@@ -144,6 +144,7 @@ def final_rows(run_dir: Path) -> list[tuple[str, str, str]]:
         ledger.close()
 
 
+@pytest.mark.slow  # a whole run
 def test_a_run_selects_on_validation_and_exports_what_it_selected(tiny_sources, tiny_evals, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "recipe.yaml", small(tiny_sources, tiny_evals, tmp_path / "run"))
     assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
@@ -186,6 +187,7 @@ def test_a_run_selects_on_validation_and_exports_what_it_selected(tiny_sources, 
     assert "## Selection" in card and selection.chosen in card
 
 
+@pytest.mark.slow  # two searches, a SIGKILLed `merger run` and a resume
 def test_sigkill_during_selection_resumes_to_the_same_winner(tiny_sources, tiny_evals, tmp_path):
     data = small(tiny_sources, tiny_evals, tmp_path / "killed")
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
@@ -230,6 +232,7 @@ def test_bad_selection_blocks_get_one_line_before_any_weights_load(
     assert not (tmp_path / "run" / "ledger.sqlite").exists()
 
 
+@pytest.mark.slow  # a whole run
 def test_selection_turned_off_exports_the_fitness_winner(tiny_sources, tiny_evals, tmp_path):
     data = small(tiny_sources, tiny_evals, tmp_path / "run", selection={"enabled": False})
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
@@ -244,6 +247,7 @@ def test_selection_turned_off_exports_the_fitness_winner(tiny_sources, tiny_eval
     assert summary.winner.genotype == best.genotype
 
 
+@pytest.mark.slow  # two whole runs
 def test_a_shared_score_cache_spares_another_seed_the_untuned_models(
     tiny_sources, tiny_evals, tmp_path, monkeypatch
 ):

@@ -59,6 +59,7 @@ def test_remembered_digest_is_reused_until_a_weight_file_changes(
     assert len(computed) == 2 and changed["stamp"] != first["stamp"] and changed["sha256"] == first["sha256"]
 
 
+@pytest.mark.slow  # subprocesses
 def test_chat_template_without_one_is_refused_before_the_run(
     tmp_path: Path, tiny_sources: dict[str, Path], tiny_evals: Path
 ) -> None:

@@ -33,6 +33,7 @@ def _replace_line(path: Path, number: int, content: bytes) -> None:
     path.write_bytes(b"".join(lines))
 
 
+@pytest.mark.slow  # subprocesses
 def test_broken_line_is_refused_before_the_run_directory_exists(
     tmp_path: Path, tiny_sources: dict[str, Path], evals: dict[str, Path]
 ) -> None:
@@ -43,6 +44,7 @@ def test_broken_line_is_refused_before_the_run_directory_exists(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # subprocesses
 def test_missing_data_file_is_one_line(
     tmp_path: Path, tiny_sources: dict[str, Path], evals: dict[str, Path]
 ) -> None:

@@ -135,6 +135,7 @@ def test_gold_prob_is_the_probability_of_the_gold_continuation(tf_evals: Path, t
 
 
 @pytest.mark.parametrize("strategy", ["full", "racing"])
+@pytest.mark.slow  # a search
 def test_a_search_runs_on_gold_prob_and_records_each_item(
     strategy: str, tiny_sources: dict[str, Path], tf_evals: Path, tmp_path: Path
 ) -> None:

@@ -156,6 +156,7 @@ def _weights(path: Path) -> dict:
     return load_file(path / "model.safetensors")
 
 
+@pytest.mark.slow  # fine-tunes a tiny zoo
 def test_tiny_zoo_builds_caches_and_resumes(
     tiny_sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -192,6 +192,7 @@ def _build(cache: Path, base: Path) -> dict[str, Path]:
     return build.build_zoo(cache, progress=False, recipe=TINY_RECIPE, base_dir=base, zoo=build.SKILLS_ZOO)
 
 
+@pytest.mark.slow  # fine-tunes a tiny zoo
 def test_tiny_skills_zoo_builds_caches_and_resumes(
     tiny_sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,7 @@ class Scored(NamedTuple):
     """One model scored on one eval set: lm-eval's task scores, and each item's metric value."""
 
     scores: dict[str, float]
-    items: ItemValues
+    values: ItemValues
 
 
 @dataclass

@@ -57,8 +57,9 @@ class ScoreCache:
         if not path.is_file():
             return None
         data: dict[str, Any] = json.loads(path.read_text())
-        items = {task: {int(doc): value for doc, value in docs.items()} for task, docs in data["items"].items()}
-        return Scored(data["scores"], items)
+        stored = data["values"] if "values" in data else data["items"]  # "items": written before the rename
+        values = {task: {int(doc): value for doc, value in docs.items()} for task, docs in stored.items()}
+        return Scored(data["scores"], values)
 
     def put(self, identity: str, set_name: str, scored: Scored) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def score_final(run: OpenRun, models: list[FinalModel], sets: list[str] | None =
 
     def record(job: int, scored: Scored) -> None:
         model, name = missing[job]
-        run.ledger.record_items(final_items_key(model.identity), scored.items)
+        run.ledger.record_items(final_items_key(model.identity), scored.values)
         run.ledger.record_final_score(FinalScore(model.key, name, model.identity, scored.scores))
         kept[(model.key, name)] = scored.scores
 

@@ -85,7 +85,7 @@ class EvaluationRecord:
     failure: str | None = None
     digest: str | None = None  # of the merged weights that were scored (`engine.weights.model_digest`)
     # per task, each fitness item's value; carried from the worker to the ledger's item_outcomes table
-    items: dict[str, dict[int, float]] | None = field(default=None, repr=False, compare=False)
+    values: dict[str, dict[int, float]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def failed(self) -> bool:
@@ -133,7 +133,7 @@ class FitnessEstimate:
     generation: int
     index: int
     strategy: str
-    items: int
+    item_count: int  # the ledger's `items` column
     total: int
     estimate: float
     full_score: float | None = None
@@ -230,7 +230,7 @@ class Ledger:
             self._db.execute(
                 "INSERT OR REPLACE INTO fitness_estimates VALUES (?,?,?,?,?,?,?)",
                 (
-                    estimate.generation, estimate.index, estimate.strategy, estimate.items, estimate.total,
+                    estimate.generation, estimate.index, estimate.strategy, estimate.item_count, estimate.total,
                     estimate.estimate, estimate.full_score,
                 ),
             )

@@ -30,7 +30,7 @@ class Bounds:
     lower: float
     upper: float
     estimate: float  # the weighted mean of the items seen (the full score once all are seen)
-    items: int
+    item_count: int  # items seen
 
 
 def bounds(item_set: ItemSet, values: Values, seen: Iterable[Item], kind: str, delta: float) -> Bounds:

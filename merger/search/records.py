@@ -41,7 +41,7 @@ def candidate_record(
         else:
             record = EvaluationRecord(
                 generation, index, [float(v) for v in genotype], result.config,
-                scores=result.scores, score=score, objective=-score, digest=result.digest, items=result.values,
+                scores=result.scores, score=score, objective=-score, digest=result.digest, values=result.values,
             )
     record.merge_seconds, record.eval_seconds = result.merge_seconds, result.eval_seconds
     record.digest = result.digest

@@ -89,8 +89,8 @@ class FullStrategy:
         def record(result: ScoreResult) -> None:
             index = index_of[result.key]
             record = candidate_record(generation, index, genotypes[index], result, self.fitness)
-            if record.items:  # the outcomes first: a record in the ledger means its candidate is done
-                self.ledger.record_items(record.candidate, record.items)
+            if record.values:  # the outcomes first: a record in the ledger means its candidate is done
+                self.ledger.record_items(record.candidate, record.values)
             self.ledger.record_evaluation(record)
             done[index] = record
             self.on_progress({"generation": generation, "record": record})
@@ -132,9 +132,9 @@ class RacingStrategy(ItemScoring):
             size = len(genotypes)
             known, newly_cut = race_look(self.item_set, order, values, alive, still, mu, settings, size)
             cut |= newly_cut
-        complete = {i for i in known if known[i].items == len(self.item_set)}
+        complete = {i for i in known if known[i].item_count == len(self.item_set)}
         full = {i: self._complete_score(values[i]) for i in complete}
-        known = {i: Bounds(full[i], full[i], full[i], b.items) if i in full else b for i, b in known.items()}
+        known = {i: Bounds(full[i], full[i], full[i], b.item_count) if i in full else b for i, b in known.items()}
         value = ranking_values(known, complete, mu)
         objective = {i: -v for i, v in value.items()}
         return self._finish(generation, genotypes, failed, known, values, objective, full)
