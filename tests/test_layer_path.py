@@ -451,15 +451,15 @@ def test_paths_whose_activations_overflow_fail_and_the_run_goes_on(tiny_sources,
 
 
 def test_the_report_plots_a_layer_path_by_position_and_source(tiny_sources, tiny_evals, tmp_path):
-    from merger.report.plots import plot_genome
+    from merger.report.plots import plot_genes
 
     data = dfs_recipe(tiny_sources, tiny_evals, tmp_path, scales="per_slot", fix_ends=True)
     recipe = parse_recipe(data)
     genome = genome_of(data, tiny_sources)
     x = np.random.default_rng(0).random(genome.dimension)
     genes = genome.table(x)
-    figure = plot_genome(genes, recipe, tmp_path / "genome.png")
-    assert (tmp_path / "genome.png").read_bytes().startswith(b"\x89PNG")
+    figure = plot_genes(genes, recipe, tmp_path / "genes.png")
+    assert (tmp_path / "genes.png").read_bytes().startswith(b"\x89PNG")
     axes, colorbar = figure.axes
     assert [label.get_text() for label in axes.get_yticklabels()] == recipe.source_names
     assert axes.get_xlabel().startswith("position in the path") and axes.get_ylabel() == "source of the layer"

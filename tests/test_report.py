@@ -50,7 +50,7 @@ def test_report_of_a_finished_run(tiny_sources, tiny_evals, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out / "report.html")
     page = (out / "report.html").read_text()
     images = referenced_images(page)
-    assert images == ["fitness.png", "genome.png"]
+    assert images == ["fitness.png", "genes.png"]
     for name in images:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
 
@@ -83,11 +83,11 @@ def test_report_of_an_unfinished_run_decodes_the_best_genotype(tiny_sources, tin
     assert result.stopped_early and not (run_dir / "summary.json").exists()
 
     files = write_report(run_dir)  # next to the run by default
-    assert files.html == run_dir / "report.html" and files.genome_plot is not None
+    assert files.html == run_dir / "report.html" and files.genes_plot is not None
     page = files.html.read_text()
-    assert referenced_images(page) == ["fitness.png", "genome.png"]
+    assert referenced_images(page) == ["fitness.png", "genes.png"]
     assert files.fitness_plot.read_bytes().startswith(PNG_MAGIC)
-    assert files.genome_plot.read_bytes().startswith(PNG_MAGIC)
+    assert files.genes_plot.read_bytes().startswith(PNG_MAGIC)
     assert "not finished" in page and "WINNER" not in page
     assert f"{result.best.score:.4f}" in page
 

@@ -90,11 +90,11 @@ def best_genes(run: RunData) -> list[dict[str, Any]] | None:
         return run.summary.winner.genes
     if run.best is None:
         return None
-    return run_genome(run).table(np.asarray(run.best.genotype))
+    return run_space(run).table(np.asarray(run.best.genotype))
 
 
-def run_genome(run: RunData) -> Any:
-    """The run's genome over the sources where the run found them (the lineage in the ledger's meta)."""
+def run_space(run: RunData) -> Any:
+    """The run's search space over the sources where the run found them (the lineage in the ledger's meta)."""
     from merger.sources.lineage import recorded_source_paths
     from merger.sources.resolve import check_compatible
     from merger.space import make_genome

@@ -16,7 +16,7 @@ from merger.scoring.items import item_accounting
 class ReportFiles:
     html: Path
     fitness_plot: Path
-    genome_plot: Path | None
+    genes_plot: Path | None
 
 
 def _table(header: list[str] | None, rows: list[list[str]], bold: set[tuple[int, int]] | None = None) -> str:
@@ -107,10 +107,10 @@ def render_html(run: RunData, files: ReportFiles) -> str:
         _table(None, overview_rows(run)),
         "<h2>Fitness</h2>",
         f'<img src="{files.fitness_plot.name}" alt="best and mean fitness and validation per generation">',
-        "<h2>Best genome</h2>" if _candidate_won(run) else "<h2>Best evolved genome (not the winner)</h2>",
+        "<h2>Best candidate's genes</h2>" if _candidate_won(run) else "<h2>Best evolved candidate's genes (not the winner)</h2>",
     ]
-    if files.genome_plot is not None:
-        parts.append(f'<img src="{files.genome_plot.name}" alt="coefficients of the best genome">')
+    if files.genes_plot is not None:
+        parts.append(f'<img src="{files.genes_plot.name}" alt="the best candidate\'s genes">')
     else:
         parts.append("<p>No candidate succeeded yet.</p>")
     parts.append("<h2>Sources, untuned baselines and winner</h2>")

@@ -69,8 +69,8 @@ def plot_fitness(run: RunData, path: Path) -> None:
     figure.savefig(path)
 
 
-def plot_genome(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> Any:
-    """The winner's genome as a figure saved to `path` (returned for inspection)."""
+def plot_genes(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> Any:
+    """The best candidate's genes as a figure saved to `path` (returned for inspection)."""
     if recipe.genome.space == "layer_path":
         return plot_layer_path(genes, recipe, path)
     matrices = gene_matrices(genes)
@@ -106,7 +106,7 @@ def plot_genome(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> Any:
         f"layer group gN = layers {granularity}N to {granularity}N+{granularity - 1} (the last may be shorter)"
     )
     figure.suptitle(
-        "Best genome: value per layer group (columns) and source / tensor class (rows)", fontsize="medium"
+        "Best candidate's genes: value per layer group (columns) and source / tensor class (rows)", fontsize="medium"
     )
     figure.savefig(path)
     return figure

@@ -11,15 +11,15 @@ from merger.common.errors import MergerError
 from merger.common.files import write_atomic
 from merger.report.data import best_genes, load_run
 from merger.report.page import ReportFiles, render_html
-from merger.report.plots import plot_fitness, plot_genome
+from merger.report.plots import plot_fitness, plot_genes
 
 REPORT_FILE = "report.html"
 FITNESS_PLOT = "fitness.png"
-GENOME_PLOT = "genome.png"
+GENES_PLOT = "genes.png"
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> ReportFiles:
-    """Write report.html, fitness.png and (when a candidate succeeded) genome.png; returns their paths."""
+    """Write report.html, fitness.png and (when a candidate succeeded) genes.png; returns their paths."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -29,10 +29,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> ReportFiles:
     out_dir.mkdir(parents=True, exist_ok=True)
     genes = best_genes(run)
     files = ReportFiles(
-        out_dir / REPORT_FILE, out_dir / FITNESS_PLOT, out_dir / GENOME_PLOT if genes else None
+        out_dir / REPORT_FILE, out_dir / FITNESS_PLOT, out_dir / GENES_PLOT if genes else None
     )
     plot_fitness(run, files.fitness_plot)
-    if genes and files.genome_plot is not None:
-        plot_genome(genes, run.recipe, files.genome_plot)
+    if genes and files.genes_plot is not None:
+        plot_genes(genes, run.recipe, files.genes_plot)
     write_atomic(files.html, render_html(run, files).encode())
     return files
