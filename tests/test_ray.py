@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from merger.common.errors import MergerError
-from merger.executors import Scored
+from merger.executors import ScoreResult
 from merger.executors.in_process import InProcessExecutor
 from merger.executors.jobs import score_models
 from merger.executors.ray_executor import RayExecutor
@@ -137,13 +137,13 @@ def test_final_scoring_is_spread_over_the_workers_and_survives_losing_them(
     try:
         for pid in executor.worker_pids:  # both die before the first job reaches them
             os.kill(pid, signal.SIGKILL)
-        reported: dict[int, Scored] = {}  # as each job finishes (the end of a run keeps them)
+        reported: dict[int, ScoreResult] = {}  # as each job finishes (the end of a run keeps them)
         scores = score_models(executor, jobs + jobs, reported.__setitem__)
         assert executor.lost_workers == 2  # both slots were given a job (one worker would lose one)
     finally:
         executor.close()
     assert scores == expected + expected
-    assert [reported[job] for job in range(len(scores))] == scores
+    assert [reported[job].scored for job in range(len(scores))] == scores
 
 
 def test_workers_that_do_not_fit_the_cluster_are_refused(ray_session, search_data, tiny_sources):

@@ -61,7 +61,7 @@ def run_command(args: argparse.Namespace) -> int:
 def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
     from merger.finish.final import finish_run, finished_summary
     from merger.finish.selection import selection_note
-    from merger.rundir.render import finalist_grid, score_grid, text_table
+    from merger.rundir.render import cost_text, finalist_grid, score_grid, text_table
     from merger.search.loop import Search, StopRequest
     from merger.search.open import open_run
 
@@ -91,6 +91,7 @@ def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
         note = selection_note(summary.selection)
         if note:
             print(note)
+    print(cost_text(summary.costs))
     layout = RunDir(run_dir)
     print(f"winner: {layout.final}  config: {layout.best_config}  summary: {layout.summary}")
     if recipe.output.publish:

@@ -62,6 +62,7 @@ def status_text(ledger: Ledger, show_all: bool = False) -> str:
     state = load_state(ledger.path.parent)
     lines.append(f"evaluations: {len(records)}  generations closed: {len(generations)}")
     lines.extend(item_lines(ledger, records))
+    lines.append(phase_line(ledger))
     if generations:
         per_generation = sum(g.seconds for g in generations) / len(generations)
         lines.append(f"seconds per generation: {per_generation:.1f}")
@@ -90,3 +91,11 @@ def time_left_lines(
     if left is None:
         return []
     return [f"estimated time left: {left * per_generation:.0f} s ({left} generations)"]
+
+
+def phase_line(ledger: Ledger) -> str:
+    """Each phase's items and seconds so far (the search's, the monitoring curve's, selection's, the final
+    table's)."""
+    from merger.rundir.render import cost_text
+
+    return cost_text(ledger.phase_costs())

@@ -69,8 +69,8 @@ class Executor(Protocol):
         """
         ...
 
-    def fitness_items(self) -> dict[str, list[int]]:
-        """Every item of the fitness set, per task (what a whole-set job scores)."""
+    def item_ids(self, eval_set: str = "fitness") -> dict[str, list[int]]:
+        """Every item of an eval set, per task, in document order (what a whole-set job scores)."""
         ...
 
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:

@@ -31,8 +31,8 @@ class InProcessExecutor:
                 break
             on_result(index, self.worker.score(job))
 
-    def fitness_items(self) -> dict[str, list[int]]:
-        return self.worker.fitness_items()
+    def item_ids(self, eval_set: str = "fitness") -> dict[str, list[int]]:
+        return self.worker.item_ids(eval_set)
 
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         return self.worker.write_scored_weights(genotype, checkpoint)

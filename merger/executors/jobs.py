@@ -32,9 +32,9 @@ def score_all(
 def score_models(
     executor: Executor,
     models: Sequence[tuple[ModelToScore, str]],
-    on_scored: Callable[[int, Scored], None] | None = None,
+    on_scored: Callable[[int, ScoreResult], None] | None = None,
 ) -> list[Scored]:
-    """Each (model, eval set) scored on all of its items, in the order given; `on_scored(index, scored)` as
+    """Each (model, eval set) scored on all of its items, in the order given; `on_scored(index, result)` as
     each finishes. A failure is an error naming the model: these scores are the run's result."""
     jobs = [ScoreJob(str(index), model, set_name) for index, (model, set_name) in enumerate(models)]
     results: dict[int, Scored] = {}
@@ -46,12 +46,16 @@ def score_models(
             raise MergerError(f"scoring {what} on {set_name} failed: {result.failure}")
         results[index] = result.scored
         if on_scored is not None:
-            on_scored(index, result.scored)
+            on_scored(index, result)
 
     executor.score(jobs, keep)
     return [results[index] for index in range(len(jobs))]
 
 
-def score_genotype(executor: Executor, genotype: np.ndarray, set_name: str) -> dict[str, float]:
-    """One candidate's task scores on a whole eval set (an error if it cannot be scored)."""
-    return score_models(executor, [(genotype, set_name)])[0].scores
+def score_one(executor: Executor, job: ScoreJob) -> ScoreResult:
+    """One job that must be scored: its result, or an error naming it."""
+    results: list[ScoreResult] = []
+    executor.score([job], lambda index, result: results.append(result))
+    if results[0].failure is not None:
+        raise MergerError(f"scoring {job.key} on {job.eval_set} failed: {results[0].failure}")
+    return results[0]

@@ -62,8 +62,8 @@ class WorkerActor:
     def score(self, job: ScoreJob) -> ScoreResult:
         return self.worker.score(job)
 
-    def fitness_items(self) -> dict[str, list[int]]:
-        return self.worker.fitness_items()
+    def item_ids(self, eval_set: str = "fitness") -> dict[str, list[int]]:
+        return self.worker.item_ids(eval_set)
 
     def write_scored_weights(self, genotype: np.ndarray, checkpoint: Path) -> str:
         return self.worker.write_scored_weights(genotype, checkpoint)
@@ -212,8 +212,8 @@ class RayExecutor:
 
         self._spread(len(jobs), lambda actor, job: actor.score.remote(jobs[job]), on_result, give_up, should_stop)
 
-    def fitness_items(self) -> dict[str, list[int]]:
-        return self._on_one_actor("fitness_items")
+    def item_ids(self, eval_set: str = "fitness") -> dict[str, list[int]]:
+        return self._on_one_actor("item_ids", eval_set)
 
     def _on_one_actor(self, method: str, *args: Any) -> Any:
         """Run one call on the first actor, replacing the actor if it dies underneath."""

@@ -47,6 +47,8 @@ class CandidateWorker:
         self.scorer = Scorer(recipe, self.scoring.model, self.tokenizer)
         if recipe.fitness.strategy != "full":
             self.scorer.suites["fitness"].check_itemwise(f"fitness.strategy {recipe.fitness.strategy}")
+        if recipe.monitors and recipe.monitoring.limit is not None:
+            self.scorer.suites["validation"].check_itemwise("monitoring.limit (set it to null to monitor on every item)")
 
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""
@@ -84,8 +86,8 @@ class CandidateWorker:
             result.failure = "non-finite score"
         return result
 
-    def fitness_items(self) -> dict[str, list[int]]:
-        return self.scorer.suites["fitness"].item_ids()
+    def item_ids(self, eval_set: str = "fitness") -> dict[str, list[int]]:
+        return self.scorer.suites[eval_set].item_ids()
 
     def nonfinite_tensor(self) -> str | None:
         with torch.no_grad():

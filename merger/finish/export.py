@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,14 @@ def export_once(model: FinalModel, run: OpenRun, check: Callable[[Path], None] |
     write_atomic(model.config_file, text.encode())
     staging = staging_dir(model.path)
     shutil.rmtree(staging, ignore_errors=True)
+    started = time.perf_counter()
     recipe = run.recipe
     config = model.config.model_copy(deep=True)  # mergekit's export rewrites the config it is given
     export_merge(config, staging, seed=recipe.optimizer.seed, trust_remote_code=recipe.trust_remote_code)
     if check is not None:
         check(staging)
     publish_directory(staging, model.path)
+    run.ledger.record_cost("finals", f"export {model.key}", 0, time.perf_counter() - started)
 
 
 def export_winner(run: OpenRun, winner: Contender) -> tuple[FinalModel, str]:

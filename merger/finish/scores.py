@@ -8,13 +8,14 @@ again; with `MERGER_SCORE_CACHE` they are shared between runs (merger.finish.sco
 
 from __future__ import annotations
 
-from merger.executors import Scored
+from merger.executors import Scored, ScoreResult
 from merger.executors.jobs import score_models
 from merger.finish.export import export_once
 from merger.finish.models import FinalModel
 from merger.finish.score_cache import ScoreCache
 from merger.rundir.ledger import FinalScore, final_items_key
 from merger.scoring.fitness import eval_sets
+from merger.scoring.items import item_count
 from merger.search.open import OpenRun
 
 ScoreTable = dict[str, dict[str, dict[str, float]]]  # model key -> eval set -> task -> score
@@ -49,11 +50,14 @@ def score_final(run: OpenRun, models: list[FinalModel], sets: list[str] | None =
         run.ledger.record_final_score(FinalScore(model.key, name, model.identity, scored.scores))
         kept[(model.key, name)] = scored.scores
 
-    def keep(job: int, scored: Scored) -> None:  # scored now: shared with other runs too
-        record(job, scored)
+    def keep(job: int, result: ScoreResult) -> None:  # scored now: priced, and shared with other runs too
+        model, name = missing[job]
+        record(job, result.scored)
+        phase = "selection" if name == "validation" and run.recipe.selects else "finals"
+        seconds = result.merge_seconds + result.eval_seconds
+        run.ledger.record_cost(phase, f"{model.key} on {name}", item_count(result.values), seconds)
         if shared is not None:
-            model, name = missing[job]
-            shared.put(model.identity, name, scored)
+            shared.put(model.identity, name, result.scored)
 
     if shared is not None:
         for job, (model, name) in enumerate(missing):

@@ -13,7 +13,15 @@ from merger.finish.scores import ScoreTable
 from merger.recipe import Recipe
 from merger.rundir.ledger import WINNER_KEY, baseline_key, source_key
 from merger.rundir.meta import LineageRecord
-from merger.rundir.summary import AcrossTasks, Baseline, LineageEntry, Scores, Selection, Summary, Winner
+from merger.rundir.summary import (
+    AcrossTasks,
+    Baseline,
+    LineageEntry,
+    Scores,
+    Selection,
+    Summary,
+    Winner,
+)
 from merger.scoring.fitness import eval_sets, weighted_score, worst_task
 from merger.search.loop import SearchResult
 from merger.search.open import OpenRun
@@ -70,6 +78,10 @@ def build_summary(
         lineage=summary_lineage(meta.lineage),
         scoring_precision=meta.scoring_precision,
         selection=selection,
+        costs={
+            phase: cost.model_copy(update={"seconds": round(cost.seconds, 1)})
+            for phase, cost in run.ledger.phase_costs().items()
+        },
     )
 
 

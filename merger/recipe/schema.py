@@ -298,6 +298,16 @@ class SelectionSpec(StrictModel):
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
 
 
+class MonitoringSpec(StrictModel):
+    """The validation curve: after each generation its best candidate is scored on the first `limit`
+    items of each validation task (merger.search.loop). A curve to watch, not a decision (selection scores
+    its finalists on every validation item), so a small fixed subset serves: at 100 items a score's
+    standard error is at most 5 points. Its items and seconds are the run's `monitoring` phase."""
+
+    enabled: bool = True  # where the recipe names validation:
+    limit: Annotated[int, Field(ge=1)] | None = 100  # items per validation task; null: every item
+
+
 # untuned standard merges scored next to the winner (merger.finish.baselines)
 BaselineName = Literal["defaults", "linear", "model_stock", "karcher"]
 
@@ -320,6 +330,23 @@ class Recipe(StrictModel):
     output: Output = Output()
     baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
     selection: SelectionSpec = SelectionSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
+
+    @model_validator(mode="after")
+    def _monitoring_fits_validation(self) -> Recipe:
+        limit, validation = self.monitoring.limit, self.validation
+        held = validation.limit if validation is not None else None
+        if self.monitors and limit is not None and held is not None and limit > held:
+            raise ValueError(
+                f"monitoring.limit: {limit} items per task is more than the validation set holds "
+                f"(validation.limit: {held}); give at most {held}, or null for all"
+            )
+        return self
+
+    @property
+    def monitors(self) -> bool:
+        """Whether each generation's best is scored on (part of) the validation set."""
+        return self.monitoring.enabled and self.validation is not None
 
     @model_validator(mode="after")
     def _selection_has_a_set(self) -> Recipe:

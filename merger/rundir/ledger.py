@@ -15,6 +15,7 @@ from typing import Any
 
 from merger.rundir.layout import LEDGER_FILE
 from merger.rundir.meta import RunMeta
+from merger.rundir.summary import PhaseCost
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -59,6 +60,14 @@ CREATE TABLE IF NOT EXISTS fitness_estimates (
     estimate REAL NOT NULL,
     full_score REAL,
     PRIMARY KEY (generation, idx)
+);
+CREATE TABLE IF NOT EXISTS phase_costs (
+    phase TEXT NOT NULL,
+    job TEXT NOT NULL,
+    items INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (phase, job)
 );
 CREATE TABLE IF NOT EXISTS final_scores (
     model TEXT NOT NULL,
@@ -147,6 +156,12 @@ class GenerationRecord:
     mean_score: float
     validation: dict[str, float] | None
     seconds: float
+
+
+# Where a run spends its item-evaluations: the search's candidates (and the sources an anchors strategy
+# scores), each generation's best on the monitoring subset, the finalists on the validation set, and the
+# final table (the other eval sets of sources, baselines and the winner).
+PHASES = ("search", "monitoring", "selection", "finals")
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,24 @@ class Ledger:
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in stored.items()]
             )
+
+    def record_cost(self, phase: str, job: str, items: int, seconds: float) -> None:
+        """One job of a phase other than the search (which its evaluations price): what it scored and took;
+        a job run again after a kill replaces its row."""
+        assert phase in PHASES[1:], phase
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO phase_costs VALUES (?,?,?,?,?)", (phase, job, items, seconds, time.time())
+            )
+
+    def phase_costs(self) -> dict[str, PhaseCost]:
+        """Items and seconds per phase (`PHASES`); the search's from its evaluations and item outcomes."""
+        spent = self.items_spent()
+        seconds = self._db.execute("SELECT COALESCE(SUM(merge_seconds + eval_seconds), 0) FROM evaluations").fetchone()[0]
+        costs = {"search": PhaseCost(items=spent["candidates"] + spent["sources"], seconds=float(seconds))}
+        rows = self._db.execute("SELECT phase, SUM(items), SUM(seconds) FROM phase_costs GROUP BY phase").fetchall()
+        recorded = {phase: PhaseCost(items=int(items), seconds=float(secs)) for phase, items, secs in rows}
+        return {**costs, **{phase: recorded.get(phase, PhaseCost(items=0, seconds=0.0)) for phase in PHASES[1:]}}
 
     def record_final_score(self, score: FinalScore) -> None:
         """The end of a run: one (model, eval set) scored; replaces a row of another identity."""

@@ -7,10 +7,11 @@ The card is written once, into final/README.md, and published unchanged with the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from merger.rundir.summary import Finalist, Selection, Summary
+from merger.rundir.summary import Finalist, PhaseCost, Selection, Summary
 
 Grid = tuple[list[str], list[list[str]]]  # header, rows
 LEAD_HEADER = "lead over best untuned (low)"  # Finalist.lower_bound's column
@@ -142,10 +143,20 @@ def _selection_lines(selection: Selection | None) -> list[str]:
     ]
 
 
+def cost_text(costs: Mapping[str, PhaseCost]) -> str:
+    """One line: each phase's item-evaluations and seconds (merging and scoring), and their total."""
+    if not costs:
+        return "items per phase: not recorded"
+    items = sum(cost.items for cost in costs.values())
+    seconds = sum(cost.seconds for cost in costs.values())
+    phases = ", ".join(f"{phase} {cost.items} ({cost.seconds:.0f} s)" for phase, cost in costs.items())
+    return f"item-evaluations per phase: {phases}; in all {items} ({seconds:.0f} s)"
+
+
 def _budget_lines(summary: Summary) -> list[str]:
     lines = [f"- evaluations used: {summary.evaluations}", f"- generations: {summary.generations}"]
     lines += [f"- budget {key}: {value}" for key, value in sorted(summary.budget.items())]
-    return [*lines, f"- seed: {summary.seed}"]
+    return [*lines, f"- seed: {summary.seed}", f"- {cost_text(summary.costs)}"]
 
 
 def model_card(summary: Summary, config_yaml: str) -> str:

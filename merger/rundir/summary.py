@@ -93,6 +93,14 @@ class Selection(_Block):
     finalists: list[Finalist] = Field(default_factory=list)
 
 
+class PhaseCost(_Block):
+    """One phase of the run (merger.rundir.ledger.PHASES): items scored, seconds merging and scoring them
+    (in `finals`, mergekit's exports too)."""
+
+    items: int
+    seconds: float
+
+
 class LineageEntry(_Block):
     path: str | None = None
     registry: str | None = None
@@ -116,6 +124,7 @@ class Summary(_Block):
     lineage: dict[str, LineageEntry] = Field(default_factory=dict)
     scoring_precision: str | None = None  # fp32 or bf16: what lm-eval scored every model in
     selection: Selection | None = None  # None: the winner is the best candidate by fitness
+    costs: dict[str, PhaseCost] = Field(default_factory=dict)  # phase -> its cost (empty in old summaries)
 
     @property
     def fitness(self) -> float | None:

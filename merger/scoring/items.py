@@ -55,6 +55,15 @@ class ItemSet:
         return [item for item in items if item[1] not in values.get(item[0], {})]
 
 
+def task_means(values: Values) -> dict[str, float]:
+    """Each task's mean item value: its score on those items (for a per-item mean metric)."""
+    return {task: sum(docs.values()) / len(docs) for task, docs in values.items() if docs}
+
+
+def item_count(values: Values) -> int:
+    return sum(len(docs) for docs in values.values())
+
+
 def as_request(items: Iterable[Item]) -> dict[str, list[int]]:
     """task -> sorted doc ids, as lm-eval's `samples=` takes them."""
     request: dict[str, list[int]] = {}

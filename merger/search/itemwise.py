@@ -51,7 +51,7 @@ class ItemScoring:
         self.ledger = ledger
         self.on_progress = on_progress
         self.source_paths = source_paths
-        self.item_set = ItemSet.of(executor.fitness_items(), recipe.fitness)
+        self.item_set = ItemSet.of(executor.item_ids(), recipe.fitness)
         self._seconds: dict[str, tuple[float, float]] = {}  # merge and scoring seconds in this session
         self._digests: dict[str, str] = {}  # weights digest of each candidate merged in this session
         self._configs: dict[str, str] = {}  # mergekit YAML of each candidate merged in this session

@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.executors.jobs import score_genotype
+from merger.executors import ScoreJob
+from merger.executors.jobs import score_one
 from merger.rundir.ledger import (
     WARM_START_GENERATION,
     EvaluationRecord,
     GenerationRecord,
 )
+from merger.scoring.items import item_count, task_means
 from merger.search.budget import Budget, generations_left
 from merger.search.open import OpenRun
 from merger.search.state import SearchState, load_state, new_state, save_state
@@ -127,13 +129,24 @@ class Search:
             raise MergerError("every candidate failed; see `merger status` for the reasons")
         return SearchResult(best, self.ledger.count(), state.generation, stopped_early)
 
+    def _monitor(self, generation: int, genotype: np.ndarray) -> dict[str, float]:
+        """The generation's best on the monitoring subset (`recipe.monitoring`): its task scores, its cost
+        recorded in the ledger's `monitoring` phase."""
+        limit = self.recipe.monitoring.limit
+        executor = self.opened.executor
+        doc_ids = None if limit is None else {task: ids[:limit] for task, ids in executor.item_ids("validation").items()}
+        result = score_one(executor, ScoreJob(f"generation {generation}'s best", genotype, "validation", doc_ids))
+        seconds = result.merge_seconds + result.eval_seconds
+        self.ledger.record_cost("monitoring", f"generation {generation}", item_count(result.values), seconds)
+        return result.scores or task_means(result.values)
+
     def _close_generation(self, state: SearchState, records: list[EvaluationRecord], seconds: float) -> None:
         scores = [r.score for r in records]
         # what pycma was told decides: under racing a cut candidate's estimate may exceed a full score
         best_idx = int(np.argmin([r.objective for r in records]))
         validation = None
-        if self.recipe.validation is not None and not records[best_idx].failed:
-            validation = score_genotype(self.opened.executor, np.asarray(records[best_idx].genotype), "validation")
+        if self.recipe.monitors and not records[best_idx].failed:
+            validation = self._monitor(state.generation, np.asarray(records[best_idx].genotype))
         self.ledger.record_generation(
             GenerationRecord(
                 generation=state.generation,

@@ -103,7 +103,7 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
             strategy=recipe.fitness.strategy,
             scoring_precision=run_scoring_precision(recipe),
         )
-        ledger.set_meta(fitness_items=sum(len(ids) for ids in executor.fitness_items().values()))
+        ledger.set_meta(fitness_items=sum(len(ids) for ids in executor.item_ids().values()))
     except BaseException:
         run.close()
         raise

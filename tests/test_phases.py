@@ -1,0 +1,111 @@
+"""Every item a run scores is counted in one of its phases (search, monitoring, selection, finals), and the
+monitoring curve costs a small fixed subset of the validation set."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import merger.cli
+from merger.rundir.layout import RunDir
+from merger.rundir.ledger import PHASES, Ledger
+from merger.scoring.fitness import TaskSuite
+from tests.recipes import tiny_recipe, write_recipe
+
+
+def small(tiny_sources: dict[str, Path], tiny_evals: Path, run_dir: Path, **overrides: Any) -> dict[str, Any]:
+    settings = {
+        "optimizer": {"popsize": 4, "max_evaluations": 9, "seed": 3},
+        "fitness": {"tasks": [{"name": "tiny_mc", "metric": "acc"}], "limit": 8},
+        "validation": {"tasks": ["tiny_gen"], "limit": 6},
+        "test": {"tasks": ["tiny_mc"], "limit": 5},
+        "selection": {"top_k": 2},
+        "monitoring": {"limit": 2},
+        "baselines": ["linear"],
+    }
+    return tiny_recipe(tiny_sources, tiny_evals, run_dir, **{**settings, **overrides})
+
+
+@pytest.fixture
+def asked(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Items lm-eval scored, per eval set size (read from what each call logged)."""
+    counted: Counter = Counter()
+    run = TaskSuite.run
+
+    def counting(self: TaskSuite, lm: Any, log_samples: bool = False, items: Any = None) -> dict[str, Any]:
+        output = run(self, lm, log_samples, items)
+        counted["items"] += sum(len(samples) for samples in output.get("samples", {}).values())
+        return output
+
+    monkeypatch.setattr(TaskSuite, "run", counting)
+    return counted
+
+
+@pytest.mark.slow  # a whole run
+def test_the_phases_add_up_to_what_lm_eval_was_asked(tiny_sources, tiny_evals, tmp_path, asked, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", small(tiny_sources, tiny_evals, tmp_path / "run"))
+    assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
+    summary = RunDir(tmp_path / "run").read_summary()
+    assert summary is not None and list(summary.costs) == list(PHASES)
+    costs = summary.costs
+    assert sum(cost.items for cost in costs.values()) == asked["items"]
+    assert costs["search"].items == 8 * 8  # two generations of 4 (no warm start: no defaults baseline), 8 items each
+    assert costs["monitoring"].items == 2 * 2  # two generations' best, on 2 of the 6 validation items
+    # finalists on validation: the 2 best candidates, 1 baseline, 3 sources (the winner is one of them)
+    assert costs["selection"].items == (2 + 1 + 3) * 6
+    # the final table: sources and baseline on fitness and test, the winner on all three sets
+    # unless it is one of them (its scores are reused by identity)
+    untuned_finals = 4 * (8 + 5)
+    assert costs["finals"].items in (untuned_finals, untuned_finals + 8 + 5)
+    assert all(cost.seconds > 0 for cost in costs.values())
+    out = capsys.readouterr().out
+    assert "item-evaluations per phase: search 64" in out
+    ledger = Ledger(tmp_path / "run")
+    try:
+        assert all(g.validation is not None for g in ledger.generations())
+        assert {phase: cost.items for phase, cost in ledger.phase_costs().items()} == {
+            phase: cost.items for phase, cost in costs.items()
+        }
+    finally:
+        ledger.close()
+    assert merger.cli.main(["status", str(tmp_path / "run")]) == 0
+    assert f"monitoring 4 ({costs['monitoring'].seconds:.0f} s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a search
+def test_monitoring_turned_off_scores_no_validation_during_the_search(tiny_sources, tiny_evals, tmp_path, asked):
+    data = small(tiny_sources, tiny_evals, tmp_path / "run", monitoring={"enabled": False}, selection={"enabled": False})
+    recipe = write_recipe(tmp_path / "recipe.yaml", data)
+    assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
+    ledger = Ledger(tmp_path / "run")
+    try:
+        assert all(g.validation is None for g in ledger.generations())
+        costs = ledger.phase_costs()
+    finally:
+        ledger.close()
+    assert costs["monitoring"].items == 0 and costs["selection"].items == 0
+    assert sum(cost.items for cost in costs.values()) == asked["items"]
+
+
+def test_a_monitoring_subset_larger_than_the_validation_set_is_one_line(
+    tiny_sources, tiny_evals, tmp_path, capsys
+):
+    data = small(tiny_sources, tiny_evals, tmp_path / "run", monitoring={"limit": 7})
+    assert merger.cli.main(["run", str(write_recipe(tmp_path / "r.yaml", data)), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "monitoring.limit: 7 items per task is more than the validation set holds" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_monitoring_subset_larger_than_a_whole_validation_task_is_one_line(
+    tiny_sources, tiny_evals, tmp_path, capsys
+):
+    data = small(tiny_sources, tiny_evals, tmp_path / "run", monitoring={"limit": 10_000})
+    data["validation"] = {"tasks": ["tiny_gen"]}  # no limit: the task's own size bounds the subset
+    assert merger.cli.main(["run", str(write_recipe(tmp_path / "r.yaml", data)), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "monitoring.limit: 10000 items per task is more than validation task tiny_gen" in error
+    assert not (tmp_path / "run").exists()
