@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,12 @@ def tiny_evals(tmp_path_factory: pytest.TempPathFactory) -> Path:
     evals_dir = tmp_path_factory.mktemp("tiny_evals")
     write_tasks(evals_dir)
     return evals_dir
+
+
+@pytest.fixture(autouse=True)
+def no_stop_left_asked() -> Iterator[None]:
+    """A test that signals a run in this process leaves no stop asked for behind it."""
+    from merger.common.stopping import clear_stop
+
+    yield
+    clear_stop()

@@ -3,6 +3,8 @@ monitoring curve costs a small fixed subset of the validation set."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -109,3 +111,56 @@ def test_a_monitoring_subset_larger_than_a_whole_validation_task_is_one_line(
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "monitoring.limit: 10000 items per task is more than validation task tiny_gen" in error
     assert not (tmp_path / "run").exists()
+
+
+def signal_at(monkeypatch: pytest.MonkeyPatch, phase: str) -> None:
+    """SIGTERM to this process when lm-eval is first asked to score for `phase` (no timing involved): the
+    fitness set is tiny_mc on 8 items, the test set tiny_mc on 5; monitoring asks for some validation items,
+    selection for every one."""
+    run = TaskSuite.run
+    sent = False
+
+    def is_phase(suite: TaskSuite, items: Any) -> bool:
+        names, limit = [task.name for task in suite.eval_set.tasks], suite.eval_set.limit
+        return {
+            "search": names == ["tiny_mc"] and limit == 8,
+            "monitoring": names == ["tiny_gen"] and items is not None,
+            "selection": names == ["tiny_gen"] and items is None,
+            "finals": names == ["tiny_mc"] and limit == 5,
+        }[phase]
+
+    def signalling(self: TaskSuite, lm: Any, log_samples: bool = False, items: Any = None) -> dict[str, Any]:
+        nonlocal sent
+        if not sent and is_phase(self, items):
+            sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run(self, lm, log_samples, items)
+
+    monkeypatch.setattr(TaskSuite, "run", signalling)
+
+
+def without_timings(summary: Any) -> dict[str, Any]:
+    data = summary.model_dump(mode="json")
+    data["budget"].pop("seconds", None)
+    for cost in data["costs"].values():
+        cost.pop("seconds")
+    return data
+
+
+@pytest.mark.slow  # an uninterrupted run, and per phase a run stopped in it and resumed
+def test_a_stop_in_any_phase_exits_0_and_resumes_to_the_same_result(tiny_sources, tiny_evals, tmp_path, capsys):
+    reference_recipe = write_recipe(tmp_path / "ref.yaml", small(tiny_sources, tiny_evals, tmp_path / "ref"))
+    assert merger.cli.main(["run", str(reference_recipe), "--no-progress"]) == 0
+    reference = RunDir(tmp_path / "ref").read_summary()
+    for phase in PHASES:
+        run_dir = tmp_path / phase
+        recipe = write_recipe(tmp_path / f"{phase}.yaml", small(tiny_sources, tiny_evals, run_dir))
+        with pytest.MonkeyPatch.context() as patch:
+            signal_at(patch, phase)
+            capsys.readouterr()
+            assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0, phase
+        assert "Run the same command again to resume" in capsys.readouterr().out, phase
+        assert RunDir(run_dir).read_summary() is None, phase
+        assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0, phase
+        resumed = RunDir(run_dir).read_summary()
+        assert resumed is not None and without_timings(resumed) == without_timings(reference), phase

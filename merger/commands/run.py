@@ -59,6 +59,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
+    from merger.common.stopping import StopRequested
     from merger.finish.final import finish_run, finished_summary
     from merger.finish.selection import selection_note
     from merger.rundir.render import cost_text, finalist_grid, score_grid, text_table
@@ -79,12 +80,20 @@ def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
             finally:
                 bar.close()
             if result.stopped_early:
+                best = "none scored yet" if result.best is None else f"best so far {result.best.score:.4f}"
                 print(
                     f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
-                    f"best so far {result.best.score:.4f}. Run the same command again to resume.",
+                    f"{best}. Run the same command again to resume.",
                 )
                 return 0
-            summary = finished_summary(run_dir, result, recipe) or finish_run(run, result)
+            try:
+                summary = finished_summary(run_dir, result, recipe) or finish_run(run, result)
+            except StopRequested:
+                print(
+                    "stopped while finishing the run (the search is done; every final score so far is kept). "
+                    "Run the same command again to resume."
+                )
+                return 0
     print(text_table(score_grid(summary)))
     if summary.selection is not None:
         print(text_table(finalist_grid(summary.selection)))

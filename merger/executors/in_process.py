@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from merger.common.stopping import stop_requested
 from merger.executors import ScoreJob, ScoreResult, never
 from merger.executors.worker import CandidateWorker
 from merger.recipe import Recipe
@@ -27,7 +28,7 @@ class InProcessExecutor:
         should_stop: Callable[[], bool] = never,
     ) -> None:
         for index, job in enumerate(jobs):
-            if should_stop():
+            if should_stop() or stop_requested():
                 break
             on_result(index, self.worker.score(job))
 

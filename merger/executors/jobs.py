@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.stopping import StopRequested
 from merger.executors import Executor, ModelToScore, Scored, ScoreJob, ScoreResult, never
 
 
@@ -49,6 +50,8 @@ def score_models(
             on_scored(index, result)
 
     executor.score(jobs, keep)
+    if len(results) < len(jobs):  # a stop was asked for between jobs (a worker elsewhere finished its own)
+        raise StopRequested
     return [results[index] for index in range(len(jobs))]
 
 
@@ -56,6 +59,8 @@ def score_one(executor: Executor, job: ScoreJob) -> ScoreResult:
     """One job that must be scored: its result, or an error naming it."""
     results: list[ScoreResult] = []
     executor.score([job], lambda index, result: results.append(result))
+    if not results:
+        raise StopRequested
     if results[0].failure is not None:
         raise MergerError(f"scoring {job.key} on {job.eval_set} failed: {results[0].failure}")
     return results[0]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.stopping import stop_requested
 from merger.executors import ScoreJob, ScoreResult, never
 from merger.executors.worker import CandidateWorker
 from merger.recipe import Recipe
@@ -179,7 +180,7 @@ class RayExecutor:
         idle = deque(range(len(self.actors)))
         in_flight: dict[Any, tuple[int, int]] = {}  # reference -> (worker slot, job)
         while queue or in_flight:
-            while queue and idle and not should_stop():
+            while queue and idle and not should_stop() and not stop_requested():
                 slot, job = idle.popleft(), queue.popleft()
                 in_flight[submit(self.actors[slot], job)] = (slot, job)
             if not in_flight:

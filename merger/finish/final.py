@@ -33,7 +33,7 @@ def finished_summary(run_dir: Path, result: SearchResult, recipe: Recipe) -> Sum
         return None
     if recipe.selects:
         return summary if summary.selection is not None else None
-    same_winner = summary.selection is None and summary.winner.genotype == list(result.best.genotype)
+    same_winner = summary.selection is None and result.best is not None and summary.winner.genotype == list(result.best.genotype)
     return summary if same_winner else None
 
 

@@ -187,6 +187,7 @@ def select_winner(
     """The finalist best on the validation set (`selection:`), or the best candidate by fitness."""
     recipe = run.recipe
     if not recipe.selects:
+        assert result.best is not None  # a finished search has a best candidate
         return fitness_winner(result.best), None
     candidates = candidate_contenders(run.ledger, run.space, recipe.selection.top_k)
     scores.update(score_final(run, [c.model for c in candidates], ["validation"]))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from merger.common.bundled import bundled_dir
+from merger.common.stopping import check_stop
 
 FEWSHOT_SEED = 1234  # lm-eval's own default fewshot seed (simple_evaluate's), fixed for every load
 
@@ -136,6 +137,15 @@ def _hflm_classes() -> tuple[type, type]:
         def generate_until(self, requests, disable_tqdm=True):  # type: ignore[no-untyped-def]
             return super().generate_until(requests, disable_tqdm=True)
 
+        # every batch goes through one of these two: a stop asked for ends the scoring between batches
+        def _model_call(self, inps, attn_mask=None, labels=None):  # type: ignore[no-untyped-def]
+            check_stop()
+            return super()._model_call(inps, attn_mask, labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):  # type: ignore[no-untyped-def]
+            check_stop()
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
     class AnswerLogitsHFLM(QuietHFLM):
         """lm-eval batches and reads the logits as ever; `_model_call` knows which inputs it may see
         (set for the duration of `_loglikelihood_tokens`) and returns only their answers' window."""
@@ -151,6 +161,7 @@ def _hflm_classes() -> tuple[type, type]:
                 self._answer_lengths = None
 
         def _model_call(self, inps, attn_mask=None, labels=None):  # type: ignore[no-untyped-def]
+            check_stop()
             parts = body_and_head(self.model)
             if self._answer_lengths is None or attn_mask is not None or parts is None:
                 return super()._model_call(inps, attn_mask, labels)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from merger.common.errors import MergerError
+from merger.common.stopping import StopRequested, clear_stop, request_stop
 from merger.executors import ScoreJob
 from merger.executors.jobs import score_one
 from merger.rundir.ledger import (
@@ -26,13 +27,16 @@ from merger.search.strategies import make_strategy
 
 
 class StopRequest:
-    """SIGINT/SIGTERM: the first finishes the evaluations in flight and checkpoints; a second stops now."""
+    """SIGINT/SIGTERM: the first asks the run to stop (`requested`, and merger.common.stopping: the scoring
+    in flight ends at its next lm-eval batch, the state on disk is the last checkpoint); a second stops
+    now."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
+        clear_stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -40,16 +44,18 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        clear_stop()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        request_stop()
 
 
 @dataclass
 class SearchResult:
-    best: EvaluationRecord
+    best: EvaluationRecord | None  # None only when stopped before any candidate was scored
     evaluations: int
     generations: int
     stopped_early: bool
@@ -95,39 +101,57 @@ class Search:
 
         state = load_state(self.opened.layout.path)
         if state is None:
-            state = self._start(should_stop)
+            try:
+                state = self._start(should_stop)
+            except StopRequested:  # in the middle of a warm start's scoring: it is scored again on resume
+                state = None
             if state is None:
-                best = self.ledger.best()
-                if best is None:
-                    raise MergerError("stopped before any candidate was scored; run the same command again to resume")
-                return SearchResult(best, self.ledger.count(), 0, True)
+                return SearchResult(self.ledger.best(), self.ledger.count(), 0, True)
             save_state(self.opened.layout.path, state)
         stopped_early = False
         while self._budget_left(state) and (state.pending is not None or not state.es.stop()):
-            if stop is not None and stop.requested:
+            if should_stop():
                 stopped_early = True
                 break
             started = time.time()
             if state.pending is None:
                 state.pending = [np.asarray(x) for x in state.es.ask()]
                 save_state(self.opened.layout.path, state)
-            mu = int(state.es.sp.weights.mu)
-            records = self.strategy.evaluate(state.generation, state.pending, mu, should_stop)
-            if records is None:
-                stopped_early = True
-                state.seconds += time.time() - started
-                save_state(self.opened.layout.path, state)
-                break
-            state.es.tell(state.pending, [r.objective for r in records])
-            self._close_generation(state, records, time.time() - started)
+            try:
+                closed = self._generation(state, should_stop)
+            except StopRequested:  # mid-scoring: what was in flight is not recorded, nothing was told
+                closed = False
             state.seconds += time.time() - started
+            if not closed:
+                stopped_early = True
+                save_state(self.opened.layout.path, state)  # still pending: the same generation resumes
+                break
             state.generation += 1
             state.pending = None
             save_state(self.opened.layout.path, state)
         best = self.ledger.best()
-        if best is None:
+        if best is None and not stopped_early:
             raise MergerError("every candidate failed; see `merger status` for the reasons")
         return SearchResult(best, self.ledger.count(), state.generation, stopped_early)
+
+    def _generation(self, state: SearchState, should_stop: Callable[[], bool]) -> bool:
+        """Score the pending generation, monitor its best, then tell pycma; False if a stop came first
+        (pycma is told last, so a stop anywhere before leaves the state as it was checkpointed)."""
+        started = time.time()
+        assert state.pending is not None
+        mu = int(state.es.sp.weights.mu)
+        records = self.strategy.evaluate(state.generation, state.pending, mu, should_stop)
+        if records is None:
+            return False
+        seconds = time.time() - started
+        # what pycma is told decides: under racing a cut candidate's estimate may exceed a full score
+        best_idx = int(np.argmin([r.objective for r in records]))
+        validation = None
+        if self.recipe.monitors and not records[best_idx].failed:
+            validation = self._monitor(state.generation, np.asarray(records[best_idx].genotype))
+        state.es.tell(state.pending, [r.objective for r in records])
+        self._close_generation(state.generation, records, best_idx, validation, seconds)
+        return True
 
     def _monitor(self, generation: int, genotype: np.ndarray) -> dict[str, float]:
         """The generation's best on the monitoring subset (`recipe.monitoring`): its task scores, its cost
@@ -140,16 +164,18 @@ class Search:
         self.ledger.record_cost("monitoring", f"generation {generation}", item_count(result.values), seconds)
         return result.scores or task_means(result.values)
 
-    def _close_generation(self, state: SearchState, records: list[EvaluationRecord], seconds: float) -> None:
+    def _close_generation(
+        self,
+        generation: int,
+        records: list[EvaluationRecord],
+        best_idx: int,
+        validation: dict[str, float] | None,
+        seconds: float,
+    ) -> None:
         scores = [r.score for r in records]
-        # what pycma was told decides: under racing a cut candidate's estimate may exceed a full score
-        best_idx = int(np.argmin([r.objective for r in records]))
-        validation = None
-        if self.recipe.monitors and not records[best_idx].failed:
-            validation = self._monitor(state.generation, np.asarray(records[best_idx].genotype))
         self.ledger.record_generation(
             GenerationRecord(
-                generation=state.generation,
+                generation=generation,
                 best_idx=best_idx,
                 best_score=scores[best_idx],
                 mean_score=float(np.mean(scores)),
@@ -157,4 +183,4 @@ class Search:
                 seconds=seconds,
             )
         )
-        self.on_progress({"generation": state.generation, "closed": True, "validation": validation})
+        self.on_progress({"generation": generation, "closed": True, "validation": validation})
