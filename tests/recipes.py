@@ -38,3 +38,10 @@ def tiny_recipe(
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def without_timings(summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's data less what a clock measured (the budget's seconds, each phase's seconds)."""
+    costs = {phase: {k: v for k, v in cost.items() if k != "seconds"} for phase, cost in summary.get("costs", {}).items()}
+    budget = {k: v for k, v in summary["budget"].items() if k != "seconds"}
+    return {**summary, "budget": budget, "costs": costs}

@@ -25,7 +25,7 @@ from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger
 from merger.search.loop import Search
 from merger.search.open import open_run, prepare_run_dir
-from tests.recipes import tiny_recipe, write_recipe
+from tests.recipes import tiny_recipe, without_timings, write_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = {"defaults", "linear", "model_stock", "karcher"}
@@ -48,8 +48,6 @@ def run_command(recipe: Path, *extra: str) -> int:
     return merger.cli.main(["run", str(recipe), "--no-progress", *extra])
 
 
-def without_timings(summary: dict) -> dict:
-    return {**summary, "budget": {k: v for k, v in summary["budget"].items() if k != "seconds"}}
 
 
 def final_score_rows(run_dir: Path) -> list[tuple[str, str]]:

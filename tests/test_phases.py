@@ -15,7 +15,7 @@ import merger.cli
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import PHASES, Ledger
 from merger.scoring.fitness import TaskSuite
-from tests.recipes import tiny_recipe, write_recipe
+from tests.recipes import tiny_recipe, without_timings, write_recipe
 
 
 def small(tiny_sources: dict[str, Path], tiny_evals: Path, run_dir: Path, **overrides: Any) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def small(tiny_sources: dict[str, Path], tiny_evals: Path, run_dir: Path, **over
         "fitness": {"tasks": [{"name": "tiny_mc", "metric": "acc"}], "limit": 8},
         "validation": {"tasks": ["tiny_gen"], "limit": 6},
         "test": {"tasks": ["tiny_mc"], "limit": 5},
-        "selection": {"top_k": 2},
+        "selection": {"top_k": 2, "block": 2},  # a race of three blocks
         "monitoring": {"limit": 2},
         "baselines": ["linear"],
     }
@@ -56,8 +56,12 @@ def test_the_phases_add_up_to_what_lm_eval_was_asked(tiny_sources, tiny_evals, t
     assert sum(cost.items for cost in costs.values()) == asked["items"]
     assert costs["search"].items == 8 * 8  # two generations of 4 (no warm start: no defaults baseline), 8 items each
     assert costs["monitoring"].items == 2 * 2  # two generations' best, on 2 of the 6 validation items
-    # finalists on validation: the 2 best candidates, 1 baseline, 3 sources (the winner is one of them)
-    assert costs["selection"].items == (2 + 1 + 3) * 6
+    # finalists raced on validation: the 2 best candidates, 1 baseline, 3 sources (the winner is one of them)
+    assert summary.selection is not None and summary.selection.racing is not None
+    assert costs["selection"].items == summary.selection.racing.items
+    assert summary.selection.racing.items_without_racing == (2 + 1 + 3) * 6 >= costs["selection"].items
+    survivors = [f for f in summary.selection.finalists if f.dropped_after is None]
+    assert all(f.items == 6 for f in survivors) and all(f.items < 6 for f in summary.selection.finalists if f not in survivors)
     # the final table: sources and baseline on fitness and test, the winner on all three sets
     # unless it is one of them (its scores are reused by identity)
     untuned_finals = 4 * (8 + 5)
@@ -115,36 +119,32 @@ def test_a_monitoring_subset_larger_than_a_whole_validation_task_is_one_line(
 
 def signal_at(monkeypatch: pytest.MonkeyPatch, phase: str) -> None:
     """SIGTERM to this process when lm-eval is first asked to score for `phase` (no timing involved): the
-    fitness set is tiny_mc on 8 items, the test set tiny_mc on 5; monitoring asks for some validation items,
-    selection for every one."""
+    fitness set is tiny_mc on 8 items, the test set tiny_mc on 5 (the end scores the untuned models on it
+    before selection starts); the validation set is monitored during the search and raced after."""
     run = TaskSuite.run
     sent = False
+    ending = False  # the end of the run has started (a test-set score was asked for)
 
-    def is_phase(suite: TaskSuite, items: Any) -> bool:
+    def is_phase(suite: TaskSuite) -> bool:
+        nonlocal ending
         names, limit = [task.name for task in suite.eval_set.tasks], suite.eval_set.limit
+        test = names == ["tiny_mc"] and limit == 5
+        ending = ending or test
         return {
             "search": names == ["tiny_mc"] and limit == 8,
-            "monitoring": names == ["tiny_gen"] and items is not None,
-            "selection": names == ["tiny_gen"] and items is None,
-            "finals": names == ["tiny_mc"] and limit == 5,
+            "monitoring": names == ["tiny_gen"] and not ending,
+            "selection": names == ["tiny_gen"] and ending,
+            "finals": test,
         }[phase]
 
     def signalling(self: TaskSuite, lm: Any, log_samples: bool = False, items: Any = None) -> dict[str, Any]:
         nonlocal sent
-        if not sent and is_phase(self, items):
+        if not sent and is_phase(self):
             sent = True
             os.kill(os.getpid(), signal.SIGTERM)
         return run(self, lm, log_samples, items)
 
     monkeypatch.setattr(TaskSuite, "run", signalling)
-
-
-def without_timings(summary: Any) -> dict[str, Any]:
-    data = summary.model_dump(mode="json")
-    data["budget"].pop("seconds", None)
-    for cost in data["costs"].values():
-        cost.pop("seconds")
-    return data
 
 
 @pytest.mark.slow  # an uninterrupted run, and per phase a run stopped in it and resumed
@@ -163,4 +163,5 @@ def test_a_stop_in_any_phase_exits_0_and_resumes_to_the_same_result(tiny_sources
         assert RunDir(run_dir).read_summary() is None, phase
         assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0, phase
         resumed = RunDir(run_dir).read_summary()
-        assert resumed is not None and without_timings(resumed) == without_timings(reference), phase
+        assert resumed is not None and reference is not None, phase
+        assert without_timings(resumed.model_dump(mode="json")) == without_timings(reference.model_dump(mode="json")), phase

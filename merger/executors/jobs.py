@@ -30,37 +30,40 @@ def score_all(
     return results if len(results) == len(jobs) else None
 
 
-def score_models(
-    executor: Executor,
-    models: Sequence[tuple[ModelToScore, str]],
-    on_scored: Callable[[int, ScoreResult], None] | None = None,
-) -> list[Scored]:
-    """Each (model, eval set) scored on all of its items, in the order given; `on_scored(index, result)` as
-    each finishes. A failure is an error naming the model: these scores are the run's result."""
-    jobs = [ScoreJob(str(index), model, set_name) for index, (model, set_name) in enumerate(models)]
-    results: dict[int, Scored] = {}
+def score_required(
+    executor: Executor, jobs: Sequence[ScoreJob], on_result: Callable[[int, ScoreResult], None] | None = None
+) -> list[ScoreResult]:
+    """Jobs that must be scored (the end of a run, the monitoring curve): each result in the order given,
+    `on_result(index, result)` as each finishes. A failure is an error naming the model; a stop asked for
+    between jobs is `StopRequested`."""
+    results: dict[int, ScoreResult] = {}
 
     def keep(index: int, result: ScoreResult) -> None:
         if result.failure is not None:
-            model, set_name = models[index]
-            what = "a merged candidate" if isinstance(model, np.ndarray) else str(model)
-            raise MergerError(f"scoring {what} on {set_name} failed: {result.failure}")
-        results[index] = result.scored
-        if on_scored is not None:
-            on_scored(index, result)
+            job = jobs[index]
+            what = job.key if isinstance(job.model, np.ndarray) else str(job.model)
+            raise MergerError(f"scoring {what} on {job.eval_set} failed: {result.failure}")
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
 
-    executor.score(jobs, keep)
+    if jobs:
+        executor.score(jobs, keep)
     if len(results) < len(jobs):  # a stop was asked for between jobs (a worker elsewhere finished its own)
         raise StopRequested
     return [results[index] for index in range(len(jobs))]
 
 
+def score_models(
+    executor: Executor,
+    models: Sequence[tuple[ModelToScore, str]],
+    on_scored: Callable[[int, ScoreResult], None] | None = None,
+) -> list[Scored]:
+    """Each (model, eval set) scored on all of its items (`score_required`)."""
+    jobs = [ScoreJob("a merged candidate", model, set_name) for model, set_name in models]
+    return [result.scored for result in score_required(executor, jobs, on_scored)]
+
+
 def score_one(executor: Executor, job: ScoreJob) -> ScoreResult:
-    """One job that must be scored: its result, or an error naming it."""
-    results: list[ScoreResult] = []
-    executor.score([job], lambda index, result: results.append(result))
-    if not results:
-        raise StopRequested
-    if results[0].failure is not None:
-        raise MergerError(f"scoring {job.key} on {job.eval_set} failed: {results[0].failure}")
-    return results[0]
+    """One job that must be scored (`score_required`)."""
+    return score_required(executor, [job])[0]

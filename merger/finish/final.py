@@ -19,6 +19,7 @@ from merger.recipe import Recipe
 from merger.rundir.layout import CARD_FILE, RunDir
 from merger.rundir.render import model_card
 from merger.rundir.summary import Summary
+from merger.scoring.fitness import eval_sets
 from merger.search.loop import SearchResult
 from merger.search.open import OpenRun
 
@@ -43,7 +44,9 @@ def finish_run(run: OpenRun, result: SearchResult) -> Summary:
     layout = run.layout
     baselines = plan_baselines(run.recipe, run.source_paths)
     untuned = untuned_models(run, baselines)
-    scores = score_final(run, untuned)
+    raced = run.recipe.selects and run.recipe.selection.block is not None
+    # under a selection race the untuned models' validation scores come from the race
+    scores = score_final(run, untuned, [s for s in eval_sets(run.recipe) if not (raced and s == "validation")])
     chosen, selection = select_winner(run, result, untuned, scores)
     winner, config_yaml = export_winner(run, chosen)
     scores.update(score_final(run, [winner]))

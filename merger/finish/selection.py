@@ -15,17 +15,20 @@ import numpy as np
 
 from merger.finish.models import Contender, FinalModel, config_identity, merge_yaml
 from merger.finish.scores import ScoreTable, score_final
+from merger.finish.selection_race import RaceOutcome, race
 from merger.recipe import Recipe, SelectionSpec, TaskSpec
 from merger.rundir.ledger import (
     BASELINE_PREFIX,
     SOURCE_PREFIX,
     EvaluationRecord,
+    FinalScore,
     Ledger,
     candidate_key,
     final_items_key,
 )
-from merger.rundir.summary import Finalist, Selection
+from merger.rundir.summary import Finalist, Selection, SelectionRace
 from merger.scoring.fitness import fitness_score, selection_score
+from merger.scoring.items import item_count, task_means
 from merger.scoring.uncertainty import Aggregate, ItemValues, paired_difference, standard_error
 from merger.search.loop import SearchResult
 from merger.search.open import OpenRun
@@ -68,9 +71,10 @@ def untuned_contenders(models: list[FinalModel]) -> list[Contender]:
 
 
 def finalist_rows(
-    recipe: Recipe, ledger: Ledger, contenders: list[Contender], scores: ScoreTable
+    recipe: Recipe, ledger: Ledger, contenders: list[Contender], scores: ScoreTable, raced: RaceOutcome | None = None
 ) -> list[Finalist]:
-    """Each contender's fitness and selection score with their standard errors, in `contenders`' order."""
+    """Each contender's fitness and selection score with their standard errors, in `contenders`' order;
+    after a race, each selection score is on the items that finalist was scored on."""
     def items(key: str) -> ItemValues:  # one model's rows only: a run's ledger holds every candidate's
         return ledger.item_outcomes(key).get(key, {})
 
@@ -85,25 +89,32 @@ def finalist_rows(
     selection_items: list[ItemValues] = []
     for contender in contenders:
         model = contender.model
-        selected = scores[model.key]["validation"]
         if contender.record is not None:
             fitness = contender.record.score
             fitness_items = items(model.key)
         else:
             fitness = fitness_of(scores[model.key]["fitness"])
             fitness_items = _in_set(items(final_items_key(model.identity)), scores[model.key]["fitness"])
-        selection_items.append(_in_set(items(final_items_key(model.identity)), selected))
+        validation_tasks = recipe.validation.tasks if recipe.validation else []
+        if raced is None:
+            selected = scores[model.key]["validation"]
+            selection_items.append(_in_set(items(final_items_key(model.identity)), selected))
+            selection = selection_of(selected)
+        else:  # a survivor has every item: the score without racing; a dropped one, its items' estimate
+            selection_items.append(raced.values[model.key])
+            dropped = model.key in raced.dropped_after
+            selection = raced.selection(model.key) if dropped else selection_of(task_means(selection_items[-1]))
         rows.append(
             Finalist(
                 name=contender.name,
                 kind=contender.kind,
                 fitness=fitness,
                 fitness_se=_se(fitness_items, recipe.fitness.tasks, fitness_of),
-                selection=selection_of(selected),
-                selection_se=_se(
-                    selection_items[-1], recipe.validation.tasks if recipe.validation else [], selection_of
-                ),
+                selection=selection,
+                selection_se=_se(selection_items[-1], validation_tasks, selection_of),
                 identity=model.identity,
+                items=item_count(selection_items[-1]),
+                dropped_after=None if raced is None else raced.dropped_after.get(model.key),
             )
         )
     return with_margins(rows, selection_items, selection_of, recipe.selection.confidence)
@@ -114,7 +125,7 @@ def with_margins(
 ) -> list[Finalist]:
     """Each candidate's lower confidence bound on how far it is above the best untuned finalist on the
     selection set: a paired bootstrap over the items both were scored on, one-sided at `confidence`."""
-    untuned = [i for i, row in enumerate(rows) if row.kind != "candidate"]
+    untuned = [i for i, row in enumerate(rows) if row.kind != "candidate" and row.dropped_after is None]
     candidates = [i for i, row in enumerate(rows) if row.kind == "candidate"]
     if not untuned or not candidates:
         return rows
@@ -146,9 +157,10 @@ def choose(
                untuned finalist is above zero (`with_margins`: one test, of the one candidate the
                selection set prefers); the best untuned finalist otherwise.
     """
-    untuned = [i for i, row in enumerate(rows) if row.kind != "candidate"]
-    candidates = [i for i, row in enumerate(rows) if row.kind == "candidate"]
-    eligible = list(range(len(rows)))
+    racing = [i for i, row in enumerate(rows) if row.dropped_after is None]  # every finalist, without a race
+    untuned = [i for i in racing if rows[i].kind != "candidate"]
+    candidates = [i for i in racing if rows[i].kind == "candidate"]
+    eligible = racing
     if selection.rule == "confident" and candidates:
         best_candidate = max(candidates, key=lambda i: (rows[i].selection, -i))
         confident = (rows[best_candidate].lower_bound or 0.0) > 0.0
@@ -190,7 +202,21 @@ def select_winner(
         assert result.best is not None  # a finished search has a best candidate
         return fitness_winner(result.best), None
     candidates = candidate_contenders(run.ledger, run.space, recipe.selection.top_k)
-    scores.update(score_final(run, [c.model for c in candidates], ["validation"]))
     contenders = untuned_contenders(untuned) + candidates
-    rows = finalist_rows(recipe, run.ledger, contenders, scores)
-    return choose(contenders, rows, recipe.selection)
+    if recipe.selection.block is None:
+        scores.update(score_final(run, [c.model for c in candidates], ["validation"]))
+        return choose(contenders, finalist_rows(recipe, run.ledger, contenders, scores), recipe.selection)
+    raced = race(run, contenders)
+    winner, selection = choose(contenders, finalist_rows(recipe, run.ledger, contenders, scores, raced), recipe.selection)
+    for contender in contenders:  # a survivor's validation scores are a final score; a dropped one has none
+        model = contender.model
+        if model.key not in raced.dropped_after:
+            task_scores = task_means(raced.values[model.key])
+            scores.setdefault(model.key, {})["validation"] = task_scores
+            run.ledger.record_final_score(FinalScore(model.key, "validation", model.identity, task_scores))
+    spent = sum(item_count(values) for values in raced.values.values())
+    selection.racing = SelectionRace(
+        block=recipe.selection.block, delta=recipe.selection.delta, items=spent,
+        items_without_racing=len(contenders) * len(raced.item_set),
+    )
+    return winner, selection

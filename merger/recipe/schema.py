@@ -296,6 +296,14 @@ class SelectionSpec(StrictModel):
     # best untuned finalist with a paired bootstrap lower bound above zero (one-sided at `confidence`)
     rule: Literal["best", "confident"] = "confident"
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    # racing (merger.finish.selection_race): the finalists are scored on the validation items in blocks of
+    # `block` items, in a seeded order, and a finalist is dropped once a paired test says another of its
+    # kind (untuned, or candidate) is ahead of it on the whole set, or, under the confident rule, that an
+    # untuned finalist is ahead of a candidate; `delta`: the chance that any drop is wrong. null: every
+    # finalist on every validation item. 200: the paired test needs about 150 items to put a model 26 points
+    # behind out at delta 0.05 (tests/test_selection_race.py), so one block does
+    block: Annotated[int, Field(ge=1)] | None = 200
+    delta: Annotated[float, Field(gt=0, lt=1)] = 0.05
 
 
 class MonitoringSpec(StrictModel):
@@ -305,7 +313,13 @@ class MonitoringSpec(StrictModel):
     standard error is at most 5 points. Its items and seconds are the run's `monitoring` phase."""
 
     enabled: bool = True  # where the recipe names validation:
-    limit: Annotated[int, Field(ge=1)] | None = 100  # items per validation task; null: every item
+    # items per validation task (the default is cut to a smaller validation set; a limit given is checked
+    # against it); null: every item
+    limit: Annotated[int, Field(ge=1)] | None = 100
+
+    @property
+    def limit_given(self) -> bool:
+        return "limit" in self.model_fields_set
 
 
 # untuned standard merges scored next to the winner (merger.finish.baselines)
@@ -336,7 +350,7 @@ class Recipe(StrictModel):
     def _monitoring_fits_validation(self) -> Recipe:
         limit, validation = self.monitoring.limit, self.validation
         held = validation.limit if validation is not None else None
-        if self.monitors and limit is not None and held is not None and limit > held:
+        if self.monitors and self.monitoring.limit_given and limit is not None and held is not None and limit > held:
             raise ValueError(
                 f"monitoring.limit: {limit} items per task is more than the validation set holds "
                 f"(validation.limit: {held}); give at most {held}, or null for all"

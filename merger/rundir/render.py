@@ -42,11 +42,14 @@ def finalist_cells(row: Finalist) -> list[str]:
         return f"{value:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
     lead = "" if row.lower_bound is None else f"{row.lower_bound:+.3f}"
-    return [row.name, row.kind, shown(row.fitness, row.fitness_se), shown(row.selection, row.selection_se), lead]
+    items = "" if row.items is None else f"{row.items}" + (" (dropped)" if row.dropped_after is not None else "")
+    return [
+        row.name, row.kind, shown(row.fitness, row.fitness_se), shown(row.selection, row.selection_se), items, lead
+    ]
 
 
 def finalist_grid(selection: Selection) -> Grid:
-    header = ["finalist", "kind", "fitness", selection.eval_set, LEAD_HEADER, ""]
+    header = ["finalist", "kind", "fitness", selection.eval_set, "items", LEAD_HEADER, ""]
     rows = [[*finalist_cells(row), "<- winner" if row.name == selection.chosen else ""] for row in selection.finalists]
     return header, rows
 
@@ -60,11 +63,20 @@ def selection_rule_text(selection: Selection) -> str:
         "finalist there (paired bootstrap over the items, one-sided 95%) is above zero, else the best "
         "untuned finalist wins"
     )
-    return (
+    text = (
         f"The finalists (the {selection.top_k} best candidates by fitness, every untuned baseline and every "
         f"source) were scored on the {selection.eval_set} set, which shares no item with the fitness set; "
         f"{rule}. Scores ± one standard error (bootstrap over items)."
     )
+    race = selection.racing
+    if race is not None:
+        text += (
+            f" They raced in blocks of {race.block} items: a finalist was dropped once a paired test showed "
+            "another of its kind (or, for a candidate, an untuned finalist) ahead of it on the whole set, "
+            f"with a chance of any wrong drop at most {race.delta}; {race.items} items scored where every "
+            f"finalist on every item would take {race.items_without_racing}."
+        )
+    return text
 
 
 def text_table(grid: Grid) -> str:

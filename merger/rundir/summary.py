@@ -80,6 +80,20 @@ class Finalist(_Block):
     identity: str = ""  # the weights it names (FinalScore.identity)
     lower_bound: float | None = None  # a candidate's: its lead over `reference` on selection, lower bound
     reference: str | None = None  # the best untuned finalist that lead is measured against
+    items: int | None = None  # validation items it was scored on
+    dropped_after: int | None = None  # racing: dropped once this many items showed another surely ahead
+
+
+class SelectionRace(_Block):
+    """How selection raced its finalists (merger.finish.selection_race): in blocks of `block` validation
+    items, a finalist dropped once a paired test (wrong with chance at most `delta` over all drops) showed
+    another ahead of it; `items` scored in all, against `items_without_racing` for every finalist on every
+    item."""
+
+    block: int
+    delta: float
+    items: int
+    items_without_racing: int
 
 
 class Selection(_Block):
@@ -91,6 +105,7 @@ class Selection(_Block):
     chosen: str  # the winning finalist's name
     kind: str  # its kind: candidate, baseline or source
     finalists: list[Finalist] = Field(default_factory=list)
+    racing: SelectionRace | None = None  # None: every finalist on every validation item
 
 
 class PhaseCost(_Block):

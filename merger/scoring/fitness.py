@@ -62,7 +62,8 @@ def check_tasks(recipe: Recipe) -> None:
     check_task_data(configs)
     if recipe.selects:
         _check_disjoint(by_set["fitness"], by_set["validation"])
-    if recipe.monitors and recipe.validation is not None and recipe.validation.limit is None:
+    given = recipe.monitoring.limit_given
+    if recipe.monitors and given and recipe.validation is not None and recipe.validation.limit is None:
         _check_monitoring_fits(recipe.monitoring.limit, TaskSuite(recipe.validation, paths))
 
 
