@@ -105,7 +105,7 @@ def test_no_baselines_when_the_recipe_turns_them_off(tiny_sources, tiny_evals, t
 
 
 def test_a_baseline_that_does_not_apply_is_skipped_with_its_reason(tiny_sources, tiny_evals, tmp_path):
-    from merger.finish.baselines import plan_baselines
+    from merger.recipe.baselines import plan_baselines
 
     two = {name: tiny_sources[name] for name in ("base", "specialist1")}
     recipe = parse_recipe(small_recipe(two, tiny_evals, tmp_path / "run"))

@@ -15,8 +15,8 @@ from mergekit.config import MergeConfiguration
 from merger.cli import main
 from merger.engine.factory import build_engine
 from merger.engine.reference import merge_in_memory
-from merger.finish.baselines import plan_baselines
 from merger.recipe import SearchRange, parse_recipe
+from merger.recipe.baselines import plan_baselines
 from merger.recipe.methods import METHODS, SEARCHABLE_METHODS, NotApplicable, untuned_config
 from merger.space.parameters import Genome
 from tests.recipes import tiny_recipe, write_recipe

@@ -165,3 +165,24 @@ def test_a_stop_in_any_phase_exits_0_and_resumes_to_the_same_result(tiny_sources
         resumed = RunDir(run_dir).read_summary()
         assert resumed is not None and reference is not None, phase
         assert without_timings(resumed.model_dump(mode="json")) == without_timings(reference.model_dump(mode="json")), phase
+
+
+@pytest.mark.slow  # a search
+def test_status_prices_the_end_of_a_run_before_it_starts(tiny_sources, tiny_evals, tmp_path, capsys):
+    """Stopped after the search: the end is priced at most every finalist on every validation item and
+    every final model on the fitness and test sets."""
+    data = small(tiny_sources, tiny_evals, tmp_path / "run")
+    recipe = write_recipe(tmp_path / "recipe.yaml", data)
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, "finals")
+        assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert merger.cli.main(["status", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    ledger = Ledger(tmp_path / "run")
+    try:
+        spent = ledger.phase_costs()["finals"].items  # what the end scored before the stop
+    finally:
+        ledger.close()
+    finalists, final_models = 2 + 1 + 3, 1 + 3 + 1  # top_k, the baseline, the sources; and the winner
+    assert f"then the end of the run: at most {finalists * 6 + final_models * (8 + 5) - spent} items" in out

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merger.common.errors import MergerError
+from merger.rundir.layout import RunDir
 
 if TYPE_CHECKING:
     from merger.rundir.ledger import EvaluationRecord, Ledger
+    from merger.rundir.meta import RunMeta
     from merger.search.state import SearchState
 
 
@@ -90,7 +92,27 @@ def time_left_lines(
     left = generations_left(Budget.from_meta(meta), ledger, generations_done, seconds, per_generation)
     if left is None:
         return []
-    return [f"estimated time left: {left * per_generation:.0f} s ({left} generations)"]
+    lines = [f"estimated time left: {left * per_generation:.0f} s ({left} generations)"]
+    end = end_items(meta)
+    costs = ledger.phase_costs()
+    search = costs["search"]
+    if end is not None and search.items and not RunDir(ledger.path.parent).summary.is_file():
+        spent = costs["selection"].items + costs["finals"].items
+        left_items = max(0, end - spent)
+        lines.append(
+            f"then the end of the run: at most {left_items} items, about {left_items * search.seconds / search.items:.0f} s "
+            "at the search's seconds per item (selection races its finalists, so usually fewer)"
+        )
+    return lines
+
+
+def end_items(meta: RunMeta) -> int | None:
+    """The most items the end of the run scores: every finalist on every validation item, and every final
+    model on the other eval sets (a score already held or cached costs less)."""
+    if meta.set_items is None or meta.finalists is None or meta.final_models is None:
+        return None
+    others = sum(items for name, items in meta.set_items.items() if name != "validation")
+    return meta.finalists * meta.set_items.get("validation", 0) + meta.final_models * others
 
 
 def phase_line(ledger: Ledger) -> str:

@@ -10,12 +10,13 @@ import shutil
 from pathlib import Path
 
 from merger.common.files import write_atomic
-from merger.finish.baselines import plan_baselines, untuned_models
+from merger.finish.baselines import untuned_models
 from merger.finish.export import export_winner
 from merger.finish.scores import score_final
 from merger.finish.selection import select_winner
 from merger.finish.summary import build_summary
 from merger.recipe import Recipe
+from merger.recipe.baselines import plan_baselines
 from merger.rundir.layout import CARD_FILE, RunDir
 from merger.rundir.render import model_card
 from merger.rundir.summary import Summary

@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 from mergekit.config import MergeConfiguration
 
-from merger.finish.baselines import BaselinePlan
 from merger.finish.models import Contender, merge_yaml
 from merger.finish.scores import ScoreTable
 from merger.recipe import Recipe
+from merger.recipe.baselines import BaselinePlan
 from merger.rundir.ledger import WINNER_KEY, baseline_key, source_key
 from merger.rundir.meta import LineageRecord
 from merger.rundir.summary import (

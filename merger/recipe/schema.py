@@ -322,7 +322,7 @@ class MonitoringSpec(StrictModel):
         return "limit" in self.model_fields_set
 
 
-# untuned standard merges scored next to the winner (merger.finish.baselines)
+# untuned standard merges scored next to the winner (merger.recipe.baselines)
 BaselineName = Literal["defaults", "linear", "model_stock", "karcher"]
 
 

@@ -5,7 +5,7 @@ RUN_DIR/ledger.sqlite        every evaluation, generation and final score (merge
 RUN_DIR/search_state.pkl     the optimizer, checkpointed every generation (merger.search.state)
 RUN_DIR/best.yaml            the winner's mergekit configuration
 RUN_DIR/final/               the winner, exported by mergekit (written as final.partial/, renamed)
-RUN_DIR/baselines/NAME.yaml  each untuned baseline's mergekit configuration (merger.finish.baselines)
+RUN_DIR/baselines/NAME.yaml  each untuned baseline's mergekit configuration (merger.recipe.baselines)
 RUN_DIR/baselines/NAME/      its export, while it is scored
 RUN_DIR/summary.json         `Summary` (merger.rundir.summary): the winner's, the sources' and the baselines' scores
 """

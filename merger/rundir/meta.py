@@ -41,6 +41,11 @@ class RunMeta(BaseModel):
     strategy: str | None = None  # fitness.strategy
     scoring_precision: str | None = None  # fp32 or bf16: `engine.scoring_precision` resolved on this machine
     fitness_items: int | None = None  # items a whole fitness evaluation scores
+    # what the end of the run scores at most (merger.commands.status prices it): the items of each
+    # eval set, per model, and the models it scores on the validation set and on the others
+    set_items: dict[str, int] | None = None
+    finalists: int | None = None
+    final_models: int | None = None
     warm_starts: list[str] | None = None  # each warm start's label, by its index in generation -1
     anchors: Any = None  # fitness.strategy anchors: the anchors chosen (a list, or a dict for IRT)
 

@@ -77,7 +77,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path) -> bool:
 
 def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
     """Validate everything against the world, then load sources once, then open the run directory."""
-    from merger.scoring.fitness import check_tasks
+    from merger.recipe.baselines import plan_baselines
+    from merger.scoring.fitness import check_tasks, eval_sets
     from merger.sources.lineage import source_lineage
     from merger.sources.resolve import resolve_checked
 
@@ -103,7 +104,14 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
             strategy=recipe.fitness.strategy,
             scoring_precision=run_scoring_precision(recipe),
         )
-        ledger.set_meta(fitness_items=sum(len(ids) for ids in executor.item_ids().values()))
+        set_items = {name: sum(len(ids) for ids in executor.item_ids(name).values()) for name in eval_sets(recipe)}
+        untuned = len(recipe.sources) + len(plan_baselines(recipe, source_paths).configs)
+        ledger.set_meta(
+            fitness_items=set_items["fitness"],
+            set_items=set_items,
+            finalists=untuned + recipe.selection.top_k if recipe.selects else 0,
+            final_models=untuned + 1,
+        )
     except BaseException:
         run.close()
         raise

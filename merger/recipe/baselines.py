@@ -1,0 +1,57 @@
+"""Untuned standard merges of a run's sources, scored next to the winner (`baselines:` in the recipe); the
+end of the run scores them (merger.finish.baselines).
+
+Each baseline is a plain mergekit MergeConfiguration dict, `merger.recipe.methods.untuned_config`:
+- `defaults`: the searched method with mergekit's defaults; a required weight is 1/n over the inputs
+  it applies to, a required slerp `t` is 0.5, and `density` is 0.5 (mergekit's default of 1.0 would
+  drop nothing, which is not the method as its papers and mergekit's examples run it);
+- `linear`: the uniform average of every source;
+- `model_stock` and `karcher`: their mergekit defaults, where their input contract fits the sources.
+A baseline that does not apply (no base model, too few sources, the same merge as another) is
+skipped with its reason, which the summary keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merger.recipe.methods import NotApplicable, untuned_config
+from merger.recipe.schema import Recipe
+
+
+@dataclass(frozen=True)
+class BaselinePlan:
+    configs: dict[str, dict[str, Any]]  # name: mergekit MergeConfiguration dict
+    skipped: dict[str, str]  # name: why it does not apply
+
+
+def untuned_recipe_config(method: str, recipe: Recipe, source_paths: dict[str, Path]) -> dict[str, Any]:
+    """One method's untuned mergekit config over the recipe's sources, in the recipe's order."""
+    return untuned_config(
+        method,
+        {name: source_paths[name] for name in recipe.source_names},
+        base=recipe.base_model,
+        dtype=recipe.engine.dtype,
+        tokenizer_source=recipe.tokenizer_source,
+    )
+
+
+def plan_baselines(recipe: Recipe, source_paths: dict[str, Path]) -> BaselinePlan:
+    """The recipe's `baselines:` as mergekit configs, in the order given; a repeat of one is skipped."""
+    configs: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for name in recipe.baselines:
+        method = recipe.genome.method if name == "defaults" else name
+        try:
+            config = untuned_recipe_config(method, recipe, source_paths)
+        except NotApplicable as reason:
+            skipped[name] = f"{method} does not apply: {reason}"
+            continue
+        same = next((other for other, known in configs.items() if known == config), None)
+        if same is not None:
+            skipped[name] = f"the same merge as {same}"
+            continue
+        configs[name] = config
+    return BaselinePlan(configs, skipped)
