@@ -186,3 +186,29 @@ def test_status_prices_the_end_of_a_run_before_it_starts(tiny_sources, tiny_eval
         ledger.close()
     finalists, final_models = 2 + 1 + 3, 1 + 3 + 1  # top_k, the baseline, the sources; and the winner
     assert f"then the end of the run: at most {finalists * 6 + final_models * (8 + 5) - spent} items" in out
+
+
+@pytest.mark.slow  # a whole run
+def test_the_progress_bar_covers_every_phase_and_ends_at_100_percent(tiny_sources, tiny_evals, tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    shown: list[tuple[int, int | None]] = []
+    close = tqdm.close
+
+    def closing(self: tqdm) -> None:
+        shown.append((self.n, self.total))
+        close(self)
+
+    monkeypatch.setattr(tqdm, "close", closing)
+    recipe = write_recipe(tmp_path / "recipe.yaml", small(tiny_sources, tiny_evals, tmp_path / "run"))
+    assert merger.cli.main(["run", str(recipe)]) == 0  # with the bar
+    summary = RunDir(tmp_path / "run").read_summary()
+    assert summary is not None
+    spent = sum(cost.items for cost in summary.costs.values())
+    assert (spent, spent) in shown  # every phase's items, and the bar full at the end
+    ledger = Ledger(tmp_path / "run")
+    try:
+        planned = ledger.meta().planned_items
+    finally:
+        ledger.close()
+    assert planned is not None and spent <= planned == 8 * 8 + 2 * 2 + 6 * 6 + 5 * (8 + 5)

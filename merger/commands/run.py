@@ -12,6 +12,7 @@ from merger.rundir.layout import RunDir
 
 if TYPE_CHECKING:
     from merger.recipe import Recipe
+    from merger.rundir.ledger import Ledger
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,25 +24,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 class ProgressBar:
-    def __init__(self, total: int | None, enabled: bool, done: int):
+    """The whole run in item-evaluations, every phase (the ledger's `phase_costs`), against the most the
+    run can score (`RunMeta.planned_items`); it ends at 100% (a race or a cache spends fewer)."""
+
+    def __init__(self, ledger: Ledger, enabled: bool):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=done, unit="eval", disable=not enabled, dynamic_ncols=True)
+        self.ledger = ledger
+        total = ledger.meta().planned_items
+        self.bar = tqdm(total=total, initial=self._spent(), unit="item", disable=not enabled, dynamic_ncols=True)
         self.best = float("-inf")
         self.generation_scores: list[float] = []
+        ledger.on_cost = self.refresh  # monitoring, selection and the final table report through the ledger
+
+    def _spent(self) -> int:
+        return sum(cost.items for cost in self.ledger.phase_costs().values())
+
+    def refresh(self, phase: str | None = None) -> None:
+        self.bar.n = self._spent()
+        if phase is not None and phase != "monitoring":
+            self.bar.set_postfix(phase=phase)
+        self.bar.refresh()
 
     def __call__(self, info: dict[str, Any]) -> None:
         record = info.get("record")
         if record is not None:
-            self.bar.update(1)
             self.generation_scores.append(record.score)
             self.best = max(self.best, record.score)
             mean = sum(self.generation_scores) / len(self.generation_scores)
-            self.bar.set_postfix(gen=info["generation"], best=f"{self.best:.3f}", mean=f"{mean:.3f}")
+            self.bar.set_postfix(gen=info["generation"], best=f"{self.best:.3f}", mean=f"{mean:.3f}", refresh=False)
+            self.refresh()
         if info.get("closed"):
             self.generation_scores = []
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        self.ledger.on_cost = None
+        if finished:
+            self.bar.total = self.bar.n = self._spent()
+            self.bar.refresh()
         self.bar.close()
 
 
@@ -72,28 +92,30 @@ def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
             f"{'resuming' if run.resuming else 'starting'} run in {run_dir}: {run.space.describe()}",
             file=sys.stderr,
         )
-        bar = ProgressBar(recipe.optimizer.max_evaluations, progress, run.ledger.count())
+        bar = ProgressBar(run.ledger, progress)
         search.on_progress = bar
-        with StopRequest() as stop:
-            try:
+        finished = False
+        try:
+            with StopRequest() as stop:
                 result = search.run(stop)
-            finally:
-                bar.close()
-            if result.stopped_early:
-                best = "none scored yet" if result.best is None else f"best so far {result.best.score:.4f}"
-                print(
-                    f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
-                    f"{best}. Run the same command again to resume.",
-                )
-                return 0
-            try:
-                summary = finished_summary(run_dir, result, recipe) or finish_run(run, result)
-            except StopRequested:
-                print(
-                    "stopped while finishing the run (the search is done; every final score so far is kept). "
-                    "Run the same command again to resume."
-                )
-                return 0
+                if result.stopped_early:
+                    best = "none scored yet" if result.best is None else f"best so far {result.best.score:.4f}"
+                    print(
+                        f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
+                        f"{best}. Run the same command again to resume.",
+                    )
+                    return 0
+                try:
+                    summary = finished_summary(run_dir, result, recipe) or finish_run(run, result)
+                except StopRequested:
+                    print(
+                        "stopped while finishing the run (the search is done; every final score so far is "
+                        "kept). Run the same command again to resume."
+                    )
+                    return 0
+                finished = True
+        finally:
+            bar.close(finished)
     print(text_table(score_grid(summary)))
     if summary.selection is not None:
         print(text_table(finalist_grid(summary.selection)))

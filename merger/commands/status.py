@@ -11,7 +11,6 @@ from merger.rundir.layout import RunDir
 
 if TYPE_CHECKING:
     from merger.rundir.ledger import EvaluationRecord, Ledger
-    from merger.rundir.meta import RunMeta
     from merger.search.state import SearchState
 
 
@@ -83,7 +82,7 @@ def time_left_lines(
     ledger: Ledger, generations_done: int, state: SearchState | None, per_generation: float
 ) -> list[str]:
     """The generations the run's budgets still pay for (the loop's own rule), and their time."""
-    from merger.search.budget import Budget, generations_left
+    from merger.search.budget import Budget, end_items, generations_left
 
     meta = ledger.meta()
     if meta.popsize is None:
@@ -105,14 +104,6 @@ def time_left_lines(
         )
     return lines
 
-
-def end_items(meta: RunMeta) -> int | None:
-    """The most items the end of the run scores: every finalist on every validation item, and every final
-    model on the other eval sets (a score already held or cached costs less)."""
-    if meta.set_items is None or meta.finalists is None or meta.final_models is None:
-        return None
-    others = sum(items for name, items in meta.set_items.items() if name != "validation")
-    return meta.finalists * meta.set_items.get("validation", 0) + meta.final_models * others
 
 
 def phase_line(ledger: Ledger) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,7 @@ class FinalScore:
 class Ledger:
     def __init__(self, run_dir: Path):
         self.path = run_dir / LEDGER_FILE
+        self.on_cost: Callable[[str], None] | None = None
         self._db = sqlite3.connect(self.path, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
@@ -260,12 +262,14 @@ class Ledger:
 
     def record_cost(self, phase: str, job: str, items: int, seconds: float) -> None:
         """One job of a phase other than the search (which its evaluations price): what it scored and took;
-        a job run again after a kill replaces its row."""
+        a job run again after a kill replaces its row. `on_cost` (a progress bar) hears of it."""
         assert phase in PHASES[1:], phase
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO phase_costs VALUES (?,?,?,?,?)", (phase, job, items, seconds, time.time())
             )
+        if self.on_cost is not None:
+            self.on_cost(phase)
 
     def phase_costs(self) -> dict[str, PhaseCost]:
         """Items and seconds per phase (`PHASES`); the search's from its evaluations and item outcomes."""

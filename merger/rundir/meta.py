@@ -46,6 +46,7 @@ class RunMeta(BaseModel):
     set_items: dict[str, int] | None = None
     finalists: int | None = None
     final_models: int | None = None
+    planned_items: int | None = None  # every phase's items at most (merger.search.budget.planned_items)
     warm_starts: list[str] | None = None  # each warm start's label, by its index in generation -1
     anchors: Any = None  # fitness.strategy anchors: the anchors chosen (a list, or a dict for IRT)
 

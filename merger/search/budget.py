@@ -76,3 +76,28 @@ def generations_within_seconds(seconds_left: float, seconds_per_generation: floa
     if not seconds_per_generation:
         return 1
     return math.ceil(seconds_left / seconds_per_generation)
+
+
+def end_items(meta: RunMeta) -> int | None:
+    """The most items the end of the run scores: every finalist on every validation item, and every final
+    model on the other eval sets (a score already held or cached costs less, a race fewer)."""
+    if meta.set_items is None or meta.finalists is None or meta.final_models is None:
+        return None
+    others = sum(items for name, items in meta.set_items.items() if name != "validation")
+    return meta.finalists * meta.set_items.get("validation", 0) + meta.final_models * others
+
+
+def planned_items(meta: RunMeta, warm_starts: int, monitored_items: int) -> int | None:
+    """The items a whole run scores at most, every phase: the candidates the budget pays for on every
+    fitness item, each generation's monitoring, and the end (`end_items`); None when only the clock
+    bounds the search."""
+    budget = Budget.from_meta(meta)
+    per_candidate = meta.fitness_items or 0
+    if budget.max_evaluations is not None:
+        generations = max(0, budget.max_evaluations - warm_starts) // budget.popsize
+    elif budget.max_items is not None and per_candidate:
+        generations = max(0, budget.max_items - warm_starts * per_candidate) // (budget.popsize * per_candidate)
+    else:
+        return None
+    search = (warm_starts + generations * budget.popsize) * per_candidate
+    return search + generations * monitored_items + (end_items(meta) or 0)

@@ -16,7 +16,7 @@ from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger
 from merger.rundir.meta import RunMeta
-from merger.search.budget import Budget
+from merger.search.budget import Budget, planned_items
 from merger.space import SearchSpace, make_genome
 
 
@@ -112,6 +112,12 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
             finalists=untuned + recipe.selection.top_k if recipe.selects else 0,
             final_models=untuned + 1,
         )
+        monitored = 0
+        if recipe.monitors:
+            limit = recipe.monitoring.limit
+            validation_ids = executor.item_ids("validation").values()
+            monitored = sum(len(ids) if limit is None else min(limit, len(ids)) for ids in validation_ids)
+        ledger.set_meta(planned_items=planned_items(ledger.meta(), len(space.warm_start()), monitored))
     except BaseException:
         run.close()
         raise
