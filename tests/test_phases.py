@@ -212,3 +212,11 @@ def test_the_progress_bar_covers_every_phase_and_ends_at_100_percent(tiny_source
     finally:
         ledger.close()
     assert planned is not None and spent <= planned == 8 * 8 + 2 * 2 + 6 * 6 + 5 * (8 + 5)
+
+
+def test_a_selection_block_below_one_is_one_line(tiny_sources, tiny_evals, tmp_path, capsys):
+    data = small(tiny_sources, tiny_evals, tmp_path / "run", selection={"block": 0})
+    assert merger.cli.main(["run", str(write_recipe(tmp_path / "r.yaml", data)), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "selection.block: Input should be greater than or equal to 1" in error
+    assert not (tmp_path / "run").exists()

@@ -64,6 +64,7 @@ def test_bf16_scores_a_copy_of_each_merge_and_records_the_merged_digest(tiny_sou
 
 
 @pytest.mark.slow  # a whole run
+@pytest.mark.skipif(not has_native_bf16("cpu"), reason="bf16 asked for by name needs native bf16 units")
 def test_a_bf16_run_records_its_precision_and_the_merged_digests(tiny_sources, tiny_evals, tmp_path, capsys):
     run_dir = tmp_path / "run"
     data = precision_recipe(tiny_sources, tiny_evals, run_dir, "bf16")
@@ -117,6 +118,19 @@ def test_bad_precisions_are_refused_in_one_line(tiny_sources, tiny_evals, tmp_pa
     assert main(["run", str(write_recipe(tmp_path / "recipe.yaml", data)), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_asked_for_without_native_units_is_one_line_that_says_what_auto_does(
+    tiny_sources, tiny_evals, tmp_path, capsys, monkeypatch
+):
+    from merger.scoring import precision
+
+    monkeypatch.setattr(precision, "CPUINFO", write_cpuinfo(tmp_path / "cpuinfo", ["avx512f"]))
+    data = tiny_recipe(tiny_sources, tiny_evals, tmp_path / "run", engine={"scoring_precision": "bf16", "device": "cpu"})
+    assert main(["run", str(write_recipe(tmp_path / "recipe.yaml", data)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no native bf16 matrix units" in err and "`auto` would score in fp32 here" in err
     assert not (tmp_path / "run").exists()
 
 

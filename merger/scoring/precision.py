@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from merger.common.errors import MergerError
+
 Precision = Literal["fp32", "bf16"]
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix units
 CPUINFO = Path("/proc/cpuinfo")
@@ -45,6 +47,17 @@ def resolve_precision(requested: str, device: str, cpuinfo: Path = CPUINFO) -> P
     if requested not in ("fp32", "bf16"):
         raise ValueError(f"unknown scoring precision {requested!r} (fp32, bf16 or auto)")
     return "bf16" if requested == "bf16" else "fp32"
+
+
+def check_precision(requested: str, device: str, cpuinfo: Path | None = None) -> None:
+    """bf16 asked for by name needs native bf16 units: elsewhere it is emulated, slower than fp32."""
+    if requested != "bf16" or has_native_bf16(device, cpuinfo or CPUINFO):
+        return
+    raise MergerError(
+        f"engine.scoring_precision: bf16 was asked for, but {device} here has no native bf16 matrix units "
+        f"({', '.join(CPU_BF16_FLAGS)} or a bf16 GPU), so it would be emulated and slower than fp32; "
+        f"`auto` would score in {resolve_precision('auto', device, cpuinfo or CPUINFO)} here: set auto or fp32"
+    )
 
 
 class ScoringModel:

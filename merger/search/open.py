@@ -11,7 +11,7 @@ from merger.common.errors import MergerError
 from merger.common.files import write_atomic
 from merger.executors import Executor
 from merger.executors.factory import make_executor
-from merger.executors.worker import run_scoring_precision
+from merger.executors.worker import pick_device, run_scoring_precision
 from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger
@@ -79,9 +79,11 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
     """Validate everything against the world, then load sources once, then open the run directory."""
     from merger.recipe.baselines import plan_baselines
     from merger.scoring.fitness import check_tasks, eval_sets
+    from merger.scoring.precision import check_precision
     from merger.sources.lineage import source_lineage
     from merger.sources.resolve import resolve_checked
 
+    check_precision(recipe.engine.scoring_precision, pick_device(recipe.engine.device))
     source_paths, num_layers = resolve_checked(recipe)
     space = make_genome(recipe, source_paths, num_layers)
     check_tasks(recipe)
