@@ -105,3 +105,25 @@ def final_models(run_dir: Path) -> dict[str, Model]:
         return models
     finally:
         ledger.close()
+
+
+def tiny_recipes(root: Path) -> dict[str, Path]:
+    """A recipe on tiny random models (built once under `root`): the mechanics, not the quality."""
+    from tests.tiny_models import build_sources, write_tasks
+
+    if not (root / "sources" / "base").is_dir():
+        build_sources(root / "sources")
+        write_tasks(root / "evals")
+    data = {
+        "sources": [{"name": n, "path": str(root / "sources" / n)} for n in ("base", "specialist1", "specialist2")],
+        "base_model": "base",
+        "genome": {"method": "task_arithmetic", "parameters": {"weight": {"min": 0.0, "max": 1.0}}, "layer_granularity": 2},
+        "optimizer": {"popsize": 4, "max_evaluations": 13},
+        "fitness": {"tasks": [{"name": "tiny_mc", "metric": "acc"}]},
+        "validation": {"tasks": [{"name": "tiny_gen", "metric": "exact_match"}]},
+        "test": {"tasks": [{"name": "tiny_gen", "metric": "exact_match"}]},
+        "task_paths": [str(root / "evals")],
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return {"tiny": path}

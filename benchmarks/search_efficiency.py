@@ -37,7 +37,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench_runs import RECIPES, ROOT, final_models, load, run, variant_recipe, wall_seconds
+from bench_runs import RECIPES, ROOT, final_models, load, run, tiny_recipes, variant_recipe, wall_seconds
 
 from merger.recipe import Recipe, load_recipe
 from merger.rundir.layout import RunDir
@@ -183,30 +183,6 @@ def table(name: str, recipe: Recipe, runs: dict[str, dict[int, dict[str, Any]]])
             "minus_full_median": difference, "seeds_above_full": above, "seeds_below_full": below,
         }
     return out
-
-
-def tiny_recipes(root: Path) -> dict[str, Path]:
-    """A recipe on tiny random models (built once under `root`): the mechanics, not the quality."""
-    import yaml
-
-    from tests.tiny_models import build_sources, write_tasks
-
-    if not (root / "sources" / "base").is_dir():
-        build_sources(root / "sources")
-        write_tasks(root / "evals")
-    data = {
-        "sources": [{"name": n, "path": str(root / "sources" / n)} for n in ("base", "specialist1", "specialist2")],
-        "base_model": "base",
-        "genome": {"method": "task_arithmetic", "parameters": {"weight": {"min": 0.0, "max": 1.0}}, "layer_granularity": 2},
-        "optimizer": {"popsize": 4, "max_evaluations": 13},
-        "fitness": {"tasks": [{"name": "tiny_mc", "metric": "acc"}]},
-        "validation": {"tasks": [{"name": "tiny_gen", "metric": "exact_match"}]},
-        "test": {"tasks": [{"name": "tiny_gen", "metric": "exact_match"}]},
-        "task_paths": [str(root / "evals")],
-    }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return {"tiny": path}
 
 
 def main() -> None:
