@@ -214,9 +214,10 @@ def select_winner(
             task_scores = task_means(raced.values[model.key])
             scores.setdefault(model.key, {})["validation"] = task_scores
             run.ledger.record_final_score(FinalScore(model.key, "validation", model.identity, task_scores))
-    spent = sum(item_count(values) for values in raced.values.values())
+    weights = {c.model.identity: raced.values[c.model.key] for c in contenders}  # the same weights scored once
     selection.racing = SelectionRace(
-        block=recipe.selection.block, delta=recipe.selection.delta, items=spent,
-        items_without_racing=len(contenders) * len(raced.item_set),
+        block=recipe.selection.block, delta=recipe.selection.delta,
+        items=sum(item_count(values) for values in weights.values()),
+        items_without_racing=len(weights) * len(raced.item_set),
     )
     return winner, selection

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from merger.executors import ScoreJob, ScoreResult
+from merger.executors import ModelToScore, ScoreJob, ScoreResult
 from merger.executors.jobs import score_required
 from merger.finish.export import export_once
 from merger.finish.models import Contender
@@ -48,7 +48,9 @@ def race(run: OpenRun, contenders: list[Contender]) -> RaceOutcome:
     item_set = ItemSet.of(run.executor.item_ids("validation"), recipe.validation)
     order = item_set.order(recipe.optimizer.seed, RACE_ORDER)
     alpha = comparison_alpha(spec.delta, len(contenders))
-    values = {c.model.key: _recorded(run, c, item_set) for c in contenders}
+    # finalists of the same weights (the warm start is the defaults baseline) share one record of values
+    shared: dict[str, Values] = {}
+    values = {c.model.key: shared.setdefault(c.model.identity, _recorded(run, c, item_set)) for c in contenders}
     dropped_after: dict[str, int] = {}
     racing = list(contenders)
     for end in range(spec.block, len(order) + spec.block, spec.block):
@@ -98,27 +100,33 @@ def _recorded(run: OpenRun, contender: Contender, item_set: ItemSet) -> Values:
 def _score_missing(
     run: OpenRun, racing: list[Contender], values: dict[str, Values], item_set: ItemSet, seen: list[Item]
 ) -> None:
-    wanted = [(c, item_set.missing(values[c.model.key], seen)) for c in racing]
+    unique = {c.model.identity: c for c in reversed(racing)}.values()  # the same weights are scored once
+    wanted = [(c, item_set.missing(values[c.model.key], seen)) for c in unique]
     wanted = [(c, missing) for c, missing in wanted if missing]
     for contender, _ in wanted:
         model = contender.model
         if model.config is not None and model.genotype is None:  # a baseline: scored from its export
             export_once(model, run)
-    jobs = [
-        ScoreJob(c.name, c.model.genotype if c.model.genotype is not None else c.model.path, "validation",
-                 as_request(missing))
-        for c, missing in wanted
-    ]
+    jobs = [ScoreJob(c.name, _weights(c), "validation", as_request(missing)) for c, missing in wanted]
 
     def keep(index: int, result: ScoreResult) -> None:
         model = wanted[index][0].model
         run.ledger.record_items(final_items_key(model.identity), result.values)
-        for task, docs in result.values.items():
+        for task, docs in result.values.items():  # shared with every finalist of these weights
             values[model.key].setdefault(task, {}).update(docs)
         seconds = result.merge_seconds + result.eval_seconds
         run.ledger.record_cost("selection", f"{model.key} on validation to item {len(seen)}", item_count(result.values), seconds)
 
-    score_required(run.executor, jobs, keep)  # type: ignore[arg-type]
+    score_required(run.executor, jobs, keep)
+
+
+def _weights(contender: Contender) -> ModelToScore:
+    """A candidate is merged in memory from its genotype; an untuned model is read from its checkpoint."""
+    model = contender.model
+    if model.genotype is not None:
+        return model.genotype
+    assert model.path is not None
+    return model.path
 
 
 def estimate(values: Values, item_set: ItemSet) -> float:
