@@ -52,10 +52,11 @@ def score_final(run: OpenRun, models: list[FinalModel], sets: list[str] | None =
 
     def keep(job: int, result: ScoreResult) -> None:  # scored now: priced, and shared with other runs too
         model, name = missing[job]
-        record(job, result.scored)
         phase = "selection" if name == "validation" and run.recipe.selects else "finals"
         seconds = result.merge_seconds + result.eval_seconds
+        # priced before it is kept: a kill in between scores it again, and its price is replaced, not lost
         run.ledger.record_cost(phase, f"{model.key} on {name}", item_count(result.values), seconds)
+        record(job, result.scored)
         if shared is not None:
             shared.put(model.identity, name, result.scored)
 

@@ -111,11 +111,12 @@ def _score_missing(
 
     def keep(index: int, result: ScoreResult) -> None:
         model = wanted[index][0].model
+        seconds = result.merge_seconds + result.eval_seconds
+        job = f"{model.key} on validation to item {len(seen)}"
+        run.ledger.record_cost("selection", job, item_count(result.values), seconds)  # priced before it is kept
         run.ledger.record_items(final_items_key(model.identity), result.values)
         for task, docs in result.values.items():  # shared with every finalist of these weights
             values[model.key].setdefault(task, {}).update(docs)
-        seconds = result.merge_seconds + result.eval_seconds
-        run.ledger.record_cost("selection", f"{model.key} on validation to item {len(seen)}", item_count(result.values), seconds)
 
     score_required(run.executor, jobs, keep)
 
