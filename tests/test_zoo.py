@@ -161,7 +161,9 @@ def test_tiny_zoo_builds_caches_and_resumes(
     tiny_sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = tiny_sources["base"]
+    threads = torch.get_num_threads()
     straight = build.build_zoo(tmp_path / "straight", progress=False, recipe=TINY_RECIPE, base_dir=base)
+    assert torch.get_num_threads() == threads  # the run that built its zoo scores with its own threads
     assert set(straight) == {"base", "add", "cap"}
     assert not torch.equal(_weights(straight["add"])["lm_head.weight"], _weights(base)["lm_head.weight"])
 

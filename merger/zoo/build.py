@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -180,11 +180,38 @@ def train_specialist(
     threads: int | None = None,
 ) -> Path:
     """Full fine-tune of `base` on `rows`, the loss on the answer tokens only, then publish to `final`."""
+    with torch_threads(threads or os.cpu_count() or 1):  # the zoo's weights do not depend on the caller
+        return _fine_tune(recipe, base, rows, skill_index, work_dir, final, card, progress)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's thread count for a block, then the caller's again (a run that builds its zoo first goes on
+    scoring with the threads it was started with: OMP_NUM_THREADS=1 stays 1)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fine_tune(
+    recipe: ZooRecipe,
+    base: Path,
+    rows: list[dict[str, object]],
+    skill_index: int,
+    work_dir: Path,
+    final: Path,
+    card: str,
+    progress: bool,
+) -> Path:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.train()
