@@ -5,7 +5,7 @@
 
 Each (recipe, seed, variant) is one `merger run` of the bundled recipe in its own run directory under
 --out, from an empty score cache (nothing shared between runs), one after another on this machine:
-- `before`: each generation's best monitored on every validation item (`monitoring.limit: null`) and
+- `before`: each generation's best monitored on every validation item (`monitoring.limit: all`) and
   every finalist scored on every validation item (`selection.block: null`), as runs did before;
 - `now`: the recipe as bundled (the defaults).
 A finished run is read back, a stopped one resumed (its wall time adds up over sittings).
@@ -33,7 +33,7 @@ from merger.scoring.fitness import weighted_score
 from merger.scoring.uncertainty import paired_difference
 
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "before": {"monitoring": {"limit": None}, "selection": {"block": None}},
+    "before": {"monitoring": {"limit": "all"}, "selection": {"block": None}},
     "now": {},
 }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 import merger.cli
 from merger.rundir.layout import RunDir
@@ -220,3 +221,15 @@ def test_a_selection_block_below_one_is_one_line(tiny_sources, tiny_evals, tmp_p
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "selection.block: Input should be greater than or equal to 1" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_the_stored_recipe_reads_back_with_the_monitoring_default(tiny_sources, tiny_evals, tmp_path):
+    """recipe.yaml holds every field: the default subset (cut to a 6-item validation set) reads back."""
+    from merger.recipe import parse_recipe, recipe_to_yaml
+
+    data = small(tiny_sources, tiny_evals, tmp_path / "run")
+    data.pop("monitoring")
+    recipe = parse_recipe(data)
+    stored = parse_recipe(yaml.safe_load(recipe_to_yaml(recipe)))
+    assert stored == recipe and stored.monitoring.items_per_task == 100
+    assert parse_recipe({**data, "monitoring": {"limit": "all"}}).monitoring.items_per_task is None

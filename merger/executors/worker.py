@@ -49,8 +49,8 @@ class CandidateWorker:
             self.scorer.suites["fitness"].check_itemwise(f"fitness.strategy {recipe.fitness.strategy}")
         if recipe.selects and recipe.selection.block is not None:
             self.scorer.suites["validation"].check_itemwise("selection.block (set it to null to score every finalist on every item)")
-        if recipe.monitors and recipe.monitoring.limit is not None:
-            self.scorer.suites["validation"].check_itemwise("monitoring.limit (set it to null to monitor on every item)")
+        if recipe.monitors and recipe.monitoring.items_per_task is not None:
+            self.scorer.suites["validation"].check_itemwise("monitoring.limit (set it to all to monitor on every item)")
 
     def merge(self, genotype: np.ndarray) -> str:
         """Write the candidate into the resident model; returns its mergekit YAML."""

@@ -306,6 +306,9 @@ class SelectionSpec(StrictModel):
     delta: Annotated[float, Field(gt=0, lt=1)] = 0.05
 
 
+DEFAULT_MONITORING_LIMIT = 100
+
+
 class MonitoringSpec(StrictModel):
     """The validation curve: after each generation its best candidate is scored on the first `limit`
     items of each validation task (merger.search.loop). A curve to watch, not a decision (selection scores
@@ -313,13 +316,16 @@ class MonitoringSpec(StrictModel):
     standard error is at most 5 points. Its items and seconds are the run's `monitoring` phase."""
 
     enabled: bool = True  # where the recipe names validation:
-    # items per validation task (the default is cut to a smaller validation set; a limit given is checked
-    # against it); null: every item
-    limit: Annotated[int, Field(ge=1)] | None = 100
+    # items per validation task: a number (checked against the validation set), `all`, or null: the
+    # default, DEFAULT_MONITORING_LIMIT cut to a smaller validation set
+    limit: Annotated[int, Field(ge=1)] | Literal["all"] | None = None
 
     @property
-    def limit_given(self) -> bool:
-        return "limit" in self.model_fields_set
+    def items_per_task(self) -> int | None:
+        """The first items of each validation task monitored; None: every item."""
+        if self.limit == "all":
+            return None
+        return DEFAULT_MONITORING_LIMIT if self.limit is None else self.limit
 
 
 # untuned standard merges scored next to the winner (merger.recipe.baselines)
@@ -350,10 +356,10 @@ class Recipe(StrictModel):
     def _monitoring_fits_validation(self) -> Recipe:
         limit, validation = self.monitoring.limit, self.validation
         held = validation.limit if validation is not None else None
-        if self.monitors and self.monitoring.limit_given and limit is not None and held is not None and limit > held:
+        if self.monitors and isinstance(limit, int) and held is not None and limit > held:
             raise ValueError(
                 f"monitoring.limit: {limit} items per task is more than the validation set holds "
-                f"(validation.limit: {held}); give at most {held}, or null for all"
+                f"(validation.limit: {held}); give at most {held}, or all"
             )
         return self
 

@@ -62,19 +62,19 @@ def check_tasks(recipe: Recipe) -> None:
     check_task_data(configs)
     if recipe.selects:
         _check_disjoint(by_set["fitness"], by_set["validation"])
-    given = recipe.monitoring.limit_given
-    if recipe.monitors and given and recipe.validation is not None and recipe.validation.limit is None:
-        _check_monitoring_fits(recipe.monitoring.limit, TaskSuite(recipe.validation, paths))
+    given = recipe.monitoring.limit
+    if recipe.monitors and isinstance(given, int) and recipe.validation is not None and recipe.validation.limit is None:
+        _check_monitoring_fits(given, TaskSuite(recipe.validation, paths))
 
 
-def _check_monitoring_fits(limit: int | None, validation: TaskSuite) -> None:
-    """The monitoring subset is within every validation task (the recipe checks it where
+def _check_monitoring_fits(limit: int, validation: TaskSuite) -> None:
+    """The monitoring subset given is within every validation task (the recipe checks it where
     validation.limit is given; here the tasks' own sizes)."""
     for task, ids in validation.item_ids().items():
-        if limit is not None and limit > len(ids):
+        if limit > len(ids):
             raise MergerError(
                 f"monitoring.limit: {limit} items per task is more than validation task {task} holds "
-                f"({len(ids)}); give at most {len(ids)}, or null for all"
+                f"({len(ids)}); give at most {len(ids)}, or all"
             )
 
 

@@ -156,7 +156,7 @@ class Search:
     def _monitor(self, generation: int, genotype: np.ndarray) -> dict[str, float]:
         """The generation's best on the monitoring subset (`recipe.monitoring`): its task scores, its cost
         recorded in the ledger's `monitoring` phase."""
-        limit = self.recipe.monitoring.limit
+        limit = self.recipe.monitoring.items_per_task
         executor = self.opened.executor
         doc_ids = None if limit is None else {task: ids[:limit] for task, ids in executor.item_ids("validation").items()}
         result = score_one(executor, ScoreJob(f"generation {generation}'s best", genotype, "validation", doc_ids))

@@ -116,7 +116,7 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
         )
         monitored = 0
         if recipe.monitors:
-            limit = recipe.monitoring.limit
+            limit = recipe.monitoring.items_per_task
             validation_ids = executor.item_ids("validation").values()
             monitored = sum(len(ids) if limit is None else min(limit, len(ids)) for ids in validation_ids)
         ledger.set_meta(planned_items=planned_items(ledger.meta(), len(space.warm_start()), monitored))
