@@ -100,7 +100,7 @@ def final_models(run_dir: Path) -> dict[str, Model]:
             if row.eval_set != "test":
                 continue
             key = final_items_key(row.identity)  # every set's items of these weights: keep the test tasks'
-            items = ledger.item_outcomes(key).get(key, {})
+            items = ledger.outcomes_of(key)
             models[row.model] = Model(row.model, row.scores, {task: items[task] for task in row.scores if task in items})
         return models
     finally:

@@ -24,6 +24,14 @@ class FinalModel:
     config_file: Path | None = None
     genotype: np.ndarray | None = None  # a candidate's: merged in memory, never exported to be scored
 
+    @property
+    def weights(self) -> np.ndarray | Path:
+        """What a worker scores: a candidate's genotype (merged in memory), else the checkpoint on disk."""
+        if self.genotype is not None:
+            return self.genotype
+        assert self.path is not None, f"{self.key} has neither a genotype nor a checkpoint"
+        return self.path
+
 
 def config_identity(config_yaml: str) -> str:
     return "config:" + hashlib.sha256(config_yaml.encode()).hexdigest()

@@ -70,7 +70,6 @@ def score_final(run: OpenRun, models: list[FinalModel], sets: list[str] | None =
         if model.config is not None and model.genotype is None:
             export_once(model, run)
 
-    jobs = [(model.genotype if model.genotype is not None else model.path, name) for model, name in missing]
-    score_models(run.executor, jobs, keep)  # type: ignore[arg-type]
+    score_models(run.executor, [(model.weights, name) for model, name in missing], keep)
     return {model.key: {name: kept[(model.key, name)] for name in sets} for model in models}
 

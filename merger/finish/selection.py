@@ -76,7 +76,7 @@ def finalist_rows(
     """Each contender's fitness and selection score with their standard errors, in `contenders`' order;
     after a race, each selection score is on the items that finalist was scored on."""
     def items(key: str) -> ItemValues:  # one model's rows only: a run's ledger holds every candidate's
-        return ledger.item_outcomes(key).get(key, {})
+        return ledger.outcomes_of(key)
 
 
     def fitness_of(task_means: Mapping[str, float]) -> float:

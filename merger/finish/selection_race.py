@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from merger.executors import ModelToScore, ScoreJob, ScoreResult
+from merger.executors import ScoreJob, ScoreResult
 from merger.executors.jobs import score_required
 from merger.finish.export import export_once
 from merger.finish.models import Contender
@@ -92,7 +92,7 @@ def drops(
 def _recorded(run: OpenRun, contender: Contender, item_set: ItemSet) -> Values:
     """What the ledger holds of this model's validation items (a resumed race scores only the rest)."""
     key = final_items_key(contender.model.identity)
-    held = run.ledger.item_outcomes(key).get(key, {})
+    held = run.ledger.outcomes_of(key)
     tasks = {task for task, _ in item_set.items}
     return {task: dict(docs) for task, docs in held.items() if task in tasks}
 
@@ -107,7 +107,7 @@ def _score_missing(
         model = contender.model
         if model.config is not None and model.genotype is None:  # a baseline: scored from its export
             export_once(model, run)
-    jobs = [ScoreJob(c.name, _weights(c), "validation", as_request(missing)) for c, missing in wanted]
+    jobs = [ScoreJob(c.name, c.model.weights, "validation", as_request(missing)) for c, missing in wanted]
 
     def keep(index: int, result: ScoreResult) -> None:
         model = wanted[index][0].model
@@ -119,15 +119,6 @@ def _score_missing(
             values[model.key].setdefault(task, {}).update(docs)
 
     score_required(run.executor, jobs, keep)
-
-
-def _weights(contender: Contender) -> ModelToScore:
-    """A candidate is merged in memory from its genotype; an untuned model is read from its checkpoint."""
-    model = contender.model
-    if model.genotype is not None:
-        return model.genotype
-    assert model.path is not None
-    return model.path
 
 
 def estimate(values: Values, item_set: ItemSet) -> float:

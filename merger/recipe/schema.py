@@ -7,6 +7,7 @@ model) come later, when a run opens its sources and tasks. Loading a file is `me
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
@@ -326,6 +327,11 @@ class MonitoringSpec(StrictModel):
         if self.limit == "all":
             return None
         return DEFAULT_MONITORING_LIMIT if self.limit is None else self.limit
+
+    def subset(self, ids: Mapping[str, list[int]]) -> dict[str, list[int]]:
+        """The monitored items of the validation set (doc ids per task, in order): the first of each task."""
+        limit = self.items_per_task
+        return {task: list(docs if limit is None else docs[:limit]) for task, docs in ids.items()}
 
 
 # untuned standard merges scored next to the winner (merger.recipe.baselines)

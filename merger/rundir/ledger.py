@@ -334,6 +334,10 @@ class Ledger:
             table.setdefault(key, {}).setdefault(task, {})[doc] = value
         return table
 
+    def outcomes_of(self, model: str) -> dict[str, dict[int, float]]:
+        """One model's item outcomes, task -> doc_id -> value (empty when it has none)."""
+        return self.item_outcomes(model).get(model, {})
+
     def items_spent(self, evaluated_only: bool = False) -> dict[str, int]:
         """Item-evaluations recorded: on search candidates, and on sources (anchor selection). With
         `evaluated_only`, a candidate's count only once its evaluation is recorded: what a saving is

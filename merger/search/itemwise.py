@@ -81,7 +81,7 @@ class ItemScoring:
         return score_all(self.executor, jobs, record, should_stop)
 
     def _outcomes(self, key: str) -> dict[str, dict[int, float]]:
-        return self.ledger.item_outcomes(key).get(key, {})
+        return self.ledger.outcomes_of(key)
 
     def _task_scores(self, values: Values, items: Sequence[Item]) -> dict[str, float]:
         per_task: dict[str, list[float]] = {}

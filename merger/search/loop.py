@@ -6,6 +6,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -153,13 +154,18 @@ class Search:
         self._close_generation(state.generation, records, best_idx, validation, seconds)
         return True
 
+    @cached_property
+    def _monitored_ids(self) -> dict[str, list[int]] | None:
+        """The monitoring subset (`recipe.monitoring`): the first items of each validation task; None: all."""
+        if self.recipe.monitoring.items_per_task is None:  # a whole-set job: lm-eval's own aggregate
+            return None
+        return self.recipe.monitoring.subset(self.opened.executor.item_ids("validation"))
+
     def _monitor(self, generation: int, genotype: np.ndarray) -> dict[str, float]:
-        """The generation's best on the monitoring subset (`recipe.monitoring`): its task scores, its cost
-        recorded in the ledger's `monitoring` phase."""
-        limit = self.recipe.monitoring.items_per_task
-        executor = self.opened.executor
-        doc_ids = None if limit is None else {task: ids[:limit] for task, ids in executor.item_ids("validation").items()}
-        result = score_one(executor, ScoreJob(f"generation {generation}'s best", genotype, "validation", doc_ids))
+        """The generation's best on the monitoring subset: its task scores, its cost recorded in the
+        ledger's `monitoring` phase."""
+        job = ScoreJob(f"generation {generation}'s best", genotype, "validation", self._monitored_ids)
+        result = score_one(self.opened.executor, job)
         seconds = result.merge_seconds + result.eval_seconds
         self.ledger.record_cost("monitoring", f"generation {generation}", item_count(result.values), seconds)
         return result.scores or task_means(result.values)

@@ -106,7 +106,8 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
             strategy=recipe.fitness.strategy,
             scoring_precision=run_scoring_precision(recipe),
         )
-        set_items = {name: sum(len(ids) for ids in executor.item_ids(name).values()) for name in eval_sets(recipe)}
+        ids = {name: executor.item_ids(name) for name in eval_sets(recipe)}  # asked once (a Ray call each)
+        set_items = {name: sum(len(docs) for docs in by_task.values()) for name, by_task in ids.items()}
         untuned = len(recipe.sources) + len(plan_baselines(recipe, source_paths).configs)
         ledger.set_meta(
             fitness_items=set_items["fitness"],
@@ -116,9 +117,7 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
         )
         monitored = 0
         if recipe.monitors:
-            limit = recipe.monitoring.items_per_task
-            validation_ids = executor.item_ids("validation").values()
-            monitored = sum(len(ids) if limit is None else min(limit, len(ids)) for ids in validation_ids)
+            monitored = sum(len(docs) for docs in recipe.monitoring.subset(ids["validation"]).values())
         ledger.set_meta(planned_items=planned_items(ledger.meta(), len(space.warm_start()), monitored))
     except BaseException:
         run.close()
