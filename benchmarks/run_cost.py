@@ -5,9 +5,11 @@
 
 Each (recipe, seed, variant) is one `merger run` of the bundled recipe in its own run directory under
 --out, from an empty score cache (nothing shared between runs), one after another on this machine:
-- `before`: each generation's best monitored on every validation item (`monitoring.limit: all`) and
-  every finalist scored on every validation item (`selection.block: null`), as runs did before;
-- `now`: the recipe as bundled (the defaults).
+- `before`: the recipe as runs went before issue 30: scored in fp32 (`engine.scoring_precision: fp32`),
+  a teacher-forced fitness task (`*_tf`, `metric: acc`) replaced by its generated twin with
+  `exact_match`, each generation's best monitored on every validation item (`monitoring.limit: all`)
+  and every finalist scored on every validation item (`selection.block: null`);
+- `now`: the recipe as bundled.
 A finished run is read back, a stopped one resumed (its wall time adds up over sittings).
 
 Printed per recipe and seed: each variant's item-evaluations and seconds (merging and scoring) per phase
@@ -24,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from bench_runs import RECIPES, ROOT, final_models, load, run, tiny_recipes, variant_recipe, wall_seconds
 
 from merger.recipe import load_recipe
@@ -32,10 +35,22 @@ from merger.rundir.ledger import PHASES, WINNER_KEY
 from merger.scoring.fitness import weighted_score
 from merger.scoring.uncertainty import paired_difference
 
-VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "before": {"monitoring": {"limit": "all"}, "selection": {"block": None}},
-    "now": {},
-}
+BEFORE = {"monitoring": {"limit": "all"}, "selection": {"block": None}, "engine": {"scoring_precision": "fp32"}}
+VARIANTS = ("before", "now")
+
+
+def generated_twin(task: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A teacher-forced task as it was before: its generated twin, scored by exact match."""
+    if isinstance(task, dict) and task["name"].endswith("_tf"):
+        return {**task, "name": task["name"].removesuffix("_tf"), "metric": "exact_match"}
+    return task
+
+
+def variant_changes(recipe_path: Path, variant: str) -> dict[str, dict[str, Any]]:
+    if variant == "now":
+        return {}
+    fitness = yaml.safe_load(recipe_path.read_text())["fitness"]
+    return {**BEFORE, "fitness": {"tasks": [generated_twin(task) for task in fitness["tasks"]]}}
 
 
 def cost_row(run_dir: Path) -> dict[str, Any]:
@@ -97,8 +112,9 @@ def main() -> None:
     for name, path in recipes.items():
         for seed in args.seeds:
             runs = {}
-            for variant, changes in VARIANTS.items():
+            for variant in VARIANTS:
                 run_dir = out / name / f"{variant}-seed{seed}"
+                changes = variant_changes(path, variant)
                 run(variant_recipe(path, seed, run_dir, changes), run_dir.parent / f"{run_dir.name}-scores")
                 runs[variant] = run_dir
             report = seed_report(path, runs)

@@ -168,6 +168,30 @@ def test_a_stop_in_any_phase_exits_0_and_resumes_to_the_same_result(tiny_sources
         assert without_timings(resumed.model_dump(mode="json")) == without_timings(reference.model_dump(mode="json")), phase
 
 
+@pytest.mark.slow  # a whole run after the stopped one
+def test_a_stop_while_the_run_opens_exits_0_and_the_next_sitting_runs_it(
+    tiny_sources, tiny_evals, tmp_path, capsys, monkeypatch
+):
+    """SIGTERM while the sources load (or the zoo builds, which checks the stop between steps)."""
+    import merger.search.open as opening
+    from merger.common.stopping import check_stop
+
+    recipe = write_recipe(tmp_path / "r.yaml", small(tiny_sources, tiny_evals, tmp_path / "run"))
+    real = opening.make_executor
+
+    def signalled_while_loading(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        check_stop()  # what the zoo build does between its steps
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opening, "make_executor", signalled_while_loading)
+    assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
+    assert "stopped while opening the run" in capsys.readouterr().out
+    monkeypatch.setattr(opening, "make_executor", real)
+    assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
+    assert RunDir(tmp_path / "run").read_summary() is not None
+
+
 @pytest.mark.slow  # a search
 def test_status_prices_the_end_of_a_run_before_it_starts(tiny_sources, tiny_evals, tmp_path, capsys):
     """Stopped after the search: the end is priced at most every finalist on every validation item and

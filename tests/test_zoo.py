@@ -194,3 +194,36 @@ def test_tiny_zoo_builds_caches_and_resumes(
         expected, actual = _weights(straight[skill]), _weights(resumed[skill])
         for name, tensor in expected.items():
             torch.testing.assert_close(actual[name], tensor, msg=name)
+
+
+@pytest.mark.slow  # fine-tunes a tiny specialist twice
+def test_a_stop_asked_during_the_zoo_build_saves_the_step_and_resumes_to_the_same_weights(
+    tiny_sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from merger.common.stopping import StopRequested, clear_stop, request_stop
+
+    recipe = build.ZooRecipe(skills=("add",), steps=3, batch_size=2, save_every=10, warmup_steps=1)
+    base = tiny_sources["base"]
+    straight = build.build_zoo(tmp_path / "straight", progress=False, recipe=recipe, base_dir=base)
+    real_collate = build.collate
+    calls = []
+
+    def stop_on_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            request_stop()  # what `merger run`'s SIGTERM handler does
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(build, "collate", stop_on_the_second_step)
+    try:
+        with pytest.raises(StopRequested):
+            build.build_zoo(tmp_path / "stopped", progress=False, recipe=recipe, base_dir=base)
+    finally:
+        clear_stop()
+    assert len(calls) == 2  # it stopped after the step in flight, not at the next periodic save
+    calls.clear()
+    resumed = build.build_zoo(tmp_path / "stopped", progress=False, recipe=recipe, base_dir=base)
+    assert len(calls) == 1  # only the last step was left
+    expected, actual = _weights(straight["add"]), _weights(resumed["add"])
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, msg=name)

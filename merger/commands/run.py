@@ -13,6 +13,8 @@ from merger.rundir.layout import RunDir
 if TYPE_CHECKING:
     from merger.recipe import Recipe
     from merger.rundir.ledger import Ledger
+    from merger.rundir.summary import Summary
+    from merger.search.loop import StopRequest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,43 +81,22 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
+    """Run or resume; SIGINT/SIGTERM anywhere (the zoo build, loading, search, finish) checkpoints and
+    exits 0, and a second signal stops at once."""
     from merger.common.stopping import StopRequested
-    from merger.finish.final import finish_run, finished_summary
     from merger.finish.selection import selection_note
     from merger.rundir.render import cost_text, finalist_grid, score_grid, text_table
-    from merger.search.loop import Search, StopRequest
-    from merger.search.open import open_run
+    from merger.search.loop import StopRequest
 
-    with open_run(recipe, run_dir) as run:
-        search = Search(run)
-        print(
-            f"{'resuming' if run.resuming else 'starting'} run in {run_dir}: {run.space.describe()}",
-            file=sys.stderr,
-        )
-        bar = ProgressBar(run.ledger, progress)
-        search.on_progress = bar
-        finished = False
+    with StopRequest() as stop:
         try:
-            with StopRequest() as stop:
-                result = search.run(stop)
-                if result.stopped_early:
-                    best = "none scored yet" if result.best is None else f"best so far {result.best.score:.4f}"
-                    print(
-                        f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
-                        f"{best}. Run the same command again to resume.",
-                    )
-                    return 0
-                try:
-                    summary = finished_summary(run_dir, result, recipe) or finish_run(run, result)
-                except StopRequested:
-                    print(
-                        "stopped while finishing the run (the search is done; every final score so far is "
-                        "kept). Run the same command again to resume."
-                    )
-                    return 0
-                finished = True
-        finally:
-            bar.close(finished)
+            summary = _search_and_finish(recipe, run_dir, stop, progress)
+        except StopRequested:  # before the search began: building the zoo or loading the sources
+            print("stopped while opening the run (a zoo build resumes from its last step). Run the same "
+                  "command again to resume.")
+            return 0
+    if summary is None:
+        return 0
     print(text_table(score_grid(summary)))
     if summary.selection is not None:
         print(text_table(finalist_grid(summary.selection)))
@@ -128,6 +109,45 @@ def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
     if recipe.output.publish:
         publish_once(recipe, run_dir)
     return 0
+
+
+def _search_and_finish(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool) -> Summary | None:
+    """The finished run's summary, or None when a stop ended it (said on stdout)."""
+    from merger.common.stopping import StopRequested
+    from merger.finish.final import finish_run, finished_summary
+    from merger.search.loop import Search
+    from merger.search.open import open_run
+
+    with open_run(recipe, run_dir) as run:
+        search = Search(run)
+        print(
+            f"{'resuming' if run.resuming else 'starting'} run in {run_dir}: {run.space.describe()}",
+            file=sys.stderr,
+        )
+        bar = ProgressBar(run.ledger, progress)
+        search.on_progress = bar
+        finished = False
+        try:
+            result = search.run(stop)
+            if result.stopped_early:
+                best = "none scored yet" if result.best is None else f"best so far {result.best.score:.4f}"
+                print(
+                    f"stopped after {result.evaluations} evaluations (generation {result.generations}); "
+                    f"{best}. Run the same command again to resume.",
+                )
+                return None
+            try:
+                summary = finished_summary(run_dir, result, recipe) or finish_run(run, result)
+            except StopRequested:
+                print(
+                    "stopped while finishing the run (the search is done; every final score so far is "
+                    "kept). Run the same command again to resume."
+                )
+                return None
+            finished = True
+            return summary
+        finally:
+            bar.close(finished)
 
 
 def publish_once(recipe: Recipe, run_dir: Path) -> None:

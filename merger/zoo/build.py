@@ -22,6 +22,7 @@ from pathlib import Path
 
 from merger.common.errors import MergerError
 from merger.common.files import atomic_path, publish_directory, write_atomic
+from merger.common.stopping import StopRequested, stop_requested
 from merger.zoo import skills as skills_data
 from merger.zoo.cache import zoo_cache_root
 from merger.zoo.data import SKILLS, Row, completion_text, generate, prompt_text, rows_digest
@@ -236,8 +237,12 @@ def _fine_tune(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
         done = step + 1
-        if done % recipe.save_every == 0 and done < recipe.steps:
+        stopping = stop_requested() and done < recipe.steps
+        if stopping or (done % recipe.save_every == 0 and done < recipe.steps):
             save_state(work_dir, model, optimizer, schedule, done)
+        if stopping:  # a `merger run` asked to stop: the next build resumes from this step
+            bar.close()
+            raise StopRequested
     bar.close()
     model.eval()
     staging = work_dir / "final"
