@@ -1,8 +1,11 @@
 """SIGTERM at random moments of one run: how long each stop takes, and whether the resumed run is the run.
 
     python benchmarks/stop_anywhere.py [--recipe recipes/quickstart.yaml] [--stops 20] [--seed 0] [--out DIR]
+    python benchmarks/stop_anywhere.py --recipe RUN.yaml --reference RUN_DIR   # a finished run of RUN.yaml
 
-First an uninterrupted `merger run` of the recipe in OUT/reference (kept: a second call reuses it). Then the
+First an uninterrupted `merger run` of the recipe in OUT/reference (kept: a second call reuses it), or
+`--reference`, a finished run of the same recipe under the same threads and no shared score cache (its
+wall time from `wall_seconds.json` beside it, as benchmarks/bench_runs.py writes it). Then the
 same recipe in OUT/stopped, started again and again: each sitting gets SIGTERM after a random delay, drawn
 uniformly between 1 s and twice the reference's wall time over `--stops` (so the stops fall all over the
 run: loading, search, monitoring, selection, finals), and the seconds from the signal to the process's exit
@@ -27,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_runs import ROOT, load
+from bench_runs import ROOT, WALL_FILE, load
 from compare_runs import compare
 
 from merger.finish.score_cache import SCORE_CACHE_ENV
@@ -57,7 +60,7 @@ def items_by_phase(run_dir: Path) -> dict[str, int]:
 
 def reference_run(recipe: Path, run_dir: Path) -> float:
     """The uninterrupted run's wall seconds (remembered beside it)."""
-    wall_file = run_dir.parent / "reference_seconds.json"
+    wall_file = run_dir / WALL_FILE
     if RunDir(run_dir).read_summary() is not None and wall_file.is_file():
         return json.loads(wall_file.read_text())["seconds"]
     started = time.perf_counter()
@@ -100,9 +103,10 @@ def main() -> None:
     parser.add_argument("--stops", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "runs" / "stop_anywhere")
+    parser.add_argument("--reference", type=Path, help="a finished uninterrupted run of --recipe")
     args = parser.parse_args()
     print(f"load at start: {load()}", flush=True)
-    reference, stopped = args.out / "reference", args.out / "stopped"
+    reference, stopped = args.reference or args.out / "reference", args.out / "stopped"
     wall = reference_run(args.recipe.resolve(), reference)
     print(f"reference run: {wall:.0f} s uninterrupted", flush=True)
     draw = random.Random(args.seed)

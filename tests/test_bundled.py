@@ -51,7 +51,7 @@ def test_cli_lists_shows_and_copies(tmp_path: Path) -> None:
     copied = run_merger("recipes", "copy", "quickstart", cwd=tmp_path)
     assert copied.returncode == 0, copied.stderr
     recipe = load_recipe(tmp_path / "quickstart.yaml")
-    assert recipe.sources[0].path == "zoo:base" and recipe.fitness.tasks[0].name == "zoo_mix_val"
+    assert recipe.sources[0].path == "zoo:base" and recipe.fitness.tasks[0].name == "skills_mix_fit_tf"
     assert_one_line_error(run_merger("recipes", "copy", "nope", cwd=tmp_path), "no bundled recipe 'nope'", "quickstart")
 
 

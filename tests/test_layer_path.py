@@ -135,7 +135,7 @@ def test_bundled_dfs_recipes_validate() -> None:
         "zoo:cap",
     ]
     ps_dfs = load_recipe(REPO / "recipes" / "ps-dfs-zoo.yaml")
-    assert ps_dfs.sources[0].path == "registry:quickstart-winner" and ps_dfs.anchor == ps_dfs.sources[0].name
+    assert ps_dfs.sources[0].path == "registry:add-cap-winner" and ps_dfs.anchor == ps_dfs.sources[0].name
     assert ps_dfs.genome.path_settings.fix_ends and ps_dfs.genome.path_settings.scales == "per_slot"
     for recipe in (dfs, ps_dfs):
         check_tasks(recipe)

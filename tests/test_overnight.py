@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from merger.commands.status import status_text
+from merger.common.stopping import StopRequest
 from merger.recipe import parse_recipe
 from merger.rundir.ledger import Ledger
-from merger.search.loop import Search, StopRequest
+from merger.search.loop import Search
 from merger.search.open import open_run
 from merger.search.state import load_state
 

@@ -239,16 +239,21 @@ def test_bundled_recipe_merges_the_four_specialists_with_twelve_genes() -> None:
     from merger.recipe import load_recipe
     from merger.space.parameters import Genome
 
+    for name in ("skills", "quickstart"):  # the quickstart is this testbed with fewer items
+        recipe = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
+        assert [source.path for source in recipe.sources] == [
+            "zoo:base",
+            *(f"zoo:skills/{s}" for s in skills.SKILLS),
+        ]
+        for source in recipe.sources:
+            build.zoo_member(source.path)  # every source names a zoo checkpoint
+        genome = Genome(recipe, {source.name: Path(source.name) for source in recipe.sources}, num_layers=30)
+        assert recipe.genome.method == "task_arithmetic" and genome.dimension == 12
+        assert [(task.name, task.metric) for task in recipe.fitness.tasks] == [("skills_mix_fit_tf", "acc")]
+        assert [task.name for task in recipe.validation.tasks] == ["skills_mix_sel"]
+        assert recipe.engine.scoring_precision == "auto"
+        assert recipe.fitness.limit % len(skills.SKILLS) == 0 and recipe.validation.limit % len(skills.SKILLS) == 0
+    assert {task.name for task in recipe.test.tasks} == {f"skills_{s}_test" for s in skills.SKILLS}
     recipe = load_recipe(REPO_ROOT / "recipes" / "skills.yaml")
-    assert [source.path for source in recipe.sources] == [
-        "zoo:base",
-        *(f"zoo:skills/{s}" for s in skills.SKILLS),
-    ]
-    for source in recipe.sources:
-        build.zoo_member(source.path)  # every source names a zoo checkpoint
-    genome = Genome(recipe, {source.name: Path(source.name) for source in recipe.sources}, num_layers=30)
-    assert recipe.genome.method == "task_arithmetic" and genome.dimension == 12
-    assert [task.name for task in recipe.fitness.tasks] == ["skills_mix_fit"]
-    assert [task.name for task in recipe.validation.tasks] == ["skills_mix_sel"]
     assert {task.name for task in recipe.test.tasks} == {f"skills_{s}_test" for s in (*skills.SKILLS, "mix")}
     assert recipe.fitness.limit % len(skills.SKILLS) == 0 and recipe.fitness.limit >= 200

@@ -11,10 +11,10 @@ from merger.common.diskspace import full_disk_is_an_error
 from merger.rundir.layout import RunDir
 
 if TYPE_CHECKING:
+    from merger.common.stopping import StopRequest
     from merger.recipe import Recipe
     from merger.rundir.ledger import Ledger
     from merger.rundir.summary import Summary
-    from merger.search.loop import StopRequest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,33 +68,35 @@ class ProgressBar:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from merger.recipe import load_recipe
+    from merger.common.stopping import StopRequest
 
-    recipe = load_recipe(args.recipe)
-    if args.run_dir is not None:
-        recipe = recipe.model_copy(
-            update={"output": recipe.output.model_copy(update={"run_dir": str(args.run_dir)})}
-        )
-    run_dir = Path(recipe.output.run_dir)
-    with full_disk_is_an_error(f"running {args.recipe} in {run_dir}"):
-        return execute(recipe, run_dir, progress=not args.no_progress)
+    with StopRequest() as stop:  # first: a signal while torch and lm-eval import asks for a stop too
+        from merger.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        if args.run_dir is not None:
+            recipe = recipe.model_copy(
+                update={"output": recipe.output.model_copy(update={"run_dir": str(args.run_dir)})}
+            )
+        run_dir = Path(recipe.output.run_dir)
+        with full_disk_is_an_error(f"running {args.recipe} in {run_dir}"):
+            return execute(recipe, run_dir, stop, progress=not args.no_progress)
 
 
-def execute(recipe: Recipe, run_dir: Path, progress: bool = True) -> int:
-    """Run or resume; SIGINT/SIGTERM anywhere (the zoo build, loading, search, finish) checkpoints and
-    exits 0, and a second signal stops at once."""
+def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = True) -> int:
+    """Run or resume; a stop (`stop`: SIGINT/SIGTERM) anywhere, from the imports to the zoo build, loading,
+    search and finish, checkpoints and exits 0; a second signal stops at once."""
     from merger.common.stopping import StopRequested
     from merger.finish.selection import selection_note
     from merger.rundir.render import cost_text, finalist_grid, score_grid, text_table
-    from merger.search.loop import StopRequest
 
-    with StopRequest() as stop:
-        try:
-            summary = _search_and_finish(recipe, run_dir, stop, progress)
-        except StopRequested:  # before the search began: building the zoo or loading the sources
-            print("stopped while opening the run (a zoo build resumes from its last step). Run the same "
-                  "command again to resume.")
-            return 0
+    try:
+        stop.check()
+        summary = _search_and_finish(recipe, run_dir, stop, progress)
+    except StopRequested:  # before the search began: importing, building the zoo or loading the sources
+        print("stopped while opening the run (a zoo build resumes from its last step). Run the same "
+              "command again to resume.")
+        return 0
     if summary is None:
         return 0
     print(text_table(score_grid(summary)))

@@ -98,9 +98,13 @@ def time_left_lines(
     if end is not None and search.items and not RunDir(ledger.path.parent).summary.is_file():
         spent = costs["selection"].items + costs["finals"].items
         left_items = max(0, end - spent)
+        # the end scores validation and test items, priced like them where some were scored (a teacher-forced
+        # fitness costs a fraction of a generated item)
+        priced_by = next((phase for phase in ("selection", "finals", "monitoring") if costs[phase].items), "search")
+        rate = costs[priced_by].seconds / costs[priced_by].items
         lines.append(
-            f"then the end of the run: at most {left_items} items, about {left_items * search.seconds / search.items:.0f} s "
-            "at the search's seconds per item (selection races its finalists, so usually fewer)"
+            f"then the end of the run: at most {left_items} items, about {left_items * rate:.0f} s at the "
+            f"{priced_by} phase's seconds per item (selection races its finalists, so usually fewer)"
         )
     return lines
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.common.stopping import StopRequested, clear_stop, request_stop
+from merger.common.stopping import StopRequest, StopRequested
 from merger.executors import ScoreJob
 from merger.executors.jobs import score_one
 from merger.rundir.ledger import (
@@ -25,33 +24,6 @@ from merger.search.budget import Budget, generations_left
 from merger.search.open import OpenRun
 from merger.search.state import SearchState, load_state, new_state, save_state
 from merger.search.strategies import make_strategy
-
-
-class StopRequest:
-    """SIGINT/SIGTERM: the first asks the run to stop (`requested`, and merger.common.stopping: the scoring
-    in flight ends at its next lm-eval batch, the state on disk is the last checkpoint); a second stops
-    now."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        clear_stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        clear_stop()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        request_stop()
 
 
 @dataclass
