@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from merger.common.errors import MergerError, clip
 
 # One module per area under merger/commands/, each with `register(subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ("run", "status", "router", "registry", "zoo", "report", "recipes", "import_evolve")
+COMMAND_MODULES: tuple[str, ...] = (
+    "run", "status", "router", "registry", "zoo", "report", "recipes", "import_evolve", "track",
+)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

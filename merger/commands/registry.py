@@ -101,6 +101,9 @@ def _publish(args: argparse.Namespace) -> int:
     name = args.name if args.name is not None else _default_name(run)
     ref = publish_run(_open(args), run, name)
     print(f"published {ref} at {ref.path}")
+    from merger.tracking import note_published
+
+    note_published(args.run_dir, run.recipe, str(ref))
     return 0
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from merger.recipe import Recipe
     from merger.rundir.ledger import Ledger
     from merger.rundir.summary import Summary
+    from merger.tracking import RunTracker
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,24 +81,33 @@ def run_command(args: argparse.Namespace) -> int:
             )
         run_dir = Path(recipe.output.run_dir)
         with full_disk_is_an_error(f"running {args.recipe} in {run_dir}"):
-            return execute(recipe, run_dir, stop, progress=not args.no_progress)
+            return execute(recipe, run_dir, stop, progress=not args.no_progress, name=args.recipe.stem)
 
 
-def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = True) -> int:
+def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = True, name: str = "merger") -> int:
     """Run or resume; a stop (`stop`: SIGINT/SIGTERM) anywhere, from the imports to the zoo build, loading,
-    search and finish, checkpoints and exits 0; a second signal stops at once."""
+    search and finish, checkpoints and exits 0; a second signal stops at once. `name`: the recipe's, the
+    default tracking experiment."""
     from merger.common.stopping import StopRequested
     from merger.finish.selection import selection_note
     from merger.rundir.render import cost_text, finalist_grid, score_grid, text_table
 
+    tracker = None
+    if recipe.tracking is not None:  # its store is checked before any weights load
+        from merger.tracking import open_tracker
+
+        fresh = not RunDir(run_dir).ledger.is_file()
+        tracker = open_tracker(recipe.tracking, recipe, run_dir, experiment=name, fresh=fresh)
     try:
         stop.check()
-        summary = _search_and_finish(recipe, run_dir, stop, progress)
+        summary = _search_and_finish(recipe, run_dir, stop, progress, tracker)
     except StopRequested:  # before the search began: importing, building the zoo or loading the sources
         print("stopped while opening the run (a zoo build resumes from its last step). Run the same "
               "command again to resume.")
-        return 0
+        summary = None
     if summary is None:
+        if tracker is not None:
+            tracker.stopped()
         return 0
     print(text_table(score_grid(summary)))
     if summary.selection is not None:
@@ -108,12 +118,19 @@ def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = T
     print(cost_text(summary.costs))
     layout = RunDir(run_dir)
     print(f"winner: {layout.final}  config: {layout.best_config}  summary: {layout.summary}")
+    if tracker is not None:
+        tracker.finish(summary)
+        print(f"tracked: MLflow run {tracker.run_id} in {tracker.store.uri} ({tracker.seconds:.1f} s spent logging)")
     if recipe.output.publish:
-        publish_once(recipe, run_dir)
+        reference = publish_once(recipe, run_dir)
+        if tracker is not None:
+            tracker.published(reference)
     return 0
 
 
-def _search_and_finish(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool) -> Summary | None:
+def _search_and_finish(
+    recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool, tracker: RunTracker | None
+) -> Summary | None:
     """The finished run's summary, or None when a stop ended it (said on stdout)."""
     from merger.common.stopping import StopRequested
     from merger.finish.final import finish_run, finished_summary
@@ -128,6 +145,15 @@ def _search_and_finish(recipe: Recipe, run_dir: Path, stop: StopRequest, progres
         )
         bar = ProgressBar(run.ledger, progress)
         search.on_progress = bar
+        if tracker is not None:
+            tracker.start(run.ledger)
+            tracker.search(run.ledger)  # a resumed run: what an earlier sitting scored and did not log
+
+            def progressed(info: dict[str, Any]) -> None:
+                bar(info)
+                tracker.search(run.ledger)
+
+            search.on_progress = progressed
         finished = False
         try:
             result = search.run(stop)
@@ -152,8 +178,9 @@ def _search_and_finish(recipe: Recipe, run_dir: Path, stop: StopRequest, progres
             bar.close(finished)
 
 
-def publish_once(recipe: Recipe, run_dir: Path) -> None:
-    """Publish the winner unless this name already holds exactly these weights (a rerun of a finished run)."""
+def publish_once(recipe: Recipe, run_dir: Path) -> str:
+    """Publish the winner unless this name already holds exactly these weights (a rerun of a finished run);
+    the registry reference either way."""
     from merger.registry import Registry, weights_digest
 
     registry = Registry(Path(recipe.output.registry) if recipe.output.registry else None)
@@ -162,5 +189,7 @@ def publish_once(recipe: Recipe, run_dir: Path) -> None:
     for entry in entries:
         if entry.weights_sha256 == digest:
             print(f"already published as {entry.ref}")
-            return
-    print(f"published {registry.publish(run_dir, recipe.output.publish, recipe)}")
+            return str(entry.ref)
+    reference = registry.publish(run_dir, recipe.output.publish, recipe)
+    print(f"published {reference}")
+    return str(reference)

@@ -338,6 +338,16 @@ class MonitoringSpec(StrictModel):
 BaselineName = Literal["defaults", "linear", "model_stock", "karcher"]
 
 
+class TrackingSpec(StrictModel):
+    """Where a run's numbers are also logged, live (merger.tracking); the ledger stays the source of truth.
+    `uri` None: a SQLite store `mlflow.db` beside the run directory (runs side by side share it);
+    `experiment` None: the recipe file's name."""
+
+    kind: Literal["mlflow"] = "mlflow"
+    uri: str | None = None
+    experiment: str | None = None
+
+
 class Recipe(StrictModel):
     sources: Annotated[list[Source], Field(min_length=2)]
     base_model: str | None = None
@@ -357,6 +367,7 @@ class Recipe(StrictModel):
     baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
     selection: SelectionSpec = SelectionSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
+    tracking: TrackingSpec | None = None
 
     @model_validator(mode="after")
     def _monitoring_fits_validation(self) -> Recipe:
