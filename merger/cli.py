@@ -38,9 +38,10 @@ def _quiet_libraries(verbose: bool) -> None:
     if not verbose:  # library progress bars (lm-eval, datasets, transformers) drown ours; tqdm reads this at import
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # else mlflow logs INFO lines at import
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if not verbose:
-        for noisy in ("lm_eval", "lm-eval", "mergekit", "transformers", "datasets", "accelerate"):
+        for noisy in ("lm_eval", "lm-eval", "mergekit", "transformers", "datasets", "accelerate", "mlflow", "alembic"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -77,15 +77,15 @@ def test_a_tracked_run_logs_every_candidate_generation_and_finalist(live_run) ->
     assert found.info.status == "FINISHED"
     history = histories(store, found.info.run_id)
     no_step_twice(history)
-    assert [step for step, _ in history["fitness"]] == list(range(summary.evaluations or 0))
+    assert [step for step, _ in history["search/fitness"]] == list(range(summary.evaluations or 0))
     for key in ("fitness_se", "items", "merge_seconds", "eval_seconds", "failed"):
-        assert len(history[key]) == summary.evaluations, key
-    assert [step for step, _ in history["generation_best"]] == list(range(summary.generations or 0))
-    assert len(history["validation/tiny_gen"]) == summary.generations  # the monitoring curve
+        assert len(history[f"search/{key}"]) == summary.evaluations, key
+    for key in ("generation/best", "generation/mean", "monitoring/tiny_gen"):
+        assert [step for step, _ in history[key]] == list(range(summary.generations or 0)), key
     for finalist in summary.selection.finalists:
         name = metric_name(finalist.name)  # "gen 2 #7" -> "gen 2 7", "baseline: linear" -> "baseline linear"
-        assert history[f"selection/{name}"] == [(0, pytest.approx(finalist.selection))], name
-    assert history["test/WINNER/tiny_mc"] == [(0, pytest.approx(summary.winner.test["tiny_mc"]))]
+        assert history[f"table/selection/{name}"] == [(0, pytest.approx(finalist.selection))], name
+    assert history["table/test/WINNER/tiny_mc"] == [(0, pytest.approx(summary.winner.test["tiny_mc"]))]
     tags, params = found.data.tags, found.data.params
     assert tags["merger.chosen"] == summary.selection.chosen and tags["merger.decision"]
     assert tags["merger.registry"] == "tiny-winner@1"

@@ -4,12 +4,13 @@ sync`), the same metrics either way.
 What one MLflow run holds (step = a candidate's place in the search, or a generation):
 - params: the recipe, flattened where a value is short (the whole of it as the artifact recipe.yaml),
   each source's path and weights digest, the search space's size, the seed, the scoring precision;
-- per candidate: `fitness`, `fitness_se` (bootstrap over its items), `items`, `merge_seconds`,
-  `eval_seconds`, `failed` (1 for a candidate that could not merge or score);
-- per generation: `generation_best`, `generation_mean`, and `validation/TASK` (the monitoring curve);
-- at the end: `selection/NAME` and `selection_se/NAME` per finalist, `lead_low/NAME` for a candidate,
-  the decision as tags (`merger.chosen`, `merger.decision`), `SPLIT/MODEL/TASK` for the final table, and
-  the artifacts summary.json, best.yaml, recipe.yaml, the model card and report.html when there is one.
+- per candidate: `search/fitness`, `search/fitness_se` (bootstrap over its items), `search/items`,
+  `search/merge_seconds`, `search/eval_seconds`, `search/failed` (1: it could not merge or score);
+- per generation: `generation/best`, `generation/mean`, and `monitoring/TASK` (the validation curve);
+- at the end: `table/selection/NAME` and `table/selection_se/NAME` per finalist, `table/lead_low/NAME`
+  for a candidate, the decision as tags (`merger.chosen`, `merger.decision`), `table/SPLIT/MODEL/TASK`
+  for the final table, and the artifacts summary.json, best.yaml, recipe.yaml, the model card and
+  report.html when there is one.
 
 The tracker never fails a run: the first error warns once on stderr and tracking stops for the rest of
 the sitting; the ledger stays the source of truth.
@@ -38,6 +39,8 @@ from merger.tracking.mlflow_store import MlflowStore, default_uri, first_line
 
 PARAM_LIMIT = 250  # longer recipe values stay in the recipe.yaml artifact only
 FINISHED_TAG = "merger.finished"  # set with the last batch of the end's numbers
+# metric groups (MLflow's UI charts each prefix as a section)
+SEARCH, GENERATION, MONITORING, FINAL = "search", "generation", "monitoring", "table"
 
 
 def metric_name(text: str) -> str:
@@ -94,8 +97,8 @@ class RunTracker:
     def _logged(self, key: str) -> set[int]:
         if self._steps is None:
             self._steps = {
-                "fitness": self.store.logged_steps(self.run_id, "fitness"),
-                "generation_best": self.store.logged_steps(self.run_id, "generation_best"),
+                "candidates": self.store.logged_steps(self.run_id, f"{SEARCH}/fitness"),
+                "generations": self.store.logged_steps(self.run_id, f"{GENERATION}/best"),
             }
         return self._steps[key]
 
@@ -126,13 +129,13 @@ class RunTracker:
     def _log_search(self, ledger: Ledger) -> None:
         meta = ledger.meta()
         popsize, warm = meta.popsize or 1, len(meta.warm_starts or [])
-        logged = self._logged("fitness")
+        logged = self._logged("candidates")
         for record in ledger.evaluations():
             step = candidate_step(record, popsize, warm)
             if step not in logged:
                 self.store.log(self.run_id, metrics=self.candidate_metrics(ledger, record, step))
                 logged.add(step)
-        logged_generations = self._logged("generation_best")
+        logged_generations = self._logged("generations")
         for generation in ledger.generations():
             if generation.generation not in logged_generations:
                 self.store.log(self.run_id, metrics=generation_metrics(generation))
@@ -151,7 +154,7 @@ class RunTracker:
         }
         if se is not None:
             metrics["fitness_se"] = se
-        return [(key, value, step) for key, value in metrics.items()]
+        return [(f"{SEARCH}/{key}", value, step) for key, value in metrics.items()]
 
     def finish(self, summary: Summary) -> None:
         self._safely("the end of the run", lambda: self._log_finish(summary))
@@ -181,9 +184,9 @@ class RunTracker:
 
 def generation_metrics(record: GenerationRecord) -> list[tuple[str, float, int]]:
     step = record.generation
-    metrics = [("generation_best", record.best_score, step), ("generation_mean", record.mean_score, step)]
+    metrics = [(f"{GENERATION}/best", record.best_score, step), (f"{GENERATION}/mean", record.mean_score, step)]
     for task, score in (record.validation or {}).items():
-        metrics.append((f"validation/{metric_name(task)}", score, step))
+        metrics.append((f"{MONITORING}/{metric_name(task)}", score, step))
     return metrics
 
 
@@ -194,11 +197,11 @@ def final_metrics(summary: Summary) -> tuple[list[tuple[str, float, int]], dict[
     if summary.selection is not None:
         for row in summary.selection.finalists:
             name = metric_name(row.name)
-            metrics.append((f"selection/{name}", row.selection, 0))
+            metrics.append((f"{FINAL}/selection/{name}", row.selection, 0))
             if row.selection_se is not None:
-                metrics.append((f"selection_se/{name}", row.selection_se, 0))
+                metrics.append((f"{FINAL}/selection_se/{name}", row.selection_se, 0))
             if row.lower_bound is not None:
-                metrics.append((f"lead_low/{name}", row.lower_bound, 0))
+                metrics.append((f"{FINAL}/lead_low/{name}", row.lower_bound, 0))
         tags["merger.chosen"] = summary.selection.chosen
         tags["merger.decision"] = decision_text(summary)
     headers, names, values = score_cells(summary)
@@ -206,7 +209,7 @@ def final_metrics(summary: Summary) -> tuple[list[tuple[str, float, int]], dict[
         for header, value in zip(headers, row, strict=True):
             if value is not None:
                 split, _, task = header.partition(":")
-                metrics.append((f"{split}/{metric_name(name)}/{metric_name(task)}", value, 0))
+                metrics.append((f"{FINAL}/{split}/{metric_name(name)}/{metric_name(task)}", value, 0))
     return metrics, tags
 
 
