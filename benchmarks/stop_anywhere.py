@@ -13,8 +13,10 @@ are measured. After `--stops` stops the last sitting runs to the end, and the tw
 compared as `compare_runs.py` does (every ledger table but timings, the summary, best.yaml, the weights).
 
 Printed per stop: the delay, seconds to exit, the exit status, the phases whose item count grew in that
-sitting, and the line the run printed on stopping. The load is printed at the start and the end. The last
-line is JSON: {"stops": n, "max_exit_seconds": s, "all_exit_0": b, "same_run": b}.
+sitting, and the line the run printed on stopping. The load is printed at the start and the end. With
+`--track` the stopped run also logs to MLflow (a store in OUT), and the end checks that the run directory
+has exactly one MLflow run and that no metric holds a step twice. The last line is JSON:
+{"stops": n, "max_exit_seconds": s, "all_exit_0": b, "same_run": b[, "mlflow_runs": n, "steps_twice": n]}.
 Every run scores without a shared score cache; build the zoo first (`merger zoo build --zoo skills`).
 """
 
@@ -97,6 +99,35 @@ def stopped_sitting(recipe: Path, run_dir: Path, delay: float) -> dict[str, obje
     return {"delay": delay, "exit_seconds": seconds, "status": process.returncode, "phases": grew, "said": said}
 
 
+def tracked_recipe(recipe: Path, out: Path) -> Path:
+    """The recipe with `tracking:` into a store in `out` (what it tracks does not change what it scores)."""
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    data["tracking"] = {"kind": "mlflow", "uri": f"sqlite:///{out.resolve()}/mlflow.db", "experiment": "stop_anywhere"}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tracked.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def mlflow_check(out: Path, run_dir: Path) -> dict[str, int]:
+    """How many MLflow runs the run directory has, and how many metrics hold some step more than once."""
+    from mlflow.tracking import MlflowClient
+
+    from merger.tracking.mlflow_store import RUN_DIR_TAG
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
+    ids = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(ids, filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir.resolve()}'")
+    twice = 0
+    for found in runs:
+        for key in found.data.metrics:
+            steps = [metric.step for metric in client.get_metric_history(found.info.run_id, key)]
+            twice += len(steps) != len(set(steps))
+    return {"mlflow_runs": len(runs), "steps_twice": twice}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.yaml")
@@ -104,16 +135,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "runs" / "stop_anywhere")
     parser.add_argument("--reference", type=Path, help="a finished uninterrupted run of --recipe")
+    parser.add_argument("--track", action="store_true", help="the stopped run logs to MLflow (checked at the end)")
     args = parser.parse_args()
     print(f"load at start: {load()}", flush=True)
     reference, stopped = args.reference or args.out / "reference", args.out / "stopped"
     wall = reference_run(args.recipe.resolve(), reference)
     print(f"reference run: {wall:.0f} s uninterrupted", flush=True)
     draw = random.Random(args.seed)
+    sittings = tracked_recipe(args.recipe, args.out) if args.track else args.recipe.resolve()
     stops = []
     print(f"{'stop':>4} {'delay s':>8} {'exit s':>7} {'status':>6}  phases         said")
     while len(stops) < args.stops:
-        sitting = stopped_sitting(args.recipe.resolve(), stopped, draw.uniform(1.0, 2 * wall / args.stops))
+        sitting = stopped_sitting(sittings, stopped, draw.uniform(1.0, 2 * wall / args.stops))
         if sitting is None:
             print("the run ended before the next stop")
             break
@@ -121,7 +154,7 @@ def main() -> None:
         phases = ",".join(sitting["phases"]) or "-"  # type: ignore[arg-type]
         print(f"{len(stops):>4} {sitting['delay']:>8.1f} {sitting['exit_seconds']:>7.1f} {sitting['status']:>6}  "
               f"{phases:<14} {sitting['said']}", flush=True)
-    process = merger_run(args.recipe.resolve(), stopped)
+    process = merger_run(sittings, stopped)
     process.communicate()
     lines = compare(reference, stopped)
     for what, same in lines:
@@ -130,12 +163,17 @@ def main() -> None:
     same_run = all(same for _, same in lines)
     print(f"resumed run against the reference: {'the same run' if same_run else 'NOT the same run'} "
           f"({len(lines)} tables, summary fields and files compared)")
+    tracked = mlflow_check(args.out, stopped) if args.track else {}
+    if tracked:
+        print(f"MLflow: {tracked['mlflow_runs']} run(s) for the run directory, {tracked['steps_twice']} metric(s) "
+              "with a step logged twice")
     print(f"load at the end: {load()}")
     print(json.dumps({
         "stops": len(stops),
         "max_exit_seconds": max((float(s["exit_seconds"]) for s in stops), default=None),  # type: ignore[arg-type]
         "all_exit_0": all(s["status"] == 0 for s in stops),
         "same_run": same_run,
+        **tracked,
     }))
 
 

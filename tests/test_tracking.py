@@ -212,3 +212,27 @@ def test_tracking_without_mlflow_installed_names_the_extra(tiny_sources, tiny_ev
 
 def test_sync_of_a_directory_without_a_run_is_one_line(tmp_path) -> None:
     assert_one_line_error(run_merger("track", "sync", str(tmp_path)), "not a run directory")
+
+
+@pytest.mark.slow  # a run stopped while it opens, then run whole
+def test_a_run_stopped_while_it_opens_still_has_one_mlflow_run(tiny_sources, tiny_evals, tmp_path, monkeypatch) -> None:
+    import merger.search.open as opening
+    from merger.common.stopping import check_stop
+
+    store = tmp_path / "mlflow.db"
+    recipe = write_recipe(tmp_path / "r.yaml", tracked(tiny_sources, tiny_evals, tmp_path / "run", store))
+    real = opening.make_executor
+
+    def signalled_while_loading(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        check_stop()
+        return real(*args, **kwargs)
+
+    for _ in range(2):
+        monkeypatch.setattr(opening, "make_executor", signalled_while_loading)
+        assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
+    monkeypatch.setattr(opening, "make_executor", real)
+    assert merger.cli.main(["run", str(recipe), "--no-progress"]) == 0
+    (found,) = runs_of(store, tmp_path / "run")
+    assert found.info.status == "FINISHED"
+    no_step_twice(histories(store, found.info.run_id))

@@ -96,8 +96,7 @@ def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = T
     if recipe.tracking is not None:  # its store is checked before any weights load
         from merger.tracking import open_tracker
 
-        fresh = not RunDir(run_dir).ledger.is_file()
-        tracker = open_tracker(recipe.tracking, recipe, run_dir, experiment=name, fresh=fresh)
+        tracker = open_tracker(recipe.tracking, recipe, run_dir, experiment=name)
     try:
         stop.check()
         summary = _search_and_finish(recipe, run_dir, stop, progress, tracker)

@@ -27,6 +27,7 @@ FINAL_DIR = "final"
 BASELINES_DIR = "baselines"
 SUMMARY_FILE = "summary.json"
 CARD_FILE = "README.md"  # final/README.md: the model card (merger.rundir.render), published unchanged
+TRACKING_FILE = "tracking.json"  # {tracking URI: the run directory's run there} (merger.tracking)
 class RunDir:
     """The paths of one run directory, and reading and writing its summary."""
 
@@ -60,6 +61,10 @@ class RunDir:
     @property
     def baselines(self) -> Path:
         return self.path / BASELINES_DIR
+
+    @property
+    def tracking(self) -> Path:
+        return self.path / TRACKING_FILE
 
     def baseline(self, name: str) -> Path:
         return self.baselines / name

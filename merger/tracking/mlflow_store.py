@@ -1,7 +1,8 @@
 """MLflow as a run's tracker: the only module that imports mlflow (the `track` extra).
 
-One MLflow run per run directory, found again by its tag `merger.run_dir` (so a resumed run, or
-`merger track sync`, continues it instead of starting a second one). Candidates are steps of that run,
+One MLflow run per run directory and store: its id is kept in the run directory (`tracking.json`, by
+tracking URI) from the moment it is made, so every later sitting, and `merger track sync`, continues it
+instead of starting a second one; the tag `merger.run_dir` names the directory in MLflow's UI. Candidates are steps of that run,
 not nested runs: MLflow's charts then draw fitness over every candidate of the search in one plot,
 where forty nested runs would each hold a single point.
 """
@@ -51,20 +52,17 @@ class MlflowStore:
             artifacts = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         return self.client.create_experiment(name, artifact_location=artifacts)
 
-    def find_run(self, run_dir: Path, reopen: bool = True) -> str | None:
-        """The latest MLflow run tagged with `run_dir`, in any experiment (set running again if `reopen`)."""
-        ids = [experiment.experiment_id for experiment in self.client.search_experiments()]
-        found = self.client.search_runs(
-            ids,
-            filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir.resolve()}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not found:
-            return None
-        if reopen and found[0].info.status != "RUNNING":
-            self.client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
+    def reopen(self, run_id: str) -> bool:
+        """Whether the store holds run `run_id`; it is set running again."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            status = self.client.get_run(run_id).info.status
+        except MlflowException:
+            return False
+        if status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        return True
 
     def create_run(self, experiment: str, run_dir: Path) -> str:
         tags = {RUN_DIR_TAG: str(run_dir.resolve())}

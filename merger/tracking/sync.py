@@ -15,9 +15,8 @@ from merger.tracking.tracker import RunTracker, open_tracker
 
 def sync_run(run_dir: Path, uri: str | None = None, experiment: str | None = None) -> RunTracker:
     """Log what `run_dir`'s ledger holds and the tracker does not. The store and experiment: the arguments,
-    else the run's `tracking:` block, else a store beside the run directory; an MLflow run already tagged
-    with this run directory is continued in its own experiment, else one is made in `experiment` (default:
-    the run directory's name)."""
+    else the run's `tracking:` block, else a store beside the run directory; the run directory's MLflow run
+    in that store is continued, else one is made in `experiment` (default: the run directory's name)."""
     layout = RunDir(run_dir)
     ledger = Ledger.open_existing(run_dir)
     if ledger is None or not layout.recipe.is_file():
@@ -26,7 +25,7 @@ def sync_run(run_dir: Path, uri: str | None = None, experiment: str | None = Non
         recipe = load_recipe(layout.recipe)
         given = {key: value for key, value in (("uri", uri), ("experiment", experiment)) if value is not None}
         spec = (recipe.tracking or TrackingSpec()).model_copy(update=given)
-        tracker = open_tracker(spec, recipe, run_dir, experiment=run_dir.resolve().name, fresh=False)
+        tracker = open_tracker(spec, recipe, run_dir, experiment=run_dir.resolve().name)
         tracker.start(ledger)
         tracker.search(ledger)
         summary = layout.read_summary()

@@ -18,6 +18,7 @@ the sitting; the ledger stays the source of truth.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from merger.common.errors import MergerError
+from merger.common.files import write_atomic
 from merger.recipe import Recipe
 from merger.recipe.schema import TrackingSpec
 from merger.rundir.layout import RunDir
@@ -37,6 +38,7 @@ from merger.scoring.items import item_count
 from merger.scoring.uncertainty import standard_error
 from merger.tracking.mlflow_store import MlflowStore, default_uri, first_line
 
+START = "the run's start"  # the one step that runs before the MLflow run is known
 PARAM_LIMIT = 250  # longer recipe values stay in the recipe.yaml artifact only
 FINISHED_TAG = "merger.finished"  # set with the last batch of the end's numbers
 # metric groups (MLflow's UI charts each prefix as a section)
@@ -71,15 +73,16 @@ class RunTracker:
     """One run directory's MLflow run: opened at the start (a broken store is one error line then),
     fed from the ledger, ended with the run."""
 
-    def __init__(self, store: MlflowStore, run_id: str, run_dir: Path, recipe: Recipe):
-        self.store, self.run_id, self.run_dir, self.recipe = store, run_id, run_dir, recipe
+    def __init__(self, store: MlflowStore, run_dir: Path, recipe: Recipe, experiment: str):
+        self.store, self.run_dir, self.recipe, self.experiment = store, run_dir, recipe, experiment
+        self.run_id: str | None = None  # the MLflow run, once `start` found or made it
         self.broken = False
         self.seconds = 0.0  # spent logging, this sitting
         self._steps: dict[str, set[int]] | None = None  # what the store already holds, read once
 
     # -- failure policy ----------------------------------------------------------------------------
     def _safely(self, what: str, log: Callable[[], None]) -> None:
-        if self.broken:
+        if self.broken or (self.run_id is None and what != START):
             return
         started = time.perf_counter()
         try:
@@ -104,9 +107,15 @@ class RunTracker:
 
     # -- what is logged ------------------------------------------------------------------------------
     def start(self, ledger: Ledger) -> None:
-        self._safely("the recipe", lambda: self._log_start(ledger))
+        """Once the run directory holds a ledger: its MLflow run in this store (`RunDir.tracking`) continued,
+        or one made and its id kept at once; then the params."""
+        self._safely(START, lambda: self._log_start(ledger))
 
     def _log_start(self, ledger: Ledger) -> None:
+        self.run_id = known_runs(self.run_dir).get(self.store.uri)
+        if self.run_id is None or not self.store.reopen(self.run_id):
+            self.run_id = self.store.create_run(self.experiment, self.run_dir)
+            keep_run(self.run_dir, self.store.uri, self.run_id)
         meta = ledger.meta()
         params = flat_params(self.recipe.model_dump(mode="json", exclude_none=True))
         for name, lineage in meta.lineage.items():
@@ -225,21 +234,23 @@ def decision_text(summary: Summary) -> str:
     return f"{selection.chosen} ({selection.kind}) by rule {selection.rule}"
 
 
-def open_tracker(
-    spec: TrackingSpec, recipe: Recipe, run_dir: Path, experiment: str, fresh: bool
-) -> RunTracker:
-    """The run directory's tracker, its store opened and checked now (before any weights load): an
-    unreachable store or a missing mlflow is one error line. The run directory's MLflow run is continued
-    where there is one (unless `fresh`: a new run directory at a path used before), else made in
-    `spec.experiment` or `experiment`."""
+def open_tracker(spec: TrackingSpec, recipe: Recipe, run_dir: Path, experiment: str) -> RunTracker:
+    """The run directory's tracker, its store opened and checked now, before any weights load (an
+    unreachable store or a missing mlflow is one error line); its MLflow run is found or made by `start`,
+    in `spec.experiment` or else `experiment`."""
     store = MlflowStore(spec.uri or default_uri(run_dir))
-    try:
-        run_id = None if fresh else store.find_run(run_dir)
-        if run_id is None:
-            run_id = store.create_run(spec.experiment or experiment, run_dir)
-    except Exception as error:
-        raise MergerError(f"tracking: cannot open a run in the MLflow store {store.uri!r}: {first_line(error)}") from error
-    return RunTracker(store, run_id, run_dir, recipe)
+    return RunTracker(store, run_dir, recipe, spec.experiment or experiment)
+
+
+def known_runs(run_dir: Path) -> dict[str, str]:
+    """{tracking URI: MLflow run id} of the run directory."""
+    path = RunDir(run_dir).tracking
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def keep_run(run_dir: Path, uri: str, run_id: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(RunDir(run_dir).tracking, json.dumps({**known_runs(run_dir), uri: run_id}, indent=2).encode())
 
 
 def note_published(run_dir: Path, recipe: Recipe, reference: str) -> None:
@@ -249,7 +260,7 @@ def note_published(run_dir: Path, recipe: Recipe, reference: str) -> None:
         return
     try:
         store = MlflowStore(recipe.tracking.uri or default_uri(run_dir))
-        run_id = store.find_run(run_dir, reopen=False)
+        run_id = known_runs(run_dir).get(store.uri)
         if run_id is not None:
             store.log(run_id, tags={"merger.registry": reference})
     except Exception as error:
