@@ -4,8 +4,9 @@ Runs of one recipe with other seeds score the same sources and the same untuned 
 items; scoring is deterministic, so a score kept under a key that names everything it depends on is
 the score a run would compute again. The key: the weights' identity (a source's weights digest, a
 merge's config digest and the digests of every source it reads), the eval set as the recipe gives it,
-the tokenizer's weights digest, the scoring precision, the engine's dtype and device, and the versions
-of merger, lm-eval, transformers and torch. One JSON file a key, written atomically.
+the tokenizer's weights digest, the scoring precision, the engine's dtype and device, torch's thread
+count, and the versions of merger, lm-eval, transformers and torch. One JSON file a key, written
+atomically.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from merger.common.files import write_atomic
 from merger.executors import Scored
@@ -38,6 +41,9 @@ class ScoreCache:
             "precision": meta.scoring_precision,
             "dtype": recipe.engine.dtype,
             "device": recipe.engine.device,
+            # bf16 kernels split their sums by thread: the same merge scored with 1 and 2 threads differed on
+            # a few test items of the multi-skill zoo (issue 30)
+            "threads": torch.get_num_threads(),
             "versions": {name: version(name.replace("_", "-")) for name in PACKAGES},
             "task_paths": list(recipe.task_paths),
         }
