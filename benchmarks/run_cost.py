@@ -2,9 +2,12 @@
 
     python benchmarks/run_cost.py --recipes skills --seeds 1 2 3 4 5
     python benchmarks/run_cost.py --tiny            # tiny random models: a self-check in a minute
+    python benchmarks/run_cost.py --parallel        # both variants of a seed at once, one thread each
 
 Each (recipe, seed, variant) is one `merger run` of the bundled recipe in its own run directory under
---out, from an empty score cache (nothing shared between runs), one after another on this machine:
+--out, from an empty score cache (nothing shared between runs), one after another on this machine, or
+with --parallel the two variants of a seed side by side, each with OMP_NUM_THREADS=1 (under the same
+load, on a machine with at least two cores):
 - `before`: the recipe as runs went before issue 30: scored in fp32 (`engine.scoring_precision: fp32`),
   a teacher-forced fitness task (`*_tf`, `metric: acc`) replaced by its generated twin with
   `exact_match`, each generation's best monitored on every validation item (`monitoring.limit: all`)
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +103,41 @@ def print_seed(name: str, seed: int, report: dict[str, Any]) -> None:
     print(f"  test mean of the exported model: {tests}; now - before {d:+.3f} [{low:+.3f}, {high:+.3f}]")
 
 
+def run_variants(path: Path, seed: int, seed_dir: Path, parallel: bool) -> dict[str, Path]:
+    """Each variant's run of `path` at `seed`, one after another or side by side."""
+    jobs = {}
+    for variant in VARIANTS:
+        run_dir = seed_dir / f"{variant}-seed{seed}"
+        jobs[variant] = (variant_recipe(path, seed, run_dir, variant_changes(path, variant)), run_dir)
+
+    def run_one(variant: str) -> Path:
+        recipe_path, run_dir = jobs[variant]
+        run(recipe_path, run_dir.parent / f"{run_dir.name}-scores")
+        return run_dir
+
+    if not parallel:
+        return {variant: run_one(variant) for variant in VARIANTS}
+    with ThreadPoolExecutor(max_workers=len(VARIANTS)) as pool:
+        return dict(zip(VARIANTS, pool.map(run_one, VARIANTS), strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "runs" / "run_cost")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--recipes", nargs="+", default=["skills"], choices=list(RECIPES))
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a self-check")
+    parser.add_argument("--parallel", action="store_true", help="a seed's variants side by side, one thread each")
     args = parser.parse_args()
+    if args.parallel:
+        os.environ["OMP_NUM_THREADS"] = "1"
     out = args.out / "tiny" if args.tiny else args.out
     recipes = tiny_recipes(out / "fixtures") if args.tiny else {name: RECIPES[name] for name in args.recipes}
     print(f"load at start: {load()}", flush=True)
     result: dict[str, dict[int, Any]] = {}
     for name, path in recipes.items():
         for seed in args.seeds:
-            runs = {}
-            for variant in VARIANTS:
-                run_dir = out / name / f"{variant}-seed{seed}"
-                changes = variant_changes(path, variant)
-                run(variant_recipe(path, seed, run_dir, changes), run_dir.parent / f"{run_dir.name}-scores")
-                runs[variant] = run_dir
+            runs = run_variants(path, seed, out / name, args.parallel)
             report = seed_report(path, runs)
             print_seed(name, seed, report)
             result.setdefault(name, {})[seed] = {
