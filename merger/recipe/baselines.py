@@ -1,14 +1,14 @@
 """Untuned standard merges of a run's sources, scored next to the winner (`baselines:` in the recipe); the
 end of the run scores them (merger.finish.baselines).
 
-Each baseline is a plain mergekit MergeConfiguration dict, `merger.recipe.methods.untuned_config`:
-- `defaults`: the searched method with mergekit's defaults; a required weight is 1/n over the inputs
-  it applies to, a required slerp `t` is 0.5, and `density` is 0.5 (mergekit's default of 1.0 would
-  drop nothing, which is not the method as its papers and mergekit's examples run it);
-- `linear`: the uniform average of every source;
-- `model_stock` and `karcher`: their mergekit defaults, where their input contract fits the sources.
-A baseline that does not apply (no base model, too few sources, the same merge as another) is
-skipped with its reason, which the summary keeps.
+Each baseline is a plain mergekit MergeConfiguration dict (`merger.recipe.methods.untuned_config`) of one
+of the named settings in `merger.recipe.untuned`. `defaults` is the searched method with mergekit's
+defaults, except that a required weight is 1/n over the inputs it applies to, a required slerp `t` is 0.5,
+and `density` is 0.5 (mergekit's default of 1.0 would drop nothing, which is not the method as its papers
+and mergekit's examples run it). With the default list or `baselines: all`, a baseline that does not
+apply (no base model, too few sources) is skipped with its reason, which the summary keeps; a list the
+recipe chose itself is refused instead (merger.recipe.schema). The same merge as an earlier one is
+skipped either way.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from merger.recipe.methods import NotApplicable, untuned_config
 from merger.recipe.schema import Recipe
+from merger.recipe.untuned import UNTUNED_MERGES
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,15 @@ class BaselinePlan:
     skipped: dict[str, str]  # name: why it does not apply
 
 
-def untuned_recipe_config(method: str, recipe: Recipe, source_paths: dict[str, Path]) -> dict[str, Any]:
-    """One method's untuned mergekit config over the recipe's sources, in the recipe's order."""
+def untuned_recipe_config(name: str, recipe: Recipe, source_paths: dict[str, Path]) -> dict[str, Any]:
+    """One named untuned merge's mergekit config over the recipe's sources, in the recipe's order."""
     return untuned_config(
-        method,
+        recipe.baseline_method(name),
         {name: source_paths[name] for name in recipe.source_names},
         base=recipe.base_model,
         dtype=recipe.engine.dtype,
         tokenizer_source=recipe.tokenizer_source,
+        values=UNTUNED_MERGES[name].values,
     )
 
 
@@ -42,12 +44,11 @@ def plan_baselines(recipe: Recipe, source_paths: dict[str, Path]) -> BaselinePla
     """The recipe's `baselines:` as mergekit configs, in the order given; a repeat of one is skipped."""
     configs: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    for name in recipe.baselines:
-        method = recipe.genome.method if name == "defaults" else name
+    for name in recipe.baseline_names:
         try:
-            config = untuned_recipe_config(method, recipe, source_paths)
+            config = untuned_recipe_config(name, recipe, source_paths)
         except NotApplicable as reason:
-            skipped[name] = f"{method} does not apply: {reason}"
+            skipped[name] = f"{recipe.baseline_method(name)} does not apply: {reason}"
             continue
         same = next((other for other, known in configs.items() if known == config), None)
         if same is not None:

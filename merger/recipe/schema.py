@@ -8,13 +8,14 @@ model) come later, when a run opens its sources and tasks. Loading a file is `me
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from merger.common.errors import MergerError
 from merger.common.schema import StrictModel
-from merger.recipe.methods import METHODS, searchable_method
+from merger.recipe.methods import METHODS, NotApplicable, searchable_method, untuned_config
+from merger.recipe.untuned import DEFAULT_BASELINES, EVERY, UNTUNED_MERGES, unknown_baseline
 
 # Tensor classes a genome can give their own values, as mergekit filters (substring of the tensor
 # name, first match wins, so attention comes before norms to keep q_norm/k_norm with attention).
@@ -334,8 +335,8 @@ class MonitoringSpec(StrictModel):
         return {task: list(docs if limit is None else docs[:limit]) for task, docs in ids.items()}
 
 
-# untuned standard merges scored next to the winner (merger.recipe.baselines)
-BaselineName = Literal["defaults", "linear", "model_stock", "karcher"]
+# an untuned merge scored next to the winner, by its name in merger.recipe.untuned (merger.recipe.baselines)
+BaselineName = str
 
 
 class TrackingSpec(StrictModel):
@@ -364,10 +365,55 @@ class Recipe(StrictModel):
     engine: EngineSpec = EngineSpec()
     executor: ExecutorSpec = ExecutorSpec()
     output: Output = Output()
-    baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
+    baselines: list[BaselineName] | Literal["all"] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
     selection: SelectionSpec = SelectionSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
     tracking: TrackingSpec | None = None
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _known_baselines(cls, names: Any) -> Any:
+        if isinstance(names, str) and names != EVERY:
+            raise ValueError(f"a list of untuned merges or `{EVERY}`, got {names!r}")
+        if not isinstance(names, list):
+            return names
+        for name in names:
+            problem = unknown_baseline(name) if isinstance(name, str) else None
+            if problem:
+                raise ValueError(problem)
+        if len(set(map(str, names))) != len(names):
+            raise ValueError(f"each name once, got {names}")
+        return names
+
+    @property
+    def baseline_names(self) -> tuple[str, ...]:
+        """The untuned merges to score, in order (`all`: every one merger knows)."""
+        return tuple(UNTUNED_MERGES) if self.baselines == EVERY else tuple(self.baselines)
+
+    @property
+    def baselines_must_apply(self) -> bool:
+        """A list the recipe chose itself: each name must apply to the sources. The default list and
+        `all` skip, with the reason in the summary, what does not apply."""
+        return self.baselines != EVERY and tuple(self.baselines) != DEFAULT_BASELINES
+
+    def baseline_method(self, name: str) -> str:
+        return UNTUNED_MERGES[name].method or self.genome.method
+
+    @model_validator(mode="after")
+    def _named_baselines_apply(self) -> Recipe:
+        sources = {name: name for name in self.source_names}
+        if not self.baselines_must_apply or (self.base_model is not None and self.base_model not in sources):
+            return self  # a base that is not a source: _sources_fit_method says so
+        for name in self.baselines:
+            method = self.baseline_method(name)
+            try:
+                untuned_config(method, sources, base=self.base_model, values=UNTUNED_MERGES[name].values)
+            except NotApplicable as reason:
+                raise ValueError(
+                    f"baselines: {name} ({method}) does not apply to these sources: {reason} "
+                    f"(remove it, or give `baselines: {EVERY}`, which skips what does not apply)"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _monitoring_fits_validation(self) -> Recipe:
@@ -405,8 +451,6 @@ class Recipe(StrictModel):
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"sources: names must be unique, got {names}")
-        if len(set(self.baselines)) != len(self.baselines):
-            raise ValueError(f"baselines: each name once, got {self.baselines}")
         for field in ("base_model", "tokenizer_source"):
             value = getattr(self, field)
             if value is not None and value not in names:

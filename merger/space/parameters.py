@@ -14,7 +14,8 @@ from mergekit.config import MergeConfiguration
 
 from merger.common.errors import MergerError
 from merger.recipe import TENSOR_CLASS_FILTERS, Recipe
-from merger.recipe.methods import METHODS, untuned_values
+from merger.recipe.methods import METHODS, NotApplicable, untuned_values
+from merger.recipe.untuned import UNTUNED_MERGES
 from merger.space.warm import WarmStart
 
 DEFAULT_CLASS = "default"
@@ -111,24 +112,35 @@ class Genome:
         return starts
 
     def baseline_starts(self) -> list[WarmStart]:
-        """The recipe's baselines of the searched method (`defaults`, or the method named), when every gene
-        can take its untuned value and the fixed parameters and options are the untuned ones."""
+        """The recipe's baselines of the searched method (`defaults`, or a named setting of the method,
+        merger.recipe.untuned) that this genome can express: every gene can take the baseline's value, and
+        the fixed parameters and options are the baseline's. One start per distinct merge."""
         recipe, genome = self.recipe, self.recipe.genome
-        names = [name for name in recipe.baselines if name in ("defaults", genome.method)]
-        if not names or genome.options:
+        if genome.options:
             return []
         info = METHODS[genome.method]
         uses_base = info.takes_base and recipe.base_model is not None
         non_base = [name for name in recipe.source_names if not (uses_base and name == recipe.base_model)]
-        untuned = untuned_values(info, len(non_base) + int(uses_base), len(non_base))
         fixed = {name: value for name, value in genome.parameters.items() if name not in genome.searched}
-        if any(untuned.get(name, info.parameters[name].default) != value for name, value in fixed.items()):
-            return []
-        values = [untuned.get(gene.parameter, info.parameters[gene.parameter].default) for gene in self.genes]
-        genes = zip(self.genes, values, strict=True)
-        if any(value is None or not gene.low <= value <= gene.high for gene, value in genes):
-            return []
-        return [WarmStart(f"baseline {names[0]}", self.encode(np.array(values, dtype=float)))]
+        starts: list[WarmStart] = []
+        seen: set[tuple[float, ...]] = set()
+        for name in recipe.baseline_names:
+            if recipe.baseline_method(name) != genome.method:
+                continue
+            try:
+                untuned = untuned_values(info, len(non_base) + int(uses_base), len(non_base), UNTUNED_MERGES[name].values)
+            except NotApplicable:
+                continue
+            if any(untuned.get(key, info.parameters[key].default) != value for key, value in fixed.items()):
+                continue
+            values = [untuned.get(gene.parameter, info.parameters[gene.parameter].default) for gene in self.genes]
+            genes = zip(self.genes, values, strict=True)
+            if any(value is None or not gene.low <= value <= gene.high for gene, value in genes):
+                continue
+            if tuple(values) not in seen:
+                seen.add(tuple(values))
+                starts.append(WarmStart(f"baseline {name}", self.encode(np.array(values, dtype=float))))
+        return starts
 
     def initial(self) -> np.ndarray:
         """x0: the centre of the bounds, or the recipe's given merge (a value per parameter or per source)."""
