@@ -50,13 +50,13 @@ def load() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}"
 
 
-def variant_recipe(recipe_path: Path, seed: int, run_dir: Path, changes: dict[str, dict[str, Any]] | None = None) -> Path:
-    """The bundled recipe with the optimizer's seed and `changes` (section -> keys) applied, written
+def variant_recipe(recipe_path: Path, seed: int, run_dir: Path, changes: dict[str, Any] | None = None) -> Path:
+    """The bundled recipe with the optimizer's seed and `changes` (section -> keys, or a value) applied, written
     beside the run."""
     data = yaml.safe_load(recipe_path.read_text())
     data["optimizer"]["seed"] = seed
     for section, values in (changes or {}).items():
-        data[section] = {**data.get(section, {}), **values}
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
     data["output"] = {**data.get("output", {}), "run_dir": str(run_dir), "publish": None}
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}.yaml"

@@ -8,13 +8,20 @@ not depend on the seed, and scoring is deterministic.
 
     python benchmarks/merge_quality.py                          # quickstart and skills, seeds 1-5
     python benchmarks/merge_quality.py --recipes skills --seeds 1 2
+    python benchmarks/merge_quality.py --recipes skills --baselines all --out benchmarks/runs/merge_quality_all
 
 Per seed: the held-out test mean (and worst task) of every source, every baseline and the winner (and
 which finalist selection chose); the winner minus the best baseline and minus the best source (the best
 on the test items themselves: the strictest comparison), each with a paired bootstrap 95% interval over
-the test items (resampled within each task). The last line is JSON:
+the test items (resampled within each task). Also the winner minus the best untuned merge on the
+validation set (what a practitioner who tried every baseline on a dev set would ship; the finalist that
+selection ranked highest among the baselines) and minus TIES at density 0.5 where the run scored it
+(`--baselines all`), and per test task the winner against the best source on it (its specialist) with the
+share of the gap from the best source to the task oracle (each task by its best source) the winner closes.
+The last line is JSON:
 {"RECIPE": {"winner_minus_best_baseline": median, "seeds_interval_above_zero": n,
-            "winner_minus_best_source": median, "seeds": n}}.
+            "winner_minus_best_on_validation": median, "seeds_above_best_on_validation": n,
+            "gap_closed": median, "winner_minus_best_source": median, "seeds": n}}.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +37,39 @@ from bench_runs import RECIPES, ROOT, final_models, load, run, variant_recipe, w
 
 from merger.recipe import Recipe, load_recipe
 from merger.rundir.layout import RunDir
-from merger.rundir.ledger import BASELINE_PREFIX, SOURCE_PREFIX, WINNER_KEY
+from merger.rundir.ledger import BASELINE_PREFIX, SOURCE_PREFIX, WINNER_KEY, baseline_key
+from merger.rundir.summary import Summary
 from merger.scoring.fitness import weighted_score, worst_task
 from merger.scoring.uncertainty import paired_difference
+
+PRACTITIONER_FIRST_TRY = "ties_d0.5"  # issue 31: the strongest untuned merge plain mergekit gave on skills
+
+
+def best_on_validation(summary: Summary) -> str | None:
+    """The baseline selection ranked highest: scored longest in the race, then the best validation score."""
+    if summary.selection is None:
+        return None
+    baselines = [f for f in summary.selection.finalists if f.kind == "baseline"]
+    if not baselines:
+        return None
+    best = max(baselines, key=lambda f: (f.dropped_after is None, f.items or 0, f.selection))
+    return baseline_key(best.name.removeprefix("baseline: "))
+
+
+def skill_gaps(
+    test: dict[str, float], sources: dict[str, dict[str, float]], mean_of: Callable[[dict[str, float]], float]
+) -> dict[str, Any]:
+    """Per test task the best source (its specialist) and the task oracle; the share of the gap from the
+    best source overall to the oracle that `test` closes."""
+    specialists = {task: max(sources, key=lambda s: sources[s][task]) for task in test}
+    oracle = mean_of({task: sources[specialists[task]][task] for task in test})
+    best_source = max(mean_of(scores) for scores in sources.values())
+    closed = (mean_of(test) - best_source) / (oracle - best_source) if oracle > best_source else None
+    return {
+        "tasks": {task: (test[task], specialists[task], sources[specialists[task]][task]) for task in test},
+        "oracle": oracle,
+        "gap_closed": closed,
+    }
 
 
 def seed_row(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
@@ -50,6 +88,12 @@ def seed_row(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     best_baseline = max(baselines.values(), key=lambda model: model.mean(recipe))
     best_source = max(sources.values(), key=lambda model: model.mean(recipe))
     assert set(winner.items) == test_tasks, "the winner's test items were not recorded"
+    compared = {"best_on_validation": best_on_validation(summary), "ties_d0.5": baseline_key(PRACTITIONER_FIRST_TRY)}
+    against = {
+        label: (key, paired_difference(winner.items, models[key].items, mean_of))
+        for label, key in compared.items()
+        if key in models
+    }
     return {
         "chosen": summary.selection.chosen if summary.selection else "best by fitness",
         "models": {key: (model.mean(recipe), worst_task(model.test)) for key, model in models.items()},
@@ -57,6 +101,8 @@ def seed_row(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "best_source": best_source.name,
         "minus_baseline": paired_difference(winner.items, best_baseline.items, mean_of),
         "minus_source": paired_difference(winner.items, best_source.items, mean_of),
+        "against": against,
+        "skills": skill_gaps(winner.test, {key: model.test for key, model in sources.items()}, mean_of),
         "seconds": wall_seconds(run_dir),
     }
 
@@ -68,6 +114,22 @@ def print_seed(name: str, seed: int, row: dict[str, Any]) -> None:
     for label, best in (("baseline", "best_baseline"), ("source", "best_source")):
         point, low, high = row[f"minus_{label}"]
         print(f"  winner - best {label} ({row[best]}): {point:+.3f} [{low:+.3f}, {high:+.3f}]")
+    for label, (key, (point, low, high)) in row["against"].items():
+        print(f"  winner - {label} ({key}): {point:+.3f} [{low:+.3f}, {high:+.3f}]")
+    skills = row["skills"]
+    for task, (score, specialist, theirs) in skills["tasks"].items():
+        print(f"  {task:28s} winner {score:.3f}   best source {specialist} {theirs:.3f}")
+    closed = "–" if skills["gap_closed"] is None else f"{skills['gap_closed']:.2f}"
+    print(f"  task oracle {skills['oracle']:.3f}; share of the gap from the best source closed: {closed}")
+
+
+def median_of(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def median_against(rows: dict[int, dict[str, Any]], label: str) -> float | None:
+    return median_of([r["against"][label][1][0] if label in r["against"] else None for r in rows.values()])
 
 
 def main() -> None:
@@ -76,6 +138,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "runs" / "merge_quality")
     parser.add_argument("--no-run", action="store_true", help="only read the runs already finished")
+    parser.add_argument("--baselines", choices=["recipe", "all"], default="recipe",
+                        help="all: score every untuned merge merger knows (`baselines: all`)")
     args = parser.parse_args()
     print(f"start: {load()}")
     result: dict[str, Any] = {}
@@ -86,7 +150,8 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = args.out / f"{name}-seed{seed}"
             if not args.no_run:
-                run(variant_recipe(RECIPES[name], seed, run_dir), args.out / "scores")
+                changes = {"baselines": "all"} if args.baselines == "all" else None
+                run(variant_recipe(RECIPES[name], seed, run_dir, changes), args.out / "scores")
             if RunDir(run_dir).read_summary() is None:
                 continue
             rows[seed] = seed_row(recipe, run_dir)
@@ -96,6 +161,11 @@ def main() -> None:
             result[name] = {
                 "winner_minus_best_baseline": statistics.median(r["minus_baseline"][0] for r in rows.values()),
                 "seeds_interval_above_zero": sum(r["minus_baseline"][1] > 0 for r in rows.values()),
+                "winner_minus_best_on_validation": median_against(rows, "best_on_validation"),
+                "seeds_above_best_on_validation": sum(
+                    r["against"]["best_on_validation"][1][1] > 0 for r in rows.values() if "best_on_validation" in r["against"]
+                ),
+                "gap_closed": median_of([r["skills"]["gap_closed"] for r in rows.values()]),
                 "winner_minus_best_source": statistics.median(r["minus_source"][0] for r in rows.values()),
                 "seeds": len(rows),
             }
