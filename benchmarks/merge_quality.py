@@ -17,7 +17,8 @@ the test items (resampled within each task). Also the winner minus the best untu
 validation set (what a practitioner who tried every baseline on a dev set would ship; the finalist that
 selection ranked highest among the baselines) and minus TIES at density 0.5 where the run scored it
 (`--baselines all`), and per test task the winner against the best source on it (its specialist) with the
-share of the gap from the best source to the task oracle (each task by its best source) the winner closes.
+share of the gap from the best source to the oracle (each test item answered by the source best on it; on
+the mixed task, each skill's items by its specialist) the winner closes.
 The last line is JSON:
 {"RECIPE": {"winner_minus_best_baseline": median, "seeds_interval_above_zero": n,
             "winner_minus_best_on_validation": median, "seeds_above_best_on_validation": n,
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_runs import RECIPES, ROOT, final_models, load, run, variant_recipe, wall_seconds
+from bench_runs import RECIPES, ROOT, Model, final_models, load, run, variant_recipe, wall_seconds
 
 from merger.recipe import Recipe, load_recipe
 from merger.rundir.layout import RunDir
@@ -57,16 +58,21 @@ def best_on_validation(summary: Summary) -> str | None:
 
 
 def skill_gaps(
-    test: dict[str, float], sources: dict[str, dict[str, float]], mean_of: Callable[[dict[str, float]], float]
+    test: dict[str, float], sources: dict[str, Model], mean_of: Callable[[dict[str, float]], float]
 ) -> dict[str, Any]:
-    """Per test task the best source (its specialist) and the task oracle; the share of the gap from the
-    best source overall to the oracle that `test` closes."""
-    specialists = {task: max(sources, key=lambda s: sources[s][task]) for task in test}
-    oracle = mean_of({task: sources[specialists[task]][task] for task in test})
-    best_source = max(mean_of(scores) for scores in sources.values())
+    """Per test task the best source (its specialist); the oracle that answers each test item with the
+    best source on that item (on a mixed task: each item's skill by its specialist); the share of the gap
+    from the best source overall to that oracle that `test` closes."""
+    specialists = {task: max(sources, key=lambda s: sources[s].test[task]) for task in test}
+    oracle_tasks = {
+        task: statistics.fmean(max(model.items[task][doc] for model in sources.values()) for doc in docs)
+        for task, docs in next(iter(sources.values())).items.items()
+    }
+    oracle = mean_of(oracle_tasks)
+    best_source = max(mean_of(model.test) for model in sources.values())
     closed = (mean_of(test) - best_source) / (oracle - best_source) if oracle > best_source else None
     return {
-        "tasks": {task: (test[task], specialists[task], sources[specialists[task]][task]) for task in test},
+        "tasks": {task: (test[task], specialists[task], sources[specialists[task]].test[task]) for task in test},
         "oracle": oracle,
         "gap_closed": closed,
     }
@@ -102,7 +108,7 @@ def seed_row(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "minus_baseline": paired_difference(winner.items, best_baseline.items, mean_of),
         "minus_source": paired_difference(winner.items, best_source.items, mean_of),
         "against": against,
-        "skills": skill_gaps(winner.test, {key: model.test for key, model in sources.items()}, mean_of),
+        "skills": skill_gaps(winner.test, sources, mean_of),
         "seconds": wall_seconds(run_dir),
     }
 
@@ -120,7 +126,7 @@ def print_seed(name: str, seed: int, row: dict[str, Any]) -> None:
     for task, (score, specialist, theirs) in skills["tasks"].items():
         print(f"  {task:28s} winner {score:.3f}   best source {specialist} {theirs:.3f}")
     closed = "–" if skills["gap_closed"] is None else f"{skills['gap_closed']:.2f}"
-    print(f"  task oracle {skills['oracle']:.3f}; share of the gap from the best source closed: {closed}")
+    print(f"  item oracle (each item by its best source) {skills['oracle']:.3f}; share of the gap from the best source closed: {closed}")
 
 
 def median_of(values: list[float | None]) -> float | None:
