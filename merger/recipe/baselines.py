@@ -1,8 +1,8 @@
 """Untuned standard merges of a run's sources, scored next to the winner (`baselines:` in the recipe); the
 end of the run scores them (merger.finish.baselines).
 
-Each baseline is a plain mergekit MergeConfiguration dict (`merger.recipe.methods.untuned_config`) of one
-of the named settings in `merger.recipe.untuned`. `defaults` is the searched method with mergekit's
+Each baseline is a plain mergekit MergeConfiguration dict (`Recipe.baseline_config`, which calls
+`merger.recipe.methods.untuned_config`) of one of the named settings in `merger.recipe.untuned`. `defaults` is the searched method with mergekit's
 defaults, except that a required weight is 1/n over the inputs it applies to, a required slerp `t` is 0.5,
 and `density` is 0.5 (mergekit's default of 1.0 would drop nothing, which is not the method as its papers
 and mergekit's examples run it). With the default list or `baselines: all`, a baseline that does not
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merger.recipe.methods import NotApplicable, untuned_config
+from merger.recipe.methods import NotApplicable
 from merger.recipe.schema import Recipe
-from merger.recipe.untuned import UNTUNED_MERGES
 
 
 @dataclass(frozen=True)
@@ -28,25 +27,13 @@ class BaselinePlan:
     skipped: dict[str, str]  # name: why it does not apply
 
 
-def untuned_recipe_config(name: str, recipe: Recipe, source_paths: dict[str, Path]) -> dict[str, Any]:
-    """One named untuned merge's mergekit config over the recipe's sources, in the recipe's order."""
-    return untuned_config(
-        recipe.baseline_method(name),
-        {name: source_paths[name] for name in recipe.source_names},
-        base=recipe.base_model,
-        dtype=recipe.engine.dtype,
-        tokenizer_source=recipe.tokenizer_source,
-        values=UNTUNED_MERGES[name].values,
-    )
-
-
 def plan_baselines(recipe: Recipe, source_paths: dict[str, Path]) -> BaselinePlan:
     """The recipe's `baselines:` as mergekit configs, in the order given; a repeat of one is skipped."""
     configs: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for name in recipe.baseline_names:
         try:
-            config = untuned_recipe_config(name, recipe, source_paths)
+            config = recipe.baseline_config(name, source_paths)
         except NotApplicable as reason:
             skipped[name] = f"{recipe.baseline_method(name)} does not apply: {reason}"
             continue

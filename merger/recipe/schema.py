@@ -399,18 +399,31 @@ class Recipe(StrictModel):
     def baseline_method(self, name: str) -> str:
         return UNTUNED_MERGES[name].method or self.genome.method
 
+    def baseline_config(self, name: str, source_paths: Mapping[str, Any]) -> dict[str, Any]:
+        """One named untuned merge's mergekit config over the sources (name -> path), in the recipe's order;
+        raises NotApplicable when the method cannot merge them untuned."""
+        return untuned_config(
+            self.baseline_method(name),
+            {source: source_paths[source] for source in self.source_names},
+            base=self.base_model,
+            dtype=self.engine.dtype,
+            tokenizer_source=self.tokenizer_source,
+            values=UNTUNED_MERGES[name].values,
+        )
+
     @model_validator(mode="after")
     def _named_baselines_apply(self) -> Recipe:
         sources = {name: name for name in self.source_names}
-        if not self.baselines_must_apply or (self.base_model is not None and self.base_model not in sources):
-            return self  # a base that is not a source: _sources_fit_method says so
+        if not self.baselines_must_apply or any(
+            given is not None and given not in sources for given in (self.base_model, self.tokenizer_source)
+        ):
+            return self  # a base or tokenizer source that is not a source: _sources_fit_method says so
         for name in self.baselines:
-            method = self.baseline_method(name)
             try:
-                untuned_config(method, sources, base=self.base_model, values=UNTUNED_MERGES[name].values)
+                self.baseline_config(name, sources)
             except NotApplicable as reason:
                 raise ValueError(
-                    f"baselines: {name} ({method}) does not apply to these sources: {reason} "
+                    f"baselines: {name} ({self.baseline_method(name)}) does not apply to these sources: {reason} "
                     f"(remove it, or give `baselines: {EVERY}`, which skips what does not apply)"
                 ) from None
         return self

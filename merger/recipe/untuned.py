@@ -18,7 +18,7 @@ EVERY = "all"  # `baselines: all`: every merge below that applies to the sources
 @dataclass(frozen=True)
 class UntunedMerge:
     method: str | None  # None: the recipe's searched method
-    setting: str  # in words, for the docs and `merger recipes baselines`
+    setting: str  # in words, for the docs (recipes/README.md, "Untuned baselines")
     source: str  # where the setting comes from
     values: Mapping[str, Any] = field(default_factory=dict)
 
