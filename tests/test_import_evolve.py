@@ -42,7 +42,7 @@ def test_the_documented_example_becomes_a_valid_recipe(tmp_path: Path) -> None:
     genome = recipe.genome
     assert genome.method == "dare_ties"
     assert {name: (r.min, r.max) for name, r in genome.searched.items()} == {
-        "weight": (0.0, 1.0), "density": (0.0, 1.0),
+        "weight": (0.0, 1.0), "density": (0.01, 1.0),  # density 0 keeps nothing: not a value a recipe takes
     }
     assert genome.options == {"normalize": False, "int8_mask": True}
     assert genome.layer_granularity == 8

@@ -112,7 +112,11 @@ def test_a_method_without_anything_to_search_is_refused_in_one_line(
         ({"method": "slerp", "parameters": {"t": {"min": 0.5, "max": 1.5}}},
          "parameters.t: 1.5 is outside the values t can take, [0.0, 1.0] in slerp"),
         ({"method": "ties", "parameters": {"weight": RANGE, "density": -0.2}},
-         "parameters.density: -0.2 is outside the values density can take, [0.0, 1.0] in ties"),
+         "parameters.density: -0.2 is outside the values density can take, (0.0, 1.0] in ties"),
+        ({"method": "ties", "parameters": {"weight": RANGE, "density": 0.0}},  # keeps nothing: the base model
+         "parameters.density: 0.0 is outside the values density can take, (0.0, 1.0] in ties"),
+        ({"method": "dare_ties", "parameters": {"weight": RANGE, "density": {"min": 0.0, "max": 0.5}}},
+         "parameters.density: 0.0 is outside the values density can take, (0.0, 1.0] in dare_ties"),
         ({"method": "sce", "parameters": {"select_topk": 0.5}, "options": {"normalize": True}},
          "options.normalize: sce has no option 'normalize'"),
         ({"method": "nuslerp", "parameters": {"weight": RANGE}}, "sources: nuslerp merges exactly 2 models besides"),

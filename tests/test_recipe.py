@@ -33,7 +33,7 @@ def test_a_valid_recipe_parses(tiny_sources, tiny_evals, tmp_path):
         ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
         (
             {"genome": {"method": "ties", "parameters": {"weight": 1.0, "density": {"min": 0.1, "max": 1.5}}}},
-            "parameters.density: 1.5 is outside the values density can take, [0.0, 1.0] in ties",
+            "parameters.density: 1.5 is outside the values density can take, (0.0, 1.0] in ties",
         ),
         ({"genome": {"method": "frankenmerge", "parameters": {"weight": 1.0}}}, "unknown merge method 'frankenmerge'"),
         ({"genome": {"method": "ties", "parameters": {"density": 0.5}}}, "parameters.weight is required for ties"),

@@ -34,7 +34,7 @@ from merger.common.errors import MergerError, shown
 from merger.common.schema import format_validation_error
 from merger.common.yamlsafe import read_yaml_file
 from merger.recipe.load import parse_recipe
-from merger.recipe.methods import method_info
+from merger.recipe.methods import OPEN_BELOW, OPEN_BELOW_FLOOR, method_info
 from merger.recipe.schema import TENSOR_CLASS_FILTERS, Recipe
 
 EVOLVE_MAX_EVALUATIONS = 100  # mergekit-evolve --max-fevals default
@@ -148,6 +148,8 @@ def _genome(genome: Any, num_layers: int | None, unmapped: list[str]) -> tuple[d
             # weights (t <= 0.5 against the better one); t over all it can take against a fixed base spans
             # the same merges. density: mergekit-evolve clamps it to what it can take.
             low, high = info.parameters[name].limits
+            if name in OPEN_BELOW:  # density 0 keeps nothing: not a value a recipe can name
+                low = OPEN_BELOW_FLOOR
             x0[name] = EVOLVE_START[name]
         parameters[name] = {"min": low, "max": high}
     normalize = genome.normalize if genome.normalize is not None else method in NORMALIZED_BY_DEFAULT

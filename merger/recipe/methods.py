@@ -39,13 +39,16 @@ LIMITS: dict[str, tuple[float, float]] = {
     "r": (0.0, UNBOUNDED),
     "alpha": (0.0, UNBOUNDED),
 }
+# Limits whose lower end is excluded: a density of 0 keeps nothing of a task vector (the merge is the base).
+OPEN_BELOW = {"density"}
+OPEN_BELOW_FLOOR = 0.01  # the lowest value a range imported from mergekit-evolve searches for them
 METHOD_LIMITS: dict[tuple[str, str], tuple[float, float]] = {
     ("nearswap", "t"): (0.0, UNBOUNDED),  # a threshold on |base - other|, not a position
 }
 # Default search ranges by parameter name, and by (method, name) where a method gives a name another meaning.
 SEARCH_RANGES: dict[str, tuple[float, float]] = {
     "weight": (-2.0, 2.0),
-    "density": (0.0, 1.0),
+    "density": (0.1, 1.0),
     "epsilon": (0.0, 0.5),  # DELLA: spread of the keep probability around density
     "gamma": (0.0, 0.5),
     "t": (0.0, 1.0),
@@ -86,9 +89,11 @@ class ParameterInfo:
     def outside_limits(self, value: float) -> str | None:
         """Why `value` is not a value this parameter can take, or None."""
         low, high = self.limits
-        if low <= value <= high:
+        open_below = self.name in OPEN_BELOW
+        if (low < value if open_below else low <= value) and value <= high:
             return None
-        lower = f"[{low}" if low > -UNBOUNDED else "(-inf"
+        lower = f"[{low}" if low > -UNBOUNDED and not open_below else f"({low}"
+        lower = "(-inf" if low == -UNBOUNDED else lower
         upper = f"{high}]" if high < UNBOUNDED else "inf)"
         return f"{value} is outside the values {self.name} can take, {lower}, {upper}"
 
