@@ -250,7 +250,7 @@ def test_bundled_recipe_merges_the_four_specialists_with_twelve_genes() -> None:
         genome = Genome(recipe, {source.name: Path(source.name) for source in recipe.sources}, num_layers=30)
         assert recipe.genome.method == "task_arithmetic" and genome.dimension == 12
         assert [(task.name, task.metric) for task in recipe.fitness.tasks] == [("skills_mix_fit_tf", "acc")]
-        assert [task.name for task in recipe.validation.tasks] == ["skills_mix_sel"]
+        assert [task.name for task in recipe.validation.tasks] == [f"skills_{s}_sel" for s in skills.SKILLS]
         assert recipe.engine.scoring_precision == "auto"
         assert recipe.fitness.limit % len(skills.SKILLS) == 0 and recipe.validation.limit % len(skills.SKILLS) == 0
     assert {task.name for task in recipe.test.tasks} == {f"skills_{s}_test" for s in skills.SKILLS}

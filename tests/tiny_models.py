@@ -113,17 +113,22 @@ def with_tensor_filled(source: Path, out: Path, tensor: str, value: float) -> Pa
     return out
 
 
+def _mc_row(rng: random.Random, operation: str = "plus") -> dict[str, object]:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    right = a + b if operation == "plus" else a - b
+    wrong = right + rng.choice([-3, -1, 2, 5])
+    label = rng.randint(0, 1)
+    choices = [str(right), str(wrong)] if label == 0 else [str(wrong), str(right)]
+    return {"question": f"Q: what is {a} {operation} {b}? A:", "choices": choices, "label": label}
+
+
 def write_tasks(evals_dir: Path, num_items: int = 24) -> dict[str, Path]:
     """Two tiny lm-eval tasks on local jsonl: a multiple-choice one and a generation one."""
     rng = random.Random(1)
     evals_dir.mkdir(parents=True, exist_ok=True)
     mc_rows, gen_rows = [], []
     for _ in range(num_items):
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        wrong = a + b + rng.choice([-3, -1, 2, 5])
-        label = rng.randint(0, 1)
-        choices = [str(a + b), str(wrong)] if label == 0 else [str(wrong), str(a + b)]
-        mc_rows.append({"question": f"Q: what is {a} plus {b}? A:", "choices": choices, "label": label})
+        mc_rows.append(_mc_row(rng))
         index = rng.randrange(len(COUNTRIES))
         gen_rows.append({"question": f"The capital of {COUNTRIES[index]} is", "answer": CAPITALS[index]})
     files = {}
@@ -131,23 +136,7 @@ def write_tasks(evals_dir: Path, num_items: int = 24) -> dict[str, Path]:
         data = evals_dir / f"{name}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         files[name] = data
-    (evals_dir / "tiny_mc.yaml").write_text(
-        f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {files['tiny_mc']}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-    )
+    _write_mc_yaml(evals_dir, "tiny_mc", files["tiny_mc"])
     (evals_dir / "tiny_gen.yaml").write_text(
         f"""task: tiny_gen
 dataset_path: json
@@ -171,3 +160,34 @@ metric_list:
 """
     )
     return files
+
+
+def write_mc_task(evals_dir: Path, name: str, operation: str, seed: int, num_items: int = 24) -> Path:
+    """One more tiny multiple-choice task (`plus` or `minus` questions), its items drawn with `seed`."""
+    rng = random.Random(seed)
+    evals_dir.mkdir(parents=True, exist_ok=True)
+    data = evals_dir / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(_mc_row(rng, operation)) + "\n" for _ in range(num_items)))
+    return _write_mc_yaml(evals_dir, name, data)
+
+
+def _write_mc_yaml(evals_dir: Path, name: str, data: Path) -> Path:
+    path = evals_dir / f"{name}.yaml"
+    path.write_text(
+        f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
+    return path

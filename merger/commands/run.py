@@ -23,6 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("recipe", type=Path, help="recipe YAML")
     run.add_argument("--run-dir", type=Path, help="run directory (default: the recipe's output.run_dir)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--member",
+        metavar="NAME",
+        help="export this finalist of the finished run's front (its finalists table) instead of the rule's winner",
+    )
     run.set_defaults(handler=run_command)
 
 
@@ -80,14 +85,23 @@ def run_command(args: argparse.Namespace) -> int:
                 update={"output": recipe.output.model_copy(update={"run_dir": str(args.run_dir)})}
             )
         run_dir = Path(recipe.output.run_dir)
+        if args.member is not None:
+            from merger.finish.front import check_member
+
+            check_member(RunDir(run_dir), args.member)
         with full_disk_is_an_error(f"running {args.recipe} in {run_dir}"):
-            return execute(recipe, run_dir, stop, progress=not args.no_progress, name=args.recipe.stem)
+            return execute(
+                recipe, run_dir, stop, progress=not args.no_progress, name=args.recipe.stem, member=args.member
+            )
 
 
-def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = True, name: str = "merger") -> int:
+def execute(
+    recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = True, name: str = "merger",
+    member: str | None = None,
+) -> int:
     """Run or resume; a stop (`stop`: SIGINT/SIGTERM) anywhere, from the imports to the zoo build, loading,
     search and finish, checkpoints and exits 0; a second signal stops at once. `name`: the recipe's, the
-    default tracking experiment."""
+    default tracking experiment; `member`: the front member to export instead of the rule's winner."""
     from merger.common.stopping import StopRequested
     from merger.finish.selection import selection_note
     from merger.rundir.render import cost_text, finalist_grid, score_grid, text_table
@@ -99,7 +113,7 @@ def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = T
         tracker = open_tracker(recipe.tracking, recipe, run_dir, experiment=name)
     try:
         stop.check()
-        summary = _search_and_finish(recipe, run_dir, stop, progress, tracker)
+        summary = _search_and_finish(recipe, run_dir, stop, progress, tracker, member)
     except StopRequested:  # before the search began: importing, building the zoo or loading the sources
         print("stopped while opening the run (a zoo build resumes from its last step). Run the same "
               "command again to resume.")
@@ -128,7 +142,8 @@ def execute(recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool = T
 
 
 def _search_and_finish(
-    recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool, tracker: RunTracker | None
+    recipe: Recipe, run_dir: Path, stop: StopRequest, progress: bool, tracker: RunTracker | None,
+    member: str | None = None,
 ) -> Summary | None:
     """The finished run's summary, or None when a stop ended it (said on stdout)."""
     from merger.common.stopping import StopRequested
@@ -164,7 +179,7 @@ def _search_and_finish(
                 )
                 return None
             try:
-                summary = finished_summary(run_dir, result, recipe) or finish_run(run, result)
+                summary = finished_summary(run_dir, result, recipe, member) or finish_run(run, result, member)
             except StopRequested:
                 print(
                     "stopped while finishing the run (the search is done; every final score so far is "

@@ -25,8 +25,9 @@ from merger.search.loop import SearchResult
 from merger.search.open import OpenRun
 
 
-def finished_summary(run_dir: Path, result: SearchResult, recipe: Recipe) -> Summary | None:
-    """The summary of a run that already finished with this result (rerunning it re-scores nothing)."""
+def finished_summary(run_dir: Path, result: SearchResult, recipe: Recipe, member: str | None = None) -> Summary | None:
+    """The summary of a run that already finished with this result (rerunning it re-scores nothing), and
+    with `member` as its winner when one is asked for."""
     layout = RunDir(run_dir)
     if not layout.final.is_dir():
         return None
@@ -34,21 +35,24 @@ def finished_summary(run_dir: Path, result: SearchResult, recipe: Recipe) -> Sum
     if summary is None or summary.evaluations != result.evaluations:
         return None
     if recipe.selects:
-        return summary if summary.selection is not None else None
+        if summary.selection is None or (member is not None and summary.selection.chosen != member):
+            return None
+        return summary
     same_winner = summary.selection is None and result.best is not None and summary.winner.genotype == list(result.best.genotype)
     return summary if same_winner else None
 
 
-def finish_run(run: OpenRun, result: SearchResult) -> Summary:
-    """Score the untuned models, choose the winner, export it, score it on every eval set, write the
-    model card and summary.json; each step resumable (its results are in the ledger as they come)."""
+def finish_run(run: OpenRun, result: SearchResult, member: str | None = None) -> Summary:
+    """Score the untuned models, choose the winner (or the front member `member`), export it, score it on
+    every eval set, write the model card and summary.json; each step resumable (its results are in the
+    ledger as they come)."""
     layout = run.layout
     baselines = plan_baselines(run.recipe, run.source_paths)
     untuned = untuned_models(run, baselines)
     raced = run.recipe.selects and run.recipe.selection.block is not None
     # under a selection race the untuned models' validation scores come from the race
     scores = score_final(run, untuned, [s for s in eval_sets(run.recipe) if not (raced and s == "validation")])
-    chosen, selection = select_winner(run, result, untuned, scores)
+    chosen, selection = select_winner(run, result, untuned, scores, member)
     winner, config_yaml = export_winner(run, chosen)
     scores.update(score_final(run, [winner]))
     summary = build_summary(run, chosen, result, scores, baselines, selection)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from merger.finish.front import pareto_front, require_on_front
 from merger.finish.models import Contender, FinalModel, config_identity, merge_yaml
 from merger.finish.scores import ScoreTable, score_final
 from merger.finish.selection_race import RaceOutcome, race
@@ -102,8 +103,9 @@ def finalist_rows(
             selection = selection_of(selected)
         else:  # a survivor has every item: the score without racing; a dropped one, its items' estimate
             selection_items.append(raced.values[model.key])
+            selected = task_means(selection_items[-1])
             dropped = model.key in raced.dropped_after
-            selection = raced.selection(model.key) if dropped else selection_of(task_means(selection_items[-1]))
+            selection = raced.selection(model.key) if dropped else selection_of(selected)
         rows.append(
             Finalist(
                 name=contender.name,
@@ -115,6 +117,7 @@ def finalist_rows(
                 identity=model.identity,
                 items=item_count(selection_items[-1]),
                 dropped_after=None if raced is None else raced.dropped_after.get(model.key),
+                tasks=dict(selected),
             )
         )
     return with_margins(rows, selection_items, selection_of, recipe.selection.confidence)
@@ -149,13 +152,14 @@ def _se(items: ItemValues, tasks: list[TaskSpec], aggregate: Aggregate) -> float
 
 
 def choose(
-    contenders: list[Contender], rows: list[Finalist], selection: SelectionSpec
+    contenders: list[Contender], rows: list[Finalist], selection: SelectionSpec, member: str | None = None
 ) -> tuple[Contender, Selection]:
     """The winner among the finalists (`selection.rule`):
     best:      the best on the selection set; the first of equals (untuned models come first);
     confident: the candidate best on the selection set, if the lower bound of its lead over the best
                untuned finalist is above zero (`with_margins`: one test, of the one candidate the
                selection set prefers); the best untuned finalist otherwise.
+    `member`: a finalist on the front (merger.finish.front) the user chose instead, by its name.
     """
     racing = [i for i, row in enumerate(rows) if row.dropped_after is None]  # every finalist, without a race
     untuned = [i for i in racing if rows[i].kind != "candidate"]
@@ -166,18 +170,28 @@ def choose(
         confident = (rows[best_candidate].lower_bound or 0.0) > 0.0
         eligible = untuned + ([best_candidate] if confident or not untuned else [])
     best = max(eligible, key=lambda i: (rows[i].selection, -i))
+    front = pareto_front(rows)
+    if member is not None:
+        require_on_front(front, member)
+        best = next(i for i, row in enumerate(rows) if row.name == member)
     winner = contenders[best]
     chosen = Selection(
-        top_k=selection.top_k, rule=selection.rule, chosen=rows[best].name, kind=winner.kind, finalists=rows
+        top_k=selection.top_k, rule=selection.rule, chosen=rows[best].name, kind=winner.kind, finalists=rows,
+        front=front, member=member,
     )
     return winner, chosen
 
 
 def selection_note(selection: Selection) -> str | None:
-    """One line when an untuned model won: the run exports it, not an evolved merge."""
+    """One line when the winner is not the rule's: a front member the user chose, or an untuned model (the
+    run exports it, not an evolved merge)."""
+    rows = {row.name: row for row in selection.finalists}
+    if selection.member is not None:
+        tasks = rows[selection.member].tasks or {}
+        scores = ", ".join(f"{task} {score:.3f}" for task, score in tasks.items())
+        return f"selection: the front member {selection.member!r} exported as chosen with --member ({scores})"
     if selection.kind == "candidate":
         return None
-    rows = {row.name: row for row in selection.finalists}
     best_candidate = max(
         (row for row in selection.finalists if row.kind == "candidate"), key=lambda row: row.selection, default=None
     )
@@ -194,9 +208,10 @@ def selection_note(selection: Selection) -> str | None:
 
 
 def select_winner(
-    run: OpenRun, result: SearchResult, untuned: list[FinalModel], scores: ScoreTable
+    run: OpenRun, result: SearchResult, untuned: list[FinalModel], scores: ScoreTable, member: str | None = None
 ) -> tuple[Contender, Selection | None]:
-    """The finalist best on the validation set (`selection:`), or the best candidate by fitness."""
+    """The finalist best on the validation set (`selection:`), or the best candidate by fitness; `member`:
+    the front member the user chose instead."""
     recipe = run.recipe
     if not recipe.selects:
         assert result.best is not None  # a finished search has a best candidate
@@ -205,9 +220,11 @@ def select_winner(
     contenders = untuned_contenders(untuned) + candidates
     if recipe.selection.block is None:
         scores.update(score_final(run, [c.model for c in candidates], ["validation"]))
-        return choose(contenders, finalist_rows(recipe, run.ledger, contenders, scores), recipe.selection)
+        rows = finalist_rows(recipe, run.ledger, contenders, scores)
+        return choose(contenders, rows, recipe.selection, member)
     raced = race(run, contenders)
-    winner, selection = choose(contenders, finalist_rows(recipe, run.ledger, contenders, scores, raced), recipe.selection)
+    rows = finalist_rows(recipe, run.ledger, contenders, scores, raced)
+    winner, selection = choose(contenders, rows, recipe.selection, member)
     for contender in contenders:  # a survivor's validation scores are a final score; a dropped one has none
         model = contender.model
         if model.key not in raced.dropped_after:

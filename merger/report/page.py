@@ -17,6 +17,7 @@ class ReportFiles:
     html: Path
     fitness_plot: Path
     genes_plot: Path | None
+    front_plot: Path | None = None  # with several validation tasks: the finalists' front per task
 
 
 def _table(header: list[str] | None, rows: list[list[str]], bold: set[tuple[int, int]] | None = None) -> str:
@@ -122,6 +123,8 @@ def render_html(run: RunData, files: ReportFiles) -> str:
         ]
         if run.summary.selection is not None:
             parts += ["<h2>Selection of the winner</h2>", finalist_table_html(run.summary.selection)]
+            if files.front_plot is not None:
+                parts.append(f'<img src="{files.front_plot.name}" alt="the finalists per validation task and their front">')
     else:
         parts.append(
             "<p>The run has not finished: the table of sources and winner comes with its summary.json.</p>"

@@ -10,6 +10,8 @@ import numpy as np
 
 from merger.recipe import Recipe
 from merger.report.data import RunData, gene_matrices, validation_scores
+from merger.rundir.render import front_tasks
+from merger.rundir.summary import Selection
 
 MAX_ANNOTATED_CELLS = 240  # beyond this the numbers in the heatmap cells are unreadable
 
@@ -148,3 +150,30 @@ def plot_layer_path(genes: list[dict[str, Any]], recipe: Recipe, path: Path) -> 
     )
     figure.savefig(path)
     return figure
+
+
+def plot_front(selection: Selection, path: Path) -> None:
+    """Parallel coordinates of the finalists over the validation tasks: the front's members in colour and
+    named, the others grey, the winner's line thickest."""
+    tasks = front_tasks(selection)
+    front = selection.front or []
+    figure = _figure(max(6.0, 1.6 * len(tasks) + 3), 4.5)
+    axes = figure.add_subplot()
+    from matplotlib import colormaps
+
+    colours = iter(colormaps["tab10"].colors * 3)
+    x = np.arange(len(tasks))
+    for row in selection.finalists:
+        if row.tasks is None or row.dropped_after is not None:
+            continue
+        y = [row.tasks.get(task, np.nan) for task in tasks]
+        if row.name in front:
+            width = 3.0 if row.name == selection.chosen else 1.6
+            axes.plot(x, y, marker="o", linewidth=width, color=next(colours, None), label=row.name, zorder=3)
+        else:
+            axes.plot(x, y, color="0.75", linewidth=0.8, zorder=1)
+    axes.set_xticks(x, tasks, rotation=15)
+    axes.set_ylabel(f"{selection.eval_set} score")
+    axes.set_title("finalists per task: the front in colour (thickest: the winner), the dominated in grey")
+    axes.legend(fontsize="small", loc="best")
+    figure.savefig(path)

@@ -49,9 +49,27 @@ def finalist_cells(row: Finalist) -> list[str]:
 
 
 def finalist_grid(selection: Selection) -> Grid:
-    header = ["finalist", "kind", "fitness", selection.eval_set, "items", LEAD_HEADER, ""]
-    rows = [[*finalist_cells(row), "<- winner" if row.name == selection.chosen else ""] for row in selection.finalists]
-    return header, rows
+    """The finalists; with several validation tasks, each task's score and a mark on the front's members
+    (merger.finish.front)."""
+    header = ["finalist", "kind", "fitness", selection.eval_set, "items", LEAD_HEADER]
+    tasks = front_tasks(selection)
+    header += [*tasks, "front"] if tasks else []
+    rows = []
+    for row in selection.finalists:
+        cells = finalist_cells(row)
+        if tasks:
+            scores = row.tasks or {}
+            cells += [f"{scores[task]:.3f}" if task in scores else MISSING for task in tasks]
+            cells.append("*" if row.name in (selection.front or []) else "")
+        rows.append([*cells, "<- winner" if row.name == selection.chosen else ""])
+    return [*header, ""], rows
+
+
+def front_tasks(selection: Selection) -> list[str]:
+    """The validation tasks of the finalists' front, in the finalists' order; none without a front."""
+    if selection.front is None:
+        return []
+    return list(dict.fromkeys(task for row in selection.finalists for task in row.tasks or {}))
 
 
 def selection_rule_text(selection: Selection) -> str:
@@ -76,6 +94,13 @@ def selection_rule_text(selection: Selection) -> str:
             f"with a chance of any wrong drop at most {race.delta}; {race.items} items scored where every "
             f"finalist on every item would take {race.items_without_racing}."
         )
+    if selection.front is not None:
+        text += (
+            " The front (*): the finalists scored on every item that no other beats on every validation task; "
+            "`merger run RECIPE --member NAME` exports one of them instead of the rule's winner."
+        )
+    if selection.member is not None:
+        text += f" The winner is the front member {selection.member!r}, chosen with --member."
     return text
 
 

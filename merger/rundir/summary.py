@@ -82,6 +82,7 @@ class Finalist(_Block):
     reference: str | None = None  # the best untuned finalist that lead is measured against
     items: int | None = None  # validation items it was scored on
     dropped_after: int | None = None  # racing: dropped once this many items showed another surely ahead
+    tasks: dict[str, float] | None = None  # its score on each validation task (on its `items`)
 
 
 class SelectionRace(_Block):
@@ -106,6 +107,9 @@ class Selection(_Block):
     kind: str  # its kind: candidate, baseline or source
     finalists: list[Finalist] = Field(default_factory=list)
     racing: SelectionRace | None = None  # None: every finalist on every validation item
+    # the finalists no other beats on every validation task (merger.finish.front); None: one task
+    front: list[str] | None = None
+    member: str | None = None  # the front member a user chose (`merger run --member`) over the rule's winner
 
 
 class PhaseCost(_Block):
