@@ -29,14 +29,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from bench_runs import RECIPES, ROOT, Model, final_models, load, run, variant_recipe, wall_seconds
 
-from merger.recipe import Recipe, load_recipe
+from merger.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import BASELINE_PREFIX, SOURCE_PREFIX, WINNER_KEY, baseline_key
 from merger.rundir.summary import Summary
@@ -109,8 +114,56 @@ def seed_row(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         "minus_source": paired_difference(winner.items, best_source.items, mean_of),
         "against": against,
         "skills": skill_gaps(winner.test, sources, mean_of),
+        "front": front_rows(summary),
         "seconds": wall_seconds(run_dir),
     }
+
+
+def front_rows(summary: Summary) -> dict[str, Any] | None:
+    """The finalists' front on the validation tasks (merger.finish.front): each member's score per task and,
+    per task, the best source's there (its specialist; a source the race dropped, on its items so far); the
+    member whose worst task keeps the largest share of its specialist's score (chosen on validation only)."""
+    selection = summary.selection
+    if selection is None or selection.front is None:
+        return None
+    rows = {row.name: row for row in selection.finalists}
+    sources = [row for row in selection.finalists if row.kind == "source" and row.tasks]
+    specialists = {task: max(sources, key=lambda row: row.tasks[task]) for task in sources[0].tasks}  # type: ignore[index]
+
+    def share(name: str) -> float:
+        tasks = rows[name].tasks or {}
+        return min(tasks[task] / best.tasks[task] for task, best in specialists.items() if best.tasks[task] > 0)  # type: ignore[index]
+
+    return {
+        "members": {name: (rows[name].tasks, share(name)) for name in selection.front},
+        "specialists": {task: (row.name, row.tasks[task], row.items) for task, row in specialists.items()},  # type: ignore[index]
+        "floor_member": max(selection.front, key=share),
+        "chosen": selection.chosen,
+    }
+
+
+def floor_member_test(recipe: Recipe, run_dir: Path, member: str) -> dict[str, Any]:
+    """`merger run --member` on a copy of the run (the run itself keeps its winner): the floor member's test
+    scores, and its test mean minus the winner's with a paired interval."""
+    recipe_path = run_dir.parent / f"{run_dir.name}.yaml"  # the variant recipe the run was made from
+    copy = run_dir.parent / f"{run_dir.name}-member"
+    done = RunDir(copy).read_summary()
+    if done is None or done.selection is None or done.selection.member != member:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("final", "wall_seconds.json"))
+        data = yaml.safe_load(recipe_path.read_text())
+        data["output"]["run_dir"] = str(copy)
+        copied_recipe = copy.parent / f"{copy.name}.yaml"
+        copied_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+        (copy / "recipe.yaml").write_text(recipe_to_yaml(parse_recipe(data, str(copied_recipe))))
+        subprocess.run(
+            [sys.executable, "-m", "merger.cli", "run", str(copied_recipe), "--no-progress", "--member", member],
+            check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    chosen = final_models(copy)[WINNER_KEY]
+    winner = final_models(run_dir)[WINNER_KEY]
+    difference = paired_difference(chosen.items, winner.items, lambda scores: weighted_score(scores, recipe.test))  # type: ignore[arg-type]
+    return {"member": member, "test": chosen.test, "minus_winner": difference}
 
 
 def print_seed(name: str, seed: int, row: dict[str, Any]) -> None:
@@ -127,6 +180,21 @@ def print_seed(name: str, seed: int, row: dict[str, Any]) -> None:
         print(f"  {task:28s} winner {score:.3f}   best source {specialist} {theirs:.3f}")
     closed = "–" if skills["gap_closed"] is None else f"{skills['gap_closed']:.2f}"
     print(f"  item oracle (each item by its best source) {skills['oracle']:.3f}; share of the gap from the best source closed: {closed}")
+    front = row["front"]
+    if front is not None:
+        specialists = ", ".join(f"{task} {who} {score:.3f}" for task, (who, score, _) in front["specialists"].items())
+        print(f"  front on validation (specialists there: {specialists}):")
+        for member, (tasks, share) in front["members"].items():
+            marks = " <- winner" if member == front["chosen"] else ""
+            marks += " <- floor member" if member == front["floor_member"] else ""
+            scores = "  ".join(f"{task} {score:.3f}" for task, score in tasks.items())
+            print(f"    {member:26s} {scores}   worst share of specialist {share:.2f}{marks}")
+    floor = row.get("floor")
+    if floor is not None:
+        point, low, high = floor["minus_winner"]
+        scores = "  ".join(f"{task} {score:.3f}" for task, score in floor["test"].items())
+        print(f"  floor member {floor['member']!r} exported with --member, test: {scores}")
+        print(f"  floor member - winner, test mean: {point:+.3f} [{low:+.3f}, {high:+.3f}]")
 
 
 def median_of(values: list[float | None]) -> float | None:
@@ -146,6 +214,9 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only read the runs already finished")
     parser.add_argument("--baselines", choices=["recipe", "all"], default="recipe",
                         help="all: score every untuned merge merger knows (`baselines: all`)")
+    parser.add_argument("--floor-member", action="store_true",
+                        help="also export, in a copy of each run, the front member whose worst skill keeps the "
+                        "largest share of its specialist's validation score (`merger run --member`), and score it")
     args = parser.parse_args()
     print(f"start: {load()}")
     result: dict[str, Any] = {}
@@ -161,6 +232,9 @@ def main() -> None:
             if RunDir(run_dir).read_summary() is None:
                 continue
             rows[seed] = seed_row(recipe, run_dir)
+            front = rows[seed]["front"]
+            if args.floor_member and front is not None and front["floor_member"] != front["chosen"]:
+                rows[seed]["floor"] = floor_member_test(recipe, run_dir, front["floor_member"])
             print_seed(name, seed, rows[seed])
             total += rows[seed]["seconds"] or 0.0
         if rows:
@@ -173,6 +247,9 @@ def main() -> None:
                 ),
                 "gap_closed": median_of([r["skills"]["gap_closed"] for r in rows.values()]),
                 "winner_minus_best_source": statistics.median(r["minus_source"][0] for r in rows.values()),
+                "floor_member_minus_winner": median_of(
+                    [r["floor"]["minus_winner"][0] if "floor" in r else None for r in rows.values()]
+                ),
                 "seeds": len(rows),
             }
     print(f"\nend: {load()}; total cost of the runs: {total / 60:.1f} min wall")
