@@ -151,7 +151,15 @@ def _search_and_finish(
     from merger.search.loop import Search
     from merger.search.open import open_run
 
+    choice = None
+    if recipe.chooses_method:
+        from merger.finish.method_choice import adopt_choice, choose_method
+
+        recipe, choice = choose_method(recipe, run_dir)
+        print(choice.line(), file=sys.stderr)
     with open_run(recipe, run_dir) as run:
+        if choice is not None:
+            adopt_choice(run, choice)
         search = Search(run)
         print(
             f"{'resuming' if run.resuming else 'starting'} run in {run_dir}: {run.space.describe()}",
@@ -179,7 +187,8 @@ def _search_and_finish(
                 )
                 return None
             try:
-                summary = finished_summary(run_dir, result, recipe, member) or finish_run(run, result, member)
+                chosen = choice.summary() if choice is not None else None
+                summary = finished_summary(run_dir, result, recipe, member) or finish_run(run, result, member, chosen)
             except StopRequested:
                 print(
                     "stopped while finishing the run (the search is done; every final score so far is "

@@ -19,7 +19,7 @@ from merger.recipe import Recipe
 from merger.recipe.baselines import plan_baselines
 from merger.rundir.layout import CARD_FILE, RunDir
 from merger.rundir.render import model_card
-from merger.rundir.summary import Summary
+from merger.rundir.summary import MethodChosen, Summary
 from merger.scoring.fitness import eval_sets
 from merger.search.loop import SearchResult
 from merger.search.open import OpenRun
@@ -42,10 +42,12 @@ def finished_summary(run_dir: Path, result: SearchResult, recipe: Recipe, member
     return summary if same_winner else None
 
 
-def finish_run(run: OpenRun, result: SearchResult, member: str | None = None) -> Summary:
+def finish_run(
+    run: OpenRun, result: SearchResult, member: str | None = None, method_chosen: MethodChosen | None = None
+) -> Summary:
     """Score the untuned models, choose the winner (or the front member `member`), export it, score it on
-    every eval set, write the model card and summary.json; each step resumable (its results are in the
-    ledger as they come)."""
+    every eval set, write the model card and summary.json (with `method_chosen`, how `method: auto` chose);
+    each step resumable (its results are in the ledger as they come)."""
     layout = run.layout
     baselines = plan_baselines(run.recipe, run.source_paths)
     untuned = untuned_models(run, baselines)
@@ -55,7 +57,7 @@ def finish_run(run: OpenRun, result: SearchResult, member: str | None = None) ->
     chosen, selection = select_winner(run, result, untuned, scores, member)
     winner, config_yaml = export_winner(run, chosen)
     scores.update(score_final(run, [winner]))
-    summary = build_summary(run, chosen, result, scores, baselines, selection)
+    summary = build_summary(run, chosen, result, scores, baselines, selection, method_chosen)
     write_atomic(layout.final / CARD_FILE, model_card(summary, config_yaml).encode())
     layout.write_summary(summary)
     for name in baselines.configs:  # scored and kept in the ledger: only their YAML stays

@@ -17,6 +17,7 @@ from merger.rundir.summary import (
     AcrossTasks,
     Baseline,
     LineageEntry,
+    MethodChosen,
     Scores,
     Selection,
     Summary,
@@ -34,6 +35,7 @@ def build_summary(
     scores: ScoreTable,
     baselines: BaselinePlan,
     selection: Selection | None,
+    method_chosen: MethodChosen | None = None,
 ) -> Summary:
     recipe = run.recipe
     meta = run.meta
@@ -69,6 +71,7 @@ def build_summary(
         failures=sum(r.failed for r in run.ledger.evaluations()),
         seed=recipe.optimizer.seed,
         method=recipe.genome.method,
+        method_chosen=method_chosen,
         search_space=meta.search_space,
         budget={
             "max_evaluations": recipe.optimizer.max_evaluations,

@@ -47,6 +47,11 @@ class SearchRange(StrictModel):
 ParameterSetting = float | SearchRange
 
 PASSTHROUGH = "passthrough"  # the method of a layer-path genome (mergekit's passthrough)
+# `genome.method: auto`: the run searches the method of its best untuned merge on the fitness set
+# (merger.finish.method_choice), among the baselines whose method takes a weight per source
+AUTO_METHOD = "auto"
+AUTO_PARAMETERS = ("weight", "density")  # what an auto genome may set: the weight family's common parameters
+AUTO_WEIGHT = SearchRange(min=0.0, max=1.0)  # an auto genome's weight range unless it gives one
 SCALE_RANGE = (0.0, 4.0)  # bounds a layer path's searched scales must lie in
 
 
@@ -91,7 +96,7 @@ class GenomeSpec(StrictModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method == PASSTHROUGH:  # the layer-path space's method: checked with the space
+        if method in (PASSTHROUGH, AUTO_METHOD):  # the layer-path space's method: checked with the space
             return method
         try:
             searchable_method(method)
@@ -103,6 +108,8 @@ class GenomeSpec(StrictModel):
     def _parameters_fit_method(self) -> GenomeSpec:
         if self.space == "layer_path" or self.layer_path is not None or self.method == PASSTHROUGH:
             return self._fits_layer_path()
+        if self.method == AUTO_METHOD:
+            return self._fits_auto()
         info = METHODS[self.method]
         allowed = info.source_parameters + info.shared_parameters
         for name, setting in self.parameters.items():
@@ -126,6 +133,23 @@ class GenomeSpec(StrictModel):
                 raise ValueError(f"options.{name}: {self.method} has no option {name!r}")
         if len(set(self.tensor_classes)) != len(self.tensor_classes):
             raise ValueError(f"tensor_classes has a duplicate: {self.tensor_classes}")
+        return self
+
+    def _fits_auto(self) -> GenomeSpec:
+        """`method: auto` takes a weight and a density at most (each checked against the method chosen)."""
+        for name, setting in self.parameters.items():
+            if name not in AUTO_PARAMETERS:
+                raise ValueError(
+                    f"parameters.{name}: method auto sets {' and '.join(AUTO_PARAMETERS)} only (the method chosen "
+                    "takes the rest from its best untuned merge); give a method to set it"
+                )
+            values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
+            for value in values:
+                problem = METHODS["ties"].parameters[name].outside_limits(value)
+                if problem:
+                    raise ValueError(f"parameters.{name}: {problem}")
+        if self.options:
+            raise ValueError(f"options.{next(iter(self.options))}: method auto takes no options; give a method")
         return self
 
     def _fits_layer_path(self) -> GenomeSpec:
@@ -399,9 +423,16 @@ class Recipe(StrictModel):
     def baseline_method(self, name: str) -> str:
         return UNTUNED_MERGES[name].method or self.genome.method
 
+    @property
+    def chooses_method(self) -> bool:
+        """`genome.method: auto`: the method is chosen from the baselines when the run opens."""
+        return self.genome.method == AUTO_METHOD and self.genome.space == "parameters"
+
     def baseline_config(self, name: str, source_paths: Mapping[str, Any]) -> dict[str, Any]:
         """One named untuned merge's mergekit config over the sources (name -> path), in the recipe's order;
         raises NotApplicable when the method cannot merge them untuned."""
+        if self.baseline_method(name) == AUTO_METHOD:
+            raise NotApplicable("it is the searched method's, and method auto chooses that from the others")
         return untuned_config(
             self.baseline_method(name),
             {source: source_paths[source] for source in self.source_names},
@@ -470,6 +501,8 @@ class Recipe(StrictModel):
                 raise ValueError(f"{field}: {value!r} is not one of the sources ({', '.join(names)})")
         if self.genome.space == "layer_path":
             return self._layer_path_fits(names)
+        if self.chooses_method:
+            return self  # checked against the method chosen (`with_method`)
         info = METHODS[self.genome.method]
         if info.needs_base and self.base_model is None:
             raise ValueError(f"base_model is required for {self.genome.method}")
@@ -503,6 +536,22 @@ class Recipe(StrictModel):
                 "optimizer.x0: a layer path starts from genome.layer_path.start; give x0: center"
             )
         return self
+
+    def with_method(self, baseline: str) -> Recipe:
+        """This `method: auto` recipe searching the method of the untuned merge `baseline`: the weight as
+        given (or AUTO_WEIGHT), the baseline's other settings fixed unless the recipe searches them (a density
+        range); checked as any recipe (ValueError, with the reason, where it does not fit)."""
+        merge = UNTUNED_MERGES[baseline]
+        assert merge.method is not None and self.chooses_method
+        info = METHODS[merge.method]
+        parameters: dict[str, Any] = {"weight": self.genome.parameters.get("weight", AUTO_WEIGHT)}
+        for name, value in merge.values.items():
+            if name != "weight" and name in info.parameters:
+                parameters[name] = self.genome.parameters.get(name, value)
+        if "density" in self.genome.parameters and "density" in info.source_parameters:
+            parameters["density"] = self.genome.parameters["density"]
+        genome = self.genome.model_dump(exclude_unset=True) | {"method": merge.method, "parameters": parameters}
+        return Recipe.model_validate(self.model_dump(exclude_unset=True) | {"genome": genome})
 
     @property
     def tokenizer_name(self) -> str:

@@ -8,6 +8,8 @@ RUN_DIR/final/               the winner, exported by mergekit (written as final.
 RUN_DIR/baselines/NAME.yaml  each untuned baseline's mergekit configuration (merger.recipe.baselines)
 RUN_DIR/baselines/NAME/      its export, while it is scored
 RUN_DIR/summary.json         `Summary` (merger.rundir.summary): the winner's, the sources' and the baselines' scores
+RUN_DIR/method_choice.json   `genome.method: auto`: the method chosen and the scores it rests on
+RUN_DIR/method_probe/        while it is chosen: the baselines' fitness scoring, a run directory of its own
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ BASELINES_DIR = "baselines"
 SUMMARY_FILE = "summary.json"
 CARD_FILE = "README.md"  # final/README.md: the model card (merger.rundir.render), published unchanged
 TRACKING_FILE = "tracking.json"  # {tracking URI: the run directory's run there} (merger.tracking)
+METHOD_CHOICE_FILE = "method_choice.json"  # merger.finish.method_choice
+METHOD_PROBE_DIR = "method_probe"
 class RunDir:
     """The paths of one run directory, and reading and writing its summary."""
 
@@ -65,6 +69,14 @@ class RunDir:
     @property
     def tracking(self) -> Path:
         return self.path / TRACKING_FILE
+
+    @property
+    def method_choice(self) -> Path:
+        return self.path / METHOD_CHOICE_FILE
+
+    @property
+    def method_probe(self) -> Path:
+        return self.path / METHOD_PROBE_DIR
 
     def baseline(self, name: str) -> Path:
         return self.baselines / name

@@ -154,6 +154,12 @@ def _origin_lines(summary: Summary) -> list[str]:
         f"CMA-ES over {summary.search_space} in {summary.evaluations} evaluations (seed {summary.seed}), "
         "each candidate merged with mergekit's methods and scored with lm-eval"
     )
+    chosen = summary.method_chosen
+    if chosen is not None:
+        searched += (
+            f"; the method, {chosen.method}, chosen by `method: auto` as that of {chosen.baseline}, the best "
+            "untuned merge on the fitness set"
+        )
     selection = summary.selection
     if selection is None or selection.kind == "candidate":
         return [f"# Evolutionary merge ({summary.method})", "", f"Found by `merger` with {searched}.", ""]

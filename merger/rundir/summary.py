@@ -127,6 +127,16 @@ class LineageEntry(_Block):
     sha256: str | None = None
 
 
+class MethodChosen(_Block):
+    """`genome.method: auto` (merger.finish.method_choice): the baseline whose method was searched, every
+    baseline considered with its fitness, and why the others were not."""
+
+    baseline: str
+    method: str
+    fitness: dict[str, float]
+    skipped: dict[str, str] = Field(default_factory=dict)
+
+
 class Summary(_Block):
     winner: Winner
     sources: dict[str, Scores] = Field(default_factory=dict)
@@ -137,6 +147,7 @@ class Summary(_Block):
     failures: int | None = None
     seed: int | None = None
     method: str | None = None
+    method_chosen: MethodChosen | None = None  # None: the recipe named its method
     # the search space in one line; summaries written before this name called it `genome`
     search_space: str | None = Field(default=None, validation_alias=AliasChoices("search_space", "genome"))
     budget: dict[str, Any] = Field(default_factory=dict)

@@ -68,7 +68,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path) -> bool:
                 f"{run_dir} holds a run of a different recipe; give another --run-dir or remove it"
             )
         return True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    layout = RunDir(run_dir)
+    if run_dir.exists() and any(path != layout.method_choice for path in run_dir.iterdir()):
         raise MergerError(f"{run_dir} exists and is not a merger run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(stored, text.encode())
