@@ -9,6 +9,7 @@ not depend on the seed, and scoring is deterministic.
     python benchmarks/merge_quality.py                          # quickstart and skills, seeds 1-5
     python benchmarks/merge_quality.py --recipes skills --seeds 1 2
     python benchmarks/merge_quality.py --recipes skills --baselines all --out benchmarks/runs/merge_quality_all
+    python benchmarks/merge_quality.py --recipes skills --baselines all --method auto --floor-member
 
 Per seed: the held-out test mean (and worst task) of every source, every baseline and the winner (and
 which finalist selection chose); the winner minus the best baseline and minus the best source (the best
@@ -214,6 +215,7 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only read the runs already finished")
     parser.add_argument("--baselines", choices=["recipe", "all"], default="recipe",
                         help="all: score every untuned merge merger knows (`baselines: all`)")
+    parser.add_argument("--method", help="the genome's method instead of the recipe's (auto: the best baseline's)")
     parser.add_argument("--floor-member", action="store_true",
                         help="also export, in a copy of each run, the front member whose worst skill keeps the "
                         "largest share of its specialist's validation score (`merger run --member`), and score it")
@@ -227,7 +229,9 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = args.out / f"{name}-seed{seed}"
             if not args.no_run:
-                changes = {"baselines": "all"} if args.baselines == "all" else None
+                changes: dict[str, Any] = {"baselines": "all"} if args.baselines == "all" else {}
+                if args.method:
+                    changes["genome"] = {"method": args.method}
                 run(variant_recipe(RECIPES[name], seed, run_dir, changes), args.out / "scores")
             if RunDir(run_dir).read_summary() is None:
                 continue
