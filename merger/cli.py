@@ -13,7 +13,7 @@ from merger.common.errors import MergerError, clip
 
 # One module per area under merger/commands/, each with `register(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = (
-    "run", "status", "router", "registry", "zoo", "report", "recipes", "import_evolve", "track",
+    "run", "status", "router", "pool", "registry", "zoo", "report", "recipes", "import_evolve", "track",
 )
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,134 @@
+"""`merger pool design DESIGN.yaml`: merge where merging works, route where it does not.
+
+Measure how much each pair of specialists loses merged (merger.design.plan), choose the partition into at
+most K groups the measurement predicts best (merger.design.partitions), search a merge of each group of
+two or more (a normal run directory each, resumed like any run), keep a group of one as its specialist,
+write the pool file and train its router. Killed anywhere, the same command resumes: the pair exports,
+the measurement's outcomes and every group's run are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from merger.common.extras import require_extra
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"K must be at least 1, got {value}")
+    return value
+
+
+def _partition(text: str) -> tuple[tuple[str, ...], ...]:
+    """`add,rev/sort/date`: groups separated by `/`, the skills of a group by `,`."""
+    return tuple(tuple(name for name in group.split(",") if name) for group in text.split("/") if group)
+
+
+def _design(args: argparse.Namespace) -> int:
+    require_extra("router", "merger pool design")
+    from merger.common.errors import MergerError
+    from merger.common.stopping import StopRequest
+    from merger.design import plan
+    from merger.design.spec import load_design
+    from merger.recipe import load_recipe
+    from merger.router.outcomes import build_outcome_table
+    from merger.router.pool import load_pool
+    from merger.sources.resolve import resolve_checked
+
+    design = load_design(args.design)
+    recipe = load_recipe(design.recipe)
+    template = load_pool(design.pool)
+    if template.tasks is None:
+        raise MergerError(f"{design.pool}: the designed pool's router needs `tasks:` to learn from")
+    if args.members is not None:
+        design = design.model_copy(update={"members": args.members, "memory_gib": None})
+        if args.members > len(design.skills):
+            raise MergerError(f"--members {args.members} is more than the {len(design.skills)} specialists")
+    source_paths, _ = resolve_checked(recipe)
+    members = plan.check_design(design, recipe, source_paths)
+    forced = _partition(args.partition) if args.partition else None
+    if forced is not None:
+        _check_partition(forced, list(design.skills), members)
+
+    pairs = plan.export_pairs(design, recipe, source_paths)
+    table = build_outcome_table(plan.measurement_pool(design, recipe, template, source_paths, pairs), _progress)
+    measurement = plan.measure(design, table)
+    predictions = plan.choose(measurement, members)
+    plan.write_design(design, measurement, predictions)
+    print(_measurement_text(measurement))
+    print(_partitions_text(predictions, forced))
+    chosen = forced or predictions[0].partition
+
+    from merger.commands.run import execute
+
+    with StopRequest() as stop:
+        for group in chosen:
+            if len(group) < 2:
+                continue
+            group_recipe = plan.group_recipe(design, recipe, group)
+            _progress(f"group {'-'.join(group)}: searching its merge in {plan.group_dir(design, group)}")
+            execute(group_recipe, plan.group_dir(design, group), stop, progress=not args.no_progress, name="pool-design")
+            if not plan.group_dir(design, group).joinpath("summary.json").is_file():
+                return 0  # stopped: `execute` said so; the same command resumes the group's run
+
+    from merger.conductor.depth import depth_generation, workflow_key
+    from merger.router.training import train_router
+
+    pool_path = plan.designed_pool(design, design.pool, chosen, source_paths)
+    pool = load_pool(pool_path)
+    head = train_router(pool, _progress, workflow_key(depth_generation(pool)))
+    print(f"designed pool: {pool_path} ({len(pool.members)} members: {', '.join(pool.names)}); router head "
+          f"{head.num_parameters} parameters")
+    print(f"next: merger router eval {pool_path}   # held-out accuracy, resident GiB, seconds per answer")
+    print(f"      merger serve {pool_path}")
+    return 0
+
+
+def _check_partition(partition: tuple[tuple[str, ...], ...], skills: list[str], members: int) -> None:
+    from merger.common.errors import MergerError
+
+    named = [skill for group in partition for skill in group]
+    if sorted(named) != sorted(skills) or len(set(named)) != len(named):
+        raise MergerError(f"--partition must name every skill once ({', '.join(skills)}), got {named}")
+    if len(partition) > members:
+        raise MergerError(f"--partition has {len(partition)} groups, more than the budget's {members}")
+
+
+def _measurement_text(measurement) -> str:  # noqa: ANN001 (merger.design.plan.Measurement, imported late)
+    skills = list(measurement.alone)
+    lines = [f"pairwise measurement ({measurement.items} items a skill): each skill's loss merged with each partner"]
+    lines.append("skill  alone  " + "  ".join(f"{name:>6s}" for name in skills))
+    for skill in skills:
+        cells = "  ".join(
+            f"{measurement.loss[skill][other]:+6.3f}" if other != skill else f"{'':>6s}" for other in skills
+        )
+        lines.append(f"{skill:5s}  {measurement.alone[skill]:.3f}  {cells}")
+    return "\n".join(lines)
+
+
+def _partitions_text(predictions, forced) -> str:  # noqa: ANN001
+    lines = ["partitions, best predicted first (predicted: each skill's accuracy alone less its summed pairwise losses):"]
+    for rank, predicted in enumerate(predictions, 1):
+        groups = " / ".join(",".join(group) for group in predicted.partition)
+        chosen = forced is None and rank == 1 or forced is not None and set(map(frozenset, forced)) == set(map(frozenset, predicted.partition))
+        lines.append(f"{rank:3d}. {groups:30s} predicted {predicted.accuracy:.3f}{'  <- built' if chosen else ''}")
+    return "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    pool = subparsers.add_parser("pool", help="design a pool for a memory budget: merge where merging works")
+    actions = pool.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
+    design = actions.add_parser("design", help="measure, partition, merge each group, write and train the pool")
+    design.add_argument("design", type=Path, help="pool design YAML")
+    design.add_argument("--members", type=_at_least_one, help="K resident models (instead of the design's budget)")
+    design.add_argument("--partition", help="build this partition instead of the best predicted: add,rev/sort/date")
+    design.add_argument("--no-progress", action="store_true", help="no progress bars")
+    design.set_defaults(handler=_design)

@@ -1,0 +1,175 @@
+"""`merger pool design`: the partition chosen from the pairwise measurement, groups of one kept as their
+specialist, each merged group a resumable run, the pool file served as is; bad designs are one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import merger.commands.run as run_command
+from merger.cli import main
+from merger.design.partitions import partitions, predict, ranked
+from merger.engine.weights import checkpoint_digest, parameter_names
+from merger.router.pool import load_pool
+from tests.cli import assert_one_line_error, run_merger
+from tests.test_conductor import ask
+from tests.test_conductor_run_pool import serve
+from tests.test_router_comparison import write_teacher_forced_task
+from tests.tiny_models import build_sources, write_mc_task
+
+# skill -> partner -> the skill's loss merged with the partner: add and rev merge well, sort conflicts
+LOSS = {
+    "add": {"sort": 0.40, "rev": 0.02, "date": 0.10},
+    "sort": {"add": 0.50, "rev": 0.45, "date": 0.40},
+    "rev": {"add": 0.03, "sort": 0.30, "date": 0.05},
+    "date": {"add": 0.08, "sort": 0.35, "rev": 0.04},
+}
+ALONE = {"add": 0.8, "sort": 0.7, "rev": 0.9, "date": 0.95}
+
+
+def test_partitions_into_at_most_k_groups():
+    names = ["a", "b", "c", "d"]
+    assert [len(list(partitions(names, k))) for k in (1, 2, 3, 4)] == [1, 8, 14, 15]  # Stirling numbers summed
+    assert all(sorted(s for group in p for s in group) == names for p in partitions(names, 4))
+
+
+def test_the_partition_is_chosen_from_a_known_interference_table():
+    best = ranked(ALONE, LOSS, 2)[0]
+    assert best.partition == (("add", "rev", "date"), ("sort",))  # sort kept apart, the others merged
+    assert best.skills["sort"] == 0.7 and best.skills["add"] == pytest.approx(0.8 - 0.02 - 0.10)
+    assert ranked(ALONE, LOSS, 4)[0].partition == (("add",), ("sort",), ("rev",), ("date",))  # nothing lost
+    one = ranked(ALONE, LOSS, 1)
+    assert len(one) == 1 and one[0].skills["sort"] == pytest.approx(0.7 - 0.50 - 0.45 - 0.40 + 0.65)  # capped at 0
+    worst = ranked(ALONE, LOSS, 2)[-1]
+    assert predict(worst.partition, ALONE, LOSS).accuracy == worst.accuracy < best.accuracy
+
+
+SKILLS = ["s1", "s2", "s3", "s4"]
+
+
+@pytest.fixture(scope="module")
+def design_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four tiny specialists over a base, each skill with its own fitness/validation/test/measure tasks,
+    a recipe and a pool template (teacher-forced outcomes), and the design file over them."""
+    root = tmp_path_factory.mktemp("design")
+    sources = build_sources(root / "sources", num_specialists=4)
+    evals = root / "evals"
+    write_teacher_forced_task(evals)
+    skills = {}
+    for index, (name, source) in enumerate(zip(SKILLS, list(sources)[1:], strict=True)):
+        tasks = {}
+        for offset, kind in enumerate(("fitness", "validation", "test", "measure")):
+            task = f"{name}_{kind}"
+            write_mc_task(evals, task, "plus" if index % 2 else "minus", seed=100 * index + offset, num_items=8)
+            tasks[kind] = task
+        skills[name] = {"source": source, **tasks}
+    recipe = {
+        "sources": [{"name": "base", "path": str(sources["base"])}]
+        + [{"name": name, "path": str(sources[skill["source"]])} for name, skill in skills.items()],
+        "base_model": "base",
+        "genome": {"method": "task_arithmetic", "parameters": {"weight": {"min": 0.0, "max": 1.0}}, "layer_granularity": 2},
+        "optimizer": {"popsize": 4, "max_evaluations": 5, "seed": 1},
+        "fitness": {"tasks": [{"name": "s1_fitness", "metric": "acc"}]},
+        "validation": {"tasks": [{"name": "s1_validation", "metric": "acc"}]},
+        "test": {"tasks": [{"name": "s1_test", "metric": "acc"}]},
+        "selection": {"top_k": 2, "block": None},
+        "task_paths": [str(evals)],
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (root / "pool.yaml").write_text(
+        f"""members:
+  - {{name: base, path: {sources["base"]}, chat_template: false}}
+tasks: {{names: [tiny_tf], include_path: {evals}, metric: acc, limit: 6, batch_size: 4}}
+router:
+  encoder: {{kind: hidden_states, member: base}}
+  hidden_size: 4
+  evaluations: 200
+  holdout_fraction: 0.34
+server: {{max_tokens: 4}}
+"""
+    )
+    design = {
+        "recipe": "recipe.yaml",
+        "pool": "pool.yaml",
+        "members": 2,
+        "skills": {name: {k: v for k, v in skill.items() if k != "source"} for name, skill in skills.items()},
+        "limits": {"fitness": 8, "validation": 8, "test": 8, "measure": 8},
+        "work_dir": "work",
+    }
+    (root / "design.yaml").write_text(yaml.safe_dump(design))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"members": 5}, "members: 5 is more than the 4 specialists"),
+        ({"members": None, "memory_gib": 1e-9}, "memory_gib: 1e-09 GiB is smaller than one member"),
+        ({"members": 1, "skills": {"nope": {"fitness": "a", "validation": "b", "test": "c", "measure": "d"}}},
+         "skills.nope: no source of"),
+        ({"members": 1, "skills": {"base": {"fitness": "a", "validation": "b", "test": "c", "measure": "d"}}},
+         "skills.base: the base model is not a specialist"),
+    ],
+)
+def test_a_bad_design_is_one_line_before_any_weights_load(design_root, tmp_path, change, expected):
+    data = yaml.safe_load((design_root / "design.yaml").read_text())
+    data.update(change)
+    data = {k: v for k, v in data.items() if v is not None}
+    data.update({name: str(design_root / data[name]) for name in ("recipe", "pool")})
+    data["work_dir"] = str(tmp_path / "work")
+    path = tmp_path / "design.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert_one_line_error(run_merger("pool", "design", str(path)), expected)
+    assert not (tmp_path / "work").exists()
+
+
+def test_members_below_one_is_refused(design_root):
+    process = run_merger("pool", "design", str(design_root / "design.yaml"), "--members", "0")
+    assert process.returncode == 2 and "K must be at least 1" in process.stderr
+
+
+@pytest.mark.slow  # pairs exported and measured, two group searches, a router trained, then served
+def test_a_designed_pool_is_built_resumed_and_served(design_root, capsys, monkeypatch):
+    design_file = str(design_root / "design.yaml")
+    work = design_root / "work"
+    real_execute = run_command.execute
+    calls: list[Path] = []
+
+    def killed_after_the_first_group(recipe, run_dir, *args, **kwargs):
+        calls.append(run_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between the groups
+        return real_execute(recipe, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(run_command, "execute", killed_after_the_first_group)
+    assert main(["pool", "design", design_file, "--partition", "s1,s2/s3,s4", "--no-progress"]) == 130
+    first = work / "groups" / "s1-s2"
+    summary = first / "summary.json"
+    finished_at = summary.stat().st_mtime_ns
+    monkeypatch.setattr(run_command, "execute", real_execute)
+    assert main(["pool", "design", design_file, "--partition", "s1,s2/s3,s4", "--no-progress"]) == 0
+    assert summary.stat().st_mtime_ns == finished_at  # the finished group was not searched again
+    out = capsys.readouterr().out
+    assert "pairwise measurement (8 items a skill)" in out and "<- built" in out
+
+    # the best predicted partition, with a group of one: that member is the specialist's own checkpoint
+    monkeypatch.setattr(run_command, "execute", real_execute)
+    assert main(["pool", "design", design_file, "--partition", "s1,s2,s3/s4", "--no-progress"]) == 0
+    pool = load_pool(work / "pool.yaml")
+    assert pool.names == ["s1-s2-s3", "s4"]
+    recipe = yaml.safe_load((design_root / "recipe.yaml").read_text())
+    specialist = Path(next(s["path"] for s in recipe["sources"] if s["name"] == "s4"))
+    member = pool.member("s4")
+    assert member is not None and member.path is not None and member.path.resolve() == specialist.resolve()
+    names = parameter_names(specialist)
+    assert checkpoint_digest(member.path, names) == checkpoint_digest(specialist, names)
+    assert (work / "router").is_dir()  # the head was trained
+
+    thread, client = serve(work / "pool.yaml")
+    try:
+        _, merger, header = ask(client, "Q: what is 2 plus 3?\nA:", model="merger")
+        assert sorted(merger["ranking"]) == ["s1-s2-s3", "s4"] and header in merger["ranking"]
+    finally:
+        thread.__exit__(None, None, None)
