@@ -173,3 +173,20 @@ def test_a_designed_pool_is_built_resumed_and_served(design_root, capsys, monkey
         assert sorted(merger["ranking"]) == ["s1-s2-s3", "s4"] and header in merger["ranking"]
     finally:
         thread.__exit__(None, None, None)
+
+
+def test_the_bundled_design_reads_and_each_group_recipe_checks():
+    from merger.design.plan import group_recipe
+    from merger.design.spec import load_design
+    from merger.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parent.parent
+    design = load_design(repo / "recipes" / "pool-design-skills.yaml")
+    recipe = load_recipe(design.recipe)
+    assert design.members == 2 and list(design.skills) == ["add", "sort", "rev", "date"]
+    for group in partitions(list(design.skills), 2):
+        for skills in group:
+            if len(skills) > 1:
+                checked = group_recipe(design, recipe, skills)
+                assert checked.source_names == ["base", *skills]
+                assert [t.name for t in checked.validation.tasks] == [f"skills_{s}_sel" for s in skills]
