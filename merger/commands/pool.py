@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merger.common.extras import require_extra
+
+if TYPE_CHECKING:
+    from merger.design.partitions import Partition, Predicted
+    from merger.design.plan import Measurement
 
 
 def _progress(message: str) -> None:
@@ -27,7 +32,7 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _partition(text: str) -> tuple[tuple[str, ...], ...]:
+def _partition(text: str) -> Partition:
     """`add,rev/sort/date`: groups separated by `/`, the skills of a group by `,`."""
     return tuple(tuple(name for name in group.split(",") if name) for group in text.split("/") if group)
 
@@ -92,7 +97,7 @@ def _design(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_partition(partition: tuple[tuple[str, ...], ...], skills: list[str], members: int) -> None:
+def _check_partition(partition: Partition, skills: list[str], members: int) -> None:
     from merger.common.errors import MergerError
 
     named = [skill for group in partition for skill in group]
@@ -102,7 +107,7 @@ def _check_partition(partition: tuple[tuple[str, ...], ...], skills: list[str], 
         raise MergerError(f"--partition has {len(partition)} groups, more than the budget's {members}")
 
 
-def _measurement_text(measurement) -> str:  # noqa: ANN001 (merger.design.plan.Measurement, imported late)
+def _measurement_text(measurement: Measurement) -> str:
     skills = list(measurement.alone)
     lines = [f"pairwise measurement ({measurement.items} items a skill): each skill's loss merged with each partner"]
     lines.append("skill  alone  " + "  ".join(f"{name:>6s}" for name in skills))
@@ -114,11 +119,12 @@ def _measurement_text(measurement) -> str:  # noqa: ANN001 (merger.design.plan.M
     return "\n".join(lines)
 
 
-def _partitions_text(predictions, forced) -> str:  # noqa: ANN001
+def _partitions_text(predictions: list[Predicted], forced: Partition | None) -> str:
     lines = ["partitions, best predicted first (predicted: each skill's accuracy alone less its summed pairwise losses):"]
     for rank, predicted in enumerate(predictions, 1):
         groups = " / ".join(",".join(group) for group in predicted.partition)
-        chosen = forced is None and rank == 1 or forced is not None and set(map(frozenset, forced)) == set(map(frozenset, predicted.partition))
+        built = forced if forced is not None else predictions[0].partition
+        chosen = set(map(frozenset, built)) == set(map(frozenset, predicted.partition))
         lines.append(f"{rank:3d}. {groups:30s} predicted {predicted.accuracy:.3f}{'  <- built' if chosen else ''}")
     return "\n".join(lines)
 
