@@ -6,7 +6,8 @@ baselines, over the base and the pair) and scored, with each specialist alone, o
 `measure` items through the router's outcome table (per item, cached per model and task under
 WORK_DIR/measure, so a design resumed re-scores nothing). `limits.measure` items a skill: at 50 items a
 0/1 accuracy's standard error is at most 7 points, enough to tell a pair that keeps both skills from one
-that loses one (the losses that matter here are tens of points) at 4 × 3 pair-skill cells of 50 items.
+that loses one (the losses that matter here are tens of points). The outcome table scores every member
+on every skill's items, (pairs + specialists) × skills × limit: 2,000 for four specialists at 50.
 """
 
 from __future__ import annotations
