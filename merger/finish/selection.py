@@ -117,7 +117,7 @@ def finalist_rows(
                 identity=model.identity,
                 items=item_count(selection_items[-1]),
                 dropped_after=None if raced is None else raced.dropped_after.get(model.key),
-                tasks=dict(selected),
+                tasks={task.name: selected[task.name] for task in validation_tasks if task.name in selected},
             )
         )
     return with_margins(rows, selection_items, selection_of, recipe.selection.confidence)
