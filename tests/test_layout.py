@@ -10,7 +10,7 @@ import merger
 # The README's Development > Layout, top to bottom.
 STAGES = (
     "common", "recipe", "scoring", "rundir", "space", "registry", "zoo", "sources", "engine",
-    "executors", "search", "finish", "report", "tracking", "router", "conductor", "commands", "cli",
+    "executors", "search", "finish", "report", "tracking", "router", "design", "conductor", "commands", "cli",
 )
 PACKAGE = Path(merger.__file__).parent
 
