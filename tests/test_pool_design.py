@@ -127,7 +127,7 @@ def test_a_bad_design_is_one_line_before_any_weights_load(design_root, tmp_path,
 
 def test_members_below_one_is_refused(design_root):
     process = run_merger("pool", "design", str(design_root / "design.yaml"), "--members", "0")
-    assert process.returncode == 2 and "K must be at least 1" in process.stderr
+    assert process.returncode == 2 and "--members: must be at least 1, got 0" in process.stderr
 
 
 @pytest.mark.slow  # pairs exported and measured, two group searches, a router trained, then served
@@ -181,7 +181,7 @@ def test_the_bundled_design_reads_and_each_group_recipe_checks():
     from merger.recipe import load_recipe
 
     repo = Path(__file__).resolve().parent.parent
-    design = load_design(repo / "recipes" / "pool-design-skills.yaml")
+    design = load_design(repo / "recipes" / "design-skills.yaml")
     recipe = load_recipe(design.recipe)
     assert design.members == 2 and list(design.skills) == ["add", "sort", "rev", "date"]
     for group in partitions(list(design.skills), 2):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from merger.commands import positive_int
 from merger.common.extras import require_extra
 
 if TYPE_CHECKING:
@@ -23,13 +24,6 @@ if TYPE_CHECKING:
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"K must be at least 1, got {value}")
-    return value
 
 
 def _partition(text: str) -> Partition:
@@ -134,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = pool.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
     design = actions.add_parser("design", help="measure, partition, merge each group, write and train the pool")
     design.add_argument("design", type=Path, help="pool design YAML")
-    design.add_argument("--members", type=_at_least_one, help="K resident models (instead of the design's budget)")
+    design.add_argument("--members", type=positive_int, help="K resident models (instead of the design's budget)")
     design.add_argument("--partition", help="build this partition instead of the best predicted: add,rev/sort/date")
     design.add_argument("--no-progress", action="store_true", help="no progress bars")
     design.set_defaults(handler=_design)

@@ -7,16 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from merger.commands import positive_int
 from merger.common.extras import require_extra
 
 DEFAULT_PORT = 8321
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -107,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("pool", type=Path, help="pool YAML")
     evaluate.add_argument(
         "--splits",
-        type=_positive_int,
+        type=positive_int,
         default=5,
         help="train/held-out splits, each with a fresh head (default 5)",
     )
@@ -130,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     depth.add_argument("pool", type=Path, help="pool YAML (its head trained by `router train`)")
     depth.add_argument(
-        "--per-task", type=_positive_int, default=25,
+        "--per-task", type=positive_int, default=25,
         help="items of each task measured from each split, training and held-out (default 25)",
     )
     depth.add_argument("--json", action="store_true", help="print the full report as JSON")
