@@ -24,6 +24,16 @@ WINNER = "{name: winner, run: runs/skills, chat_template: false}"
 PROMPT = "Q: what is 2 plus 3?\nA:"
 
 
+def tiny_tf_router(evals: Path) -> str:
+    """A pool's tasks and router blocks: tiny_tf's outcomes, a small head on the base's hidden states."""
+    return f"""tasks: {{names: [tiny_tf], include_path: {evals}, metric: acc, limit: 6, batch_size: 4}}
+router:
+  encoder: {{kind: hidden_states, member: base}}
+  hidden_size: 4
+  evaluations: 200
+  holdout_fraction: 0.34"""
+
+
 @pytest.fixture(scope="module")
 def trained_pool(tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pool file, its head trained by `merger router train` on the members' teacher-forced outcomes."""
@@ -37,12 +47,7 @@ def trained_pool(tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPat
   - {{name: base, path: {tiny_sources["base"]}, chat_template: false}}
   - {{name: s1, path: {tiny_sources["specialist1"]}, chat_template: false}}
   - {WINNER}
-tasks: {{names: [tiny_tf], include_path: {evals}, metric: acc, limit: 6, batch_size: 4}}
-router:
-  encoder: {{kind: hidden_states, member: base}}
-  hidden_size: 4
-  evaluations: 200
-  holdout_fraction: 0.34
+{tiny_tf_router(evals)}
 breaker: {{failures: 2, window_s: 600, cooldown_s: 600}}
 server: {{max_tokens: 4}}
 work_dir: work

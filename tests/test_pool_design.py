@@ -15,7 +15,7 @@ from merger.engine.weights import checkpoint_digest, parameter_names
 from merger.router.pool import load_pool
 from tests.cli import assert_one_line_error, run_merger
 from tests.test_conductor import ask
-from tests.test_conductor_run_pool import serve
+from tests.test_conductor_run_pool import serve, tiny_tf_router
 from tests.test_router_comparison import write_teacher_forced_task
 from tests.tiny_models import build_sources, write_mc_task
 
@@ -81,12 +81,7 @@ def design_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "pool.yaml").write_text(
         f"""members:
   - {{name: base, path: {sources["base"]}, chat_template: false}}
-tasks: {{names: [tiny_tf], include_path: {evals}, metric: acc, limit: 6, batch_size: 4}}
-router:
-  encoder: {{kind: hidden_states, member: base}}
-  hidden_size: 4
-  evaluations: 200
-  holdout_fraction: 0.34
+{tiny_tf_router(evals)}
 server: {{max_tokens: 4}}
 """
     )
