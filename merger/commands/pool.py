@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merger.commands import positive_int
+from merger.common.errors import MergerError
 from merger.common.extras import require_extra
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ def _partition(text: str) -> Partition:
 
 def _design(args: argparse.Namespace) -> int:
     require_extra("router", "merger pool design")
-    from merger.common.errors import MergerError
     from merger.common.stopping import StopRequest
     from merger.design import plan
     from merger.design.spec import load_design
@@ -48,9 +48,7 @@ def _design(args: argparse.Namespace) -> int:
     if template.tasks is None:
         raise MergerError(f"{design.pool}: the designed pool's router needs `tasks:` to learn from")
     if args.members is not None:
-        design = design.model_copy(update={"members": args.members, "memory_gib": None})
-        if args.members > len(design.skills):
-            raise MergerError(f"--members {args.members} is more than the {len(design.skills)} specialists")
+        design = design.with_members(args.members)
     source_paths, _ = resolve_checked(recipe)
     members = plan.check_design(design, recipe, source_paths)
     forced = _partition(args.partition) if args.partition else None
@@ -92,8 +90,6 @@ def _design(args: argparse.Namespace) -> int:
 
 
 def _check_partition(partition: Partition, skills: list[str], members: int) -> None:
-    from merger.common.errors import MergerError
-
     named = [skill for group in partition for skill in group]
     if sorted(named) != sorted(skills) or len(set(named)) != len(named):
         raise MergerError(f"--partition must name every skill once ({', '.join(skills)}), got {named}")
@@ -115,10 +111,10 @@ def _measurement_text(measurement: Measurement) -> str:
 
 def _partitions_text(predictions: list[Predicted], forced: Partition | None) -> str:
     lines = ["partitions, best predicted first (predicted: each skill's accuracy alone less its summed pairwise losses):"]
+    built = set(map(frozenset, forced if forced is not None else predictions[0].partition))
     for rank, predicted in enumerate(predictions, 1):
         groups = " / ".join(",".join(group) for group in predicted.partition)
-        built = forced if forced is not None else predictions[0].partition
-        chosen = set(map(frozenset, built)) == set(map(frozenset, predicted.partition))
+        chosen = built == set(map(frozenset, predicted.partition))
         lines.append(f"{rank:3d}. {groups:30s} predicted {predicted.accuracy:.3f}{'  <- built' if chosen else ''}")
     return "\n".join(lines)
 

@@ -13,7 +13,6 @@ on every skill's items, (pairs + specialists) × skills × limit: 2,000 for four
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,13 @@ import yaml
 from mergekit.config import MergeConfiguration
 
 from merger.common.errors import MergerError
-from merger.common.files import publish_directory, staging_dir, write_atomic
+from merger.common.files import write_atomic
 from merger.design.partitions import Partition, Predicted, group_name, ranked
 from merger.design.spec import PoolDesign
-from merger.engine.reference import export_merge
 from merger.recipe import Recipe
 from merger.recipe.methods import NotApplicable
 from merger.recipe.untuned import UNTUNED_MERGES
+from merger.router.members import export_baseline
 from merger.router.pool import Member, Pool, load_pool
 from merger.router.training import checkpoint_gib
 
@@ -86,18 +85,11 @@ def export_pairs(design: PoolDesign, recipe: Recipe, source_paths: dict[str, Pat
 
 
 def _export_once(config: MergeConfiguration, target: Path, recipe: Recipe) -> Path:
-    text = config.to_yaml()
+    """Its YAML beside `target`, and mergekit's export of it (the router's, kept while the YAML is the same)."""
     config_file = target.with_suffix(".yaml")
-    if target.is_dir() and config_file.is_file() and config_file.read_text() == text:
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    staging = staging_dir(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    export_merge(config.model_copy(deep=True), staging, seed=recipe.optimizer.seed, trust_remote_code=recipe.trust_remote_code)
-    publish_directory(staging, target)
-    write_atomic(config_file, text.encode())
-    return target
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(config_file, config.to_yaml().encode())
+    return export_baseline(config_file, target, recipe.optimizer.seed, recipe.trust_remote_code)
 
 
 def measurement_pool(

@@ -53,6 +53,13 @@ class PoolDesign(StrictModel):
             )
         return self
 
+    def with_members(self, members: int) -> PoolDesign:
+        """The design with the budget K = `members` (`--members`), checked as the file's budget is."""
+        try:
+            return PoolDesign.model_validate({**self.model_dump(), "members": members, "memory_gib": None})
+        except ValidationError as error:
+            raise MergerError(format_validation_error(error, "--members")) from None
+
 
 def load_design(path: Path) -> PoolDesign:
     """The design file, its paths anchored at its directory; one line for anything wrong with its shape."""

@@ -7,6 +7,7 @@ from mergekit.config import MergeConfiguration
 
 from merger.finish.models import FinalModel, config_identity, merge_yaml
 from merger.recipe.baselines import BaselinePlan
+from merger.rundir.layout import RunDir
 from merger.rundir.ledger import baseline_key, source_key
 from merger.search.open import OpenRun
 
@@ -19,11 +20,14 @@ def untuned_models(run: OpenRun, baselines: BaselinePlan) -> list[FinalModel]:
         FinalModel(source_key(name), run.source_paths[name], f"weights:{lineage[name].sha256}")
         for name in run.recipe.source_names
     ]
-    merges = []
+    return [*sources, *baseline_models(layout, baselines).values()]
+
+
+def baseline_models(layout: RunDir, baselines: BaselinePlan) -> dict[str, FinalModel]:
+    """Each planned baseline by name, to be exported under `layout`'s baselines/ before it is scored."""
+    models = {}
     for name, data in baselines.configs.items():
         config = MergeConfiguration.model_validate(data)
         identity = config_identity(merge_yaml(config))
-        merges.append(
-            FinalModel(baseline_key(name), layout.baseline(name), identity, config, layout.baseline_config(name))
-        )
-    return [*sources, *merges]
+        models[name] = FinalModel(baseline_key(name), layout.baseline(name), identity, config, layout.baseline_config(name))
+    return models

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit.config import MergeConfiguration
 from pydantic import ValidationError
 
 from merger.common.errors import MergerError
 from merger.common.files import write_atomic
-from merger.finish.models import FinalModel, config_identity, merge_yaml
+from merger.finish.baselines import baseline_models
 from merger.finish.scores import score_final
 from merger.recipe import Recipe, recipe_to_yaml
-from merger.recipe.methods import METHODS, NotApplicable
+from merger.recipe.baselines import BaselinePlan, plan_baselines
+from merger.recipe.methods import METHODS
 from merger.recipe.untuned import UNTUNED_MERGES
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import FinalScore, baseline_key, final_items_key
@@ -119,22 +118,12 @@ def choose_method(recipe: Recipe, run_dir: Path) -> tuple[Recipe, MethodChoice]:
 
 
 def _score_and_choose(probe: OpenRun, recipe: Recipe, names: list[str], skipped: dict[str, str]) -> MethodChoice:
-    models: dict[str, FinalModel] = {}
-    for name in names:
-        try:
-            data = recipe.baseline_config(name, probe.source_paths)
-        except NotApplicable as reason:
-            skipped[name] = f"{recipe.baseline_method(name)} does not apply: {reason}"
-            continue
-        config = MergeConfiguration.model_validate(data)
-        identity = config_identity(merge_yaml(config))
-        if any(model.identity == identity for model in models.values()):
-            continue  # the same merge as one already considered
-        layout = probe.layout
-        models[name] = FinalModel(baseline_key(name), layout.baseline(name), identity, config, layout.baseline_config(name))
+    plan = plan_baselines(recipe, probe.source_paths)  # a baseline that does not apply, or repeats one, is skipped
+    skipped.update({name: why for name, why in plan.skipped.items() if name in names})
+    considered_plan = BaselinePlan({name: config for name, config in plan.configs.items() if name in names}, {})
+    models = baseline_models(probe.layout, considered_plan)
     if not models:
         raise MergerError("method auto: no baseline of the recipe applies to these sources")
-    started = time.perf_counter()
     scores = score_final(probe, list(models.values()), [FITNESS])
     scored = {}
     for name, model in models.items():
@@ -148,7 +137,7 @@ def _score_and_choose(probe: OpenRun, recipe: Recipe, names: list[str], skipped:
     cost = probe.ledger.phase_costs().get("finals")
     return MethodChoice(
         best, recipe.with_method(best).genome.method, scored, skipped,
-        items=cost.items if cost else 0, seconds=cost.seconds if cost else time.perf_counter() - started,
+        items=cost.items if cost else 0, seconds=cost.seconds if cost else 0.0,
     )
 
 

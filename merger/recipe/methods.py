@@ -92,8 +92,7 @@ class ParameterInfo:
         open_below = self.name in OPEN_BELOW
         if (low < value if open_below else low <= value) and value <= high:
             return None
-        lower = f"[{low}" if low > -UNBOUNDED and not open_below else f"({low}"
-        lower = "(-inf" if low == -UNBOUNDED else lower
+        lower = "(-inf" if low == -UNBOUNDED else f"({low}" if open_below else f"[{low}"
         upper = f"{high}]" if high < UNBOUNDED else "inf)"
         return f"{value} is outside the values {self.name} can take, {lower}, {upper}"
 

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from merger.common.errors import MergerError
 from merger.common.schema import StrictModel
-from merger.recipe.methods import METHODS, NotApplicable, searchable_method, untuned_config
+from merger.recipe.methods import METHODS, NotApplicable, ParameterInfo, searchable_method, untuned_config
 from merger.recipe.untuned import DEFAULT_BASELINES, EVERY, UNTUNED_MERGES, unknown_baseline
 
 # Tensor classes a genome can give their own values, as mergekit filters (substring of the tensor
@@ -84,6 +84,12 @@ class LayerPathSpec(StrictModel):
         return self
 
 
+def _outside_limits(parameter: ParameterInfo, setting: ParameterSetting) -> str | None:
+    """Why a fixed value, or either end of a searched range, is not a value `parameter` can take."""
+    values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
+    return next((problem for value in values if (problem := parameter.outside_limits(value))), None)
+
+
 class GenomeSpec(StrictModel):
     method: str = PASSTHROUGH  # required unless space is layer_path (field validators skip defaults)
     parameters: dict[str, ParameterSetting] = Field(default_factory=dict)
@@ -96,7 +102,7 @@ class GenomeSpec(StrictModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method in (PASSTHROUGH, AUTO_METHOD):  # the layer-path space's method: checked with the space
+        if method in (PASSTHROUGH, AUTO_METHOD):  # the layer-path space's, or chosen when the run opens
             return method
         try:
             searchable_method(method)
@@ -120,11 +126,9 @@ class GenomeSpec(StrictModel):
             parameter = info.parameters[name]
             if parameter.search_range is None and isinstance(setting, SearchRange):
                 raise ValueError(f"parameters.{name}: {self.method}'s {name} is not searched; give a number")
-            values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
-            for value in values:
-                problem = parameter.outside_limits(value)
-                if problem:
-                    raise ValueError(f"parameters.{name}: {problem} in {self.method}")
+            problem = _outside_limits(parameter, setting)
+            if problem:
+                raise ValueError(f"parameters.{name}: {problem} in {self.method}")
         for name in info.required:
             if name not in self.parameters:
                 raise ValueError(f"parameters.{name} is required for {self.method}")
@@ -143,11 +147,9 @@ class GenomeSpec(StrictModel):
                     f"parameters.{name}: method auto sets {' and '.join(AUTO_PARAMETERS)} only (the method chosen "
                     "takes the rest from its best untuned merge); give a method to set it"
                 )
-            values = (setting.min, setting.max) if isinstance(setting, SearchRange) else (setting,)
-            for value in values:
-                problem = METHODS["ties"].parameters[name].outside_limits(value)
-                if problem:
-                    raise ValueError(f"parameters.{name}: {problem}")
+            problem = _outside_limits(METHODS["ties"].parameters[name], setting)
+            if problem:
+                raise ValueError(f"parameters.{name}: {problem}")
         if self.options:
             raise ValueError(f"options.{next(iter(self.options))}: method auto takes no options; give a method")
         return self
@@ -544,12 +546,11 @@ class Recipe(StrictModel):
         merge = UNTUNED_MERGES[baseline]
         assert merge.method is not None and self.chooses_method
         info = METHODS[merge.method]
-        parameters: dict[str, Any] = {"weight": self.genome.parameters.get("weight", AUTO_WEIGHT)}
-        for name, value in merge.values.items():
+        given = self.genome.parameters
+        parameters: dict[str, Any] = {"weight": given.get("weight", AUTO_WEIGHT)}
+        for name in dict.fromkeys([*merge.values, *given]):  # the recipe's setting first, else the baseline's
             if name != "weight" and name in info.parameters:
-                parameters[name] = self.genome.parameters.get(name, value)
-        if "density" in self.genome.parameters and "density" in info.source_parameters:
-            parameters["density"] = self.genome.parameters["density"]
+                parameters[name] = given.get(name, merge.values.get(name))
         genome = self.genome.model_dump(exclude_unset=True) | {"method": merge.method, "parameters": parameters}
         return Recipe.model_validate(self.model_dump(exclude_unset=True) | {"genome": genome})
 

@@ -101,7 +101,7 @@ def best_baseline(summary: Summary, member: Member) -> str:
     return max(ranked, key=lambda name: ranked[name])
 
 
-def export_baseline(config_file: Path, target: Path, seed: int | None) -> Path:
+def export_baseline(config_file: Path, target: Path, seed: int | None, trust_remote_code: bool = False) -> Path:
     """mergekit's export of a baseline's YAML into `target`, kept while the YAML beside it is unchanged."""
     from mergekit.config import MergeConfiguration
 
@@ -114,7 +114,7 @@ def export_baseline(config_file: Path, target: Path, seed: int | None) -> Path:
     config = MergeConfiguration.model_validate(read_yaml_file(config_file, "baseline configuration"))
     staging = staging_dir(target)
     shutil.rmtree(staging, ignore_errors=True)
-    export_merge(config, staging, seed=seed)
+    export_merge(config, staging, seed=seed, trust_remote_code=trust_remote_code)
     (staging / config_file.name).write_text(text)
     shutil.rmtree(target, ignore_errors=True)
     return publish_directory(staging, target)

@@ -32,6 +32,8 @@ CARD_FILE = "README.md"  # final/README.md: the model card (merger.rundir.render
 TRACKING_FILE = "tracking.json"  # {tracking URI: the run directory's run there} (merger.tracking)
 METHOD_CHOICE_FILE = "method_choice.json"  # merger.finish.method_choice
 METHOD_PROBE_DIR = "method_probe"
+
+
 class RunDir:
     """The paths of one run directory, and reading and writing its summary."""
 
