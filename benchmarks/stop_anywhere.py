@@ -6,10 +6,13 @@
 First an uninterrupted `merger run` of the recipe in OUT/reference (kept: a second call reuses it), or
 `--reference`, a finished run of the same recipe under the same threads and no shared score cache (its
 wall time from `wall_seconds.json` beside it, as benchmarks/bench_runs.py writes it). Then the
-same recipe in OUT/stopped, started again and again: each sitting gets SIGTERM after a random delay, drawn
-uniformly between 1 s and twice the reference's wall time over `--stops` (so the stops fall all over the
-run: loading, search, monitoring, selection, finals), and the seconds from the signal to the process's exit
-are measured. After `--stops` stops the last sitting runs to the end, and the two run directories are
+same recipe in OUT/stopped, started again and again: each sitting gets SIGTERM after a random delay, and
+the seconds from the signal to the process's exit are measured. The moments are `--stops` points drawn
+uniformly over the reference's work (its wall time less `--opening`, the seconds a sitting spends on
+imports and loading before it does any of the run's work), sorted; each sitting's delay is `--opening`
+plus the gap from the previous point, so the stops fall all over the run (search, monitoring, selection,
+finals) and the run does not end before the last of them (a sitting that opens faster than `--opening`
+moves the run on a little more; the points are drawn over 90% of the work to leave room for that). After `--stops` stops the last sitting runs to the end, and the two run directories are
 compared as `compare_runs.py` does (every ledger table but timings, the summary, best.yaml, the weights).
 
 Printed per stop: the delay, seconds to exit, the exit status, the phases whose item count grew in that
@@ -128,11 +131,21 @@ def mlflow_check(out: Path, run_dir: Path) -> dict[str, int]:
     return {"mlflow_runs": len(runs), "steps_twice": twice}
 
 
+def stop_delays(wall: float, stops: int, opening: float, seed: int) -> list[float]:
+    """Each sitting's delay: `opening` plus the gap to its moment, `stops` sorted points drawn uniformly
+    over 90% of the reference's work (`wall` less one opening)."""
+    work = 0.9 * max(wall - opening, 1.0)
+    draw = random.Random(seed)
+    moments = sorted(draw.uniform(0.0, work) for _ in range(stops))
+    return [opening + now - before for before, now in zip([0.0, *moments], moments, strict=False)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.yaml")
     parser.add_argument("--stops", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--opening", type=float, default=20.0, help="seconds a sitting takes to open (imports, loading)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "runs" / "stop_anywhere")
     parser.add_argument("--reference", type=Path, help="a finished uninterrupted run of --recipe")
     parser.add_argument("--track", action="store_true", help="the stopped run logs to MLflow (checked at the end)")
@@ -141,12 +154,11 @@ def main() -> None:
     reference, stopped = args.reference or args.out / "reference", args.out / "stopped"
     wall = reference_run(args.recipe.resolve(), reference)
     print(f"reference run: {wall:.0f} s uninterrupted", flush=True)
-    draw = random.Random(args.seed)
     sittings = tracked_recipe(args.recipe, args.out) if args.track else args.recipe.resolve()
     stops = []
     print(f"{'stop':>4} {'delay s':>8} {'exit s':>7} {'status':>6}  phases         said")
-    while len(stops) < args.stops:
-        sitting = stopped_sitting(sittings, stopped, draw.uniform(1.0, 2 * wall / args.stops))
+    for delay in stop_delays(wall, args.stops, args.opening, args.seed):
+        sitting = stopped_sitting(sittings, stopped, delay)
         if sitting is None:
             print("the run ended before the next stop")
             break

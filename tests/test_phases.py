@@ -63,10 +63,14 @@ def test_the_phases_add_up_to_what_lm_eval_was_asked(tiny_sources, tiny_evals, t
     assert summary.selection.racing.items_without_racing == (2 + 1 + 3) * 6 >= costs["selection"].items
     survivors = [f for f in summary.selection.finalists if f.dropped_after is None]
     assert all(f.items == 6 for f in survivors) and all(f.items < 6 for f in summary.selection.finalists if f not in survivors)
-    # the final table: sources and baseline on fitness and test, the winner on all three sets
-    # unless it is one of them (its scores are reused by identity)
-    untuned_finals = 4 * (8 + 5)
-    assert costs["finals"].items in (untuned_finals, untuned_finals + 8 + 5)
+    # the final table: sources and baseline on test only (the winner is chosen on validation, so no
+    # decision reads their fitness); the winner on fitness, and on test unless it is one of them (its
+    # test scores are reused by identity)
+    untuned_finals = 4 * 5
+    assert costs["finals"].items in (untuned_finals + 8, untuned_finals + 8 + 5)
+    assert all(f.fitness is None for f in summary.selection.finalists if f.kind != "candidate")
+    assert all("fitness" not in scores.by_split() for scores in summary.sources.values())
+    assert summary.fitness is not None and "fitness" in summary.winner.by_split()
     assert all(cost.seconds > 0 for cost in costs.values())
     out = capsys.readouterr().out
     assert "item-evaluations per phase: search 64" in out
@@ -95,6 +99,8 @@ def test_monitoring_turned_off_scores_no_validation_during_the_search(tiny_sourc
         ledger.close()
     assert costs["monitoring"].items == 0 and costs["selection"].items == 0
     assert sum(cost.items for cost in costs.values()) == asked["items"]
+    summary = RunDir(tmp_path / "run").read_summary()  # the winner by fitness: the untuned models' fitness is read
+    assert summary is not None and all("fitness" in scores.by_split() for scores in summary.sources.values())
 
 
 def test_a_monitoring_subset_larger_than_the_validation_set_is_one_line(

@@ -21,15 +21,9 @@ from merger.search.open import OpenRun
 ScoreTable = dict[str, dict[str, dict[str, float]]]  # model key -> eval set -> task -> score
 
 
-def score_final(run: OpenRun, models: list[FinalModel], sets: list[str] | None = None) -> ScoreTable:
-    """`{model key: {eval set: scores}}` over `sets` (all of the recipe's by default): what the ledger holds
-    for these weights, and the rest scored now.
-
-    Merges are exported only when one of their scores is missing (a candidate is merged in memory). All
-    missing jobs go to the executor at once (a Ray executor spreads them over its workers), and each is
-    committed with its items as it finishes.
-    """
-    sets = sets or list(eval_sets(run.recipe))
+def held_scores(run: OpenRun, models: list[FinalModel], sets: list[str]) -> dict[tuple[str, str], dict[str, float]]:
+    """`{(model key, eval set): scores}`: what the ledger holds for these weights on `sets`, recorded under
+    each model's key where it was held under another (a baseline as the winner)."""
     rows = run.ledger.final_scores()
     held = {(row.identity, row.eval_set): row.scores for row in rows}
     recorded = {(row.model, row.eval_set): row.identity for row in rows}
@@ -39,8 +33,23 @@ def score_final(run: OpenRun, models: list[FinalModel], sets: list[str] | None =
             if (model.identity, name) not in held:
                 continue
             kept[(model.key, name)] = held[(model.identity, name)]
-            if recorded.get((model.key, name)) != model.identity:  # held under another key (a baseline as winner)
+            if recorded.get((model.key, name)) != model.identity:
                 run.ledger.record_final_score(FinalScore(model.key, name, model.identity, kept[(model.key, name)]))
+    return kept
+
+
+def score_final(
+    run: OpenRun, models: list[FinalModel], sets: list[str] | None = None, shown_if_held: tuple[str, ...] = ()
+) -> ScoreTable:
+    """`{model key: {eval set: scores}}` over `sets` (all of the recipe's by default): what the ledger holds
+    for these weights, and the rest scored now; and over `shown_if_held`, only what the ledger holds.
+
+    Merges are exported only when one of their scores is missing (a candidate is merged in memory). All
+    missing jobs go to the executor at once (a Ray executor spreads them over its workers), and each is
+    committed with its items as it finishes.
+    """
+    sets = sets or list(eval_sets(run.recipe))
+    kept = held_scores(run, models, [*sets, *shown_if_held])
     missing = [(model, name) for model in models for name in sets if (model.key, name) not in kept]
     shared = ScoreCache.from_env(run)
 
@@ -71,5 +80,6 @@ def score_final(run: OpenRun, models: list[FinalModel], sets: list[str] | None =
             export_once(model, run)
 
     score_models(run.executor, [(model.weights, name) for model, name in missing], keep)
-    return {model.key: {name: kept[(model.key, name)] for name in sets} for model in models}
+    shown = [*sets, *shown_if_held]
+    return {model.key: {name: kept[(model.key, name)] for name in shown if (model.key, name) in kept} for model in models}
 

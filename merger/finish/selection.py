@@ -93,9 +93,11 @@ def finalist_rows(
         if contender.record is not None:
             fitness = contender.record.score
             fitness_items = items(model.key)
-        else:
+        elif "fitness" in scores[model.key]:
             fitness = fitness_of(scores[model.key]["fitness"])
             fitness_items = _in_set(items(final_items_key(model.identity)), scores[model.key]["fitness"])
+        else:  # an untuned model's fitness is scored only where a decision reads it (merger.finish.final)
+            fitness, fitness_items = None, {}
         validation_tasks = recipe.validation.tasks if recipe.validation else []
         if raced is None:
             selected = scores[model.key]["validation"]

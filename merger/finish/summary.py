@@ -23,7 +23,7 @@ from merger.rundir.summary import (
     Summary,
     Winner,
 )
-from merger.scoring.fitness import eval_sets, weighted_score, worst_task
+from merger.scoring.fitness import eval_sets, fitness_score, weighted_score, worst_task
 from merger.search.loop import SearchResult
 from merger.search.open import OpenRun
 
@@ -40,11 +40,8 @@ def build_summary(
     recipe = run.recipe
     meta = run.meta
     record = winner.record
-    fitness = (
-        record.score
-        if record is not None
-        else next(row.fitness for row in selection.finalists if row.name == selection.chosen)  # type: ignore[union-attr]
-    )
+    # an untuned winner is scored on every eval set, the fitness set included (merger.finish.final)
+    fitness = record.score if record is not None else fitness_score(scores[WINNER_KEY]["fitness"], recipe.fitness)
     return Summary(
         winner=Winner(
             **with_across_tasks(scores[WINNER_KEY], recipe),

@@ -38,7 +38,9 @@ def score_grid(summary: Summary) -> Grid:
 def finalist_cells(row: Finalist) -> list[str]:
     """A finalist's row: name, kind, fitness and selection score, each ± its error, and its lead's bound."""
 
-    def shown(value: float, se: float | None) -> str:
+    def shown(value: float | None, se: float | None) -> str:
+        if value is None:
+            return MISSING
         return f"{value:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
     lead = "" if row.lower_bound is None else f"{row.lower_bound:+.3f}"

@@ -73,7 +73,7 @@ class Finalist(_Block):
 
     name: str  # its row: "gen 3 #4", "baseline: linear", a source's name
     kind: str  # candidate, baseline or source
-    fitness: float
+    fitness: float | None = None  # None: an untuned model not scored on the fitness set
     fitness_se: float | None = None
     selection: float
     selection_se: float | None = None
