@@ -126,6 +126,40 @@ def test_a_stop_lets_the_candidate_in_flight_finish_and_a_resume_completes_the_r
     ledger.close()
 
 
+def test_a_stop_asked_for_ends_the_job_in_flight_on_a_worker_unreported(ray_session, tiny_sources, tmp_path):
+    """SIGINT/SIGTERM reaches the actors: the job in flight ends at its next lm-eval batch, not at its end."""
+    from merger.common.stopping import clear_stop, request_stop
+    from merger.executors import ScoreJob
+    from merger.scoring.items import as_request
+    from tests.tiny_models import write_mc_task
+
+    # 20,000 items in batches of 1: a minute for a worker here, were it not stopped; the stop lands within
+    # half a second of the short job's result
+    write_mc_task(tmp_path / "evals", "long_mc", "plus", seed=1, num_items=20000)
+    data = recipe_data(tiny_sources, tmp_path / "evals", executor=RAY)
+    data["fitness"] = {"tasks": [{"name": "long_mc", "metric": "acc"}], "batch_size": 1}
+    recipe = parse_recipe(data)
+    executor = RayExecutor(recipe, tiny_sources, Genome(recipe, tiny_sources, 4))
+    short = ScoreJob("short", tiny_sources["base"], "fitness", as_request([("long_mc", 0)]))
+    whole = ScoreJob("whole", tiny_sources["base"], "fitness")
+    reported: dict[int, ScoreResult] = {}
+
+    def stop_after_the_short_job(index: int, result: ScoreResult) -> None:
+        reported[index] = result
+        request_stop()  # as the first SIGTERM does, while the other worker is inside the whole set
+
+    try:
+        executor.score([whole, short], stop_after_the_short_job)
+        assert list(reported) == [1] and reported[1].failure is None  # the whole set's job: not reported
+        clear_stop()
+        again: dict[int, ScoreResult] = {}
+        executor.score([short, short], again.__setitem__)  # the stopped worker scores the next job as usual
+        assert sorted(again) == [0, 1] and again[0].values == again[1].values == reported[1].values
+    finally:
+        clear_stop()
+        executor.close()
+
+
 def test_final_scoring_is_spread_over_the_workers_and_survives_losing_them(
     ray_session, search_data, tiny_sources
 ):

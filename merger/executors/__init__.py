@@ -65,7 +65,8 @@ class Executor(Protocol):
 
         A job that fails (a bad merge, non-finite weights or scores, a worker lost too often) comes back
         as a result with its `failure`. Once `should_stop()` is true no new job starts; those in flight
-        finish and are reported.
+        finish and are reported. Once a stop is asked for (merger.common.stopping: SIGINT/SIGTERM), no new
+        job starts and those in flight end at their next lm-eval batch, unreported.
         """
         ...
 

@@ -3,7 +3,9 @@
 Each actor holds its own `CandidateWorker` (sources resident, one model, lm-eval tasks loaded), so
 only `ScoreJob`s go out and `ScoreResult`s come back. An actor that dies is replaced and its
 job queued again; the search loop tells pycma in candidate order, so the results do not depend on
-which actor finished first.
+which actor finished first. A stop asked for (SIGINT/SIGTERM) reaches the actors too: each runs two
+calls at once, so `stop` lands while `score` runs, and the job in flight ends at its next lm-eval batch,
+unreported (the ledger never saw it: a resume scores it again).
 
 On a cluster (`executor.address`), every node needs `merger` installed and the sources, task files
 and run directory at the same paths as the driver (shared storage).
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from merger.common.errors import MergerError
-from merger.common.stopping import stop_requested
+from merger.common.stopping import StopRequested, clear_stop, request_stop, stop_requested
 from merger.executors import ScoreJob, ScoreResult, never
 from merger.executors.worker import CandidateWorker
 from merger.recipe import Recipe
@@ -60,8 +62,18 @@ class WorkerActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, job: ScoreJob) -> ScoreResult:
-        return self.worker.score(job)
+    def score(self, job: ScoreJob) -> ScoreResult | None:
+        """The job's result; None when `stop` ended it between two lm-eval batches."""
+        clear_stop()  # a stop that landed after the last job ended is not this job's
+        try:
+            return self.worker.score(job)
+        except StopRequested:
+            clear_stop()
+            return None
+
+    def stop(self) -> None:
+        """End the `score` in flight at its next lm-eval batch (it runs beside it: `max_concurrency`)."""
+        request_stop()
 
     def item_ids(self, eval_set: str = "fitness") -> dict[str, list[int]]:
         return self.worker.item_ids(eval_set)
@@ -115,6 +127,7 @@ class RayExecutor:
             num_cpus=self.settings.cpus_per_worker,
             num_gpus=self.settings.gpus_per_worker,
             max_restarts=0,  # a dead actor is replaced here, so that its candidate can be re-queued
+            max_concurrency=2,  # `stop` runs beside the `score` in flight (the driver never sends two scores)
             runtime_env=worker_runtime_env(),
         )
         self._worker_args = (recipe, source_paths, space, max(1, round(self.settings.cpus_per_worker)))
@@ -174,7 +187,8 @@ class RayExecutor:
     ) -> None:
         """Jobs 0..count-1, each on the next free worker (`submit(actor, job)` returns its reference). A job
         whose worker is lost goes to the replacement, at most MAX_ATTEMPTS times, then to `on_given_up`.
-        Once `should_stop()` is true no new job starts; those in flight finish."""
+        Once `should_stop()` is true no new job starts; those in flight finish. Once a stop is asked for
+        (merger.common.stopping), those in flight are told to stop too, and a job ended so is not reported."""
         queue = deque(range(count))
         attempts = [0] * count
         idle = deque(range(len(self.actors)))
@@ -185,6 +199,9 @@ class RayExecutor:
                 in_flight[submit(self.actors[slot], job)] = (slot, job)
             if not in_flight:
                 break  # a stop was requested: nothing running and nothing more to start
+            if stop_requested():  # told at every wake-up: a stop that lands before its job starts is cleared
+                for slot, _ in in_flight.values():
+                    self.actors[slot].stop.remote()
             ready, _ = self.ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
             for reference in ready:
                 slot, job = in_flight.pop(reference)
@@ -198,7 +215,8 @@ class RayExecutor:
                     else:
                         queue.appendleft(job)
                 else:
-                    on_result(job, result)
+                    if result is not None:  # None: stopped between batches, so not scored
+                        on_result(job, result)
                 idle.append(slot)
 
     def score(
