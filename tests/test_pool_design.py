@@ -10,8 +10,11 @@ import yaml
 
 import merger.commands.run as run_command
 from merger.cli import main
+from merger.common.stopping import request_stop
+from merger.design import plan
 from merger.design.partitions import partitions, predict, ranked
 from merger.engine.weights import checkpoint_digest, parameter_names
+from merger.registry import Registry, weights_digest
 from merger.router.pool import load_pool
 from tests.cli import assert_one_line_error, run_merger
 from tests.test_conductor import ask
@@ -92,6 +95,8 @@ server: {{max_tokens: 4}}
         "skills": {name: {k: v for k, v in skill.items() if k != "source"} for name, skill in skills.items()},
         "limits": {"fitness": 8, "validation": 8, "test": 8, "measure": 8},
         "work_dir": "work",
+        "publish": "tiny-design",  # each merged member published with its lineage
+        "registry": "registry",
     }
     (root / "design.yaml").write_text(yaml.safe_dump(design))
     return root
@@ -106,13 +111,14 @@ server: {{max_tokens: 4}}
          "skills.nope: no source of"),
         ({"members": 1, "skills": {"base": {"fitness": "a", "validation": "b", "test": "c", "measure": "d"}}},
          "skills.base: the base model is not a specialist"),
+        ({"members": 1, "publish": "bad name"}, "publish: invalid registry name 'bad name-s1-s2-s3-s4'"),
     ],
 )
 def test_a_bad_design_is_one_line_before_any_weights_load(design_root, tmp_path, change, expected):
     data = yaml.safe_load((design_root / "design.yaml").read_text())
     data.update(change)
     data = {k: v for k, v in data.items() if v is not None}
-    data.update({name: str(design_root / data[name]) for name in ("recipe", "pool")})
+    data.update({name: str(design_root / data[name]) for name in ("recipe", "pool", "registry")})
     data["work_dir"] = str(tmp_path / "work")
     path = tmp_path / "design.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -138,6 +144,17 @@ def test_a_designed_pool_is_built_resumed_and_served(design_root, capsys, monkey
             raise KeyboardInterrupt  # killed between the groups
         return real_execute(recipe, run_dir, *args, **kwargs)
 
+    measurement_pool = plan.measurement_pool
+
+    def stopped_while_measuring(*args, **kwargs):
+        request_stop()  # as SIGTERM does: the measurement's next lm-eval batch stops the design
+        return measurement_pool(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "measurement_pool", stopped_while_measuring)
+    assert main(["pool", "design", design_file, "--no-progress"]) == 0
+    assert "stopped (the pair exports" in capsys.readouterr().out and not (work / "design.json").exists()
+    monkeypatch.setattr(plan, "measurement_pool", measurement_pool)
+
     monkeypatch.setattr(run_command, "execute", killed_after_the_first_group)
     assert main(["pool", "design", design_file, "--partition", "s1,s2/s3,s4", "--no-progress"]) == 130
     first = work / "groups" / "s1-s2"
@@ -148,13 +165,23 @@ def test_a_designed_pool_is_built_resumed_and_served(design_root, capsys, monkey
     assert summary.stat().st_mtime_ns == finished_at  # the finished group was not searched again
     out = capsys.readouterr().out
     assert "pairwise measurement (8 items a skill)" in out and "<- built" in out
+    registry = Registry(design_root / "registry")
+    assert [e.ref.version for e in registry.entries("tiny-design-s1-s2")] == [1]  # published once, resumed or not
+    built = load_pool(work / "pool.yaml")
+    assert [m.registry for m in built.members] == ["tiny-design-s1-s2@1", "tiny-design-s3-s4@1"]
+    entry = registry.show("tiny-design-s1-s2")
+    recipe = yaml.safe_load((design_root / "recipe.yaml").read_text())
+    paths = {s["name"]: Path(s["path"]).resolve() for s in recipe["sources"]}
+    assert {p.source: Path(p.reference).resolve() for p in entry.parents} == {  # its lineage: the group's sources
+        name: paths[name] for name in ("base", "s1", "s2")
+    }
+    assert weights_digest(entry.path) == weights_digest(first / "final")  # what the group's run exported
 
     # the best predicted partition, with a group of one: that member is the specialist's own checkpoint
     monkeypatch.setattr(run_command, "execute", real_execute)
     assert main(["pool", "design", design_file, "--partition", "s1,s2,s3/s4", "--no-progress"]) == 0
     pool = load_pool(work / "pool.yaml")
     assert pool.names == ["s1-s2-s3", "s4"]
-    recipe = yaml.safe_load((design_root / "recipe.yaml").read_text())
     specialist = Path(next(s["path"] for s in recipe["sources"] if s["name"] == "s4"))
     member = pool.member("s4")
     assert member is not None and member.path is not None and member.path.resolve() == specialist.resolve()

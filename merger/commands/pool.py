@@ -19,8 +19,12 @@ from merger.common.errors import MergerError
 from merger.common.extras import require_extra
 
 if TYPE_CHECKING:
+    from merger.common.stopping import StopRequest
     from merger.design.partitions import Partition, Predicted
     from merger.design.plan import Measurement
+    from merger.design.spec import PoolDesign
+    from merger.recipe import Recipe
+    from merger.router.pool import Pool
 
 
 def _progress(message: str) -> None:
@@ -34,11 +38,10 @@ def _partition(text: str) -> Partition:
 
 def _design(args: argparse.Namespace) -> int:
     require_extra("router", "merger pool design")
-    from merger.common.stopping import StopRequest
+    from merger.common.stopping import StopRequest, StopRequested
     from merger.design import plan
     from merger.design.spec import load_design
     from merger.recipe import load_recipe
-    from merger.router.outcomes import build_outcome_table
     from merger.router.pool import load_pool
     from merger.sources.resolve import resolve_checked
 
@@ -55,7 +58,33 @@ def _design(args: argparse.Namespace) -> int:
     if forced is not None:
         _check_partition(forced, list(design.skills), members)
 
+    with StopRequest() as stop:  # SIGINT/SIGTERM: stop at the next lm-eval batch, keep what was done
+        try:
+            return _build(args, design, recipe, template, source_paths, members, forced, stop)
+        except StopRequested:  # in the measurement, between the groups, or in the router's outcomes
+            print("stopped (the pair exports, every outcome scored so far and every finished group's run are "
+                  "kept). Run the same command again to resume.")
+            return 0
+
+
+def _build(
+    args: argparse.Namespace,
+    design: PoolDesign,
+    recipe: Recipe,
+    template: Pool,
+    source_paths: dict[str, Path],
+    members: int,
+    forced: Partition | None,
+    stop: StopRequest,
+) -> int:
+    """Measure, choose, search each group, write and train the pool; each step resumable."""
+    from merger.commands.run import execute, publish_once
+    from merger.design import plan
+    from merger.router.outcomes import build_outcome_table
+    from merger.router.pool import load_pool
+
     pairs = plan.export_pairs(design, recipe, source_paths)
+    stop.check()
     table = build_outcome_table(plan.measurement_pool(design, recipe, template, source_paths, pairs), _progress)
     measurement = plan.measure(design, table)
     predictions = plan.choose(measurement, members)
@@ -64,22 +93,23 @@ def _design(args: argparse.Namespace) -> int:
     print(_partitions_text(predictions, forced))
     chosen = forced or predictions[0].partition
 
-    from merger.commands.run import execute
-
-    with StopRequest() as stop:
-        for group in chosen:
-            if len(group) < 2:
-                continue
-            group_recipe = plan.group_recipe(design, recipe, group)
-            _progress(f"group {'-'.join(group)}: searching its merge in {plan.group_dir(design, group)}")
-            execute(group_recipe, plan.group_dir(design, group), stop, progress=not args.no_progress, name="pool-design")
-            if not plan.group_dir(design, group).joinpath("summary.json").is_file():
-                return 0  # stopped: `execute` said so; the same command resumes the group's run
+    published = {}
+    for group in chosen:
+        if len(group) < 2:
+            continue
+        group_recipe = plan.group_recipe(design, recipe, group)
+        _progress(f"group {'-'.join(group)}: searching its merge in {plan.group_dir(design, group)}")
+        execute(group_recipe, plan.group_dir(design, group), stop, progress=not args.no_progress, name="pool-design")
+        if not plan.group_dir(design, group).joinpath("summary.json").is_file():
+            return 0  # stopped: `execute` said so; the same command resumes the group's run
+        if design.publish is not None:  # once: a resumed design finds it published already
+            published[group] = publish_once(plan.published_recipe(design, group_recipe, group), plan.group_dir(design, group))
+    stop.check()
 
     from merger.conductor.depth import depth_generation, workflow_key
     from merger.router.training import train_router
 
-    pool_path = plan.designed_pool(design, design.pool, chosen, source_paths)
+    pool_path = plan.designed_pool(design, design.pool, chosen, source_paths, published)
     pool = load_pool(pool_path)
     head = train_router(pool, _progress, workflow_key(depth_generation(pool)))
     print(f"designed pool: {pool_path} ({len(pool.members)} members: {', '.join(pool.names)}); router head "

@@ -27,6 +27,7 @@ from merger.design.spec import PoolDesign
 from merger.recipe import Recipe
 from merger.recipe.methods import NotApplicable
 from merger.recipe.untuned import UNTUNED_MERGES
+from merger.registry.names import validate_name
 from merger.router.members import export_baseline
 from merger.router.pool import Member, Pool, load_pool
 from merger.router.training import checkpoint_gib
@@ -49,6 +50,11 @@ def check_design(design: PoolDesign, recipe: Recipe, source_paths: dict[str, Pat
             raise MergerError(f"skills.{skill}: the base model is not a specialist")
     if design.measure_merge not in UNTUNED_MERGES or UNTUNED_MERGES[design.measure_merge].method is None:
         raise MergerError(f"measure_merge: {design.measure_merge!r} is not a named untuned merge of a fixed method")
+    if design.publish is not None:
+        try:  # the longest entry name it can publish: every skill in one group
+            validate_name(entry_name(design, tuple(design.skills)))
+        except MergerError as error:
+            raise MergerError(f"publish: {error}") from None
     if design.members is not None:
         return design.members
     size = checkpoint_gib(source_paths[next(iter(design.skills))])
@@ -179,9 +185,29 @@ def group_dir(design: PoolDesign, group: tuple[str, ...]) -> Path:
     return design.work_dir / "groups" / group_name(group)
 
 
-def designed_pool(design: PoolDesign, template_path: Path, partition: Partition, source_paths: dict[str, Path]) -> Path:
+def entry_name(design: PoolDesign, group: tuple[str, ...]) -> str:
+    """The registry entry a merged group's winner is published as: PUBLISH-GROUP."""
+    return f"{design.publish}-{group_name(group)}"
+
+
+def published_recipe(design: PoolDesign, recipe: Recipe, group: tuple[str, ...]) -> Recipe:
+    """A group's recipe as it publishes its winner (`merger.commands.run.publish_once` reads its output)."""
+    registry = str(design.registry) if design.registry is not None else recipe.output.registry
+    output = recipe.output.model_copy(update={"publish": entry_name(design, group), "registry": registry})
+    return recipe.model_copy(update={"output": output})
+
+
+def designed_pool(
+    design: PoolDesign,
+    template_path: Path,
+    partition: Partition,
+    source_paths: dict[str, Path],
+    published: dict[tuple[str, ...], str] | None = None,
+) -> Path:
     """WORK_DIR/pool.yaml: the template pool with one member per group (a group of one is its specialist's
-    own checkpoint, a merged group its run directory's winner) and its router's files under WORK_DIR/router."""
+    own checkpoint, a merged group its winner: the registry reference in `published`, else its run
+    directory) and its router's files under WORK_DIR/router."""
+    published = published or {}
     template = load_pool(template_path)
     data = yaml.safe_load(template_path.read_text())
     chat = _chat_template(template)
@@ -189,6 +215,8 @@ def designed_pool(design: PoolDesign, template_path: Path, partition: Partition,
     for group in partition:
         if len(group) == 1:
             members.append({"name": group[0], "path": str(source_paths[group[0]]), "chat_template": chat})
+        elif group in published:
+            members.append({"name": group_name(group), "registry": published[group], "merged": True, "chat_template": chat})
         else:
             members.append({"name": group_name(group), "run": str(group_dir(design, group)), "chat_template": chat})
     data["members"] = members
@@ -200,7 +228,9 @@ def designed_pool(design: PoolDesign, template_path: Path, partition: Partition,
     data.pop("priority", None)
     if template.tasks is not None and template.tasks.include_path is not None:
         data["tasks"] = {**data["tasks"], "include_path": str(template.tasks.include_path)}
-    if template.registry_root is not None:
+    if design.registry is not None and published:
+        data["registry_root"] = str(design.registry)
+    elif template.registry_root is not None:
         data["registry_root"] = str(template.registry_root)
     path = design.work_dir / POOL_FILE
     write_atomic(path, yaml.safe_dump(data, sort_keys=False).encode())

@@ -41,6 +41,10 @@ class PoolDesign(StrictModel):
     limits: Limits = Field(default_factory=Limits)
     measure_merge: str = "task_arithmetic"  # the untuned merge of each pair (merger.recipe.untuned)
     work_dir: Path = Path("pool-design")
+    # each merged group's winner published as PUBLISH-GROUP (its lineage: the group's sources), and the
+    # designed pool names it by that registry reference; None: by its run directory
+    publish: str | None = None
+    registry: Path | None = None  # the registry's root (default: the registry's own)
 
     @model_validator(mode="after")
     def _one_budget(self) -> PoolDesign:
@@ -71,6 +75,7 @@ def load_design(path: Path) -> PoolDesign:
     except ValidationError as error:
         raise MergerError(format_validation_error(error, str(path))) from None
     root = path.resolve().parent
+    anchored = ("recipe", "pool", "work_dir", "registry")
     return design.model_copy(
-        update={name: root / getattr(design, name) for name in ("recipe", "pool", "work_dir")}
+        update={name: root / getattr(design, name) for name in anchored if getattr(design, name) is not None}
     )
