@@ -46,7 +46,7 @@ def untuned_sets(recipe: Recipe) -> list[str]:
     """The eval sets the untuned models are scored on before selection: the test set; the validation set
     unless a selection race scores it; the fitness set only where the winner is chosen by fitness (where
     the winner is chosen on validation, their fitness is a column no decision reads, shown where the
-    ledger holds it: 9 untuned models cost the skills recipe 1,800 items, 9% of a run)."""
+    ledger holds it: 9 untuned models cost the skills recipe 1,800 items, 8% of a run)."""
     raced = recipe.selects and recipe.selection.block is not None
     skipped = {"validation"} if raced else set()
     skipped |= {"fitness"} if recipe.selects else set()

@@ -33,7 +33,7 @@ def held_scores(run: OpenRun, models: list[FinalModel], sets: list[str]) -> dict
             if (model.identity, name) not in held:
                 continue
             kept[(model.key, name)] = held[(model.identity, name)]
-            if recorded.get((model.key, name)) != model.identity:
+            if recorded.get((model.key, name)) != model.identity:  # held under another key (a baseline as winner)
                 run.ledger.record_final_score(FinalScore(model.key, name, model.identity, kept[(model.key, name)]))
     return kept
 
