@@ -20,7 +20,10 @@ from merger.rundir.ledger import Ledger
 from merger.search.loop import Search
 from merger.search.open import open_run
 from merger.space.parameters import Genome
+from tests.recipes import write_recipe
 from tests.test_overnight import recipe_data, run_here
+
+REPO = Path(__file__).resolve().parent.parent
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # local Ray and several worker processes
@@ -158,6 +161,36 @@ def test_a_stop_asked_for_ends_the_job_in_flight_on_a_worker_unreported(ray_sess
     finally:
         clear_stop()
         executor.close()
+
+
+def test_starting_ray_keeps_the_runs_sigterm_handler(search_data, tmp_path):
+    """ray.init replaces SIGTERM's handler with sys.exit; a run's stop must survive the executor starting Ray."""
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", {**search_data, "executor": RAY})
+    script = f"""
+import signal
+from merger.common.stopping import StopRequest
+from merger.executors.ray_executor import RayExecutor
+from merger.recipe import load_recipe
+from merger.sources.resolve import resolve_checked
+from merger.space.parameters import Genome
+
+from pathlib import Path
+recipe = load_recipe(Path({str(recipe)!r}))
+sources, _ = resolve_checked(recipe)
+with StopRequest() as stop:
+    handler = signal.getsignal(signal.SIGTERM)
+    executor = RayExecutor(recipe, sources, Genome(recipe, sources, 4))
+    try:
+        print("kept" if signal.getsignal(signal.SIGTERM) == handler else "replaced")
+    finally:
+        executor.close()
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.split()[-1:] == ["kept"], done.stderr[-2000:]
 
 
 def test_final_scoring_is_spread_over_the_workers_and_survives_losing_them(

@@ -14,6 +14,7 @@ and run directory at the same paths as the driver (shared storage).
 from __future__ import annotations
 
 import os
+import signal
 import site
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -139,11 +140,16 @@ class RayExecutor:
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if address is None and not os.environ.get("RAY_ADDRESS"):  # RAY_ADDRESS: ray.init joins that cluster
             options["num_cpus"] = os.cpu_count() or 1
+        run_handler = signal.getsignal(signal.SIGTERM)
         try:
             self.ray.init(address=address, **options)
         except (ConnectionError, RuntimeError, ValueError) as error:
             where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
             raise MergerError(f"executor.address: could not start or reach {where}: {error}") from None
+        finally:
+            # ray.init puts sys.exit in SIGTERM's place: the run's stop (merger.common.stopping) goes back
+            if run_handler is not None and signal.getsignal(signal.SIGTERM) is not run_handler:
+                signal.signal(signal.SIGTERM, run_handler)
         self.started_ray = True
 
     def _check_capacity(self) -> None:
