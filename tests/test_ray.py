@@ -20,10 +20,9 @@ from merger.rundir.ledger import Ledger
 from merger.search.loop import Search
 from merger.search.open import open_run
 from merger.space.parameters import Genome
+from tests.cli import REPO
 from tests.recipes import write_recipe
 from tests.test_overnight import recipe_data, run_here
-
-REPO = Path(__file__).resolve().parent.parent
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # local Ray and several worker processes
@@ -171,16 +170,17 @@ def test_starting_ray_keeps_the_runs_sigterm_handler(search_data, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", {**search_data, "executor": RAY})
     script = f"""
 import signal
+from pathlib import Path
+
 from merger.common.stopping import StopRequest
 from merger.executors.ray_executor import RayExecutor
 from merger.recipe import load_recipe
 from merger.sources.resolve import resolve_checked
 from merger.space.parameters import Genome
 
-from pathlib import Path
 recipe = load_recipe(Path({str(recipe)!r}))
 sources, _ = resolve_checked(recipe)
-with StopRequest() as stop:
+with StopRequest():
     handler = signal.getsignal(signal.SIGTERM)
     executor = RayExecutor(recipe, sources, Genome(recipe, sources, 4))
     try:

@@ -82,6 +82,7 @@ def _build(
     from merger.design import plan
     from merger.router.outcomes import build_outcome_table
     from merger.router.pool import load_pool
+    from merger.rundir.layout import RunDir
 
     pairs = plan.export_pairs(design, recipe, source_paths)
     stop.check()
@@ -97,13 +98,13 @@ def _build(
     for group in chosen:
         if len(group) < 2:
             continue
-        group_recipe = plan.group_recipe(design, recipe, group)
-        _progress(f"group {'-'.join(group)}: searching its merge in {plan.group_dir(design, group)}")
-        execute(group_recipe, plan.group_dir(design, group), stop, progress=not args.no_progress, name="pool-design")
-        if not plan.group_dir(design, group).joinpath("summary.json").is_file():
+        group_recipe, run_dir = plan.group_recipe(design, recipe, group), plan.group_dir(design, group)
+        _progress(f"group {'-'.join(group)}: searching its merge in {run_dir}")
+        execute(group_recipe, run_dir, stop, progress=not args.no_progress, name="pool-design")
+        if not RunDir(run_dir).summary.is_file():
             return 0  # stopped: `execute` said so; the same command resumes the group's run
         if design.publish is not None:  # once: a resumed design finds it published already
-            published[group] = publish_once(plan.published_recipe(design, group_recipe, group), plan.group_dir(design, group))
+            published[group] = publish_once(plan.published_recipe(design, group_recipe, group), run_dir)
     stop.check()
 
     from merger.conductor.depth import depth_generation, workflow_key

@@ -49,7 +49,8 @@ def score_final(
     committed with its items as it finishes.
     """
     sets = sets or list(eval_sets(run.recipe))
-    kept = held_scores(run, models, [*sets, *shown_if_held])
+    shown = [*sets, *shown_if_held]
+    kept = held_scores(run, models, shown)
     missing = [(model, name) for model in models for name in sets if (model.key, name) not in kept]
     shared = ScoreCache.from_env(run)
 
@@ -80,6 +81,5 @@ def score_final(
             export_once(model, run)
 
     score_models(run.executor, [(model.weights, name) for model, name in missing], keep)
-    shown = [*sets, *shown_if_held]
     return {model.key: {name: kept[(model.key, name)] for name in shown if (model.key, name) in kept} for model in models}
 
