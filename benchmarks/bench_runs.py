@@ -31,6 +31,9 @@ from merger.scoring.uncertainty import ItemValues  # noqa: E402
 
 RECIPES = {"quickstart": ROOT / "recipes" / "quickstart.yaml", "skills": ROOT / "recipes" / "skills.yaml"}
 WALL_FILE = "wall_seconds.json"  # beside each run: how long `merger run` took here, over its sittings
+# the benchmarks that set the winner beside every source and baseline on the test set score them all there
+# (the bundled multi-skill recipes score only the winner's reference: `selection.final_table: contenders`)
+EVERY_MODEL_TESTED: dict[str, Any] = {"selection": {"final_table": "all"}}
 
 
 @dataclass

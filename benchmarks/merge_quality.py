@@ -40,7 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from bench_runs import RECIPES, ROOT, Model, final_models, load, run, variant_recipe, wall_seconds
+from bench_runs import (
+    EVERY_MODEL_TESTED,
+    RECIPES,
+    ROOT,
+    Model,
+    final_models,
+    load,
+    run,
+    variant_recipe,
+    wall_seconds,
+)
 
 from merger.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
@@ -229,7 +239,8 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = args.out / f"{name}-seed{seed}"
             if not args.no_run:
-                changes: dict[str, Any] = {"baselines": "all"} if args.baselines == "all" else {}
+                changes: dict[str, Any] = dict(EVERY_MODEL_TESTED)
+                changes |= {"baselines": "all"} if args.baselines == "all" else {}
                 if args.method:
                     changes["genome"] = {"method": args.method}
                 run(variant_recipe(RECIPES[name], seed, run_dir, changes), args.out / "scores")

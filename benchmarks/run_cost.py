@@ -40,7 +40,7 @@ from merger.rundir.ledger import PHASES, WINNER_KEY
 from merger.scoring.fitness import weighted_score
 from merger.scoring.uncertainty import paired_difference
 
-BEFORE = {"monitoring": {"limit": "all"}, "selection": {"block": None}, "engine": {"scoring_precision": "fp32"}}
+BEFORE = {"monitoring": {"limit": "all"}, "selection": {"block": None, "final_table": "all"}, "engine": {"scoring_precision": "fp32"}}
 VARIANTS = ("before", "now")
 
 

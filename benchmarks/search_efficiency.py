@@ -37,7 +37,17 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench_runs import RECIPES, ROOT, final_models, load, run, tiny_recipes, variant_recipe, wall_seconds
+from bench_runs import (
+    EVERY_MODEL_TESTED,
+    RECIPES,
+    ROOT,
+    final_models,
+    load,
+    run,
+    tiny_recipes,
+    variant_recipe,
+    wall_seconds,
+)
 
 from merger.recipe import Recipe, load_recipe
 from merger.rundir.layout import RunDir
@@ -65,9 +75,9 @@ def fitness_items(recipe: Recipe) -> int:
 
 
 def changes(strategy: str, item_budget: int) -> dict[str, dict[str, Any]]:
-    """The recipe changes a strategy makes; none for `full`, so its runs are merge_quality.py's."""
+    """The recipe changes a strategy makes; for `full` only merge_quality.py's, so its runs are that script's."""
     if strategy == "full":
-        return {}
+        return dict(EVERY_MODEL_TESTED)
     fitness = {key: value for key, value in STRATEGIES[strategy].items() if key != BUDGETED}
     optimizer = {"max_items": item_budget} if STRATEGIES[strategy].get(BUDGETED) else {}
     return {"fitness": fitness, "optimizer": optimizer}

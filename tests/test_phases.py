@@ -86,6 +86,51 @@ def test_the_phases_add_up_to_what_lm_eval_was_asked(tiny_sources, tiny_evals, t
     assert f"monitoring 4 ({costs['monitoring'].seconds:.0f} s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole run
+def test_the_final_table_of_contenders_scores_only_the_winners_reference_on_test(
+    tiny_sources, tiny_evals, tmp_path, asked, capsys
+):
+    selection = {"top_k": 2, "block": 2, "final_table": "contenders"}
+    data = small(tiny_sources, tiny_evals, tmp_path / "run", selection=selection)
+    assert merger.cli.main(["run", str(write_recipe(tmp_path / "recipe.yaml", data)), "--no-progress"]) == 0
+    summary = RunDir(tmp_path / "run").read_summary()
+    assert summary is not None and summary.selection is not None
+    costs = summary.costs
+    assert sum(cost.items for cost in costs.values()) == asked["items"]
+    rows = summary.selection.finalists
+    reference = max(
+        (i for i, row in enumerate(rows) if row.kind != "candidate" and row.dropped_after is None),
+        key=lambda i: (rows[i].selection, -i),
+    )
+    assert summary.selection.tested == [rows[reference].name]
+    untuned = {**summary.sources, **{f"baseline: {name}": block for name, block in summary.baselines.items()}}
+    assert [name for name, block in untuned.items() if "test" in block.by_split()] == [rows[reference].name]
+    # the reference on test (5 items), the winner on fitness (8) and on test unless it is the reference
+    assert costs["finals"].items in (5 + 8, 5 + 8 + 5)
+    assert costs["finals"].items == 5 + 8 + (5 if summary.selection.chosen != rows[reference].name else 0)
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "`selection.final_table: contenders`" in card
+    stopped = write_recipe(tmp_path / "stopped.yaml", small(tiny_sources, tiny_evals, tmp_path / "stopped", selection=selection))
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, "finals")  # the first test-set score: the reference's, after selection
+        assert merger.cli.main(["run", str(stopped), "--no-progress"]) == 0
+    assert "Run the same command again to resume" in capsys.readouterr().out
+    assert RunDir(tmp_path / "stopped").read_summary() is None
+    assert merger.cli.main(["run", str(stopped), "--no-progress"]) == 0
+    resumed = RunDir(tmp_path / "stopped").read_summary()
+    assert resumed is not None
+    assert without_timings(resumed.model_dump(mode="json")) == without_timings(summary.model_dump(mode="json"))
+    shown = summary.score_rows()  # an untuned model with no score at all is only in the finalists table
+    assert all(block.by_split() for block in shown.values())
+    assert set(shown) - {"WINNER"} <= set(untuned)
+    ledger = Ledger(tmp_path / "run")
+    try:
+        planned = ledger.meta().planned_items
+    finally:
+        ledger.close()
+    assert planned == 8 * 8 + 2 * 2 + 6 * 6 + 2 * (8 + 5)  # the end prices two models on fitness and test
+
+
 @pytest.mark.slow  # a search
 def test_monitoring_turned_off_scores_no_validation_during_the_search(tiny_sources, tiny_evals, tmp_path, asked):
     data = small(tiny_sources, tiny_evals, tmp_path / "run", monitoring={"enabled": False}, selection={"enabled": False})

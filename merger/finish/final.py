@@ -12,14 +12,15 @@ from pathlib import Path
 from merger.common.files import write_atomic
 from merger.finish.baselines import untuned_models
 from merger.finish.export import export_winner
+from merger.finish.models import FinalModel
 from merger.finish.scores import score_final
-from merger.finish.selection import select_winner
+from merger.finish.selection import best_untuned, select_winner
 from merger.finish.summary import build_summary
 from merger.recipe import Recipe
 from merger.recipe.baselines import plan_baselines
 from merger.rundir.layout import CARD_FILE, RunDir
 from merger.rundir.render import model_card
-from merger.rundir.summary import MethodChosen, Summary
+from merger.rundir.summary import MethodChosen, Selection, Summary
 from merger.scoring.fitness import eval_sets
 from merger.search.loop import SearchResult
 from merger.search.open import OpenRun
@@ -43,14 +44,30 @@ def finished_summary(run_dir: Path, result: SearchResult, recipe: Recipe, member
 
 
 def untuned_sets(recipe: Recipe) -> list[str]:
-    """The eval sets the untuned models are scored on before selection: the test set; the validation set
-    unless a selection race scores it; the fitness set only where the winner is chosen by fitness (where
-    the winner is chosen on validation, their fitness is a column no decision reads, shown where the
-    ledger holds it: 9 untuned models cost the skills recipe 1,800 items, 8% of a run)."""
-    raced = recipe.selects and recipe.selection.block is not None
-    skipped = {"validation"} if raced else set()
-    skipped |= {"fitness"} if recipe.selects else set()
+    """The eval sets the untuned models are scored on before selection: the test set unless only the
+    winner's reference is (`selection.final_table: contenders`, scored after selection: `tested_beside`);
+    the validation set unless a selection race scores it; the fitness set only where the winner is chosen
+    by fitness (where the winner is chosen on validation, their fitness is a column no decision reads,
+    shown where the ledger holds it: 9 untuned models cost the skills recipe 1,800 items, 8% of a run)."""
+    skipped = set()
+    if recipe.selects:
+        skipped.add("fitness")
+        skipped |= {"validation"} if recipe.selection.block is not None else set()
+        skipped |= {"test"} if recipe.selection.final_table == "contenders" else set()
     return [name for name in eval_sets(recipe) if name not in skipped]
+
+
+def tested_beside(recipe: Recipe, selection: Selection | None, untuned: list[FinalModel]) -> dict[str, FinalModel]:
+    """The untuned models still to be scored on the test set beside the winner, by finalist name: under
+    `selection.final_table: contenders`, the best untuned finalist on validation (the winner's reference);
+    none otherwise (`untuned_sets` scored them all before selection)."""
+    if selection is None or recipe.selection.final_table == "all" or "test" not in eval_sets(recipe):
+        return {}
+    reference = best_untuned(selection.finalists)
+    if reference is None:
+        return {}
+    row = selection.finalists[reference]
+    return {row.name: next(model for model in untuned if model.identity == row.identity)}
 
 
 def finish_run(
@@ -65,6 +82,11 @@ def finish_run(
     scores = score_final(run, untuned, untuned_sets(run.recipe), shown_if_held=("fitness",))
     chosen, selection = select_winner(run, result, untuned, scores, member)
     winner, config_yaml = export_winner(run, chosen)
+    beside = tested_beside(run.recipe, selection, untuned)
+    for key, tested in score_final(run, list(beside.values()), ["test"]).items():
+        scores[key].update(tested)
+    if selection is not None and run.recipe.selection.final_table == "contenders":
+        selection.tested = list(beside)
     scores.update(score_final(run, [winner]))
     summary = build_summary(run, chosen, result, scores, baselines, selection, method_chosen)
     write_atomic(layout.final / CARD_FILE, model_card(summary, config_yaml).encode())

@@ -48,7 +48,7 @@ def score_final(
     missing jobs go to the executor at once (a Ray executor spreads them over its workers), and each is
     committed with its items as it finishes.
     """
-    sets = sets or list(eval_sets(run.recipe))
+    sets = list(eval_sets(run.recipe)) if sets is None else sets
     shown = [*sets, *shown_if_held]
     kept = held_scores(run, models, shown)
     missing = [(model, name) for model in models for name in sets if (model.key, name) not in kept]

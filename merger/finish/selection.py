@@ -130,17 +130,23 @@ def with_margins(
 ) -> list[Finalist]:
     """Each candidate's lower confidence bound on how far it is above the best untuned finalist on the
     selection set: a paired bootstrap over the items both were scored on, one-sided at `confidence`."""
-    untuned = [i for i, row in enumerate(rows) if row.kind != "candidate" and row.dropped_after is None]
+    reference = best_untuned(rows)
     candidates = [i for i, row in enumerate(rows) if row.kind == "candidate"]
-    if not untuned or not candidates:
+    if reference is None or not candidates:
         return rows
-    reference = max(untuned, key=lambda i: (rows[i].selection, -i))
     level = 2 * confidence - 1  # the two-sided interval whose lower end is that one-sided bound
     for i in candidates:
         if items[i] and items[reference]:
             low = paired_difference(items[i], items[reference], aggregate, level=level)[1]
             rows[i] = rows[i].model_copy(update={"lower_bound": low, "reference": rows[reference].name})
     return rows
+
+
+def best_untuned(rows: list[Finalist]) -> int | None:
+    """The index of the best untuned finalist on the selection set that a race kept (the first of equals):
+    what each candidate is measured against; None without one."""
+    untuned = [i for i, row in enumerate(rows) if row.kind != "candidate" and row.dropped_after is None]
+    return max(untuned, key=lambda i: (rows[i].selection, -i), default=None)
 
 
 def _in_set(items: ItemValues, task_scores: Mapping[str, float]) -> ItemValues:

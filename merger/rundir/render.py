@@ -103,6 +103,13 @@ def selection_rule_text(selection: Selection) -> str:
         )
     if selection.member is not None:
         text += f" The winner is the front member {selection.member!r}, chosen with --member."
+    if selection.tested is not None:
+        beside = " and ".join(repr(name) for name in selection.tested if name != selection.chosen)
+        scored = f"the winner and {beside}, the best untuned finalist, were" if beside else "the winner was"
+        text += (
+            f" On the test set only {scored} scored (`selection.final_table: contenders`); the other untuned "
+            "models have their validation scores in this table."
+        )
     return text
 
 

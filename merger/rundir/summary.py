@@ -110,6 +110,9 @@ class Selection(_Block):
     # the finalists no other beats on every validation task (merger.finish.front); None: one task
     front: list[str] | None = None
     member: str | None = None  # the front member a user chose (`merger run --member`) over the rule's winner
+    # `selection.final_table: contenders`: the untuned finalists scored on the test set beside the winner
+    # (its reference, the best untuned one on validation); None: every untuned model
+    tested: list[str] | None = None
 
 
 class PhaseCost(_Block):
@@ -165,12 +168,11 @@ class Summary(_Block):
         return None
 
     def score_rows(self) -> dict[str, Scores]:
-        """What every table shows (terminal, report, model card): sources, baselines, then the winner."""
-        return {
-            **self.sources,
-            **{BASELINE_ROW_PREFIX + name: block for name, block in self.baselines.items()},
-            WINNER_ROW: self.winner,
-        }
+        """What every table shows (terminal, report, model card): sources, baselines, then the winner; an
+        untuned model with no score at all (dropped by the selection race, and not on the test set under
+        `final_table: contenders`) is only in the finalists table."""
+        untuned = {**self.sources, **{BASELINE_ROW_PREFIX + name: block for name, block in self.baselines.items()}}
+        return {**{name: block for name, block in untuned.items() if block.by_split()}, WINNER_ROW: self.winner}
 
     def score_columns(self) -> list[tuple[str, str]]:
         """(eval set, task) for each of the winner's scores, validation first; after a split of several

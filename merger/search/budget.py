@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from merger.recipe import OptimizerSpec
+from merger.recipe import OptimizerSpec, Recipe
 from merger.rundir.ledger import WARM_START_GENERATION, Ledger
 from merger.rundir.meta import RunMeta
 
@@ -76,6 +76,14 @@ def generations_within_seconds(seconds_left: float, seconds_per_generation: floa
     if not seconds_per_generation:
         return 1
     return math.ceil(seconds_left / seconds_per_generation)
+
+
+def tested_models(recipe: Recipe, untuned: int) -> int:
+    """The models the end of a run scores on its test set: the winner and every untuned model, or under
+    `selection.final_table: contenders` the winner and the best untuned finalist (merger.finish.final)."""
+    if recipe.selects and recipe.selection.final_table == "contenders":
+        return 1 + min(untuned, 1)
+    return 1 + untuned
 
 
 def end_items(meta: RunMeta) -> int | None:

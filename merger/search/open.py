@@ -16,7 +16,7 @@ from merger.recipe import Recipe, recipe_to_yaml
 from merger.rundir.layout import RunDir
 from merger.rundir.ledger import Ledger
 from merger.rundir.meta import RunMeta
-from merger.search.budget import Budget, planned_items
+from merger.search.budget import Budget, planned_items, tested_models
 from merger.space import SearchSpace, make_genome
 
 
@@ -114,7 +114,7 @@ def open_run(recipe: Recipe, run_dir: Path) -> OpenRun:
             fitness_items=set_items["fitness"],
             set_items=set_items,
             finalists=untuned + recipe.selection.top_k if recipe.selects else 0,
-            final_models=untuned + 1,
+            final_models=tested_models(recipe, untuned),
         )
         monitored = 0
         if recipe.monitors:
