@@ -212,3 +212,68 @@ def test_the_bundled_design_reads_and_each_group_recipe_checks():
                 checked = group_recipe(design, recipe, skills)
                 assert checked.source_names == ["base", *skills]
                 assert [t.name for t in checked.validation.tasks] == [f"skills_{s}_sel" for s in skills]
+
+
+def test_partitions_are_compared_paired_on_the_same_items():
+    """A known table: the routed accuracies, the paired difference from the best predicted at the same K
+    (exactly the difference of the means), and the rank correlation of predicted with routed."""
+    import numpy as np
+
+    from merger.design.compare import PartitionRows, compare_partitions, partition_label
+    from merger.design.partitions import Predicted
+    from merger.router.outcomes import OutcomeTable
+
+    items = 40
+    table = OutcomeTable(
+        item_ids=[str(i) for i in range(items)], tasks=["t1", "t2"] * (items // 2), prompts=[""] * items,
+        members=["a-b", "a", "b"], correct=np.zeros((items, 3)), latency=np.zeros((items, 3)),
+    )
+    together, apart = (("a", "b"),), (("a",), ("b",))
+    held = [np.arange(items)]
+    first, second = np.ones(items), np.ones(items)
+    first[:10], second[:4] = 0, 0  # merged: 30 of 40 right; routed apart: 36 of 40
+    rows = PartitionRows(table, held, {partition_label(together): [first], partition_label(apart): [second]})
+    predictions = [Predicted(apart, 0.9, {}), Predicted(together, 0.7, {})]
+    report = compare_partitions(rows, predictions, {"a-b": 0.5, "a": 0.5, "b": 0.5})
+    by_label = {row["partition"]: row for row in report["partitions"]}
+    merged, routed = by_label["a,b"], by_label["a / b"]
+    assert (merged["routed"], routed["routed"]) == (0.75, 0.9)
+    assert merged["tasks"] == {"t1": 0.75, "t2": 0.75} and (merged["resident_gib"], routed["resident_gib"]) == (0.5, 1.0)
+    assert routed["minus_best_predicted"] == [0.0, 0.0, 0.0]  # the best predicted with two groups is itself
+    assert merged["best_predicted"] == "a,b" and merged["groups"] == 1
+    low, high = routed["interval"]
+    assert low < 0.9 < high
+    assert report["spearman"]["all"] is None  # two partitions: no rank correlation
+
+
+@pytest.mark.slow  # the pairs measured, every group's untuned merge exported and scored, 15 partitions routed
+def test_every_partition_is_routed_on_the_same_held_out_items(design_root, tmp_path, capsys):
+    """Routed on the skills' multiple-choice test items (32), where the tiny models' scores differ."""
+    import json
+
+    evals = design_root / "evals"
+    pool = yaml.safe_load((design_root / "pool.yaml").read_text())
+    pool["tasks"] = {"names": [f"{skill}_test" for skill in SKILLS], "include_path": str(evals), "metric": "acc"}
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
+    design = yaml.safe_load((design_root / "design.yaml").read_text())
+    design.update(recipe=str(design_root / "recipe.yaml"), pool=str(tmp_path / "pool.yaml"), work_dir=str(tmp_path / "work"))
+    (tmp_path / "design.yaml").write_text(yaml.safe_dump(design))
+    assert main(["pool", "compare", str(tmp_path / "design.yaml"), "--splits", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "every partition routed on the same held-out items (2 splits" in out and "rank correlation" in out
+    report = json.loads((tmp_path / "work" / "compare" / "comparison.json").read_text())
+    assert report["items"] == 32 and len({row["routed"] for row in report["partitions"]}) > 1
+    assert isinstance(report["spearman"]["all"], float)
+    rows = report["partitions"]
+    assert len(rows) == 15 and sorted({row["groups"] for row in rows}) == [1, 2, 3, 4]  # Bell(4) partitions
+    assert [row["predicted"] for row in rows] == sorted((row["predicted"] for row in rows), reverse=True)
+    for row in rows:
+        assert 0.0 <= row["interval"][0] <= row["routed"] <= row["interval"][1] <= 1.0
+        difference, low, high = row["minus_best_predicted"]
+        assert low <= difference <= high
+    assert len({row["resident_gib"] / row["groups"] for row in rows}) == 1  # every member weighs the same
+    members = tmp_path / "work" / "compare" / "members"
+    assert sorted(path.name for path in members.iterdir() if path.is_dir()) == sorted(
+        "-".join(g) for g in {tuple(g) for row in rows for g in (group.split(",") for group in row["partition"].split(" / "))}
+        if len(g) > 1
+    )

@@ -5,6 +5,9 @@ most K groups the measurement predicts best (merger.design.partitions), search a
 two or more (a normal run directory each, resumed like any run), keep a group of one as its specialist,
 write the pool file and train its router. Killed anywhere, the same command resumes: the pair exports,
 the measurement's outcomes and every group's run are kept.
+
+`merger pool compare DESIGN.yaml`: every partition's pool (untuned group merges) routed on the same
+held-out items, measured against what the pairwise measurement predicted (merger.design.compare).
 """
 
 from __future__ import annotations
@@ -36,23 +39,30 @@ def _partition(text: str) -> Partition:
     return tuple(tuple(name for name in group.split(",") if name) for group in text.split("/") if group)
 
 
-def _design(args: argparse.Namespace) -> int:
-    require_extra("router", "merger pool design")
-    from merger.common.stopping import StopRequest, StopRequested
-    from merger.design import plan
+def _load(design_file: Path) -> tuple[PoolDesign, Recipe, Pool, dict[str, Path]]:
+    """The design, its recipe, its template pool (which must name tasks) and the recipe's sources, checked."""
     from merger.design.spec import load_design
     from merger.recipe import load_recipe
     from merger.router.pool import load_pool
     from merger.sources.resolve import resolve_checked
 
-    design = load_design(args.design)
+    design = load_design(design_file)
     recipe = load_recipe(design.recipe)
     template = load_pool(design.pool)
     if template.tasks is None:
         raise MergerError(f"{design.pool}: the designed pool's router needs `tasks:` to learn from")
+    source_paths, _ = resolve_checked(recipe)
+    return design, recipe, template, source_paths
+
+
+def _design(args: argparse.Namespace) -> int:
+    require_extra("router", "merger pool design")
+    from merger.common.stopping import StopRequest, StopRequested
+    from merger.design import plan
+
+    design, recipe, template, source_paths = _load(args.design)
     if args.members is not None:
         design = design.with_members(args.members)
-    source_paths, _ = resolve_checked(recipe)
     members = plan.check_design(design, recipe, source_paths)
     forced = _partition(args.partition) if args.partition else None
     if forced is not None:
@@ -65,6 +75,35 @@ def _design(args: argparse.Namespace) -> int:
             print("stopped (the pair exports, every outcome scored so far and every finished group's run are "
                   "kept). Run the same command again to resume.")
             return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    require_extra("router", "merger pool compare")
+    from merger.common.stopping import StopRequest, StopRequested
+    from merger.design import compare, plan
+    from merger.router.outcomes import build_outcome_table
+
+    design, recipe, template, source_paths = _load(args.design)
+    plan.check_design(design, recipe, source_paths)
+    with StopRequest() as stop:
+        try:
+            pairs = plan.export_pairs(design, recipe, source_paths)
+            stop.check()
+            measured = build_outcome_table(plan.measurement_pool(design, recipe, template, source_paths, pairs), _progress)
+            measurement = plan.measure(design, measured)
+            predictions = plan.choose(measurement, len(design.skills))  # every partition, best predicted first
+            print(_measurement_text(measurement))
+            pool = compare.comparison_pool(design, template, compare.group_checkpoints(design, recipe, source_paths, predictions))
+            stop.check()
+            rows = compare.route_partitions(pool, predictions, args.splits, _progress)
+        except StopRequested:
+            print("stopped (the exports and every outcome scored so far are kept). Run the same command again to resume.")
+            return 0
+    report = compare.compare_partitions(rows, predictions, compare.member_sizes(pool), pool.router.seed)
+    path = compare.write_report(design, report)
+    print(compare.format_partition_comparison(report))
+    print(f"written to {path}")
+    return 0
 
 
 def _build(
@@ -159,3 +198,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     design.add_argument("--partition", help="build this partition instead of the best predicted: add,rev/sort/date")
     design.add_argument("--no-progress", action="store_true", help="no progress bars")
     design.set_defaults(handler=_design)
+    compared = actions.add_parser(
+        "compare", help="every partition's pool routed on the same held-out items: measured against predicted"
+    )
+    compared.add_argument("design", type=Path, help="pool design YAML")
+    compared.add_argument("--splits", type=positive_int, default=3, help="train/held-out splits (default 3)")
+    compared.set_defaults(handler=_compare)

@@ -29,7 +29,7 @@ from merger.recipe.methods import NotApplicable
 from merger.recipe.untuned import UNTUNED_MERGES
 from merger.registry.names import validate_name
 from merger.router.members import export_baseline
-from merger.router.pool import Member, Pool, load_pool
+from merger.router.pool import EncoderSettings, Member, Pool, load_pool
 from merger.router.training import checkpoint_gib
 
 DESIGN_FILE = "design.json"  # the measurement and the partitions, as chosen
@@ -81,17 +81,21 @@ def export_pairs(design: PoolDesign, recipe: Recipe, source_paths: dict[str, Pat
     exported = {}
     for i, first in enumerate(skills):
         for second in skills[i + 1:]:
-            try:
-                data = with_sources(recipe, [first, second]).baseline_config(design.measure_merge, source_paths)
-            except NotApplicable as reason:
-                raise MergerError(f"measure_merge: {design.measure_merge} does not apply to a pair: {reason}") from None
             target = design.work_dir / "measure" / "pairs" / pair_name(first, second)
-            exported[(first, second)] = _export_once(MergeConfiguration.model_validate(data), target, recipe)
+            exported[(first, second)] = export_untuned(design, recipe, source_paths, (first, second), target)
     return exported
 
 
-def _export_once(config: MergeConfiguration, target: Path, recipe: Recipe) -> Path:
-    """Its YAML beside `target`, and mergekit's export of it (the router's, kept while the YAML is the same)."""
+def export_untuned(
+    design: PoolDesign, recipe: Recipe, source_paths: dict[str, Path], group: tuple[str, ...], target: Path
+) -> Path:
+    """The group's untuned merge (`measure_merge` over the base and the group) exported into `target`, its
+    YAML beside it (the router's export, kept while the YAML is the same)."""
+    try:
+        data = with_sources(recipe, list(group)).baseline_config(design.measure_merge, source_paths)
+    except NotApplicable as reason:
+        raise MergerError(f"measure_merge: {design.measure_merge} does not apply to {group_name(group)}: {reason}") from None
+    config = MergeConfiguration.model_validate(data)
     config_file = target.with_suffix(".yaml")
     config_file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(config_file, config.to_yaml().encode())
@@ -220,10 +224,9 @@ def designed_pool(
         else:
             members.append({"name": group_name(group), "run": str(group_dir(design, group)), "chat_template": chat})
     data["members"] = members
-    encoder = template.router.encoder
-    if encoder.kind == "hidden_states" and encoder.member not in [member["name"] for member in members]:
-        # the template's encoder member is not resident in the design: the first member's states serve
-        data["router"]["encoder"] = {**data["router"]["encoder"], "member": members[0]["name"]}
+    encoder = resident_encoder(template, [member["name"] for member in members])
+    if encoder is not template.router.encoder:
+        data["router"]["encoder"] = {**data["router"]["encoder"], "member": encoder.member}
     data["work_dir"] = str(design.work_dir / "router")
     data.pop("priority", None)
     if template.tasks is not None and template.tasks.include_path is not None:
@@ -235,6 +238,15 @@ def designed_pool(
     path = design.work_dir / POOL_FILE
     write_atomic(path, yaml.safe_dump(data, sort_keys=False).encode())
     return path
+
+
+def resident_encoder(template: Pool, names: list[str]) -> EncoderSettings:
+    """The template's encoder for a pool of `names`: a hidden-states encoder whose member is not among them
+    reads the first of them instead (the template's member is not resident there)."""
+    encoder = template.router.encoder
+    if encoder.kind == "hidden_states" and encoder.member not in names:
+        return encoder.model_copy(update={"member": names[0]})
+    return encoder
 
 
 def write_design(design: PoolDesign, measurement: Measurement, predictions: list[Predicted]) -> Path:
