@@ -11,7 +11,8 @@ load, on a machine with at least two cores):
 - `before`: the recipe as runs went before issue 30: scored in fp32 (`engine.scoring_precision: fp32`),
   a teacher-forced fitness task (`*_tf`, `metric: acc`) replaced by its generated twin with
   `exact_match`, each generation's best monitored on every validation item (`monitoring.limit: all`)
-  and every finalist scored on every validation item (`selection.block: null`);
+  every finalist scored on every validation item (`selection.block: null`), and every source and
+  baseline scored on the test set (`selection.final_table: all`);
 - `now`: the recipe as bundled.
 A finished run is read back, a stopped one resumed (its wall time adds up over sittings).
 
