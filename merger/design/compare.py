@@ -16,6 +16,7 @@ group is that model alone.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,20 +171,35 @@ def member_sizes(pool: Pool) -> dict[str, float]:
     return {member.name: checkpoint_gib(member.path) for member in pool.members if member.path is not None}
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Task names without the prefix and suffix they all share (`skills_add_test_tf` -> `add`)."""
+    if len(names) < 2:
+        return names
+    head = len(os.path.commonprefix(names))
+    tail = len(os.path.commonprefix([name[::-1] for name in names]))
+    cut = [name[head:len(name) - tail] for name in names]
+    return cut if all(cut) and len(set(cut)) == len(cut) else names
+
+
 def format_partition_comparison(report: dict[str, Any]) -> str:
     held = ", ".join(str(n) for n in report["held_out_items"])
+    tasks = list(report["partitions"][0]["tasks"])
+    labels = short_names(tasks)
     lines = [
         f"every partition routed on the same held-out items ({report['splits']} splits; held out {held} of "
-        f"{report['items']}); minus: the paired difference from the best predicted partition with as many groups",
-        f"{'partition':34s} {'K':>2s} {'predicted':>9s} {'routed':>7s} {'95% interval':>15s} {'GiB':>5s}  minus best predicted",
+        f"{report['items']}); per task routed; minus: the paired difference from the best predicted partition "
+        "with as many groups",
+        f"{'partition':28s} {'K':>2s} {'predicted':>9s} {'routed':>7s} {'95% interval':>15s} "
+        + " ".join(f"{label[:6]:>6s}" for label in labels) + f" {'GiB':>5s}  minus best predicted",
     ]
     for row in report["partitions"]:
         low, high = row["interval"]
         difference, d_low, d_high = row["minus_best_predicted"]
         minus = "(best predicted)" if row["partition"] == row["best_predicted"] else f"{difference:+.3f} [{d_low:+.3f}, {d_high:+.3f}]"
+        per_task = " ".join(f"{row['tasks'][task]:6.3f}" for task in tasks)
         lines.append(
-            f"{row['partition']:34s} {row['groups']:2d} {row['predicted']:9.3f} {row['routed']:7.3f} "
-            f"[{low:.3f}, {high:.3f}] {row['resident_gib']:5.2f}  {minus}"
+            f"{row['partition']:28s} {row['groups']:2d} {row['predicted']:9.3f} {row['routed']:7.3f} "
+            f"[{low:.3f}, {high:.3f}] {per_task} {row['resident_gib']:5.2f}  {minus}"
         )
     spearman = report["spearman"]
     within = ", ".join(f"K={k} {v:+.2f}" for k, v in spearman.items() if k != "all" and v is not None)
