@@ -115,50 +115,60 @@ def compare_partitions(
     """Per partition: predicted and routed accuracy (its interval), each task's routed accuracy, resident
     GiB, and its paired difference from the best predicted partition with as many groups; and the rank
     correlation (Spearman) of predicted with routed accuracy over every partition and within each K."""
-    from scipy.stats import spearmanr
-
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(held), (BOOTSTRAP_RESAMPLES, len(held))) for held in rows.held_out]
     best_at: dict[int, str] = {}
     for predicted in predictions:  # best predicted first
         best_at.setdefault(len(predicted.partition), partition_label(predicted.partition))
-    tasks = np.array(rows.table.tasks)
-    table = []
-    for predicted in predictions:
-        label = partition_label(predicted.partition)
-        per_split = rows.correct[label]
-        reference = rows.correct[best_at[len(predicted.partition)]]
-        differences = [mine - theirs for mine, theirs in zip(per_split, reference, strict=True)]
-        by_task = {
-            task: float(np.mean([c[tasks[held] == task].mean() for c, held in zip(per_split, rows.held_out, strict=True)]))
-            for task in dict.fromkeys(rows.table.tasks)
-        }
-        table.append({
-            "partition": label,
-            "groups": len(predicted.partition),
-            "predicted": predicted.accuracy,
-            "routed": float(np.mean([c.mean() for c in per_split])),
-            "interval": list(bootstrap_interval(per_split, draws)),
-            "tasks": by_task,
-            "resident_gib": sum(member_gib[group_name(group)] for group in predicted.partition),
-            "minus_best_predicted": [float(np.mean([d.mean() for d in differences])), *bootstrap_interval(differences, draws)],
-            "best_predicted": best_at[len(predicted.partition)],
-        })
-
-    def correlation(chosen: list[dict[str, Any]]) -> float | None:
-        if len(chosen) < 3:
-            return None
-        value = spearmanr([r["predicted"] for r in chosen], [r["routed"] for r in chosen]).statistic
-        return None if np.isnan(value) else float(value)
-
-    ks = sorted({r["groups"] for r in table})
+    table = [
+        _partition_row(rows, predicted, best_at[len(predicted.partition)], member_gib, draws)
+        for predicted in predictions
+    ]
+    ks = sorted({row["groups"] for row in table})
     return {
         "items": len(rows.table.item_ids),
         "splits": len(rows.held_out),
         "held_out_items": [len(held) for held in rows.held_out],
         "partitions": table,
-        "spearman": {"all": correlation(table), **{str(k): correlation([r for r in table if r["groups"] == k]) for k in ks}},
+        "spearman": {
+            "all": _spearman(table), **{str(k): _spearman([row for row in table if row["groups"] == k]) for k in ks}
+        },
     }
+
+
+def _partition_row(
+    rows: PartitionRows, predicted: Predicted, best: str, member_gib: dict[str, float], draws: list[np.ndarray]
+) -> dict[str, Any]:
+    """One partition's row; `best`: the best predicted partition with as many groups, its paired reference."""
+    label = partition_label(predicted.partition)
+    per_split = rows.correct[label]
+    differences = [mine - theirs for mine, theirs in zip(per_split, rows.correct[best], strict=True)]
+    tasks = np.array(rows.table.tasks)
+    by_task = {
+        task: float(np.mean([c[tasks[held] == task].mean() for c, held in zip(per_split, rows.held_out, strict=True)]))
+        for task in dict.fromkeys(rows.table.tasks)
+    }
+    return {
+        "partition": label,
+        "groups": len(predicted.partition),
+        "predicted": predicted.accuracy,
+        "routed": float(np.mean([c.mean() for c in per_split])),
+        "interval": list(bootstrap_interval(per_split, draws)),
+        "tasks": by_task,
+        "resident_gib": sum(member_gib[group_name(group)] for group in predicted.partition),
+        "minus_best_predicted": [float(np.mean([d.mean() for d in differences])), *bootstrap_interval(differences, draws)],
+        "best_predicted": best,
+    }
+
+
+def _spearman(table: list[dict[str, Any]]) -> float | None:
+    """Spearman's rank correlation of predicted with routed accuracy; None below 3 rows or without spread."""
+    from scipy.stats import spearmanr
+
+    if len(table) < 3:
+        return None
+    value = spearmanr([row["predicted"] for row in table], [row["routed"] for row in table]).statistic
+    return None if np.isnan(value) else float(value)
 
 
 def write_report(design: PoolDesign, report: dict[str, Any]) -> Path:
