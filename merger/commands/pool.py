@@ -82,6 +82,7 @@ def _compare(args: argparse.Namespace) -> int:
     from merger.common.stopping import StopRequest, StopRequested
     from merger.design import compare, plan
     from merger.router.outcomes import build_outcome_table
+    from merger.router.training import member_gib
 
     design, recipe, template, source_paths = _load(args.design)
     plan.check_design(design, recipe, source_paths)
@@ -99,7 +100,7 @@ def _compare(args: argparse.Namespace) -> int:
         except StopRequested:
             print("stopped (the exports and every outcome scored so far are kept). Run the same command again to resume.")
             return 0
-    report = compare.compare_partitions(rows, predictions, compare.member_sizes(pool), pool.router.seed)
+    report = compare.compare_partitions(rows, predictions, member_gib(pool), pool.router.seed)
     path = compare.write_report(design, report)
     print(compare.format_partition_comparison(report))
     print(f"written to {path}")

@@ -25,17 +25,24 @@ import numpy as np
 
 from merger.common.files import write_atomic
 from merger.design.partitions import Partition, Predicted, group_name
-from merger.design.plan import export_untuned, resident_encoder
+from merger.design.plan import export_untuned, resident_encoder, template_chat
 from merger.design.spec import PoolDesign
 from merger.recipe import Recipe
-from merger.router.comparison import MemberSubset, bootstrap_interval, check_splits, row_key, run_split
+from merger.router.comparison import (
+    MemberSubset,
+    bootstrap_draws,
+    bootstrap_interval,
+    check_splits,
+    per_item_correct,
+    row_key,
+    run_split,
+)
 from merger.router.embeddings import build_embedder
 from merger.router.outcomes import OutcomeTable, build_outcome_table
 from merger.router.pool import Member, Pool
 from merger.router.rows import ROUTER_ROW
-from merger.router.training import Progress, checkpoint_gib
+from merger.router.training import Progress
 
-BOOTSTRAP_RESAMPLES = 1000
 COMPARE_DIR = "compare"
 
 
@@ -59,7 +66,7 @@ def group_checkpoints(
 
 def comparison_pool(design: PoolDesign, template: Pool, checkpoints: dict[tuple[str, ...], Path]) -> Pool:
     """Every group's model as a member of one pool over the template's tasks and router settings."""
-    chat = next((member.chat_template for member in template.members if member.is_local), True)
+    chat = template_chat(template)
     members = [Member(name=group_name(group), path=path, chat_template=chat) for group, path in checkpoints.items()]
     encoder = resident_encoder(template, [member.name for member in members])
     return Pool(
@@ -103,20 +110,19 @@ def route_partitions(
         for predicted in predictions:
             label = partition_label(predicted.partition)
             row = group_name(predicted.partition[0]) if len(predicted.partition) == 1 else row_key(ROUTER_ROW, label)
-            correct[label].append(table.correct[held_out_rows, result.choices[row]])
+            correct[label].append(per_item_correct(table, held_out_rows, result.choices[row]))
         if progress is not None:
             progress(f"split {number + 1} of {splits}: {len(routed)} partitions routed, {len(held_out_rows)} held out")
     return PartitionRows(table, [held for _, held in pairs], correct)
 
 
 def compare_partitions(
-    rows: PartitionRows, predictions: list[Predicted], member_gib: dict[str, float], seed: int = 0
+    rows: PartitionRows, predictions: list[Predicted], member_gib: dict[str, float | None], seed: int = 0
 ) -> dict[str, Any]:
     """Per partition: predicted and routed accuracy (its interval), each task's routed accuracy, resident
     GiB, and its paired difference from the best predicted partition with as many groups; and the rank
     correlation (Spearman) of predicted with routed accuracy over every partition and within each K."""
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(held), (BOOTSTRAP_RESAMPLES, len(held))) for held in rows.held_out]
+    draws = bootstrap_draws([len(held) for held in rows.held_out], seed)
     best_at: dict[int, str] = {}
     for predicted in predictions:  # best predicted first
         best_at.setdefault(len(predicted.partition), partition_label(predicted.partition))
@@ -137,7 +143,7 @@ def compare_partitions(
 
 
 def _partition_row(
-    rows: PartitionRows, predicted: Predicted, best: str, member_gib: dict[str, float], draws: list[np.ndarray]
+    rows: PartitionRows, predicted: Predicted, best: str, member_gib: dict[str, float | None], draws: list[np.ndarray]
 ) -> dict[str, Any]:
     """One partition's row; `best`: the best predicted partition with as many groups, its paired reference."""
     label = partition_label(predicted.partition)
@@ -155,7 +161,7 @@ def _partition_row(
         "routed": float(np.mean([c.mean() for c in per_split])),
         "interval": list(bootstrap_interval(per_split, draws)),
         "tasks": by_task,
-        "resident_gib": sum(member_gib[group_name(group)] for group in predicted.partition),
+        "resident_gib": sum(member_gib[group_name(group)] or 0.0 for group in predicted.partition),  # None: remote
         "minus_best_predicted": [float(np.mean([d.mean() for d in differences])), *bootstrap_interval(differences, draws)],
         "best_predicted": best,
     }
@@ -175,10 +181,6 @@ def write_report(design: PoolDesign, report: dict[str, Any]) -> Path:
     path = design.work_dir / COMPARE_DIR / "comparison.json"
     write_atomic(path, json.dumps(report, indent=1).encode())
     return path
-
-
-def member_sizes(pool: Pool) -> dict[str, float]:
-    return {member.name: checkpoint_gib(member.path) for member in pool.members if member.path is not None}
 
 
 def short_names(names: list[str]) -> list[str]:

@@ -112,7 +112,7 @@ def measurement_pool(
     """The specialists and the pairs as members of a pool over the skills' `measure` tasks (found where the
     recipe's tasks are, else where the pool's are)."""
     assert template.tasks is not None
-    chat = _chat_template(template)
+    chat = template_chat(template)
     members = [Member(name=skill, path=source_paths[skill], chat_template=chat) for skill in design.skills]
     members += [Member(name=pair_name(*pair), path=path, chat_template=chat) for pair, path in pairs.items()]
     include = Path(recipe.task_paths[0]) if recipe.task_paths else template.tasks.include_path
@@ -126,7 +126,8 @@ def measurement_pool(
     return Pool(members=members, tasks=tasks, work_dir=design.work_dir / "measure", registry_root=template.registry_root)
 
 
-def _chat_template(template: Pool) -> bool:
+def template_chat(template: Pool) -> bool:
+    """Whether the template's local members are prompted with their chat template (the first one's)."""
     return next((member.chat_template for member in template.members if member.is_local), True)
 
 
@@ -214,7 +215,7 @@ def designed_pool(
     published = published or {}
     template = load_pool(template_path)
     data = yaml.safe_load(template_path.read_text())
-    chat = _chat_template(template)
+    chat = template_chat(template)
     members = []
     for group in partition:
         if len(group) == 1:

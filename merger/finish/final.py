@@ -53,7 +53,7 @@ def untuned_sets(recipe: Recipe) -> list[str]:
     if recipe.selects:
         skipped.add("fitness")
         skipped |= {"validation"} if recipe.selection.block is not None else set()
-        skipped |= {"test"} if recipe.selection.final_table == "contenders" else set()
+        skipped |= {"test"} if recipe.tests_contenders_only else set()
     return [name for name in eval_sets(recipe) if name not in skipped]
 
 
@@ -61,7 +61,7 @@ def tested_beside(recipe: Recipe, selection: Selection | None, untuned: list[Fin
     """The untuned models still to be scored on the test set beside the winner, by finalist name: under
     `selection.final_table: contenders`, the best untuned finalist on validation (the winner's reference);
     none otherwise (`untuned_sets` scored them all before selection)."""
-    if selection is None or recipe.selection.final_table == "all" or "test" not in eval_sets(recipe):
+    if selection is None or not recipe.tests_contenders_only or "test" not in eval_sets(recipe):
         return {}
     reference = best_untuned(selection.finalists)
     if reference is None:
@@ -85,7 +85,7 @@ def finish_run(
     beside = tested_beside(run.recipe, selection, untuned)
     for key, tested in score_final(run, list(beside.values()), ["test"]).items():
         scores[key].update(tested)
-    if selection is not None and run.recipe.selection.final_table == "contenders":
+    if selection is not None and run.recipe.tests_contenders_only:
         selection.tested = list(beside)
     scores.update(score_final(run, [winner]))
     summary = build_summary(run, chosen, result, scores, baselines, selection, method_chosen)

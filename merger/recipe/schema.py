@@ -498,6 +498,12 @@ class Recipe(StrictModel):
         """Whether the winner is chosen on the validation set (merger.finish.selection)."""
         return self.selection.enabled is not False and self.validation is not None
 
+    @property
+    def tests_contenders_only(self) -> bool:
+        """Whether the final table scores on the test set only the winner and its reference, the best
+        untuned finalist on validation (`selection.final_table: contenders`, where the run selects)."""
+        return self.selects and self.selection.final_table == "contenders"
+
     @model_validator(mode="after")
     def _sources_fit_method(self) -> Recipe:
         names = [source.name for source in self.sources]

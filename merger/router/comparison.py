@@ -178,9 +178,16 @@ def _route(
         result.choosable[key] = columns
 
 
-def _per_item_correct(table: OutcomeTable, split: SplitResult, row: str) -> np.ndarray:
-    choices = split.choices[row]
-    return table.correct[split.held_out_rows, choices]
+def per_item_correct(table: OutcomeTable, held_out_rows: np.ndarray, choices: np.ndarray) -> np.ndarray:
+    """Each held-out item's correctness under `choices` (the member chosen per held-out item)."""
+    return table.correct[held_out_rows, choices]
+
+
+def bootstrap_draws(held_out_sizes: list[int], seed: int) -> list[np.ndarray]:
+    """Per split, BOOTSTRAP_RESAMPLES resamples of its held-out items (indices, with replacement): the same
+    draws for every row, so rows stay comparable and can be paired."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, size, (BOOTSTRAP_RESAMPLES, size)) for size in held_out_sizes]
 
 
 def bootstrap_interval(per_split_correct: list[np.ndarray], draws: list[np.ndarray]) -> tuple[float, float]:
@@ -206,14 +213,10 @@ def summarize(
     gap each routed row closes per split. `encoder` names what routing adds: `member` (a pool member whose
     hidden states embed the prompt) or `gib`, and `seconds` per prompt. `member_notes` says what a member
     is (`merged winner`); `merged` names the merged members, which name the scope of each routed row."""
-    rng = np.random.default_rng(seed)
-    draws = [
-        rng.integers(0, len(split.held_out_rows), (BOOTSTRAP_RESAMPLES, len(split.held_out_rows)))
-        for split in splits
-    ]
+    draws = bootstrap_draws([len(split.held_out_rows) for split in splits], seed)
     rows: dict[str, dict[str, Any]] = {}
     for name in splits[0].choices:
-        per_split = [_per_item_correct(table, split, name) for split in splits]
+        per_split = [per_item_correct(table, split.held_out_rows, split.choices[name]) for split in splits]
         accuracies = [float(correct.mean()) for correct in per_split]
         low, high = bootstrap_interval(per_split, draws)
         rows[name] = {

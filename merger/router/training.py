@@ -150,7 +150,7 @@ def compare_over_splits(
             )
     encoder = _encoder_facts(pool, embedder.encoder_id, table.prompts)
     notes = {member.name: member_note(member) for member in pool.members if member.is_merged}
-    report = summarize(table, results, _member_gib(pool), encoder, pool.router.seed, notes, merged)
+    report = summarize(table, results, member_gib(pool), encoder, pool.router.seed, notes, merged)
     write_atomic(pool.work_dir / "comparison.json", json.dumps(report, indent=2).encode())
     return report
 
@@ -170,7 +170,7 @@ def checkpoint_gib(checkpoint: Path) -> float:
     return sum((checkpoint / name).stat().st_size for name in weight_files(checkpoint)) / GIB
 
 
-def _member_gib(pool: Pool) -> dict[str, float | None]:
+def member_gib(pool: Pool) -> dict[str, float | None]:
     """Each local member's weight files in GiB; None for remote members (nothing resident here)."""
     return {
         member.name: checkpoint_gib(member_checkpoint(member, pool.registry_root, pool.exports_dir))

@@ -81,7 +81,7 @@ def generations_within_seconds(seconds_left: float, seconds_per_generation: floa
 def tested_models(recipe: Recipe, untuned: int) -> int:
     """The models the end of a run scores on its test set: the winner and every untuned model, or under
     `selection.final_table: contenders` the winner and the best untuned finalist (merger.finish.final)."""
-    if recipe.selects and recipe.selection.final_table == "contenders":
+    if recipe.tests_contenders_only:
         return 1 + min(untuned, 1)
     return 1 + untuned
 
