@@ -248,8 +248,13 @@ def test_partitions_are_compared_paired_on_the_same_items():
 
 @pytest.mark.slow  # the pairs measured, every group's untuned merge exported and scored, 15 partitions routed
 def test_every_partition_is_routed_on_the_same_held_out_items(design_root, tmp_path, capsys):
-    """Routed on the skills' multiple-choice test items (32), where the tiny models' scores differ."""
+    """Routed on the skills' multiple-choice test items (32), where the tiny models' scores differ; a stop
+    while routing exits 0 and the same command finishes."""
     import json
+    import os
+    import signal
+
+    from merger.design import compare
 
     evals = design_root / "evals"
     pool = yaml.safe_load((design_root / "pool.yaml").read_text())
@@ -258,7 +263,18 @@ def test_every_partition_is_routed_on_the_same_held_out_items(design_root, tmp_p
     design = yaml.safe_load((design_root / "design.yaml").read_text())
     design.update(recipe=str(design_root / "recipe.yaml"), pool=str(tmp_path / "pool.yaml"), work_dir=str(tmp_path / "work"))
     (tmp_path / "design.yaml").write_text(yaml.safe_dump(design))
-    assert main(["pool", "compare", str(tmp_path / "design.yaml"), "--splits", "2"]) == 0
+    real_split = compare.run_split
+
+    def stopped_after_a_split(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the comparison stops once this split is routed
+        return real_split(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare, "run_split", stopped_after_a_split)
+        assert main(["pool", "compare", str(tmp_path / "design.yaml"), "--splits", "2"]) == 0
+    assert "stopped (the exports and every outcome" in capsys.readouterr().out
+    assert not (tmp_path / "work" / "compare" / "comparison.json").exists()
+    assert main(["pool", "compare", str(tmp_path / "design.yaml"), "--splits", "2"]) == 0  # resumed
     out = capsys.readouterr().out
     assert "every partition routed on the same held-out items (2 splits" in out and "rank correlation" in out
     report = json.loads((tmp_path / "work" / "compare" / "comparison.json").read_text())

@@ -96,7 +96,7 @@ def _compare(args: argparse.Namespace) -> int:
             print(_measurement_text(measurement))
             pool = compare.comparison_pool(design, template, compare.group_checkpoints(design, recipe, source_paths, predictions))
             stop.check()
-            rows = compare.route_partitions(pool, predictions, args.splits, _progress)
+            rows = compare.route_partitions(pool, predictions, args.splits, _progress, stop.check)
         except StopRequested:
             print("stopped (the exports and every outcome scored so far are kept). Run the same command again to resume.")
             return 0

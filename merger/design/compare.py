@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,14 @@ class PartitionRows:
 
 
 def route_partitions(
-    pool: Pool, predictions: list[Predicted], splits: int, progress: Progress | None = None
+    pool: Pool,
+    predictions: list[Predicted],
+    splits: int,
+    progress: Progress | None = None,
+    check: Callable[[], None] | None = None,
 ) -> PartitionRows:
-    """The outcome table, then a router over each partition's members on each split."""
+    """The outcome table, then a router over each partition's members on each split; `check` after each
+    split (a stop asked for raises there: a split trains a head for every partition)."""
     table = build_outcome_table(pool, progress)
     fraction = pool.router.holdout_fraction
     pairs = [table.split(fraction, pool.router.seed + number) for number in range(splits)]
@@ -113,6 +119,8 @@ def route_partitions(
             correct[label].append(per_item_correct(table, held_out_rows, result.choices[row]))
         if progress is not None:
             progress(f"split {number + 1} of {splits}: {len(routed)} partitions routed, {len(held_out_rows)} held out")
+        if check is not None:
+            check()
     return PartitionRows(table, [held for _, held in pairs], correct)
 
 
