@@ -288,6 +288,10 @@ def test_every_partition_is_routed_on_the_same_held_out_items(design_root, tmp_p
         difference, low, high = row["minus_best_predicted"]
         assert low <= difference <= high
     assert len({row["resident_gib"] / row["groups"] for row in rows}) == 1  # every member weighs the same
+    embed = report["encoder"]["seconds"]
+    for row in rows:  # a routed partition adds embedding the prompt and choosing to its member's answer
+        assert row["seconds_per_answer"] > (embed if row["groups"] > 1 else 0.0), row["partition"]
+    assert "s/answer" in out
     members = tmp_path / "work" / "compare" / "members"
     assert sorted(path.name for path in members.iterdir() if path.is_dir()) == sorted(
         "-".join(g) for g in {tuple(g) for row in rows for g in (group.split(",") for group in row["partition"].split(" / "))}

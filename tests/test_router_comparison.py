@@ -75,6 +75,23 @@ def test_resident_members_and_seconds_follow_the_choices() -> None:
     assert rows[ORACLE_ROW]["seconds_per_answer"] == pytest.approx(1.0)
 
 
+def test_each_rows_accuracy_per_task_is_its_share_right_on_that_tasks_held_out_items() -> None:
+    report = synthetic_report(splits=2)
+    table, _ = clustered_table(items=150, seed=4)
+    splits = [table.split(0.3, seed=number)[1] for number in range(2)]
+    topics = list(dict.fromkeys(table.tasks))
+    for name in MEMBERS:
+        column = table.members.index(name)
+        expected = {
+            task: np.mean([table.correct[rows, column][np.array(table.tasks)[rows] == task].mean() for rows in splits])
+            for task in topics
+        }
+        assert report["rows"][name]["tasks"] == pytest.approx(expected), name
+    assert set(report["rows"][ORACLE_ROW]["tasks"]) == set(topics)
+    text = format_comparison(report)
+    assert "accuracy per task" in text
+
+
 def with_merged_members(table: OutcomeTable, seed: int = 0) -> OutcomeTable:
     """The clustered table plus a merged `winner` (right on 80% of the maths and geography topics) and an
     untuned `baseline` (right on 30% of every item)."""

@@ -16,9 +16,8 @@ group is that model alone.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,21 @@ from merger.design.spec import PoolDesign
 from merger.recipe import Recipe
 from merger.router.comparison import (
     MemberSubset,
+    answer_seconds,
     bootstrap_draws,
     bootstrap_interval,
     check_splits,
     per_item_correct,
     row_key,
     run_split,
+    short_names,
+    task_accuracies,
 )
 from merger.router.embeddings import build_embedder
 from merger.router.outcomes import OutcomeTable, build_outcome_table
 from merger.router.pool import Member, Pool
 from merger.router.rows import ROUTER_ROW
-from merger.router.training import Progress
+from merger.router.training import Progress, encoder_facts
 
 COMPARE_DIR = "compare"
 
@@ -81,11 +83,15 @@ def comparison_pool(design: PoolDesign, template: Pool, checkpoints: dict[tuple[
 
 @dataclass
 class PartitionRows:
-    """Per partition, per split: each held-out item's correctness under the partition's router."""
+    """Per partition, per split: each held-out item's correctness under the partition's router, and its
+    seconds per answer (the chosen members' recorded seconds per item, plus embedding and choosing where
+    the partition is routed)."""
 
     table: OutcomeTable
     held_out: list[np.ndarray]  # per split, the held-out rows
     correct: dict[str, list[np.ndarray]]  # partition label -> per split, 0/1 per held-out item
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # partition label -> per split
+    encoder: dict[str, Any] = field(default_factory=dict)  # what routing adds (merger.router.training)
 
 
 def route_partitions(
@@ -109,7 +115,9 @@ def route_partitions(
         MemberSubset(partition_label(p.partition), np.array([columns[group_name(g)] for g in p.partition]))
         for p in routed
     ]
+    encoder = encoder_facts(pool, embedder.encoder_id, table.prompts)
     correct: dict[str, list[np.ndarray]] = {partition_label(p.partition): [] for p in predictions}
+    seconds: dict[str, list[float]] = {label: [] for label in correct}
     for number, (train_rows, held_out_rows) in enumerate(pairs):
         settings = pool.router.model_copy(update={"seed": pool.router.seed + number})
         result = run_split(table, embeddings, train_rows, held_out_rows, embedder.encoder_id, settings, subsets)
@@ -117,11 +125,12 @@ def route_partitions(
             label = partition_label(predicted.partition)
             row = group_name(predicted.partition[0]) if len(predicted.partition) == 1 else row_key(ROUTER_ROW, label)
             correct[label].append(per_item_correct(table, held_out_rows, result.choices[row]))
+            seconds[label].append(answer_seconds(table, result, row, encoder["seconds"]))
         if progress is not None:
             progress(f"split {number + 1} of {splits}: {len(routed)} partitions routed, {len(held_out_rows)} held out")
         if check is not None:
             check()
-    return PartitionRows(table, [held for _, held in pairs], correct)
+    return PartitionRows(table, [held for _, held in pairs], correct, seconds, encoder)
 
 
 def compare_partitions(
@@ -144,6 +153,7 @@ def compare_partitions(
         "splits": len(rows.held_out),
         "held_out_items": [len(held) for held in rows.held_out],
         "partitions": table,
+        "encoder": rows.encoder,
         "spearman": {
             "all": _spearman(table), **{str(k): _spearman([row for row in table if row["groups"] == k]) for k in ks}
         },
@@ -157,19 +167,15 @@ def _partition_row(
     label = partition_label(predicted.partition)
     per_split = rows.correct[label]
     differences = [mine - theirs for mine, theirs in zip(per_split, rows.correct[best], strict=True)]
-    tasks = np.array(rows.table.tasks)
-    by_task = {
-        task: float(np.mean([c[tasks[held] == task].mean() for c, held in zip(per_split, rows.held_out, strict=True)]))
-        for task in dict.fromkeys(rows.table.tasks)
-    }
     return {
         "partition": label,
         "groups": len(predicted.partition),
         "predicted": predicted.accuracy,
         "routed": float(np.mean([c.mean() for c in per_split])),
         "interval": list(bootstrap_interval(per_split, draws)),
-        "tasks": by_task,
+        "tasks": task_accuracies(rows.table.tasks, per_split, rows.held_out),
         "resident_gib": sum(member_gib[group_name(group)] or 0.0 for group in predicted.partition),  # None: remote
+        "seconds_per_answer": float(np.mean(rows.seconds[label])) if rows.seconds.get(label) else None,
         "minus_best_predicted": [float(np.mean([d.mean() for d in differences])), *bootstrap_interval(differences, draws)],
         "best_predicted": best,
     }
@@ -191,16 +197,6 @@ def write_report(design: PoolDesign, report: dict[str, Any]) -> Path:
     return path
 
 
-def short_names(names: list[str]) -> list[str]:
-    """Task names without the prefix and suffix they all share (`skills_add_test_tf` -> `add`)."""
-    if len(names) < 2:
-        return names
-    head = len(os.path.commonprefix(names))
-    tail = len(os.path.commonprefix([name[::-1] for name in names]))
-    cut = [name[head:len(name) - tail] for name in names]
-    return cut if all(cut) and len(set(cut)) == len(cut) else names
-
-
 def format_partition_comparison(report: dict[str, Any]) -> str:
     held = ", ".join(str(n) for n in report["held_out_items"])
     tasks = list(report["partitions"][0]["tasks"])
@@ -210,7 +206,7 @@ def format_partition_comparison(report: dict[str, Any]) -> str:
         f"{report['items']}); per task routed; minus: the paired difference from the best predicted partition "
         "with as many groups",
         f"{'partition':28s} {'K':>2s} {'predicted':>9s} {'routed':>7s} {'95% interval':>15s} "
-        + " ".join(f"{label[:6]:>6s}" for label in labels) + f" {'GiB':>5s}  minus best predicted",
+        + " ".join(f"{label[:6]:>6s}" for label in labels) + f" {'GiB':>5s} {'s/answer':>8s}  minus best predicted",
     ]
     for row in report["partitions"]:
         low, high = row["interval"]
@@ -219,10 +215,22 @@ def format_partition_comparison(report: dict[str, Any]) -> str:
         per_task = " ".join(f"{row['tasks'][task]:6.3f}" for task in tasks)
         lines.append(
             f"{row['partition']:28s} {row['groups']:2d} {row['predicted']:9.3f} {row['routed']:7.3f} "
-            f"[{low:.3f}, {high:.3f}] {per_task} {row['resident_gib']:5.2f}  {minus}"
+            f"[{low:.3f}, {high:.3f}] {per_task} {row['resident_gib']:5.2f} {_seconds(row['seconds_per_answer'])}  {minus}"
         )
     spearman = report["spearman"]
     within = ", ".join(f"K={k} {v:+.2f}" for k, v in spearman.items() if k != "all" and v is not None)
     overall = "n/a" if spearman["all"] is None else f"{spearman['all']:+.2f}"
     lines.append(f"rank correlation (Spearman) of predicted with routed: {overall} over every partition" + (f"; {within}" if within else ""))
+    encoder = report.get("encoder") or {}
+    if encoder:
+        lines.append(
+            f"GiB: the members' weights; s/answer: the chosen member's recorded seconds per item in the outcome "
+            f"table; a routed partition adds {encoder['seconds']:.4f} s to embed one prompt ({encoder['id']}, "
+            f"measured here) and the time to choose"
+            + (f", and keeps its {encoder['gib']:.3f} GiB resident" if encoder.get("gib") else "")
+        )
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return f"{'n/a':>8s}" if value is None else f"{value:8.4f}"

@@ -11,6 +11,7 @@ restricted to member subsets (see `member_subsets`), trained and measured on the
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,6 +224,7 @@ def summarize(
             "accuracy": float(np.mean(accuracies)),
             "interval": [low, high],
             "per_split": accuracies,
+            "tasks": task_accuracies(table.tasks, per_split, [split.held_out_rows for split in splits]),
             **_describe(table, splits[0], name, member_notes or {}, merged or []),
             **_resident(table, splits, name, member_gib, encoder),
             "seconds_per_answer": _seconds_per_answer(table, splits, name, encoder),
@@ -286,14 +288,24 @@ def _resident(
 def _seconds_per_answer(
     table: OutcomeTable, splits: list[SplitResult], row: str, encoder: dict[str, Any]
 ) -> float:
-    """The chosen member's recorded seconds per item, plus (for routed rows) embedding and choosing."""
-    per_split = []
-    for split in splits:
-        choices = split.choices[row]
-        answer = table.latency[split.held_out_rows, choices].mean()
-        routing = split.choose_seconds.get(row)
-        per_split.append(answer + (0.0 if routing is None else float(encoder["seconds"]) + routing))
-    return float(np.mean(per_split))
+    return float(np.mean([answer_seconds(table, split, row, float(encoder["seconds"])) for split in splits]))
+
+
+def answer_seconds(table: OutcomeTable, split: SplitResult, row: str, embed_seconds: float) -> float:
+    """One split's seconds per answer of a row: the chosen member's recorded seconds per item, plus (for a
+    routed row) embedding the prompt and choosing."""
+    answer = float(table.latency[split.held_out_rows, split.choices[row]].mean())
+    routing = split.choose_seconds.get(row)
+    return answer + (0.0 if routing is None else embed_seconds + routing)
+
+
+def task_accuracies(tasks: list[str], per_split_correct: list[np.ndarray], held_out: list[np.ndarray]) -> dict[str, float]:
+    """Each task's accuracy on the held-out items (the mean over splits); `tasks`: the table's task per row."""
+    labels = np.array(tasks)
+    return {
+        task: float(np.mean([c[labels[rows] == task].mean() for c, rows in zip(per_split_correct, held_out, strict=True)]))
+        for task in dict.fromkeys(tasks)
+    }
 
 
 def _gap_rows(
@@ -312,6 +324,16 @@ def _gap_rows(
     return gap
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Task names without the prefix and suffix they all share (`skills_add_test_tf` -> `add`)."""
+    if len(names) < 2:
+        return names
+    head = len(os.path.commonprefix(names))
+    tail = len(os.path.commonprefix([name[::-1] for name in names]))
+    cut = [name[head:len(name) - tail] for name in names]
+    return cut if all(cut) and len(set(cut)) == len(cut) else names
+
+
 def row_label(name: str, row: dict[str, Any], knn_neighbours: int) -> str:
     """`winner (merged winner)`, `router over specialists (sep-CMA-ES head, 1,234 params)`, `k-NN (k=5)`."""
     if row["kind"] == "member":
@@ -322,6 +344,17 @@ def row_label(name: str, row: dict[str, Any], knn_neighbours: int) -> str:
         KNN_ROW: f" (k={knn_neighbours})",
     }
     return f"{row['kind']}{scope}{details.get(row['kind'], '')}"
+
+
+def _task_lines(rows: dict[str, dict[str, Any]], labels: dict[str, str], width: int) -> list[str]:
+    """Each row's accuracy per task (held out, mean over splits); none for a report without them."""
+    tasks = list(next(iter(rows.values())).get("tasks") or {})
+    if len(tasks) < 2:
+        return []
+    lines = [f"{'accuracy per task':{width}s} " + " ".join(f"{name[:8]:>8s}" for name in short_names(tasks))]
+    for name, row in rows.items():
+        lines.append(f"{labels[name]:{width}s} " + " ".join(f"{100 * row['tasks'][task]:7.1f}%" for task in tasks))
+    return lines
 
 
 def format_comparison(report: dict[str, Any]) -> str:
@@ -347,6 +380,7 @@ def format_comparison(report: dict[str, Any]) -> str:
             f"{f'[{100 * low:.1f}, {100 * high:.1f}]':15s} {row['resident_gib']:12.3f}  "
             f"{row['seconds_per_answer']:8.4f}  {', '.join(row['resident'])}"
         )
+    lines.extend(_task_lines(report["rows"], labels, width))
     lines.append(
         "gap closed, (row - best single) / (oracle - best single), whole pool's best single and oracle, "
         "per split and mean:"

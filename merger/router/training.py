@@ -148,7 +148,7 @@ def compare_over_splits(
             progress(
                 f"split {number + 1} of {splits}: trained on {len(train_rows)}, held out {len(held_out_rows)}"
             )
-    encoder = _encoder_facts(pool, embedder.encoder_id, table.prompts)
+    encoder = encoder_facts(pool, embedder.encoder_id, table.prompts)
     notes = {member.name: member_note(member) for member in pool.members if member.is_merged}
     report = summarize(table, results, member_gib(pool), encoder, pool.router.seed, notes, merged)
     write_atomic(pool.work_dir / "comparison.json", json.dumps(report, indent=2).encode())
@@ -180,7 +180,7 @@ def member_gib(pool: Pool) -> dict[str, float | None]:
     }
 
 
-def _encoder_facts(pool: Pool, encoder_id: str, prompts: list[str]) -> dict[str, Any]:
+def encoder_facts(pool: Pool, encoder_id: str, prompts: list[str]) -> dict[str, Any]:
     """What routing adds per answer: the encoder's resident weights and its seconds for one prompt, timed
     here one prompt at a time without the cache (after the encoder's load and warm-up)."""
     fresh = build_embedder(pool, use_cache=False)
