@@ -20,7 +20,7 @@ from tests.cli import assert_one_line_error, run_merger
 from tests.test_conductor import ask
 from tests.test_conductor_run_pool import serve, tiny_tf_router
 from tests.test_router_comparison import write_teacher_forced_task
-from tests.tiny_models import build_sources, write_mc_task
+from tests.tiny_models import build_model, build_sources, build_tokenizer, write_mc_task
 
 # skill -> partner -> the skill's loss merged with the partner: add and rev merge well, sort conflicts
 LOSS = {
@@ -123,6 +123,20 @@ def test_a_bad_design_is_one_line_before_any_weights_load(design_root, tmp_path,
     path = tmp_path / "design.yaml"
     path.write_text(yaml.safe_dump(data))
     assert_one_line_error(run_merger("pool", "design", str(path)), expected)
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_specialist_of_another_architecture_is_one_line_before_any_weights_load(design_root, tmp_path):
+    deeper = tmp_path / "deeper"
+    build_model(deeper, build_tokenizer(tmp_path / "tokenizer"), seed=5, num_layers=6)
+    recipe = yaml.safe_load((design_root / "recipe.yaml").read_text())
+    recipe["sources"][2]["path"] = str(deeper)  # the sort specialist
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    design = yaml.safe_load((design_root / "design.yaml").read_text())
+    design.update(recipe=str(tmp_path / "recipe.yaml"), pool=str(design_root / "pool.yaml"), work_dir=str(tmp_path / "work"))
+    design.pop("registry")
+    (tmp_path / "design.yaml").write_text(yaml.safe_dump(design))
+    assert_one_line_error(run_merger("pool", "design", str(tmp_path / "design.yaml")), "cannot be merged: num_hidden_layers is")
     assert not (tmp_path / "work").exists()
 
 
