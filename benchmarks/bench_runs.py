@@ -81,12 +81,16 @@ def run(recipe_path: Path, score_cache: Path) -> Path:
         [sys.executable, "-m", "merger.cli", "run", str(recipe_path), "--no-progress"],
         check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **shared},
     )
-    wall = run_dir / WALL_FILE
-    spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
-    wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
+    add_wall_seconds(run_dir, time.perf_counter() - started)
     if RunDir(run_dir).read_summary() is None:  # stopped (SIGINT/SIGTERM): the next sitting resumes it
         raise SystemExit(f"{run_dir} stopped before it finished; run the benchmark again to resume it")
     return run_dir
+
+
+def add_wall_seconds(directory: Path, seconds: float) -> None:
+    """Add one sitting's `seconds` to WALL_FILE in `directory` (a stopped job's sittings add up)."""
+    wall = directory / WALL_FILE
+    wall.write_text(json.dumps({"seconds": (wall_seconds(directory) or 0.0) + seconds}))
 
 
 def wall_seconds(run_dir: Path) -> float | None:

@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from bench_runs import RECIPES, ROOT, load, run, variant_recipe, wall_seconds
+from bench_runs import RECIPES, ROOT, add_wall_seconds, load, run, variant_recipe, wall_seconds
 from run_cost import cost_row
 
 from merger.finish.score_cache import SCORE_CACHE_ENV
 from merger.rundir.layout import RunDir
 
 DESIGN = ROOT / "recipes" / "design-skills.yaml"
-WALL_FILE = "wall_seconds.json"
 SPLITS = 3
 
 
@@ -62,16 +61,16 @@ def designed(work: Path) -> bool:
     return any((work / "router").rglob("head.json"))
 
 
-def merger(arguments: list[str], wall: Path, score_cache: Path | None = None) -> None:
-    """`merger ARGUMENTS` with one thread; its wall seconds added to `wall` (over sittings)."""
+def merger(arguments: list[str], wall_dir: Path | None = None, score_cache: Path | None = None) -> None:
+    """`merger ARGUMENTS` with one thread; its wall seconds added to `wall_dir`'s (over sittings)."""
     print(f"merger {' '.join(arguments)} ({load()})", file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if score_cache is not None:
         env[SCORE_CACHE_ENV] = str(score_cache)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "merger.cli", *arguments], check=True, cwd=ROOT, env=env)
-    spent = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
-    wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
+    if wall_dir is not None:
+        add_wall_seconds(wall_dir, time.perf_counter() - started)
 
 
 def design(out: Path, seed: int) -> Path:
@@ -82,7 +81,7 @@ def design(out: Path, seed: int) -> Path:
     first = work_dir(out, 1) / "measure"
     if seed != 1 and first.is_dir() and not (work / "measure").exists():
         shutil.copytree(first, work / "measure")
-    merger(["pool", "design", str(path), "--no-progress"], work.parent / WALL_FILE, work.parent / "scores")
+    merger(["pool", "design", str(path), "--no-progress"], work.parent, work.parent / "scores")
     if not designed(work):
         raise SystemExit(f"the design in {work} stopped before it finished; run the benchmark again to resume it")
     return work
@@ -140,7 +139,7 @@ def router_eval(pool: Path, work: Path) -> dict[str, Any]:
     """The pool's merge-or-route report over SPLITS splits (read back when it was written)."""
     report = work / "comparison.json"
     if not report.exists():
-        merger(["router", "eval", str(pool), "--splits", str(SPLITS)], work.parent / "eval-wall.json")
+        merger(["router", "eval", str(pool), "--splits", str(SPLITS)])
     return json.loads(report.read_text())
 
 

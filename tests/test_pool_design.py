@@ -233,7 +233,12 @@ def test_partitions_are_compared_paired_on_the_same_items():
     (exactly the difference of the means), and the rank correlation of predicted with routed."""
     import numpy as np
 
-    from merger.design.compare import PartitionRows, compare_partitions, partition_label
+    from merger.design.compare import (
+        PartitionRows,
+        compare_partitions,
+        format_partition_comparison,
+        partition_label,
+    )
     from merger.design.partitions import Predicted
     from merger.router.outcomes import OutcomeTable
 
@@ -246,7 +251,10 @@ def test_partitions_are_compared_paired_on_the_same_items():
     held = [np.arange(items)]
     first, second = np.ones(items), np.ones(items)
     first[:10], second[:4] = 0, 0  # merged: 30 of 40 right; routed apart: 36 of 40
-    rows = PartitionRows(table, held, {partition_label(together): [first], partition_label(apart): [second]})
+    labels = (partition_label(together), partition_label(apart))
+    seconds = {labels[0]: [0.1], labels[1]: [0.12]}
+    encoder = {"id": "synthetic", "seconds": 0.01, "gib": 0.1}
+    rows = PartitionRows(table, held, {labels[0]: [first], labels[1]: [second]}, seconds, encoder)
     predictions = [Predicted(apart, 0.9, {}), Predicted(together, 0.7, {})]
     report = compare_partitions(rows, predictions, {"a-b": 0.5, "a": 0.5, "b": 0.5})
     by_label = {row["partition"]: row for row in report["partitions"]}
@@ -258,6 +266,8 @@ def test_partitions_are_compared_paired_on_the_same_items():
     low, high = routed["interval"]
     assert low < 0.9 < high
     assert report["spearman"]["all"] is None  # two partitions: no rank correlation
+    assert (merged["seconds_per_answer"], routed["seconds_per_answer"]) == (0.1, 0.12)
+    assert report["encoder"] == encoder and "0.0100 s to embed one prompt" in format_partition_comparison(report)
 
 
 @pytest.mark.slow  # the pairs measured, every group's untuned merge exported and scored, 15 partitions routed

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +90,8 @@ class PartitionRows:
     table: OutcomeTable
     held_out: list[np.ndarray]  # per split, the held-out rows
     correct: dict[str, list[np.ndarray]]  # partition label -> per split, 0/1 per held-out item
-    seconds: dict[str, list[float]] = field(default_factory=dict)  # partition label -> per split
-    encoder: dict[str, Any] = field(default_factory=dict)  # what routing adds (merger.router.training)
+    seconds: dict[str, list[float]]  # partition label -> per split
+    encoder: dict[str, Any]  # what routing adds (merger.router.training.encoder_facts)
 
 
 def route_partitions(
@@ -175,7 +175,7 @@ def _partition_row(
         "interval": list(bootstrap_interval(per_split, draws)),
         "tasks": task_accuracies(rows.table.tasks, per_split, rows.held_out),
         "resident_gib": sum(member_gib[group_name(group)] or 0.0 for group in predicted.partition),  # None: remote
-        "seconds_per_answer": float(np.mean(rows.seconds[label])) if rows.seconds.get(label) else None,
+        "seconds_per_answer": float(np.mean(rows.seconds[label])),
         "minus_best_predicted": [float(np.mean([d.mean() for d in differences])), *bootstrap_interval(differences, draws)],
         "best_predicted": best,
     }
@@ -215,22 +215,17 @@ def format_partition_comparison(report: dict[str, Any]) -> str:
         per_task = " ".join(f"{row['tasks'][task]:6.3f}" for task in tasks)
         lines.append(
             f"{row['partition']:28s} {row['groups']:2d} {row['predicted']:9.3f} {row['routed']:7.3f} "
-            f"[{low:.3f}, {high:.3f}] {per_task} {row['resident_gib']:5.2f} {_seconds(row['seconds_per_answer'])}  {minus}"
+            f"[{low:.3f}, {high:.3f}] {per_task} {row['resident_gib']:5.2f} {row['seconds_per_answer']:8.4f}  {minus}"
         )
     spearman = report["spearman"]
     within = ", ".join(f"K={k} {v:+.2f}" for k, v in spearman.items() if k != "all" and v is not None)
     overall = "n/a" if spearman["all"] is None else f"{spearman['all']:+.2f}"
     lines.append(f"rank correlation (Spearman) of predicted with routed: {overall} over every partition" + (f"; {within}" if within else ""))
-    encoder = report.get("encoder") or {}
-    if encoder:
-        lines.append(
-            f"GiB: the members' weights; s/answer: the chosen member's recorded seconds per item in the outcome "
-            f"table; a routed partition adds {encoder['seconds']:.4f} s to embed one prompt ({encoder['id']}, "
-            f"measured here) and the time to choose"
-            + (f", and keeps its {encoder['gib']:.3f} GiB resident" if encoder.get("gib") else "")
-        )
+    encoder = report["encoder"]
+    lines.append(
+        f"GiB: the members' weights; s/answer: the chosen member's recorded seconds per item in the outcome "
+        f"table; a routed partition adds {encoder['seconds']:.4f} s to embed one prompt ({encoder['id']}, "
+        f"measured here) and the time to choose"
+        + (f", and keeps its {encoder['gib']:.3f} GiB resident" if encoder.get("gib") else "")
+    )
     return "\n".join(lines)
-
-
-def _seconds(value: float | None) -> str:
-    return f"{'n/a':>8s}" if value is None else f"{value:8.4f}"
